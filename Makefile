@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+
+.PHONY: setup generate check test train bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the venv is (re)installed only when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Writes a generated file only if its bytes change.
+generate: setup
+	$(PY) -m codegen.generate
+
+# Regenerates in memory; fails with a diff and the fix command if generated/ is stale.
+check: setup
+	$(PY) -m codegen.generate --check
+	$(PY) -m runtime config validate configs/*.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+train: setup
+	$(PY) -m runtime train configs/tiny.yaml
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf out data/*.bin .pytest_cache

@@ -1,0 +1,303 @@
+"""Read and validate the config spec (spec/config.yaml) into a small object model.
+
+Every problem is reported with the spec file and line, all of them together, before anything is
+generated.
+"""
+
+import ast
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+
+from .checks import FieldSpec, check_value
+from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
+
+FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt"}
+SECTION_ATTRIBUTES = {"name", "class", "doc", "fields", "sections", "shorthand", "aliases"}
+ROOT_ATTRIBUTES = {"class", "doc", "fields"}
+RULE_ATTRIBUTES = {"check", "when", "message"}
+TOP_ATTRIBUTES = {"version", "root", "sections", "rules"}
+BASE_TYPES = {"int", "float", "bool", "str", "list[int]", "list[float]", "list[str]"}
+RULE_FUNCTIONS = {"len", "sum", "all", "any", "min", "max", "sorted", "zip", "range"}
+
+
+class SpecError(Exception):
+    """One or more problems in the spec; str() lists them as `file:line: message`."""
+
+    def __init__(self, problems):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(kw_only=True)
+class Field(FieldSpec):
+    line: int = 0
+
+
+@dataclass
+class Section:
+    name: str  # "" for the root
+    path: str
+    class_name: str
+    doc: str
+    shorthand: str | None
+    aliases: list
+    line: int
+    fields: list = field(default_factory=list)
+    sections: list = field(default_factory=list)
+
+    def walk(self):
+        yield self
+        for child in self.sections:
+            yield from child.walk()
+
+
+@dataclass
+class Rule:
+    check: str
+    when: str | None
+    message: str
+    paths: list  # the field paths it reads, in order of appearance
+    check_code: str  # the expression over `c` (the root config)
+    when_code: str | None
+    line: int
+
+
+@dataclass
+class Spec:
+    filename: str
+    sha256: str
+    version: int
+    root: Section
+    rules: list
+
+    def sections(self):
+        return list(self.root.walk())
+
+    def fields(self):
+        return [f for section in self.root.walk() for f in section.fields]
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Reader:
+    def __init__(self, filename):
+        self.filename = filename
+        self.problems = []
+
+    def error(self, line, message):
+        self.problems.append(f"{self.filename}:{line}: {message}")
+
+    def check_attributes(self, node, allowed, what):
+        for key in node:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.error(node.key_lines[key], f"{what}: unknown spec attribute {key!r}{suggestion}")
+
+    def require(self, node, key, kind, what):
+        if key not in node:
+            self.error(node.line, f"{what}: missing required attribute {key!r}")
+            return None
+        value = node[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            self.error(node.key_lines[key], f"{what}: {key!r} must be {kind.__name__}")
+            return None
+        return value
+
+    def string_list(self, node, key, what):
+        value = node.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.error(node.key_lines[key], f"{what}: {key!r} must be a list of strings")
+            return []
+        return list(value)
+
+    def read_field(self, node, section_path):
+        if not isinstance(node, LineDict):
+            self.error(getattr(node, "line", 0), f"section {section_path or '<root>'}: each field must be a mapping")
+            return None
+        name = self.require(node, "name", str, "field")
+        what = f"field {_join(section_path, name or '?')}"
+        self.check_attributes(node, FIELD_ATTRIBUTES, what)
+        type_text = self.require(node, "type", str, what) or "str"
+        nullable = type_text.endswith("?")
+        base = type_text.rstrip("?")
+        if base not in BASE_TYPES:
+            self.error(node.key_lines.get("type", node.line), f"{what}: unknown type {type_text!r} (one of {', '.join(sorted(BASE_TYPES))}, optionally with ?)")
+            base = "str"
+        doc = self.require(node, "doc", str, what) or ""
+        if "default" not in node:
+            self.error(node.line, f"{what}: missing required attribute 'default'")
+        bounds = {}
+        for key in ("min", "max", "gt"):
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                self.error(node.key_lines[key], f"{what}: {key!r} must be a number")
+                value = None
+            if value is not None and base not in ("int", "float"):
+                self.error(node.key_lines[key], f"{what}: {key!r} only applies to int and float fields")
+                value = None
+            bounds[key] = value
+        choices = node.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            self.error(node.key_lines["choices"], f"{what}: 'choices' must be a list")
+            choices = None
+        aliases = [a if "." in a else _join(section_path, a) for a in self.string_list(node, "aliases", what)]
+        result = Field(
+            name=name or "?", path=_join(section_path, name or "?"), type=base, nullable=nullable,
+            default=node.get("default"), doc=" ".join(doc.split()), aliases=tuple(aliases),
+            choices=tuple(choices) if choices is not None else None,
+            min=bounds["min"], max=bounds["max"], gt=bounds["gt"], line=node.line,
+        )
+        if "default" in node:
+            problem = check_value(result, result.default)
+            if problem:
+                self.error(node.key_lines["default"], f"{what}: default {result.default!r} does not fit: {problem}")
+        for choice in choices or []:
+            problem = check_value(result, choice, check_choices=False)
+            if problem:
+                self.error(node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}")
+        return result
+
+    def read_section(self, node, parent_path, is_root=False):
+        what = "root" if is_root else "section"
+        if not isinstance(node, LineDict):
+            self.error(getattr(node, "line", 0), f"{what} must be a mapping")
+            return None
+        self.check_attributes(node, ROOT_ATTRIBUTES if is_root else SECTION_ATTRIBUTES, what)
+        name = "" if is_root else (self.require(node, "name", str, what) or "?")
+        path = _join(parent_path, name)
+        what = f"section {path}" if path else "root"
+        section = Section(
+            name=name, path=path, class_name=self.require(node, "class", str, what) or "?",
+            doc=" ".join((self.require(node, "doc", str, what) or "").split()),
+            shorthand=node.get("shorthand"),
+            aliases=[a if "." in a else _join(parent_path, a) for a in self.string_list(node, "aliases", what)],
+            line=node.line,
+        )
+        for child in node.get("fields", []) or []:
+            parsed = self.read_field(child, path)
+            if parsed:
+                section.fields.append(parsed)
+        for child in node.get("sections", []) or []:
+            parsed = self.read_section(child, path)
+            if parsed:
+                section.sections.append(parsed)
+        if section.shorthand is not None and section.shorthand not in {f.name for f in section.fields}:
+            self.error(node.key_lines["shorthand"], f"{what}: shorthand {section.shorthand!r} is not a field of the section")
+        return section
+
+
+def _compile_expression(reader, text, line, sections, fields, what):
+    """Rewrite a rule expression over dotted field paths into one over `c`; collect the paths."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as error:
+        reader.error(line, f"{what}: not a Python expression: {error.msg}")
+        return None, []
+    paths = []
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id not in RULE_FUNCTIONS:
+                reader.error(line, f"{what}: function {node.func.id!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})")
+
+    class Rewrite(ast.NodeTransformer):
+        def visit_Attribute(self, node):
+            dotted = ast.unparse(node)
+            if dotted in fields:
+                if dotted not in paths:
+                    paths.append(dotted)
+                return ast.Attribute(value=ast.parse("c." + dotted.rsplit(".", 1)[0], mode="eval").body if "." in dotted else ast.Name("c", ast.Load()), attr=dotted.rsplit(".", 1)[-1], ctx=ast.Load())
+            if dotted.split(".")[0] in sections:
+                reader.error(line, f"{what}: {dotted!r} names no field of the spec")
+                return node
+            return self.generic_visit(node)
+
+        def visit_Name(self, node):
+            if node.id in fields:
+                if node.id not in paths:
+                    paths.append(node.id)
+                return ast.Attribute(value=ast.Name("c", ast.Load()), attr=node.id, ctx=ast.Load())
+            if node.id not in RULE_FUNCTIONS and node.id not in bound and node.id not in ("None", "True", "False"):
+                reader.error(line, f"{what}: {node.id!r} names no field of the spec")
+            return node
+
+    tree = ast.fix_missing_locations(Rewrite().visit(tree))
+    return ast.unparse(tree), paths
+
+
+def load_spec(path, text=None):
+    """Read and validate the spec; raise SpecError listing every problem."""
+    if text is None:
+        with open(path, "rb") as spec_file:
+            text = spec_file.read()
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    reader = _Reader(str(path))
+    try:
+        document = load_yaml(text)
+    except YAMLLoadError as error:
+        raise SpecError([f"{path}:{error.line}: {error.message}"]) from None
+    if not isinstance(document, LineDict):
+        raise SpecError([f"{path}:1: the spec must be a mapping with {', '.join(sorted(TOP_ATTRIBUTES))}"])
+    reader.check_attributes(document, TOP_ATTRIBUTES, "spec")
+    version = reader.require(document, "version", int, "spec") or 0
+    root_node = document.get("root") or LineDict()
+    root = reader.read_section(root_node, "", is_root=True) or Section("", "", "Config", "", None, [], 0)
+    for child in document.get("sections", []) or []:
+        parsed = reader.read_section(child, "")
+        if parsed:
+            root.sections.append(parsed)
+
+    # Names: fields and sections are unique per section; aliases collide with nothing.
+    taken = {}
+    for section in root.walk():
+        for item in section.fields + section.sections:
+            line = item.line
+            if item.path in taken:
+                reader.error(line, f"duplicate name {item.path!r} (first declared on line {taken[item.path]})")
+            else:
+                taken[item.path] = line
+    for section in root.walk():
+        for item in ([section] if section is not root else []) + section.fields:
+            for alias in item.aliases:
+                if alias in taken:
+                    reader.error(item.line, f"{item.path}: alias {alias!r} collides with the field or section {alias!r} (line {taken[alias]})")
+                else:
+                    taken[alias] = item.line
+                parent = alias.rsplit(".", 1)[0] if "." in alias else ""
+                if parent and parent not in {s.path for s in root.walk()} and parent not in {a for s in root.walk() for a in s.aliases}:
+                    reader.error(item.line, f"{item.path}: alias {alias!r} lives in {parent!r}, which is not a section")
+    class_names = {}
+    for section in root.walk():
+        if section.class_name in class_names:
+            reader.error(section.line, f"duplicate class name {section.class_name!r} (also line {class_names[section.class_name]})")
+        class_names.setdefault(section.class_name, section.line)
+
+    field_paths = {f.path for s in root.walk() for f in s.fields}
+    section_names = {s.path.split(".")[0] for s in root.walk() if s.path}
+    rules = []
+    for node in document.get("rules", []) or []:
+        if not isinstance(node, LineDict):
+            reader.error(getattr(node, "line", 0), "each rule must be a mapping")
+            continue
+        reader.check_attributes(node, RULE_ATTRIBUTES, "rule")
+        check = reader.require(node, "check", str, "rule")
+        message = reader.require(node, "message", str, "rule")
+        when = node.get("when")
+        if check is None or message is None:
+            continue
+        what = f"rule {check!r}"
+        check_code, paths = _compile_expression(reader, check, node.key_lines["check"], section_names, field_paths, what)
+        when_code = None
+        if when is not None:
+            when_code, when_paths = _compile_expression(reader, when, node.key_lines["when"], section_names, field_paths, what)
+            paths += [p for p in when_paths if p not in paths]
+        rules.append(Rule(check, when, message, paths, check_code, when_code, node.line))
+
+    if reader.problems:
+        raise SpecError(reader.problems)
+    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules)

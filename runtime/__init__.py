@@ -1,0 +1,1 @@
+"""Runtime: model, data, trainer and CLI built on the generated config classes."""

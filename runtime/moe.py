@@ -1,0 +1,277 @@
+"""DeepSeekMoE: router, routed experts with grouped dispatch, shared experts, balancing.
+
+One MoE layer call on x (B, T, C):
+  1. router logits (fp32, no autocast) / temperature (+ noise in training), scores = sigmoid|softmax
+  2. selection on scores + e_score_correction_bias, group-limited, top-k; the bias never enters the weights
+  3. weights = unbiased scores of the chosen experts, optionally renormalised, times route_scale
+  4. optional capacity dropping (lowest score first), then tokens sorted by expert and all experts run
+     as two grouped matmuls (torch._grouped_mm, or a padded bmm where that kernel is unavailable)
+  5. routed output + shared experts; returns the sequence-wise aux loss and the z-loss alongside.
+
+Load counts for the bias update and the logging statistics are accumulated as tensors (no host sync)
+and only turned into Python numbers by the model's moe_stats().
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generated.config import ModelConfig, MoETrainingConfig
+
+
+@dataclass
+class Routing:
+    logits: Tensor  # (N, E) fp32, after temperature and noise
+    scores: Tensor  # (N, E) sigmoid/softmax of logits, no bias
+    idx: Tensor  # (N, K) chosen experts
+    weights: Tensor  # (N, K) routing weights (renormalised, scaled)
+    keep: Tensor | None  # (N, K) bool, False for assignments dropped over capacity; None = dropless
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks each token's top-k (DeepSeek-V3 gate)."""
+
+    def __init__(self, model: ModelConfig, moe: MoETrainingConfig):
+        super().__init__()
+        self.n_experts = model.n_routed_experts
+        self.top_k = model.top_k
+        self.n_group = model.n_group
+        self.topk_group = model.topk_group
+        self.score_func = model.score_func
+        self.route_scale = model.route_scale
+        self.norm_topk_prob = model.norm_topk_prob
+        self.temperature = moe.router_temperature
+        self.noise_scale = moe.router_noise_scale
+        self.weight = nn.Parameter(torch.empty(self.n_experts, model.dim))
+        # selection-only bias of aux-loss-free balancing; moved by MoE.update_bias, not by the optimizer
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # x (N, C) -> logits (N, E), scores (N, E), idx (N, K), weights (N, K); all routing in fp32
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float()) / self.temperature
+        if self.training and self.noise_scale > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_scale
+        if self.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        choice = scores.detach() + self.e_score_correction_bias  # (N, E), selection only
+        if self.n_group > 1:
+            N = choice.shape[0]
+            grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
+            if self.score_func == "sigmoid":
+                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, False)
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(N, -1)
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, idx)  # (N, K)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.route_scale
+        return logits, scores, idx, weights
+
+
+def capacity_keep(idx: Tensor, score: Tensor, n_experts: int, capacity: int) -> Tensor:
+    """(N, K) bool mask of the assignments each expert keeps: its `capacity` highest-scoring ones.
+
+    Ties keep the earlier token. Fully vectorised: sort by score, then stably by expert, and rank
+    each assignment within its expert's run.
+    """
+    flat_e, flat_s = idx.flatten(), score.flatten()
+    order = flat_s.argsort(descending=True, stable=True)
+    order = order[flat_e[order].argsort(stable=True)]  # by expert, best score first within an expert
+    counts = torch.bincount(flat_e, minlength=n_experts)
+    starts = counts.cumsum(0) - counts
+    rank_sorted = torch.arange(flat_e.numel(), device=idx.device) - starts[flat_e[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return (rank < capacity).view_as(idx)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
+    """Whether torch._grouped_mm runs here: its kernels want 16-byte aligned rows; the CPU kernel
+    takes any float dtype in eager mode, but its meta function (torch.compile) and the CUDA kernel
+    (sm80+) want bf16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    align = 16 // x.element_size()
+    if any(w.shape[-1] % align or w.shape[-2] % align for w in weights):
+        return False
+    if x.dtype == torch.bfloat16:
+        if x.device.type == "cuda":
+            return torch.cuda.get_device_capability(x.device) >= (8, 0)
+        return x.device.type == "cpu"
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU experts with stacked weights.
+
+    w13 (E, 2*I, C) is the fused gate (w1, first half) and up (w3, second half) projection,
+    w2 (E, C, I) the down projection.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, xs: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
+        """xs (M, C) rows sorted by expert, counts (E,) rows per expert -> (M, C).
+
+        capacity bounds the rows of any expert (drop mode) and spares the padded path a host sync.
+        """
+        dt = _compute_dtype(xs)
+        xs, w13, w2 = xs.to(dt), self.w13.to(dt), self.w2.to(dt)
+        if _grouped_mm_ok(xs, w13, w2):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)  # (M, 2I)
+            g, u = h.chunk(2, dim=-1)
+            return torch._grouped_mm((F.silu(g) * u).contiguous(), w2.transpose(-2, -1), offs=offs)
+        return self._padded_bmm(xs, counts, w13, w2, capacity)
+
+    def _padded_bmm(self, xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None) -> Tensor:
+        # every expert's rows padded to C slots, then two bmm's; C needs one host sync when dropless
+        M, E = xs.shape[0], self.n_experts
+        C = int(counts.max()) if capacity is None else min(capacity, M)
+        C = max(C, 1)
+        starts = counts.cumsum(0) - counts  # (E,)
+        slot = torch.arange(C, device=xs.device)
+        valid = slot[None, :] < counts[:, None]  # (E, C)
+        src = torch.where(valid, starts[:, None] + slot[None, :], M)  # padding reads the zero row
+        xp = torch.cat([xs, xs.new_zeros(1, xs.shape[1])])[src]  # (E, C, C_in)
+        h = torch.bmm(xp, w13.transpose(1, 2))  # (E, C, 2I)
+        g, u = h.chunk(2, dim=-1)
+        y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).flatten(0, 1)  # (E*C, C_in)
+        # row r of the sorted input sits in slot r - starts[e] of its expert e
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=M)
+        row = torch.arange(M, device=xs.device)
+        return y[expert_of_row * C + row - starts[expert_of_row]]
+
+    def forward_reference(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+        """Plain loop over experts, for tests only. x (N, C), idx/weights (N, K) (weight 0 = unused)."""
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            g, u = F.linear(x[tok], self.w13[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(g) * u, self.w2[e])
+            out = out.index_add(0, tok, y * weights[tok, slot, None])
+        return out
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer. `shared_experts` is the dense SwiGLU run on every token (None for none)."""
+
+    def __init__(self, model: ModelConfig, moe: MoETrainingConfig, shared_experts: nn.Module | None):
+        super().__init__()
+        self.n_experts = model.n_routed_experts
+        self.top_k = model.top_k
+        self.capacity_factor = moe.capacity_factor
+        self.drop_tokens = moe.drop_tokens
+        self.bias_update_speed = moe.bias_update_speed
+        self.gate = Router(model, moe)
+        self.experts = Experts(model.n_routed_experts, model.dim, model.moe_inter_dim)
+        self.shared_experts = shared_experts
+        # plain attributes, not buffers: DDP would broadcast rank 0's buffers over every rank's counts
+        self.load_counts: Tensor | None = None  # (E,) assignments since the last bias update
+        self.stat_counts: Tensor | None = None  # (E,) assignments since the last stats reset
+        self.stat_dropped: Tensor | None = None  # () dropped assignments since the last stats reset
+
+    def capacity(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens * self.top_k / self.n_experts * self.capacity_factor)
+
+    def route(self, x: Tensor) -> Routing:
+        logits, scores, idx, weights = self.gate(x)
+        keep = None
+        if self.drop_tokens:
+            keep = capacity_keep(idx, scores.detach().gather(1, idx), self.n_experts, self.capacity(x.shape[0]))
+        return Routing(logits, scores, idx, weights, keep)
+
+    def forward(self, x: Tensor, reference: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> (out (B, T, C), seq-wise aux loss (), z-loss ()).
+
+        reference=True runs the per-expert loop instead of the grouped dispatch (tests only).
+        """
+        B, T, C = x.shape
+        xf = x.reshape(B * T, C)
+        r = self.route(xf)
+        if reference:
+            w = r.weights if r.keep is None else r.weights * r.keep
+            routed = self.experts.forward_reference(xf, r.idx, w.to(xf.dtype))
+        else:
+            routed = self._dispatch(xf, r)
+        out = routed.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(xf)
+        if self.training:
+            self._accumulate(r)
+        return out.view(B, T, C), self.aux_loss(r.scores, r.idx, B, T), self.z_loss(r.logits)
+
+    def _dispatch(self, x: Tensor, r: Routing) -> Tensor:
+        # sort the (token, slot) assignments by expert, run all experts at once, scatter-add back
+        N, K = r.idx.shape
+        flat_e = r.idx.flatten()  # (N*K,)
+        if r.keep is None:
+            order = flat_e.argsort(stable=True)  # (N*K,) assignment ids grouped by expert
+            counts = torch.bincount(flat_e, minlength=self.n_experts)
+        else:
+            sel = r.keep.flatten().nonzero().squeeze(1)  # (M,) kept assignments; one host sync
+            order = sel[flat_e[sel].argsort(stable=True)]
+            counts = torch.bincount(flat_e[sel], minlength=self.n_experts)
+        tok = order // K  # (M,)
+        cap = self.capacity(N) if r.keep is not None else None
+        y = self.experts(x[tok], counts, cap)  # (M, C)
+        y = y.float() * r.weights.flatten()[order, None]  # weights are fp32
+        return torch.zeros(N, x.shape[1], device=x.device, dtype=torch.float32).index_add(0, tok, y)
+
+    def aux_loss(self, scores: Tensor, idx: Tensor, B: int, T: int) -> Tensor:
+        """Sequence-wise balance loss: mean over sequences of sum_i f_i * P_i."""
+        E, K = self.n_experts, self.top_k
+        with torch.no_grad():
+            counts = torch.zeros(B, E, device=idx.device).scatter_add_(
+                1, idx.view(B, T * K), torch.ones(B, T * K, device=idx.device)
+            )
+            f = counts * (E / (K * T))  # (B, E)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).view(B, T, E).mean(dim=1)  # (B, E)
+        return (f * p).sum(dim=-1).mean()
+
+    @staticmethod
+    def z_loss(logits: Tensor) -> Tensor:
+        return torch.logsumexp(logits, dim=-1).square().mean()
+
+    @torch.no_grad()
+    def _accumulate(self, r: Routing) -> None:
+        counts = torch.bincount(r.idx.flatten(), minlength=self.n_experts)
+        dropped = (~r.keep).sum() if r.keep is not None else counts.new_zeros(())
+        self.load_counts = counts if self.load_counts is None else self.load_counts + counts
+        self.stat_counts = counts if self.stat_counts is None else self.stat_counts + counts
+        self.stat_dropped = dropped if self.stat_dropped is None else self.stat_dropped + dropped
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor) -> None:
+        """bias += speed * sign(mean load - load). load (E,) is already summed over processes."""
+        load = load.float()
+        bias = self.gate.e_score_correction_bias
+        bias += self.bias_update_speed * torch.sign(load.mean() - load).to(bias)
+
+    def reset_stats(self) -> None:
+        self.stat_counts = None
+        self.stat_dropped = None

@@ -1,0 +1,101 @@
+"""Learning-rate schedules: a pure function of the optimizer step.
+
+`lr_at(step, schedule, peak_lr)` is the lr used by optimizer step `step` (0-based: the first
+update uses lr_at(0)). Every type starts with a linear warm-up from 0 (step 0) to `peak_lr`
+(step `warmup_iters`); `decay_lr: false` keeps `peak_lr` after warm-up whatever the type. After
+warm-up, each type is a registered function of (step, schedule, peak_lr), see the spec doc of
+`schedule.schedule_type`. Past `lr_decay_iters` every decaying type stays at `min_lr`; `constant`
+has no decay and stays at `peak_lr` for ever.
+"""
+
+import bisect
+import math
+
+from runtime.registry import SCHEDULES
+
+INITIAL_PHASE = "initial"
+
+
+def lr_at(step, schedule, peak_lr):
+    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    warmup = schedule.warmup_iters
+    if step < warmup:
+        return peak_lr * step / warmup
+    if not schedule.decay_lr:
+        return peak_lr
+    return SCHEDULES.get(schedule.schedule_type)(step, schedule, peak_lr)
+
+
+def phase_at(step, schedule):
+    """Name of the phase `step` is in: `initial` before the first `phase_steps` boundary."""
+    passed = bisect.bisect_right(list(schedule.phase_steps), step)
+    if passed == 0:
+        return INITIAL_PHASE
+    names = list(schedule.phase_names)
+    return names[passed - 1] if passed - 1 < len(names) else f"phase{passed}"
+
+
+def _progress(step, start, end):
+    """Fraction in [0, 1] of the way from `start` to `end` (1 when the span is empty)."""
+    if end <= start:
+        return 1.0
+    return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+@SCHEDULES.register("cosine")
+def _cosine(step, schedule, peak_lr):
+    if step >= schedule.lr_decay_iters:
+        return schedule.min_lr
+    ratio = _progress(step, schedule.warmup_iters, schedule.lr_decay_iters)
+    return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak_lr - schedule.min_lr)
+
+
+@SCHEDULES.register("linear")
+def _linear(step, schedule, peak_lr):
+    if step >= schedule.lr_decay_iters:
+        return schedule.min_lr
+    ratio = _progress(step, schedule.warmup_iters, schedule.lr_decay_iters)
+    return peak_lr - ratio * (peak_lr - schedule.min_lr)
+
+
+@SCHEDULES.register("constant")
+def _constant(step, schedule, peak_lr):
+    return peak_lr
+
+
+@SCHEDULES.register("wsd")
+def _wsd(step, schedule, peak_lr):
+    """Warmup-stable-decay: hold, then linear decay over the last `decay_fraction` of the steps
+    up to `lr_decay_iters` (never starting before the end of warm-up)."""
+    end = schedule.lr_decay_iters
+    if step >= end:
+        return schedule.min_lr
+    decay_start = max(float(schedule.warmup_iters), end * (1.0 - schedule.decay_fraction))
+    if step < decay_start:
+        return peak_lr
+    ratio = _progress(step, decay_start, end)
+    return peak_lr - ratio * (peak_lr - schedule.min_lr)
+
+
+@SCHEDULES.register("cosine_restarts")
+def _cosine_restarts(step, schedule, peak_lr):
+    """`num_cycles` equal cosine cycles from peak_lr to min_lr between warm-up and lr_decay_iters;
+    each cycle restarts at peak_lr."""
+    end = schedule.lr_decay_iters
+    if step >= end:
+        return schedule.min_lr
+    start = schedule.warmup_iters
+    cycle = (end - start) / schedule.num_cycles
+    position = ((step - start) % cycle) / cycle
+    return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * position)) * (peak_lr - schedule.min_lr)
+
+
+@SCHEDULES.register("multi_phase")
+def _multi_phase(step, schedule, peak_lr):
+    """peak_lr times `phase_decay` per `phase_steps` boundary reached, floored at min_lr."""
+    if step >= schedule.lr_decay_iters:
+        return schedule.min_lr
+    passed = bisect.bisect_right(list(schedule.phase_steps), step)
+    return max(schedule.min_lr, peak_lr * schedule.phase_decay**passed)
