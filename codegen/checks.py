@@ -23,6 +23,7 @@ class FieldSpec:
     min: float | None = None
     max: float | None = None
     gt: float | None = None
+    policy: str = "overridable"  # on resume: must_match | from_checkpoint | overridable
 
     @property
     def is_list(self):

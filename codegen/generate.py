@@ -57,7 +57,15 @@ def _yaml_scalar(value):
     return str(value)
 
 
-def _field_view(f):
+def _alias_text(alias, spec):
+    since, removed = spec.alias_versions[alias]
+    when = [f"v{since}"] if since > 1 else []
+    if removed is not None:
+        when.append(f"removed in v{removed}")
+    return f"`{alias}`" + (f" ({', '.join(when)})" if when else "")
+
+
+def _field_view(f, spec):
     annotation = f.type + (" | None" if f.nullable else "")
     if f.is_list:
         default_code = "field(default_factory=list)" if not f.default else f"field(default_factory=lambda: {_pyrepr(list(f.default))})"
@@ -84,7 +92,8 @@ def _field_view(f):
         "doc_text": f.doc.replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
         "doc_md": f.doc.replace("|", "\\|"),
         "aliases": tuple(f.aliases),
-        "alias_text": ", ".join(f"`{a}`" for a in f.aliases),
+        "alias_text": ", ".join(_alias_text(a, spec) for a in f.aliases),
+        "policy": f.policy,
         "choices": f.choices,
         "min": f.min,
         "max": f.max,
@@ -109,7 +118,8 @@ def _section_view(section, spec):
         "shorthand": section.shorthand,
         "shorthand_example": shorthand_example,
         "aliases": tuple(section.aliases),
-        "fields": [_field_view(f) for f in section.fields],
+        "fields": [_field_view(f, spec) for f in section.fields],
+        "policy": section.policy,
         "field_names": tuple(f.name for f in section.fields),
         "section_names": tuple(child.name for child in section.sections),
         "sections": [
@@ -203,8 +213,9 @@ def render(spec_path, spec_text=None, spec_name=None):
         "header": python_header,
         "header_text": header_text,
         "sections": sections,
-        "fields": [_field_view(f) for f in spec.fields()],
+        "fields": [_field_view(f, spec) for f in spec.fields()],
         "aliases": _aliases(spec),
+        "alias_versions": sorted(spec.alias_versions.items()),
         "rules": spec.rules,
         "class_names": [s["class_name"] for s in sections],
     }

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from .checks import FieldSpec, check_value
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
-FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt"}
-SECTION_ATTRIBUTES = {"name", "class", "doc", "fields", "sections", "shorthand", "aliases"}
-ROOT_ATTRIBUTES = {"class", "doc", "fields"}
+FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt", "policy"}
+SECTION_ATTRIBUTES = {"name", "class", "doc", "fields", "sections", "shorthand", "aliases", "policy"}
+ROOT_ATTRIBUTES = {"class", "doc", "fields", "policy"}
+ALIAS_ATTRIBUTES = {"name", "since", "removed"}
+POLICIES = ("must_match", "from_checkpoint", "overridable")
 RULE_ATTRIBUTES = {"check", "when", "message"}
 TOP_ATTRIBUTES = {"version", "root", "sections", "rules"}
 BASE_TYPES = {"int", "float", "bool", "str", "list[int]", "list[float]", "list[str]"}
@@ -43,6 +45,7 @@ class Section:
     shorthand: str | None
     aliases: list
     line: int
+    policy: str = "overridable"
     fields: list = field(default_factory=list)
     sections: list = field(default_factory=list)
 
@@ -70,6 +73,7 @@ class Spec:
     version: int
     root: Section
     rules: list
+    alias_versions: dict = field(default_factory=dict)  # alias path -> (since, removed or None)
 
     def sections(self):
         return list(self.root.walk())
@@ -86,6 +90,8 @@ class _Reader:
     def __init__(self, filename):
         self.filename = filename
         self.problems = []
+        self.alias_versions = {}
+        self.first_version = 1
 
     def error(self, line, message):
         self.problems.append(f"{self.filename}:{line}: {message}")
@@ -107,6 +113,44 @@ class _Reader:
             return None
         return value
 
+    def aliases(self, node, section_path, what):
+        """Alias paths of a field or section; each item a name/path or {name, since, removed}."""
+        items = node.get("aliases", [])
+        if not isinstance(items, list):
+            self.error(node.key_lines["aliases"], f"{what}: 'aliases' must be a list")
+            return []
+        result = []
+        for item, line in zip(items, getattr(items, "item_lines", [node.line] * len(items))):
+            since, removed = self.first_version, None
+            if isinstance(item, LineDict):
+                self.check_attributes(item, ALIAS_ATTRIBUTES, f"{what} alias")
+                name = self.require(item, "name", str, f"{what} alias")
+                since = item.get("since", since)
+                removed = item.get("removed")
+                for key, value in (("since", since), ("removed", removed)):
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                        self.error(item.key_lines[key], f"{what} alias: {key!r} must be a spec version (int)")
+                if isinstance(since, int) and isinstance(removed, int) and removed <= since:
+                    self.error(item.key_lines["removed"], f"{what} alias: 'removed' must come after 'since'")
+                if name is None:
+                    continue
+            elif isinstance(item, str):
+                name = item
+            else:
+                self.error(line, f"{what}: each alias must be a name or a mapping with name/since/removed")
+                continue
+            path = name if "." in name else _join(section_path, name)
+            self.alias_versions[path] = (since, removed)
+            result.append(path)
+        return result
+
+    def policy(self, node, inherited, what):
+        policy = node.get("policy", inherited)
+        if policy not in POLICIES:
+            self.error(node.key_lines.get("policy", node.line), f"{what}: policy must be one of {', '.join(POLICIES)}, found {policy!r}")
+            return inherited
+        return policy
+
     def string_list(self, node, key, what):
         value = node.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -114,7 +158,7 @@ class _Reader:
             return []
         return list(value)
 
-    def read_field(self, node, section_path):
+    def read_field(self, node, section_path, section_policy):
         if not isinstance(node, LineDict):
             self.error(getattr(node, "line", 0), f"section {section_path or '<root>'}: each field must be a mapping")
             return None
@@ -144,8 +188,9 @@ class _Reader:
         if choices is not None and not isinstance(choices, list):
             self.error(node.key_lines["choices"], f"{what}: 'choices' must be a list")
             choices = None
-        aliases = [a if "." in a else _join(section_path, a) for a in self.string_list(node, "aliases", what)]
+        aliases = self.aliases(node, section_path, what)
         result = Field(
+            policy=self.policy(node, section_policy, what),
             name=name or "?", path=_join(section_path, name or "?"), type=base, nullable=nullable,
             default=node.get("default"), doc=" ".join(doc.split()), aliases=tuple(aliases),
             choices=tuple(choices) if choices is not None else None,
@@ -161,7 +206,7 @@ class _Reader:
                 self.error(node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}")
         return result
 
-    def read_section(self, node, parent_path, is_root=False):
+    def read_section(self, node, parent_path, inherited_policy="overridable", is_root=False):
         what = "root" if is_root else "section"
         if not isinstance(node, LineDict):
             self.error(getattr(node, "line", 0), f"{what} must be a mapping")
@@ -174,15 +219,16 @@ class _Reader:
             name=name, path=path, class_name=self.require(node, "class", str, what) or "?",
             doc=" ".join((self.require(node, "doc", str, what) or "").split()),
             shorthand=node.get("shorthand"),
-            aliases=[a if "." in a else _join(parent_path, a) for a in self.string_list(node, "aliases", what)],
+            aliases=self.aliases(node, parent_path, what),
             line=node.line,
+            policy=self.policy(node, inherited_policy, what),
         )
         for child in node.get("fields", []) or []:
-            parsed = self.read_field(child, path)
+            parsed = self.read_field(child, path, section.policy)
             if parsed:
                 section.fields.append(parsed)
         for child in node.get("sections", []) or []:
-            parsed = self.read_section(child, path)
+            parsed = self.read_section(child, path, section.policy)
             if parsed:
                 section.sections.append(parsed)
         if section.shorthand is not None and section.shorthand not in {f.name for f in section.fields}:
@@ -300,4 +346,9 @@ def load_spec(path, text=None):
 
     if reader.problems:
         raise SpecError(reader.problems)
-    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules)
+    for alias, (since, removed) in reader.alias_versions.items():
+        if isinstance(since, int) and since > version:
+            reader.problems.append(f"{path}: alias {alias!r}: 'since' {since} is newer than the spec version {version}")
+    if reader.problems:
+        raise SpecError(reader.problems)
+    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules, reader.alias_versions)
