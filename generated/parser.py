@@ -401,7 +401,7 @@ def _walk_mapping(mapping, section_path, file, layer, problems):
                 problems.append(
                     Problem(
                         canonical,
-                        f"expected {FIELDS[canonical].type_text}, found a section (mapping with keys {', '.join(map(str, value))})",
+                        f"is a single {FIELDS[canonical].type_text} value, not a section; found a mapping with keys {', '.join(map(str, value))}",
                         source,
                     )
                 )
@@ -427,10 +427,11 @@ def _assign_section(section_path, value, source, written, layer, problems, file)
             if section.shorthand
             else ""
         )
+        example = ", ".join((section.fields + section.sections)[:3])
         problems.append(
             Problem(
                 section_path,
-                f"is a section: expected a mapping of its keys{hint}, found {value!r}",
+                f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {value!r}",
                 source,
             )
         )
@@ -440,7 +441,7 @@ def _read_file_layers(path, problems, stack):
     """Assignments of a file and of its bases, base files first."""
     absolute = os.path.abspath(path)
     if absolute in stack:
-        chain = " -> ".join(stack[stack.index(absolute) :] + [absolute])
+        chain = " -> ".join(os.path.relpath(p) for p in stack[stack.index(absolute) :] + [absolute])
         problems.append(
             Problem(BASE_KEY, f"base files form a cycle: {chain}", Source("file", path, 1))
         )
