@@ -36,7 +36,8 @@ class YAMLLoadError(Exception):
         self.line = line
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser when PyYAML has it (several times faster); same constructors either way.
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     pass
 
 

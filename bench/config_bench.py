@@ -1,0 +1,74 @@
+"""Config layer against OmegaConf: import cost, load + validate, generator and drift-check time."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import Target, interleaved_medians, median_time
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_CONFIG = REPO / "configs" / "deepseek_v3.yaml"
+
+
+def _python(code):
+    return lambda: subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def _imports_torch():
+    probe = "import sys, generated; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def run(quick=False):
+    repeats = 5 if quick else 15
+    # Import cost: a fresh interpreter each time, minus the bare interpreter start.
+    times = interleaved_medians(
+        {
+            "bare": _python("pass"),
+            "generated": _python("import generated"),
+            "omegaconf": _python("import omegaconf"),
+        },
+        repeats,
+    )
+    ours_import = max(times["generated"] - times["bare"], 1e-4)
+    omegaconf_import = max(times["omegaconf"] - times["bare"], 1e-4)
+
+    import generated
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(generated.Config)
+
+    def ours():
+        generated.load_config(FULL_CONFIG)
+
+    def omegaconf():
+        # The same work: parse the file, merge into the typed structure (type checks), build the
+        # dataclasses (range checks in __post_init__), then the spec's cross-field rules.
+        merged = OmegaConf.merge(schema, OmegaConf.load(FULL_CONFIG))
+        config = OmegaConf.to_object(merged)
+        for rule in generated.RULES:
+            if rule.applies is None or rule.applies(config):
+                assert rule.holds(config)
+
+    load = interleaved_medians({"ours": ours, "omegaconf": omegaconf}, repeats * 4, warmup=3)
+
+    generate_time = median_time(lambda: subprocess.run([sys.executable, "-m", "codegen.generate", "--out", "/tmp/bench_generated"], cwd=REPO, check=True, capture_output=True), 3 if quick else 5)
+    check_time = median_time(lambda: subprocess.run([sys.executable, "-m", "codegen.generate", "--check"], cwd=REPO, check=False, capture_output=True), 3 if quick else 5)
+
+    no_torch = not _imports_torch()
+    return {
+        "targets": [
+            Target("config import vs OmegaConf (speed-up)", omegaconf_import / ours_import, 1.5, True,
+                   detail=f"ours {ours_import * 1e3:.1f} ms, omegaconf {omegaconf_import * 1e3:.1f} ms, imports torch: {not no_torch}"),
+            Target("config load+validate vs OmegaConf (speed-up)", load["omegaconf"] / load["ours"], 5.0, True,
+                   detail=f"ours {load['ours'] * 1e3:.2f} ms, omegaconf {load['omegaconf'] * 1e3:.2f} ms (configs/deepseek_v3.yaml)"),
+        ],
+        "figures": {
+            "generated_imports_torch": not no_torch,
+            "import_ms": {"generated": ours_import * 1e3, "omegaconf": omegaconf_import * 1e3},
+            "load_validate_ms": {"generated": load["ours"] * 1e3, "omegaconf": load["omegaconf"] * 1e3},
+            "generate_s": generate_time,
+            "drift_check_s": check_time,
+        },
+    }
