@@ -175,6 +175,12 @@ def _schema(spec, header_text):
                 "description": "Config files this one builds on, relative to it; later ones win.",
                 "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
             }
+            properties["spec_version"] = {
+                "description": "Spec version the file was written for (`show` and `migrate` write it).",
+                "type": "integer",
+                "minimum": 1,
+                "maximum": spec.version,
+            }
         schema = {"type": "object", "description": section.doc, "properties": properties, "additionalProperties": False}
         if section.shorthand:
             short = next(f for f in section.fields if f.name == section.shorthand)

@@ -249,6 +249,10 @@ def _compile_expression(reader, text, line, sections, fields, what):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id not in RULE_FUNCTIONS:
                 reader.error(line, f"{what}: function {node.func.id!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})")
+        elif isinstance(node, ast.Call):  # a method call, e.g. len.__self__.__import__('os')
+            reader.error(line, f"{what}: calling {ast.unparse(node.func)!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            reader.error(line, f"{what}: private attribute {node.attr!r} is not allowed")
 
     class Rewrite(ast.NodeTransformer):
         def visit_Attribute(self, node):

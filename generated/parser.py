@@ -601,7 +601,7 @@ _warned_aliases = set()
 
 
 def _merge(layers, problems, notes):
-    """Apply layers in order; the same key twice within one layer must agree."""
+    """Apply layers in order; the same key twice within one file must agree (later flags win)."""
     values = {path: spec.default for path, spec in FIELDS.items()}
     sources = {path: DEFAULT_SOURCE for path in FIELDS}
     overridden = {}
@@ -629,9 +629,12 @@ def _merge(layers, problems, notes):
                 warnings.warn(note, ConfigAliasWarning, stacklevel=4)
         seen = {}
         for item in layer.assignments:
-            if item.path in seen:
+            if (
+                item.path in seen and item.source.kind != "cli"
+            ):  # on the command line, later flags win
                 first = seen[item.path]
-                if first.value != item.value:
+                spec = FIELDS[item.path]
+                if _coerce(spec, first.value) != _coerce(spec, item.value):  # 1e-3 and 0.001 agree
                     problems.append(
                         Problem(
                             item.path,
@@ -885,9 +888,8 @@ def build_arg_parser(prog="python -m runtime train"):
 def _add_flag(group, spec):
     aliases = [f"--{alias}" for alias in spec.aliases]
     extra = f" Old names: {', '.join(aliases)}." if aliases else ""
-    choices = f" One of: {', '.join(spec.choices)}." if spec.choices else ""
+    choices = f" One of: {', '.join(map(str, spec.choices))}." if spec.choices else ""
+    help_text = f"{spec.doc}{choices} Default: {spec.default!r}.{extra}"
     group.add_argument(
-        f"--{spec.path}",
-        metavar=spec.type_text.upper(),
-        help=f"{spec.doc}{choices} Default: {spec.default!r}.{extra}",
+        f"--{spec.path}", metavar=spec.type_text.upper(), help=help_text.replace("%", "%%")
     )

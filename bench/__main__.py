@@ -1,0 +1,62 @@
+"""`python -m bench [--quick] [--only NAME ...]`: run the benchmarks, print a table, write bench/results.json.
+
+Every figure is a ratio of two things measured side by side in the same run (medians over repeats,
+interleaved), so it holds on a noisy shared machine.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+SUITES = ("moe_bench", "trainer_bench", "config_bench")
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def _machine():
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
+    parser.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    suites = args.only or SUITES
+    results = {"machine": _machine(), "quick": args.quick, "suites": {}, "targets": []}
+    started = time.perf_counter()
+    for name in suites:
+        module = importlib.import_module(f"bench.{name}")
+        suite_start = time.perf_counter()
+        outcome = module.run(quick=args.quick)
+        results["suites"][name] = {"figures": outcome["figures"], "seconds": time.perf_counter() - suite_start}
+        results["targets"] += [{"suite": name, **target.as_dict()} for target in outcome["targets"]]
+        print(f"[{name}] done in {time.perf_counter() - suite_start:.0f} s", file=sys.stderr, flush=True)
+    results["seconds"] = time.perf_counter() - started
+    width = max(len(t["name"]) for t in results["targets"]) if results["targets"] else 10
+    print(f"{'target':<{width}}  {'figure':>8}  {'target':>8}  holds  detail")
+    for t in results["targets"]:
+        bound = (">= " if t["higher_is_better"] else "<= ") + f"{t['target']:g}"
+        print(f"{t['name']:<{width}}  {t['figure']:>8.2f}  {bound:>8}  {'yes' if t['holds'] else 'NO ':<5}  {t['detail']}")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
