@@ -200,3 +200,12 @@ def test_config_cli_does_not_import_torch():
     )
     assert result.returncode == 0
     assert "| torch" not in result.stderr
+
+
+def test_migrate_refuses_an_alias_and_its_key_with_different_values():
+    from generated import ConfigError, migrate_text
+
+    with pytest.raises(ConfigError, match="given twice with different values"):
+        migrate_text("data:\n  dataset: stdlib\n  dataset_name: text_dir\n", "x.yaml")
+    # The same value twice is fine and collapses to the canonical key.
+    assert "dataset_name" not in migrate_text("data:\n  dataset: stdlib\n  dataset_name: stdlib\n")

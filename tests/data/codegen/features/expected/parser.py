@@ -694,11 +694,27 @@ def migrate_text(text, filename="<text>"):
     _walk_mapping(document, "", filename, layer, problems)
     if problems:
         raise ConfigError(problems)
-    assignments = layer.assignments
-    for item in assignments:
+    assignments = []
+    seen = {}
+    for item in layer.assignments:
         spec = FIELDS[item.path]
         coerced = _coerce(spec, item.value)
         item.value = list(coerced) if isinstance(coerced, list) else coerced
+        if item.path in seen:
+            if seen[item.path].value != item.value:
+                first = seen[item.path]
+                problems.append(
+                    Problem(
+                        item.path,
+                        f"given twice with different values: {first.written!r} = {first.value!r} ({first.source}) and {item.written!r} = {item.value!r}",
+                        item.source,
+                    )
+                )
+            continue
+        seen[item.path] = item
+        assignments.append(item)
+    if problems:
+        raise ConfigError(problems)
     tree = {VERSION_KEY: SPEC_VERSION, **_nest(assignments)}
     if BASE_KEY in document:
         tree = {BASE_KEY: document[BASE_KEY], **tree}
