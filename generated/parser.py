@@ -9,6 +9,7 @@ as one `ConfigError`, each naming the key path and the file and line (or flag) i
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import re
 import warnings
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .checks import check_value
+from .checks import check_value, shown
 from .config import FIELDS, SECTIONS, SPEC_VERSION, Config
 from .yamllines import LineDict, YAMLLoadError, load_yaml
 
@@ -352,6 +353,8 @@ def _names_in(section_path):
 
 def _unknown_key_message(key, section_path):
     candidates = sorted(_names_in(section_path))
+    if len(key) > 64:  # no field name is this long; don't spend quadratic time on it
+        return f"unknown key {shown(key)} in {f'section {section_path!r}' if section_path else 'the root'}"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     homes = sorted(path for path in list(FIELDS) + list(SECTIONS) if path and _leaf(path) == key)
     where = f"section {section_path!r}" if section_path else "the root"
@@ -379,7 +382,10 @@ def _coerce_item(type_name, value):
     if type_name == "float" and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf  # rejected as non-finite by the check
     return value
 
 
@@ -431,7 +437,7 @@ def _assign_section(section_path, value, source, written, layer, problems, file)
         problems.append(
             Problem(
                 section_path,
-                f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {value!r}",
+                f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {shown(value)}",
                 source,
             )
         )
@@ -486,7 +492,7 @@ def _read_text_layers(text, filename, problems, stack):
             problems.append(
                 Problem(
                     BASE_KEY,
-                    f"expected a file name or a list of file names, found {bases!r}",
+                    f"expected a file name or a list of file names, found {shown(bases)}",
                     source,
                 )
             )
@@ -516,7 +522,7 @@ def _declared_version(mapping, filename, problems):
         problems.append(
             Problem(
                 VERSION_KEY,
-                f"expected a spec version (a positive integer), found {version!r}",
+                f"expected a spec version (a positive integer), found {shown(version)}",
                 source,
             )
         )
@@ -638,7 +644,7 @@ def _merge(layers, problems, notes):
                     problems.append(
                         Problem(
                             item.path,
-                            f"given twice with different values: {first.written!r} = {first.value!r} ({first.source}) and {item.written!r} = {item.value!r}",
+                            f"given twice with different values: {first.written!r} = {shown(first.value)} ({first.source}) and {item.written!r} = {shown(item.value)}",
                             item.source,
                         )
                     )
@@ -865,7 +871,7 @@ def migrate_text(text, filename="<text>"):
                 problems.append(
                     Problem(
                         item.path,
-                        f"given twice with different values: {first.written!r} = {first.value!r} ({first.source}) and {item.written!r} = {item.value!r}",
+                        f"given twice with different values: {first.written!r} = {shown(first.value)} ({first.source}) and {item.written!r} = {shown(item.value)}",
                         item.source,
                     )
                 )
