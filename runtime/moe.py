@@ -14,6 +14,7 @@ and only turned into Python numbers by the model's moe_stats().
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,7 +50,9 @@ class Router(nn.Module):
         self.noise_scale = moe.router_noise_scale
         self.weight = nn.Parameter(torch.empty(self.n_experts, model.dim))
         # selection-only bias of aux-loss-free balancing; moved by MoE.update_bias, not by the optimizer
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(self.n_experts), persistent=True
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # x (N, C) -> logits (N, E), scores (N, E), idx (N, K), weights (N, K); all routing in fp32
@@ -70,7 +73,9 @@ class Router(nn.Module):
             else:
                 group_scores = grouped.amax(dim=-1)
             best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
-            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, False)
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(
+                1, best_groups, False
+            )
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(N, -1)
         idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(1, idx)  # (N, K)
@@ -88,7 +93,8 @@ def capacity_keep(idx: Tensor, score: Tensor, n_experts: int, capacity: int) -> 
     """
     flat_e, flat_s = idx.flatten(), score.flatten()
     order = flat_s.argsort(descending=True, stable=True)
-    order = order[flat_e[order].argsort(stable=True)]  # by expert, best score first within an expert
+    # by expert, best score first within an expert
+    order = order[flat_e[order].argsort(stable=True)]
     counts = torch.bincount(flat_e, minlength=n_experts)
     starts = counts.cumsum(0) - counts
     rank_sorted = torch.arange(flat_e.numel(), device=idx.device) - starts[flat_e[order]]
@@ -103,20 +109,55 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@functools.cache
+def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
+    """Probe once per device and dtype: does torch._grouped_mm run forward and backward, and agree
+    with plain matmuls? (CPU takes every float dtype; CUDA kernels may want bf16 and sm80+.)
+    Deterministic inputs: the probe must not consume the seeded RNG."""
+    dev = torch.device(device)
+
+    def make(*shape: int) -> Tensor:
+        n = math.prod(shape)
+        t = torch.arange(n, device=dev, dtype=torch.float32).mul(0.37).sin().view(*shape)
+        return t.to(dtype)
+
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(dev.type, enabled=False),
+        ):
+            x = make(10, 16).requires_grad_(True)
+            w = make(3, 32, 16).requires_grad_(True)
+            offs = torch.tensor([4, 4, 10], dtype=torch.int32, device=dev)  # with an empty group
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            ref = torch.cat([x[:4] @ w[0].T, x[4:] @ w[2].T])
+            g = make(10, 32)
+            got = (y, *torch.autograd.grad(y, (x, w), g))
+            want = (ref, *torch.autograd.grad(ref, (x, w), g))
+            return all(
+                torch.allclose(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+                for a, b in zip(got, want)
+            )
+    except Exception:  # unsupported device, dtype or architecture
+        return False
+
+
 def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
-    """Whether torch._grouped_mm runs here: its kernels want 16-byte aligned rows; the CPU kernel
-    takes any float dtype in eager mode, but its meta function (torch.compile) and the CUDA kernel
-    (sm80+) want bf16."""
+    """Whether to use torch._grouped_mm: it wants 16-byte aligned rows; under torch.compile its meta
+    function accepts only bf16; in eager mode a one-off probe decides."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     align = 16 // x.element_size()
     if any(w.shape[-1] % align or w.shape[-2] % align for w in weights):
         return False
-    if x.dtype == torch.bfloat16:
+    if torch.compiler.is_compiling():
+        if x.dtype != torch.bfloat16:
+            return False
         if x.device.type == "cuda":
             return torch.cuda.get_device_capability(x.device) >= (8, 0)
         return x.device.type == "cpu"
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _grouped_mm_works(str(x.device), x.dtype)
 
 
 class Experts(nn.Module):
@@ -146,7 +187,9 @@ class Experts(nn.Module):
             return torch._grouped_mm((F.silu(g) * u).contiguous(), w2.transpose(-2, -1), offs=offs)
         return self._padded_bmm(xs, counts, w13, w2, capacity)
 
-    def _padded_bmm(self, xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None) -> Tensor:
+    def _padded_bmm(
+        self, xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None
+    ) -> Tensor:
         # every expert's rows padded to C slots, then two bmm's; C needs one host sync when dropless
         M, E = xs.shape[0], self.n_experts
         C = int(counts.max()) if capacity is None else min(capacity, M)
@@ -160,7 +203,9 @@ class Experts(nn.Module):
         g, u = h.chunk(2, dim=-1)
         y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).flatten(0, 1)  # (E*C, C_in)
         # row r of the sorted input sits in slot r - starts[e] of its expert e
-        expert_of_row = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=M)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(E, device=xs.device), counts, output_size=M
+        )
         row = torch.arange(M, device=xs.device)
         return y[expert_of_row * C + row - starts[expert_of_row]]
 
@@ -180,7 +225,9 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE layer. `shared_experts` is the dense SwiGLU run on every token (None for none)."""
 
-    def __init__(self, model: ModelConfig, moe: MoETrainingConfig, shared_experts: nn.Module | None):
+    def __init__(
+        self, model: ModelConfig, moe: MoETrainingConfig, shared_experts: nn.Module | None
+    ):
         super().__init__()
         self.n_experts = model.n_routed_experts
         self.top_k = model.top_k
@@ -202,7 +249,9 @@ class MoE(nn.Module):
         logits, scores, idx, weights = self.gate(x)
         keep = None
         if self.drop_tokens:
-            keep = capacity_keep(idx, scores.detach().gather(1, idx), self.n_experts, self.capacity(x.shape[0]))
+            keep = capacity_keep(
+                idx, scores.detach().gather(1, idx), self.n_experts, self.capacity(x.shape[0])
+            )
         return Routing(logits, scores, idx, weights, keep)
 
     def forward(self, x: Tensor, reference: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,6 +273,10 @@ class MoE(nn.Module):
         if self.training:
             self._accumulate(r)
         return out.view(B, T, C), self.aux_loss(r.scores, r.idx, B, T), self.z_loss(r.logits)
+
+    def forward_reference(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Same as forward with a plain loop over experts (tests only)."""
+        return self.forward(x, reference=True)
 
     def _dispatch(self, x: Tensor, r: Routing) -> Tensor:
         # sort the (token, slot) assignments by expert, run all experts at once, scatter-add back

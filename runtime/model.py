@@ -1,0 +1,318 @@
+"""DeepSeek-V3 style Transformer: MLA attention, dense SwiGLU then DeepSeekMoE blocks, and MTP.
+
+Names follow the DeepSeek-V3 reference code (embed, layers.{i}.attn.wq_a/q_norm/wq_b/wkv_a/kv_norm/
+wkv_b/wo, ffn.w1/w2/w3, norm, head); runtime/hf.py maps them to the Hugging Face names. The maths
+matches transformers' DeepseekV3ForCausalLM (fp32 logits agree to ~1e-6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.moe import MoE, Experts, Router
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, scale in the input dtype (as HF does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(rope_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin (max_seq_len, rope_dim // 2) for rotating consecutive pairs (x0, x1), (x2, x3), ..."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, H, d) with interleaved pairs -> rotated (B, T, H, d).
+
+    The output lists the rotated even members, then the odd ones. That permutation is the same for
+    queries and keys, so q.k is what the interleaved layout gives (HF returns the same layout).
+    """
+    T = x.shape[1]
+    cos = cos[:T, None, :].to(x.dtype)  # (T, 1, d/2)
+    sin = sin[:T, None, :].to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, self.n_heads * qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+        # one projection gives the kv latent and the single rotary key shared by all heads
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False
+        )
+        self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.softmax_scale = qk_head_dim**-0.5  # no rope_scaling, hence no yarn mscale
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, H, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin)  # (B, T, H, rope)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, rope)
+        kv = self.wkv_b(self.kv_norm(kv)).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        y = F.scaled_dot_product_attention(
+            q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block; layer_id < first_k_dense gets a dense MLP, the rest (and MTP blocks) MoE."""
+
+    def __init__(self, layer_id: int, model: ModelConfig, moe: MoETrainingConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(model.dim, model.norm_eps)
+        self.attn = MLA(model)
+        self.ffn_norm = RMSNorm(model.dim, model.norm_eps)
+        if layer_id < model.first_k_dense:
+            self.ffn = MLP(model.dim, model.inter_dim)
+        else:
+            shared = None
+            if model.n_shared_experts > 0:
+                shared = MLP(model.dim, model.n_shared_experts * model.moe_inter_dim)
+            self.ffn = MoE(model, moe, shared)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x (B, T, C) -> (x, (aux loss, z loss) or None for a dense block)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.ffn, MoE):
+            y, aux, z = self.ffn(self.ffn_norm(x))
+            return x + y, (aux, z)
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class MTPModule(nn.Module):
+    """Depth-k multi-token prediction: h_k = block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})])).
+
+    Embedding and output head are the main model's; `norm` is this module's own final norm
+    (DeepSeek's shared_head.norm).
+    """
+
+    def __init__(self, layer_id: int, model: ModelConfig, moe: MoETrainingConfig):
+        super().__init__()
+        self.enorm = RMSNorm(model.dim, model.norm_eps)
+        self.hnorm = RMSNorm(model.dim, model.norm_eps)
+        self.eh_proj = nn.Linear(2 * model.dim, model.dim, bias=False)
+        self.block = Block(layer_id, model, moe)
+        self.norm = RMSNorm(model.dim, model.norm_eps)
+
+    def forward(self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor):
+        # h_prev, emb (B, T, C); the embedding half comes first
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.block(h, cos, sin)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar for backward: main + mtp_weight * mean(mtp) + aux_w * aux + z_w * z
+    main_loss: Tensor  # next-token cross-entropy
+    mtp_losses: list[Tensor]  # cross-entropy per MTP depth
+    aux_loss: Tensor  # unweighted, mean over MoE layers (0 without MoE layers)
+    z_loss: Tensor  # unweighted, mean over MoE layers
+    mtp_weight: float  # the ramped weight used
+
+
+class Transformer(nn.Module):
+    def __init__(self, model: ModelConfig, moe: MoETrainingConfig, mtp: MTPTrainingConfig):
+        super().__init__()
+        self.config, self.moe_config, self.mtp_config = model, moe, mtp
+        self.embed = nn.Embedding(model.vocab_size, model.dim)
+        self.layers = nn.ModuleList([Block(i, model, moe) for i in range(model.n_layers)])
+        self.norm = RMSNorm(model.dim, model.norm_eps)
+        self.head = nn.Linear(model.dim, model.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            [MTPModule(model.n_layers + k, model, moe) for k in range(model.mtp_depth)]
+        )
+        cos, sin = rotary_tables(model.qk_rope_head_dim, model.max_seq_len, model.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.w13, mean=0.0, std=std)
+            nn.init.normal_(module.w2, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        """All parameters (embedding and head are untied, both counted; MTP modules included)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(layer index, MoE) of the main blocks, then the MTP blocks (index n_layers + k - 1)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [(b.layer_id, b.ffn) for b in blocks if isinstance(b.ffn, MoE)]
+
+    def _trunk(self, tokens: Tensor, losses: list) -> Tensor:
+        # tokens (B, T) -> hidden states before the final norm (B, T, C)
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than max_seq_len={self.config.max_seq_len}"
+            )
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h, l = layer(h, self.rope_cos, self.rope_sin)
+            if l is not None:
+                losses.append(l)
+        return h
+
+    def forward(self, tokens: Tensor, step: int | None = None):
+        """tokens (B, T) int64 -> logits (B, T, vocab). No MTP, no losses.
+
+        With `step` given, tokens is a training window and this returns compute_loss(tokens, step), so
+        the loss can go through a DistributedDataParallel wrapper's forward.
+        """
+        if step is not None:
+            return self.compute_loss(tokens, step)
+        return self.head(self.norm(self._trunk(tokens, [])))
+
+    def mtp_weight(self, step: int) -> float:
+        if self.config.mtp_depth == 0:
+            return 0.0
+        w, warmup = self.mtp_config.mtp_loss_weight, self.mtp_config.warmup_steps
+        return w if warmup == 0 else w * min(1.0, step / warmup)
+
+    def compute_loss(self, window: Tensor, step: int) -> LossOutput:
+        """window (B, T + 1 + D): inputs window[:, :T], targets window[:, 1:T+1]; MTP depth k embeds
+        window[:, k:T+k] and predicts window[:, k+1:T+k+1]."""
+        D = self.config.mtp_depth
+        T = window.shape[1] - 1 - D
+        if T < 1:
+            raise ValueError(f"window of {window.shape[1]} tokens is too short for mtp_depth={D}")
+        moe_losses: list[tuple[Tensor, Tensor]] = []
+        h = self._trunk(window[:, :T], moe_losses)  # (B, T, C)
+        main_loss = self._ce(self.head(self.norm(h)), window[:, 1 : T + 1])
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            h, l = module(h, self.embed(window[:, k : T + k]), self.rope_cos, self.rope_sin)
+            if l is not None:
+                moe_losses.append(l)
+            mtp_losses.append(self._ce(self.head(module.norm(h)), window[:, k + 1 : T + k + 1]))
+        zero = main_loss.new_zeros(())
+        aux = torch.stack([a for a, _ in moe_losses]).mean() if moe_losses else zero
+        z = torch.stack([z for _, z in moe_losses]).mean() if moe_losses else zero
+        w = self.mtp_weight(step)
+        loss = main_loss + self.moe_config.aux_loss_weight * aux + self.moe_config.z_loss_weight * z
+        if mtp_losses:
+            loss = loss + w * torch.stack(mtp_losses).mean()
+        return LossOutput(loss, main_loss, mtp_losses, aux, z, w)
+
+    @staticmethod
+    def _ce(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Aux-loss-free balancing step; call once after each optimizer step (on every process).
+
+        Uses the loads counted in training-mode forwards since the previous call, summed over
+        processes when torch.distributed is initialised.
+        """
+        layers = [m for _, m in self.moe_layers()]
+        if not layers:
+            return
+        if self.moe_config.bias_update_speed > 0:
+            dev = layers[0].gate.e_score_correction_bias.device
+            E = self.config.n_routed_experts
+            none = torch.zeros(E, device=dev, dtype=torch.long)
+            counts = [none if m.load_counts is None else m.load_counts.to(dev) for m in layers]
+            loads = torch.stack(counts).float()  # (L, E)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(loads)
+            for m, load in zip(layers, loads):
+                m.update_bias(load)  # a layer that saw no tokens gets sign(0) = no change
+        for m in layers:
+            m.load_counts = None
+
+    def moe_stats(self) -> dict[str, float | list[int]]:
+        """Routing statistics of the training-mode forwards since the last reset_moe_stats(),
+        on this process only. Keys moe/layer{i}/... per MoE layer (MTP blocks included) and
+        moe/max_load_ratio, moe/cv, moe/dropped_frac over all of them."""
+        layers = [(i, m) for i, m in self.moe_layers() if m.stat_counts is not None]
+        if not layers:
+            return {}
+        counts = torch.stack([m.stat_counts for _, m in layers]).cpu()  # (L, E), one sync
+        dropped = torch.stack([m.stat_dropped for _, m in layers]).cpu().tolist()
+        out: dict[str, float | list[int]] = {}
+        ratios, cvs = [], []
+        for (i, _), c, d in zip(layers, counts, dropped):
+            cf = c.double()
+            mean = cf.mean().item()
+            ratio = cf.max().item() / mean if mean > 0 else 0.0
+            cv = cf.std(unbiased=False).item() / mean if mean > 0 else 0.0
+            p = f"moe/layer{i}/"
+            out[p + "tokens_per_expert"] = c.tolist()
+            out[p + "max_load"] = float(cf.max().item())
+            out[p + "mean_load"] = mean
+            out[p + "max_load_ratio"] = ratio
+            out[p + "cv"] = cv
+            out[p + "dropped_frac"] = d / max(cf.sum().item(), 1.0)
+            ratios.append(ratio)
+            cvs.append(cv)
+        out["moe/max_load_ratio"] = max(ratios)
+        out["moe/cv"] = sum(cvs) / len(cvs)
+        out["moe/dropped_frac"] = sum(dropped) / max(counts.sum().item(), 1)
+        return out
+
+    def reset_moe_stats(self) -> None:
+        for _, m in self.moe_layers():
+            m.reset_stats()

@@ -1,0 +1,105 @@
+"""Transformer: shapes, causality, MLA query variants, layer layout, rotary."""
+
+import pytest
+import torch
+
+from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.model import MLA, MLP, Transformer, apply_rotary, rotary_tables
+from runtime.moe import MoE
+
+
+def make_model(**kw):
+    base = dict(
+        vocab_size=64,
+        dim=32,
+        inter_dim=64,
+        moe_inter_dim=16,
+        n_layers=3,
+        first_k_dense=1,
+        n_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=12,
+        max_seq_len=32,
+        n_routed_experts=4,
+        top_k=2,
+        mtp_depth=1,
+    )
+    base.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**base), MoETrainingConfig(), MTPTrainingConfig())
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 12])
+def test_shapes_and_backward(q_lora_rank):
+    model = make_model(q_lora_rank=q_lora_rank)
+    attn = model.layers[0].attn
+    if q_lora_rank:
+        assert not hasattr(attn, "wq") and attn.wq_a.weight.shape == (12, 32)
+        assert attn.wq_b.weight.shape == (2 * (8 + 4), 12) and attn.q_norm.weight.shape == (12,)
+    else:
+        assert attn.wq.weight.shape == (2 * (8 + 4), 32) and not hasattr(attn, "wq_a")
+    assert attn.wkv_a.weight.shape == (8 + 4, 32)
+    assert attn.wkv_b.weight.shape == (2 * (8 + 12), 8)
+    assert attn.wo.weight.shape == (32, 2 * 12)
+    tokens = torch.randint(0, 64, (3, 10))
+    assert model(tokens).shape == (3, 10, 64)
+    out = model.compute_loss(torch.randint(0, 64, (3, 12)), 0)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_layer_layout():
+    model = make_model(n_layers=3, first_k_dense=2, mtp_depth=2)
+    assert [type(b.ffn) for b in model.layers] == [MLP, MLP, MoE]
+    assert all(isinstance(m.block.ffn, MoE) for m in model.mtp)
+    assert [i for i, _ in model.moe_layers()] == [2, 3, 4]
+    assert model.embed.weight.data_ptr() != model.head.weight.data_ptr()  # untied
+    shared = model.layers[2].ffn.shared_experts
+    assert shared.w1.weight.shape == (16, 32)  # n_shared_experts * moe_inter_dim
+    assert model.layers[2].ffn.experts.w13.shape == (4, 32, 32)
+    assert model.layers[2].ffn.experts.w2.shape == (4, 32, 16)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 12])
+def test_causal(q_lora_rank):
+    model = make_model(q_lora_rank=q_lora_rank).eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    base = model(tokens)
+    changed = tokens.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % 64
+    out = model(changed)
+    torch.testing.assert_close(out[:, :9], base[:, :9])
+    assert (out[:, 9:] - base[:, 9:]).abs().max() > 1e-3
+
+
+def test_sequence_too_long():
+    model = make_model(max_seq_len=8)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_rotary_is_relative_and_interleaved():
+    cos, sin = rotary_tables(8, 64, 10000.0)
+    q = torch.randn(1, 1, 1, 8).expand(1, 64, 1, 8)
+    k = torch.randn(1, 1, 1, 8).expand(1, 64, 1, 8)
+    rq, rk = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    dots = rq[0, :, 0] @ rk[0, :, 0].T  # (T, T), depends only on the offset
+    torch.testing.assert_close(dots[5, 2], dots[40, 37])
+    torch.testing.assert_close(dots[3, 10], dots[20, 27])
+    # the pair (x0, x1) rotates by the first frequency (angle = position): position 1 rotates (1, 0)
+    x = torch.zeros(1, 2, 1, 8)
+    x[..., 0] = 1.0
+    r = apply_rotary(x, cos, sin)[0, 1, 0]  # layout: rotated evens, then rotated odds
+    torch.testing.assert_close(r[0], torch.cos(torch.tensor(1.0)))
+    torch.testing.assert_close(r[4], torch.sin(torch.tensor(1.0)))
+
+
+def test_attention_softmax_scale():
+    cfg = ModelConfig(
+        dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=2, v_head_dim=4
+    )
+    assert MLA(cfg).softmax_scale == pytest.approx(8**-0.5)

@@ -1,0 +1,331 @@
+"""DeepSeekMoE layer: dispatch vs reference loop, capacity dropping, losses, noise, bias balancing."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime import moe as moe_mod
+from runtime.model import MLP, Transformer
+from runtime.moe import MoE, capacity_keep
+
+DIM = 32
+
+
+def model_cfg(**kw):
+    base = dict(
+        vocab_size=64,
+        dim=DIM,
+        inter_dim=64,
+        moe_inter_dim=16,
+        n_layers=2,
+        first_k_dense=1,
+        n_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        top_k=2,
+        mtp_depth=0,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_moe(model_kw=None, **moe_kw):
+    cfg = model_cfg(**(model_kw or {}))
+    layer = MoE(
+        cfg, MoETrainingConfig(**moe_kw), MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+    )
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def stub_router(layer, scores, idx, weights=None):
+    """Make the layer's router return fixed scores/choices for every call."""
+    logits = torch.logit(scores)
+    if weights is None:
+        weights = scores.gather(1, idx)
+
+    def forward(x):
+        return logits, scores, idx, weights
+
+    layer.gate.forward = forward
+
+
+@pytest.mark.parametrize(
+    "model_kw,moe_kw",
+    [
+        ({}, {}),
+        ({"n_group": 4, "topk_group": 2, "top_k": 3, "route_scale": 2.5}, {}),
+        ({"score_func": "softmax", "norm_topk_prob": False}, {}),
+        ({}, {"drop_tokens": True, "capacity_factor": 0.5}),
+    ],
+)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dispatch_matches_reference_loop(model_kw, moe_kw, grouped, monkeypatch):
+    layer = make_moe(model_kw, **moe_kw).eval()
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(3, 10, DIM)
+    assert moe_mod._grouped_mm_ok(
+        x, layer.experts.w13, layer.experts.w2
+    )  # CPU fp32 runs _grouped_mm
+    if not grouped:  # the padded-bmm path used where _grouped_mm is unavailable
+        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a: False)
+
+    def run(reference):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out, aux, z = layer(xi, reference=reference)
+        (out * torch.linspace(-1, 1, DIM)).sum().backward()
+        return out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    out, gx, grads = run(False)
+    ref, gx_ref, grads_ref = run(True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-5, atol=1e-5, msg=n)
+    assert grads["experts.w13"].abs().sum() > 0 and grads["gate.weight"].abs().sum() > 0
+
+
+def test_capacity_keep_drops_lowest_scores():
+    # 6 tokens, top-1, 2 experts: capacity 2 per expert
+    idx = torch.tensor([[0], [0], [0], [1], [0], [1]])
+    score = torch.tensor([[0.5], [0.9], [0.7], [0.2], [0.7], [0.3]])
+    keep = capacity_keep(idx, score, n_experts=2, capacity=2)
+    # expert 0 has tokens 0,1,2,4 with 0.5, 0.9, 0.7, 0.7: keeps 1 and the earlier 0.7 (token 2)
+    assert keep.squeeze(1).tolist() == [False, True, True, True, False, True]
+
+
+def test_capacity_dropping_in_layer():
+    # 4 tokens, top-2 of 4 experts, capacity_factor 0.5: capacity = ceil(4*2/4*0.5) = 1
+    layer = make_moe(
+        {"n_routed_experts": 4, "top_k": 2}, drop_tokens=True, capacity_factor=0.5
+    ).eval()
+    assert layer.capacity(4) == 1
+    scores = torch.tensor(
+        [[0.9, 0.8, 0.1, 0.1], [0.95, 0.1, 0.7, 0.1], [0.1, 0.6, 0.1, 0.2], [0.3, 0.1, 0.1, 0.4]]
+    )
+    idx = torch.tensor([[0, 1], [0, 2], [1, 3], [3, 0]])
+    weights = torch.full((4, 2), 0.5)
+    stub_router(layer, scores, idx, weights)
+    # expert 0: tokens 0 (0.9), 1 (0.95), 3 (0.3) -> keeps token 1; expert 1: tokens 0 (0.8), 2 (0.6)
+    # -> keeps 0; expert 2: token 1; expert 3: tokens 2 (0.2), 3 (0.4) -> keeps 3
+    expected_keep = torch.tensor([[False, True], [True, True], [False, False], [True, False]])
+    r = layer.route(torch.randn(4, DIM))
+    assert torch.equal(r.keep, expected_keep)
+
+    x = torch.randn(1, 4, DIM)
+    out, _, _ = layer(x)
+    xf = x[0]
+    expected = layer.shared_experts(xf).clone()
+    for t in range(4):
+        for s in range(2):
+            if expected_keep[t, s]:
+                e = idx[t, s].item()
+                g, u = F.linear(xf[t], layer.experts.w13[e]).chunk(2)
+                expected[t] += 0.5 * F.linear(F.silu(g) * u, layer.experts.w2[e])
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    # token 2 lost both experts: only the shared experts remain
+    torch.testing.assert_close(out[0, 2], layer.shared_experts(xf[2]), rtol=1e-5, atol=1e-6)
+    layer.train()
+    layer(x)
+    assert layer.stat_dropped.item() == 4  # of 8 assignments
+
+
+def test_dropless_keeps_everything():
+    layer = make_moe(drop_tokens=False, capacity_factor=0.1)
+    r = layer.route(torch.randn(20, DIM))
+    assert r.keep is None
+
+
+def test_aux_loss_closed_form():
+    layer = make_moe({"n_routed_experts": 4, "top_k": 2})
+    B, T, E, K = 2, 3, 4, 2
+    scores = torch.tensor(
+        [
+            [0.9, 0.8, 0.1, 0.2],
+            [0.5, 0.1, 0.7, 0.3],
+            [0.2, 0.6, 0.4, 0.9],
+            [0.3, 0.3, 0.8, 0.1],
+            [0.6, 0.2, 0.2, 0.7],
+            [0.1, 0.9, 0.5, 0.4],
+        ]
+    )
+    idx = scores.topk(K, dim=-1).indices
+    expected = 0.0
+    for b in range(B):
+        rows = range(b * T, (b + 1) * T)
+        for i in range(E):
+            count = sum(int(i in idx[t].tolist()) for t in rows)
+            f = E / (K * T) * count
+            p = sum((scores[t, i] / scores[t].sum()).item() for t in rows) / T
+            expected += f * p
+    expected /= B
+    assert layer.aux_loss(scores, idx, B, T).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_z_loss_closed_form_and_temperature():
+    layer = make_moe(router_temperature=2.0).eval()
+    x = torch.randn(5, DIM)
+    logits, scores, _, _ = layer.gate(x)
+    raw = x @ layer.gate.weight.T
+    torch.testing.assert_close(logits, raw / 2.0)  # temperature divides the logits
+    torch.testing.assert_close(scores, torch.sigmoid(raw / 2.0))
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in (raw / 2.0).tolist()) / 5
+    assert layer.z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_temperature_changes_routing_weights():
+    x = torch.randn(16, DIM)
+    cold = make_moe({"norm_topk_prob": True}, router_temperature=0.5).eval()
+    hot = make_moe({"norm_topk_prob": True}, router_temperature=4.0).eval()
+    _, _, idx_c, w_c = cold.gate(x)
+    _, _, idx_h, w_h = hot.gate(x)
+    assert torch.equal(idx_c, idx_h)  # same weights, monotone scoring: same choices
+    # higher temperature flattens the renormalised weights towards 1/K
+    assert (w_h - 0.5).abs().mean() < (w_c - 0.5).abs().mean()
+
+
+def test_router_noise_only_in_training():
+    layer = make_moe(router_noise_scale=1.0)
+    x = torch.randn(2, 8, DIM)
+    layer.eval()
+    a, _, _ = layer(x)
+    b, _, _ = layer(x)
+    assert torch.equal(a, b)
+    assert torch.equal(layer.gate(x.view(-1, DIM))[0], x.view(-1, DIM) @ layer.gate.weight.T)
+    layer.train()
+    l1 = layer.gate(x.view(-1, DIM))[0]
+    l2 = layer.gate(x.view(-1, DIM))[0]
+    assert not torch.equal(l1, l2)
+    noise = l1 - x.view(-1, DIM) @ layer.gate.weight.T
+    assert 0.7 < noise.std().item() < 1.3  # N(0, 1)
+    quiet = make_moe(router_noise_scale=0.0).train()
+    assert torch.equal(quiet.gate(x.view(-1, DIM))[0], quiet.gate(x.view(-1, DIM))[0])
+
+
+def test_bias_selects_but_does_not_weight():
+    layer = make_moe({"n_routed_experts": 4, "top_k": 1, "norm_topk_prob": False}).eval()
+    x = torch.randn(6, DIM)
+    logits, scores, _, _ = layer.gate(x)
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    _, _, idx, w = layer.gate(x)
+    assert (idx == 3).all()
+    torch.testing.assert_close(w[:, 0], torch.sigmoid(logits[:, 3]))
+
+
+def skewed_model(speed):
+    cfg = model_cfg(n_layers=2, first_k_dense=1, n_routed_experts=4, top_k=1)
+    torch.manual_seed(0)
+    return Transformer(cfg, MoETrainingConfig(bias_update_speed=speed), MTPTrainingConfig())
+
+
+def test_bias_update_moves_load_towards_balance():
+    layer = make_moe({"n_routed_experts": 4, "top_k": 1}, bias_update_speed=0.02).train()
+    x = torch.randn(4, 32, DIM)
+    x[..., 0] = 3.0
+    with torch.no_grad():  # expert 0 wins every token: logit ~6 against ~0
+        layer.gate.weight.mul_(0.1)
+        layer.gate.weight[0, 0] = 2.0
+    ratios = []
+    for _ in range(30):
+        with torch.no_grad():
+            layer(x)
+        load = layer.load_counts.float()
+        ratios.append((load.max() / load.mean()).item())
+        layer.update_bias(load)
+        layer.load_counts = None
+    assert ratios[0] == 4.0  # all tokens on one expert
+    assert max(ratios[-4:]) < 1.6
+    bias = layer.gate.e_score_correction_bias
+    assert bias[0] < 0 and (bias[1:] > bias[0]).all()
+
+
+def test_model_bias_update_formula():
+    model = skewed_model(speed=0.05).train()
+    window = torch.randint(0, 64, (4, 33))
+    for _ in range(2):  # two micro-batches accumulate before one update
+        with torch.no_grad():
+            model.compute_loss(window, 0)
+    load = model.layers[1].ffn.load_counts.clone()
+    assert load.sum() == 2 * 4 * 32
+    model.update_router_biases()
+    expected = 0.05 * torch.sign(load.float().mean() - load.float())
+    torch.testing.assert_close(model.layers[1].ffn.gate.e_score_correction_bias, expected)
+    assert model.layers[1].ffn.load_counts is None  # reset after the update
+
+
+def test_bias_update_off_and_eval_not_counted():
+    model = skewed_model(speed=0.0).train()
+    window = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        model.compute_loss(window, 0)
+    model.update_router_biases()
+    assert model.layers[1].ffn.gate.e_score_correction_bias.abs().sum() == 0
+    model.eval()
+    model.reset_moe_stats()
+    with torch.no_grad():
+        model.compute_loss(window, 0)
+        model(window)
+    assert model.layers[1].ffn.load_counts is None and model.moe_stats() == {}
+
+
+def test_moe_stats():
+    model = skewed_model(speed=0.0).train()
+    window = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        model.compute_loss(window, 0)
+        model.compute_loss(window, 0)
+    stats = model.moe_stats()
+    tpe = stats["moe/layer1/tokens_per_expert"]
+    assert len(tpe) == 4 and sum(tpe) == 2 * 2 * 16  # two calls, B*T tokens, top-1
+    assert stats["moe/layer1/max_load"] == max(tpe)
+    assert stats["moe/layer1/mean_load"] == pytest.approx(16.0)
+    assert stats["moe/layer1/cv"] == pytest.approx(
+        torch.tensor(tpe, dtype=torch.float64).std(unbiased=False).item() / 16
+    )
+    assert stats["moe/layer1/dropped_frac"] == 0.0
+    assert stats["moe/max_load_ratio"] == pytest.approx(max(tpe) / 16)
+    model.reset_moe_stats()
+    assert model.moe_stats() == {}
+
+
+def _ddp_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = skewed_model(speed=0.01).train()
+        torch.manual_seed(100 + rank)  # different data on each rank
+        with torch.no_grad():
+            model.compute_loss(torch.randint(0, 64, (2, 17)), 0)
+        local = model.layers[1].ffn.load_counts.clone()
+        model.update_router_biases()
+        results[rank] = (local, model.layers[1].ffn.gate.e_score_correction_bias.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bias_update_all_reduces_loads(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        (l0, b0), (l1, b1) = results[0], results[1]
+    assert not torch.equal(l0, l1)
+    total = (l0 + l1).float()
+    torch.testing.assert_close(b0, 0.01 * torch.sign(total.mean() - total))
+    torch.testing.assert_close(b0, b1)
