@@ -1,0 +1,306 @@
+"""Training data: corpora (cached token files), deterministic resumable window sampling, loaders.
+
+A corpus is one flat token file, memory-mapped. `stdlib` and `text_dir` are bytes (vocab 256),
+encoded once into `<data_dir>/<dataset>.bin` (uint8) with a `<dataset>.json` fingerprint next to
+it, rebuilt atomically (temporary file + rename) when the sources change. `bin` is a uint16 token
+file used in place.
+
+Sampling. Every training window is a pure function of (seed, sample id): its start offset is drawn
+from a counter-based generator seeded with (seed, stream, sample id). Optimizer step `s` consumes
+the global micro-batches `m = 0 .. gradient_accumulation_steps-1`, micro-batch `m` holds the
+sample ids `(s * accum + m) * batch_size + b`; process `r` of `W` takes the contiguous slice of
+micro-batches `r * accum/W .. (r+1) * accum/W - 1`. So the data position is just the step: resuming
+at step N (`StepBatchSampler(start_step=N)`) gives exactly the batches of the uninterrupted run,
+and W processes see the same global batch as one process with the same global settings.
+"""
+
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from runtime.registry import DATASETS
+
+TRAIN_STREAM = 0
+VAL_STREAM = 1
+CACHE_VERSION = 1
+# Directories skipped when collecting the standard library: installed packages and test suites.
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class DataError(RuntimeError):
+    """The configured data cannot be used (missing path, too small for a window, ...)."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A flat token file: `np.memmap(path, dtype)` of `length` tokens."""
+
+    name: str
+    path: str
+    dtype: str  # "uint8" or "uint16"
+    length: int
+    is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
+
+    def array(self):
+        return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
+
+
+def load_corpus(data):
+    """The corpus of the `data` section (DataConfig), building its cache if needed."""
+    return DATASETS.get(data.dataset)(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus builders
+
+
+def _stdlib_files():
+    root = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                files.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return root, sorted(files)
+
+
+def _text_files(folder):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith("."):
+                files.append(os.path.relpath(os.path.join(dirpath, name), folder))
+    return sorted(files)
+
+
+def _is_text(raw):
+    if b"\x00" in raw:
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _fingerprint(root, files):
+    digest = hashlib.sha256()
+    for rel in files:
+        stat = os.stat(os.path.join(root, rel))
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _atomic_write(path, chunks):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cached_bytes_corpus(name, data_dir, root, files, select_text):
+    """Concatenate `files` (relative to `root`, in order) into `<data_dir>/<name>.bin`, reusing
+    the cache when its fingerprint matches."""
+    bin_path = os.path.join(data_dir, f"{name}.bin")
+    meta_path = os.path.join(data_dir, f"{name}.json")
+    meta = {"version": CACHE_VERSION, "source": root, "files": len(files), "fingerprint": _fingerprint(root, files)}
+    if os.path.exists(bin_path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} == meta and old.get("bytes") == os.path.getsize(bin_path):
+            return Corpus(name, bin_path, "uint8", old["bytes"], True)
+
+    def chunks():
+        for rel in files:
+            with open(os.path.join(root, rel), "rb") as f:
+                raw = f.read()
+            if not select_text or _is_text(raw):
+                yield raw
+
+    _atomic_write(bin_path, chunks())
+    meta["bytes"] = os.path.getsize(bin_path)
+    _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    if meta["bytes"] == 0:
+        raise DataError(f"dataset {name!r}: no text found under {root}")
+    return Corpus(name, bin_path, "uint8", meta["bytes"], True)
+
+
+@DATASETS.register("stdlib")
+def stdlib_corpus(data):
+    """The running Python's standard-library `*.py` files (sorted relative paths; site-packages
+    and test directories excluded), as bytes."""
+    root, files = _stdlib_files()
+    return _cached_bytes_corpus("stdlib", data.data_dir, root, files, select_text=False)
+
+
+@DATASETS.register("text_dir")
+def text_dir_corpus(data):
+    """Every text file (valid UTF-8 without NUL bytes; hidden entries skipped) under `path`,
+    in sorted relative-path order, as bytes."""
+    if data.path is None or not os.path.isdir(data.path):
+        raise DataError(f"data.path must be an existing folder for the text_dir dataset, got {data.path!r}")
+    root = os.path.realpath(data.path)
+    return _cached_bytes_corpus("text_dir", data.data_dir, root, _text_files(root), select_text=True)
+
+
+@DATASETS.register("bin")
+def bin_corpus(data):
+    """A pre-tokenized uint16 token file at `path`, memory-mapped in place."""
+    if data.path is None or not os.path.isfile(data.path):
+        raise DataError(f"data.path must be an existing .bin file for the bin dataset, got {data.path!r}")
+    size = os.path.getsize(data.path)
+    if size % 2:
+        raise DataError(f"{data.path}: a uint16 token file must have an even size, found {size} bytes")
+    return Corpus("bin", os.path.realpath(data.path), "uint16", size // 2, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits, windows, sampling
+
+
+def split_ranges(length, data):
+    """(train_start, train_end), (val_start, val_end): `train_split` from the start of the corpus,
+    `val_split` from its end."""
+    train_end = int(length * data.train_split)
+    val_start = length - int(length * data.val_split)
+    return (0, train_end), (val_start, length)
+
+
+class WindowDataset(Dataset):
+    """Windows of `window` tokens from `corpus[start:end]`; item `i` starts at an offset drawn
+    from a generator seeded with (seed, stream, i). Returns int64 tensors of shape (window,)."""
+
+    def __init__(self, corpus, start, end, window, seed, stream):
+        if end - start < window:
+            raise DataError(
+                f"{'train' if stream == TRAIN_STREAM else 'validation'} split of the {corpus.name!r} corpus has "
+                f"{end - start} tokens, fewer than one window of {window}"
+            )
+        self.corpus, self.start, self.end, self.window = corpus, start, end, window
+        self.seed, self.stream = seed, stream
+        self._data = None
+
+    def __len__(self):
+        return self.end - self.start - self.window + 1
+
+    def offset(self, index):
+        rng = np.random.default_rng([self.seed, self.stream, int(index)])
+        return self.start + int(rng.integers(0, len(self)))
+
+    def __getitem__(self, index):
+        if self._data is None:
+            self._data = self.corpus.array()
+        begin = self.offset(index)
+        return torch.from_numpy(self._data[begin : begin + self.window].astype(np.int64))
+
+    def __getstate__(self):  # memmaps are reopened in worker processes
+        state = dict(self.__dict__)
+        state["_data"] = None
+        return state
+
+
+class StepBatchSampler(Sampler):
+    """Yields this process's micro-batches (lists of sample ids) for steps start_step..end_step-1.
+
+    Its whole state is `start_step`: resuming builds a new sampler at the resumed step."""
+
+    def __init__(self, *, batch_size, grad_accum, world_size, rank, start_step, end_step):
+        if grad_accum % world_size:
+            raise DataError(f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})")
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.micro_per_rank = grad_accum // world_size
+        self.rank, self.start_step, self.end_step = rank, start_step, end_step
+
+    def micro_batch_ids(self, step, micro):
+        """Sample ids of this rank's `micro`-th micro-batch of optimizer step `step`."""
+        global_micro = step * self.grad_accum + self.rank * self.micro_per_rank + micro
+        first = global_micro * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def __iter__(self):
+        for step in range(self.start_step, self.end_step):
+            for micro in range(self.micro_per_rank):
+                yield self.micro_batch_ids(step, micro)
+
+    def __len__(self):
+        return max(0, self.end_step - self.start_step) * self.micro_per_rank
+
+
+class EvalBatchSampler(Sampler):
+    """The fixed validation batches: batch `i` (of `eval_iters`) holds sample ids
+    i*batch_size .. (i+1)*batch_size-1; process `r` of `W` takes batches r, r+W, ..."""
+
+    def __init__(self, *, batch_size, eval_iters, world_size, rank):
+        self.batch_size, self.eval_iters, self.world_size, self.rank = batch_size, eval_iters, world_size, rank
+
+    def __iter__(self):
+        for i in range(self.rank, self.eval_iters, self.world_size):
+            yield list(range(i * self.batch_size, (i + 1) * self.batch_size))
+
+    def __len__(self):
+        return len(range(self.rank, self.eval_iters, self.world_size))
+
+
+class DataModule:
+    """The corpus, its splits and loaders for one process.
+
+    data: DataConfig; window: tokens per sample (seq_len + 1 + mtp_depth)."""
+
+    def __init__(self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0):
+        self.data = data
+        self.corpus = load_corpus(data)
+        (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
+        self.train_set = WindowDataset(self.corpus, train_start, train_end, window, seed, TRAIN_STREAM)
+        self.val_set = WindowDataset(self.corpus, val_start, val_end, window, seed, VAL_STREAM)
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.world_size, self.rank = world_size, rank
+        self.num_workers, self.pin_memory = data.num_workers, data.pin_memory
+        if grad_accum % world_size:
+            raise DataError(f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})")
+        self.micro_per_rank = grad_accum // world_size
+
+    def _loader(self, dataset, batch_sampler):
+        # Windows depend only on their sample ids; the loader's own generator keeps it from drawing
+        # its base seed from (and so shifting) the global torch RNG.
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def train_loader(self, start_step, end_step):
+        """Micro-batches (B, window) of steps start_step..end_step-1, `micro_per_rank` per step."""
+        sampler = StepBatchSampler(
+            batch_size=self.batch_size, grad_accum=self.grad_accum, world_size=self.world_size,
+            rank=self.rank, start_step=start_step, end_step=end_step,
+        )
+        return self._loader(self.train_set, sampler)
+
+    def val_loader(self, eval_iters):
+        sampler = EvalBatchSampler(
+            batch_size=self.batch_size, eval_iters=eval_iters, world_size=self.world_size, rank=self.rank
+        )
+        return self._loader(self.val_set, sampler)
+
+    @staticmethod
+    def state(next_step):
+        """The data position stored in a checkpoint (the next optimizer step to run)."""
+        return {"next_step": int(next_step)}

@@ -1,0 +1,144 @@
+"""Device, precision, torch.compile and DDP setup from the `system` section's subsections."""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from runtime.registry import BACKENDS, COMPILE_MODES, DTYPES
+
+
+class SystemConfigError(RuntimeError):
+    """The `system` settings cannot run here (bad device, multi-process launch without DDP...)."""
+
+
+DTYPES.register("float32", torch.float32)
+DTYPES.register("bfloat16", torch.bfloat16)
+DTYPES.register("float16", torch.float16)
+
+for _mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+    COMPILE_MODES.register(_mode, _mode)
+
+BACKENDS.register("auto", lambda device_type: "nccl" if device_type == "cuda" else "gloo")
+BACKENDS.register("nccl", lambda device_type: "nccl")
+BACKENDS.register("gloo", lambda device_type: "gloo")
+
+
+@dataclass
+class DistInfo:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    enabled: bool = False  # a process group was initialised and the model is wrapped in DDP
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def launch_world():
+    """(world_size, rank, local_rank) from the torchrun environment (1, 0, 0 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device_cfg, local_rank=0, distributed=False):
+    """torch.device from DeviceConfig.device: cpu, cuda, cuda:N or auto (cuda when available).
+    Under DDP on CUDA each process takes cuda:LOCAL_RANK."""
+    name = device_cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemConfigError(f"system.device.device: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemConfigError(f"system.device.device is {name!r} but CUDA is not available")
+        if distributed and device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast_dtype(device_cfg):
+    return DTYPES.get(device_cfg.dtype)
+
+
+def autocast_context(device, dtype):
+    """Autocast of forward and loss; a no-op for float32 (weights stay float32 in every case)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device, dtype):
+    """Gradient scaling, enabled for float16 only."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def init_distributed(dist_cfg, device_type):
+    """Initialise the process group when launched with WORLD_SIZE > 1 (DistributedConfig).
+
+    A multi-process launch with `enabled: false` is an error; `enabled: true` in a single process
+    runs without DDP."""
+    world, rank, local_rank = launch_world()
+    check_launch(dist_cfg)
+    if world <= 1:
+        return DistInfo(1, 0, 0, False)
+    backend = process_group_backend(dist_cfg, device_type)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(world, rank, local_rank, True)
+
+
+def check_launch(dist_cfg):
+    """A multi-process launch (WORLD_SIZE > 1) needs `system.distributed.enabled`."""
+    world = launch_world()[0]
+    if world > 1 and not dist_cfg.enabled:
+        raise SystemConfigError(
+            f"launched with WORLD_SIZE={world} but system.distributed.enabled is false; "
+            "set --system.distributed.enabled true (or launch a single process)"
+        )
+
+
+def process_group_backend(dist_cfg, device_type):
+    return BACKENDS.get(dist_cfg.backend)(device_type)
+
+
+def ddp_options(dist_cfg):
+    """Keyword arguments of DistributedDataParallel from DistributedConfig."""
+    return {"bucket_cap_mb": dist_cfg.ddp_bucket_cap_mb, "find_unused_parameters": dist_cfg.find_unused_parameters}
+
+
+def wrap_ddp(module, dist_cfg, device):
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, **ddp_options(dist_cfg))
+
+
+def compile_module(module, compile_cfg):
+    """torch.compile(module, mode=compile_mode) when TorchCompilationConfig.compile is set."""
+    mode = COMPILE_MODES.get(compile_cfg.compile_mode)  # an unknown mode fails even when off
+    if not compile_cfg.compile:
+        return module
+    return torch.compile(module, mode=mode)
+
+
+def all_reduce_sum(tensor, info):
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""metrics.jsonl (one JSON object per logged step and per evaluation) and the loss plot."""
+
+import json
+import math
+import os
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+
+
+def _plain(value):
+    """JSON-safe value: tensors to numbers or lists, non-finite floats to strings."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class MetricsWriter:
+    """Appends records to `<out_dir>/metrics.jsonl` (main process only)."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.path = os.path.join(out_dir, METRICS_NAME)
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def truncate_after(self, step):
+        """Drop records with iter > step (left by a run that went on past the checkpoint it is
+        now resumed from), so that a resumed run's file reads like the uninterrupted one."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("iter", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for record in kept:
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+
+
+def read_metrics(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def plot_losses(out_dir):
+    """Write `<out_dir>/loss.png`: train loss (total and main next-token) and val loss per step."""
+    path = os.path.join(out_dir, METRICS_NAME)
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    train = [r for r in records if "loss" in r and isinstance(r["loss"], (int, float))]
+    val = [r for r in records if "val_loss" in r and isinstance(r["val_loss"], (int, float))]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
+        if any("main_loss" in r for r in train):
+            ax.plot([r["iter"] for r in train], [r.get("main_loss") for r in train], label="train main loss")
+    if val:
+        ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.join(out_dir, PLOT_NAME)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

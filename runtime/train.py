@@ -1,0 +1,431 @@
+"""`python -m runtime train CONFIG [--section.field VALUE ...]`: the training loop.
+
+Step numbering: `Trainer.step` counts optimizer steps done. Optimizer step `s` (0-based) uses
+lr_at(s) and compute_loss(window, s); once it is done the run is at `iter = s + 1`, which is what
+metrics.jsonl, evaluations and checkpoint names (`ckpt_{iter:07d}.pt`) refer to.
+
+Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
+are processed across all processes together (each process runs accum / world_size of them, with
+DDP gradient sync on its last one only); every micro-loss is divided by the per-process count and
+DDP averages over processes, so the update equals the single-process one with the same settings.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from generated.parser import ConfigError, config_from_dict, config_to_dict, dump_yaml, load_config
+from runtime import distributed as dist_utils
+from runtime.checkpoint import Checkpointer, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+from runtime.data import DataError, DataModule
+from runtime.metrics import MetricsWriter, plot_losses
+from runtime.registry import NONFINITE_POLICIES
+from runtime.schedule import lr_at, phase_at
+from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
+
+SAMPLE_NAME = "sample.txt"
+SAMPLE_PROMPT = "def "
+SAMPLE_NEW_TOKENS = 200
+SAMPLE_TEMPERATURE = 0.8
+
+
+class NonFiniteLossError(RuntimeError):
+    """training.nonfinite_loss is `stop` and a step's loss was NaN or infinite."""
+
+
+class TrainingError(RuntimeError):
+    """A configuration that cannot train (reported without a traceback)."""
+
+
+NONFINITE_POLICIES.register("stop", "stop")
+NONFINITE_POLICIES.register("skip", "skip")
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices) from the root `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model, optimizer):
+    """AdamW from OptimizerConfig. Weight decay goes to parameters with ndim >= 2 (the linear
+    weights, expert matrices and the token embedding); biases and norm weights (ndim < 2) get
+    none, and the router's correction bias is a buffer, never optimised."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
+
+
+def _replace_model_section(cfg, model_fields):
+    """The config with its model section replaced by `model_fields` (validated again)."""
+    d = config_to_dict(cfg)
+    d["model"] = {**d["model"], **model_fields}
+    return config_from_dict(d)
+
+
+def _is_hf_folder(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+class Trainer:
+    """Builds everything from the root Config and runs training (`run()` returns an exit code)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        training = cfg.training
+        system = cfg.system
+        # ---- processes and device
+        world, _, local_rank = dist_utils.launch_world()
+        dist_utils.check_launch(system.distributed)
+        if cfg.wandb.enabled:
+            import_wandb()  # fail before anything is built
+        if training.gradient_accumulation_steps % world:
+            raise TrainingError(
+                f"training.gradient_accumulation_steps ({training.gradient_accumulation_steps}) must divide by the "
+                f"number of processes ({world})"
+            )
+        self.device = dist_utils.resolve_device(system.device, local_rank, distributed=world > 1)
+        self.dist = dist_utils.init_distributed(system.distributed, self.device.type)
+        self.is_main = self.dist.is_main
+        self.dtype = dist_utils.autocast_dtype(system.device)
+        self.nonfinite_policy = NONFINITE_POLICIES.get(training.nonfinite_loss)
+        seed_everything(cfg.seed)
+
+        # ---- initial weights: a resumed checkpoint, else init_from
+        self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
+        resume_path = self.checkpointer.resume_path()
+        self.resume_state = load_checkpoint(resume_path) if resume_path else None
+        self.resumed_from = resume_path
+        init_weights = None
+        if self.resume_state is not None:
+            saved_model = self.resume_state["config"]["model"]
+            if saved_model != config_to_dict(cfg)["model"]:
+                self._say(f"note: using the model section of {resume_path}")
+                self.cfg = cfg = _replace_model_section(cfg, saved_model)
+        else:
+            cfg, init_weights = self._init_from(cfg)
+            self.cfg = cfg
+        from runtime.model import Transformer
+
+        self.model = Transformer(cfg.model, cfg.moe, cfg.mtp)
+        if init_weights is not None:
+            init_weights(self.model)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
+
+        # ---- data
+        self.window = training.seq_len + 1 + cfg.model.mtp_depth
+        self.data = DataModule(
+            cfg.data, seed=cfg.seed, window=self.window, batch_size=training.batch_size,
+            grad_accum=training.gradient_accumulation_steps, world_size=self.dist.world_size, rank=self.dist.rank,
+        )
+        if self.data.corpus.is_bytes and cfg.model.vocab_size < 256:
+            raise TrainingError(f"model.vocab_size is {cfg.model.vocab_size} but the {cfg.data.dataset!r} corpus is bytes (needs 256)")
+
+        # ---- state
+        self.step = 0
+        self._rng_to_restore = None
+        self.best_val_loss = None
+        self.last_val_loss = None
+        self.last_val_improved = False
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
+
+        # ---- wrappers for training: compile, then DDP (forward(window, step) is compute_loss)
+        self.train_module = dist_utils.compile_module(self.model, system.compile)
+        if self.dist.enabled:
+            self.train_module = dist_utils.wrap_ddp(self.train_module, system.distributed, self.device)
+
+        # ---- outputs
+        self.out_dir = cfg.out_dir
+        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main)
+        self.config_dict = config_to_dict(cfg)
+        self.wandb = WandbLogger(cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main)
+        self.eval_cfg = cfg.evaluator
+        self.tokens_per_step = training.batch_size * training.seq_len * training.gradient_accumulation_steps
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+                f.write(dump_yaml(cfg))
+
+    # ------------------------------------------------------------------------------------------
+    # setup helpers
+
+    def _say(self, text):
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    def _init_from(self, cfg):
+        """(config, weight loader or None) for checkpointer.init_from: scratch, a checkpoint file
+        (its model section is used) or a Hugging Face folder (its architecture replaces the model
+        section)."""
+        source = cfg.checkpointer.init_from
+        if source == "scratch":
+            return cfg, None
+        if _is_hf_folder(source):
+            from runtime.hf import load_hf_weights, model_fields_from_hf_config
+
+            with open(os.path.join(source, "config.json")) as f:
+                fields = model_fields_from_hf_config(json.load(f))
+            cfg = _replace_model_section(cfg, fields)
+            return cfg, lambda model: load_hf_weights(model, source)
+        if os.path.isfile(source):
+            state = load_checkpoint(source)
+            cfg = _replace_model_section(cfg, state["config"]["model"])
+            weights = state["model"]
+            return cfg, lambda model: model.load_state_dict(weights, strict=True)
+        raise CheckpointError(
+            f"checkpointer.init_from must be 'scratch', a checkpoint file or a Hugging Face folder "
+            f"(config.json + safetensors); {source!r} is none of these"
+        )
+
+    def _load_state(self, state):
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
+        self.best_val_loss = state.get("best_val_loss")
+        self.last_val_loss = state.get("val_loss")
+        self.last_val_improved = bool(state.get("last_val_improved", False))
+        self._rng_to_restore = state["rng"]  # restored right before the run, after all setup
+
+    def checkpoint_state(self):
+        return {
+            "format_version": 1,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": capture_rng_state(),
+            "data": DataModule.state(self.step),
+            "best_val_loss": self.best_val_loss,
+            "val_loss": self.last_val_loss,
+            "last_val_improved": self.last_val_improved,
+            "config": self.config_dict,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # steps
+
+    def _autocast(self):
+        return dist_utils.autocast_context(self.device, self.dtype)
+
+    def train_step(self, step, micro_batches):
+        """One optimizer step over this process's micro-batches; returns its metrics (global means)."""
+        cfg = self.cfg
+        lr = lr_at(step, cfg.schedule, cfg.optimizer.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n = len(micro_batches)
+        depth = cfg.model.mtp_depth
+        sums = torch.zeros(4 + depth, dtype=torch.float64, device=self.device)
+        mtp_weight = 0.0
+        for j, window in enumerate(micro_batches):
+            window = window.to(self.device, non_blocking=True)
+            last = j == n - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_module.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.train_module(window, step)
+                self.scaler.scale(out.loss / n).backward()
+            parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
+            sums += torch.stack([p.detach().double() for p in parts])
+            mtp_weight = out.mtp_weight
+        dist_utils.all_reduce_sum(sums, self.dist)
+        means = (sums / (n * self.dist.world_size)).tolist()
+        metrics = {
+            "loss": means[0], "main_loss": means[1], "aux_loss": means[2], "z_loss": means[3],
+            **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
+            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, cfg.schedule),
+        }
+        if not math.isfinite(means[0]):
+            if self.nonfinite_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss ({means[0]}) at step {step + 1}; set training.nonfinite_loss: skip to drop such steps"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["skipped"] = True
+            return metrics
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if cfg.optimizer.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+            metrics["grad_norm"] = float(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_router_biases()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean main (next-token) loss over the `eval_iters` fixed validation batches."""
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for window in self.data.val_loader(self.eval_cfg.eval_iters):
+            window = window.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model.compute_loss(window, self.step)
+            totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
+        dist_utils.all_reduce_sum(totals, self.dist)
+        self.model.train(was_training)
+        return float(totals[0] / totals[1])
+
+    def _record_eval(self, val_loss):
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        self.last_val_loss = val_loss
+        self.last_val_improved = improved
+        if improved:
+            self.best_val_loss = val_loss
+        record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
+        self.metrics.write(record)
+        self.wandb.log({"val_loss": val_loss, "best_val_loss": self.best_val_loss}, step=self.step)
+        self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
+        return improved
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def run(self):
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        try:
+            if self.eval_cfg.eval_only:
+                self._record_eval(self.evaluate())
+            else:
+                self._train()
+                if self.is_main:
+                    plot_losses(self.out_dir)
+                    self.sample()
+        finally:
+            self.wandb.finish()
+        dist_utils.barrier(self.dist)
+        return 0
+
+    def _train(self):
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        max_iters = cfg.training.max_iters
+        if self.resume_state is None:
+            if self.is_main and os.path.exists(self.metrics.path):
+                os.unlink(self.metrics.path)
+        else:
+            self.metrics.truncate_after(self.step)
+            self._say(f"resumed from {self.resumed_from} at step {self.step}")
+        self.resume_state = None  # free the memory
+        self.model.train()
+        loader = iter(self.data.train_loader(self.step, max_iters))
+        bar = tqdm(total=max_iters, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc="train")
+        last_eval = None
+        window_tokens, window_time = 0, 0.0
+        log_interval = cfg.training.log_interval
+        while self.step < max_iters:
+            step = self.step
+            will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
+            if will_log:
+                self.model.reset_moe_stats()
+            start = time.perf_counter()
+            micro = [next(loader) for _ in range(self.data.micro_per_rank)]
+            metrics = self.train_step(step, micro)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            window_time += time.perf_counter() - start
+            window_tokens += self.tokens_per_step
+            self.step = step + 1
+            tokens_per_s = window_tokens / max(window_time, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if will_log:
+                record = {"iter": self.step, **metrics, "tokens_per_s": tokens_per_s, **self.model.moe_stats()}
+                self.metrics.write(record)
+                self.wandb.log(record, step=self.step)
+                window_tokens, window_time = 0, 0.0
+            final = self.step == max_iters
+            if self.step % self.eval_cfg.eval_interval == 0 or final:
+                improved = self._record_eval(self.evaluate())
+                last_eval = self.step
+                if improved and self.checkpointer.keep_best and self.is_main:
+                    path = self.checkpointer.save_best(self.checkpoint_state())
+                    self.wandb.log_checkpoint(path, self.step, alias="best")
+            if self.checkpointer.should_save(self.step, final=final, improved=self.last_val_improved) and self.is_main:
+                path = self.checkpointer.save(self.checkpoint_state(), self.step)
+                self.wandb.log_checkpoint(path, self.step)
+        bar.close()
+        if last_eval is None and self.step == max_iters and max_iters == 0:
+            self._record_eval(self.evaluate())
+
+    def sample(self):
+        """Print a short generation from the trained model and save it as <out_dir>/sample.txt."""
+        from runtime.sample import generate
+
+        self.model.eval()
+        if self.data.corpus.is_bytes:
+            prompt = list(SAMPLE_PROMPT.encode())
+        else:
+            start, _ = self.data.val_set.start, self.data.val_set.end
+            prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
+        prompt = [t for t in prompt if t < self.cfg.model.vocab_size] or [0]
+        room = max(1, self.cfg.model.max_seq_len - len(prompt))
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        ids = generate(
+            self.model, torch.tensor(prompt, dtype=torch.long, device=self.device),
+            min(SAMPLE_NEW_TOKENS, room), SAMPLE_TEMPERATURE, generator,
+        )
+        ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
+        if self.data.corpus.is_bytes:
+            text = bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+        else:
+            text = " ".join(str(int(t)) for t in ids)
+        with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
+            f.write(text + "\n")
+        print(f"--- sample ---\n{text}\n--------------", flush=True)
+        self.model.train()
+        return text
+
+
+USER_ERRORS = (
+    ConfigError, TrainingError, DataError, CheckpointError, NonFiniteLossError, WandbUnavailable,
+    dist_utils.SystemConfigError,
+)
+
+
+def main(argv=None):
+    """`python -m runtime train CONFIG [--section.field VALUE ...]`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        from generated.parser import build_arg_parser
+
+        build_arg_parser().print_help()
+        return 0
+    path = None
+    if argv and not argv[0].startswith("--"):
+        path, argv = argv[0], argv[1:]
+    trainer = None
+    try:
+        cfg = load_config(path, argv=argv)
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except USER_ERRORS as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    finally:
+        dist_utils.shutdown()

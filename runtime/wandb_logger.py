@@ -1,0 +1,66 @@
+"""Weights & Biases logging for the `wandb` section (WandbConfig).
+
+wandb is imported only when enabled; an enabled run without wandb installed fails before training
+starts. Set WANDB_MODE=offline to log without a network (the run lands in `<out_dir>/wandb`).
+"""
+
+import os
+
+
+class WandbUnavailable(RuntimeError):
+    """wandb.enabled is true but the wandb package cannot be imported."""
+
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError as error:
+        raise WandbUnavailable(
+            f"wandb.enabled is true but wandb cannot be imported ({error}); "
+            "pip install wandb or set --wandb.enabled false"
+        ) from None
+    return wandb
+
+
+class WandbLogger:
+    """No-op unless `wandb_cfg.enabled` (and this is the main process)."""
+
+    def __init__(self, wandb_cfg, *, out_dir, config_dict, is_main=True):
+        self.enabled = wandb_cfg.enabled and is_main
+        self.log_model = wandb_cfg.log_model
+        self.run = None
+        self._wandb = None
+        if not wandb_cfg.enabled:
+            return
+        wandb = import_wandb()  # checked on every rank: fail early everywhere
+        if not is_main:
+            return
+        self._wandb = wandb
+        os.makedirs(out_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=wandb_cfg.project,
+            name=wandb_cfg.run_name,
+            tags=list(wandb_cfg.tags),
+            config=config_dict,
+            dir=out_dir,
+        )
+
+    def log(self, metrics, step):
+        if self.run is None:
+            return
+        flat = {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
+        self.run.log(flat, step=step)
+
+    def log_checkpoint(self, path, step, alias="latest"):
+        """Upload a saved checkpoint as a new version of the run's model artifact (when `log_model`),
+        tagged `step-N` and `alias` (`latest` for step checkpoints, `best` for best.pt)."""
+        if self.run is None or not self.log_model:
+            return
+        artifact = self._wandb.Artifact(name=f"model-{self.run.id}", type="model", metadata={"step": step})
+        artifact.add_file(path, name=os.path.basename(path))
+        self.run.log_artifact(artifact, aliases=[f"step-{step}", alias])
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,191 @@
+"""Checkpoints: atomic writes, contents, retention, best.pt, resume (bit-exact), init_from."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from generated.config import CheckpointerConfig
+from generated.parser import config_to_dict, load_config
+from runtime import checkpoint as ckpt_mod
+from runtime.checkpoint import (
+    CheckpointError, Checkpointer, atomic_save, capture_rng_state, checkpoint_name, load_checkpoint,
+    restore_rng_state, step_checkpoints,
+)
+from runtime.train import Trainer
+
+TINY = [
+    "--model.dim", "32", "--model.inter_dim", "64", "--model.moe_inter_dim", "32", "--model.n_layers", "2",
+    "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
+    "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
+    "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+    "--evaluator.eval_iters", "2", "--schedule.warmup_iters", "2", "--schedule.lr_decay_iters", "20",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def config(out_dir, data_dir, *extra):
+    return load_config(argv=TINY + ["--out_dir", str(out_dir), "--data.data_dir", data_dir, *extra])
+
+
+def train(out_dir, data_dir, *extra):
+    trainer = Trainer(config(out_dir, data_dir, *extra))
+    assert trainer.run() == 0
+    return trainer
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_name():
+    assert checkpoint_name(3) == "ckpt_0000003.pt"
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ck" / "x.pt"
+    atomic_save({"a": torch.ones(2)}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(2)}, str(path))
+    assert os.listdir(tmp_path / "ck") == ["x.pt"]
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = capture_rng_state()
+    atomic_save({"rng": state}, str(tmp_path / "r.pt"))
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_checkpointer_policy_and_retention(tmp_path):
+    c = Checkpointer(CheckpointerConfig(save_interval=2, keep_last_n=2, always_save_checkpoint=False), str(tmp_path))
+    assert c.dir == os.path.join(str(tmp_path), "checkpoints")
+    assert not c.should_save(1, final=False, improved=True)
+    assert not c.should_save(2, final=False, improved=False)
+    assert c.should_save(2, final=False, improved=True)
+    assert c.should_save(3, final=True, improved=False)
+    assert Checkpointer(CheckpointerConfig(save_interval=2), str(tmp_path)).should_save(2, final=False, improved=False)
+    assert not Checkpointer(CheckpointerConfig(save_interval=0), str(tmp_path)).should_save(2, final=False, improved=True)
+    other = tmp_path / "elsewhere"
+    assert Checkpointer(CheckpointerConfig(save_dir=str(other)), str(tmp_path)).dir == str(other)
+    for step in range(1, 6):
+        c.save({"model": {}, "step": step}, step)
+    assert [s for s, _ in step_checkpoints(c.dir)] == [4, 5]
+    # `latest` skips an unreadable newest file
+    with open(os.path.join(c.dir, checkpoint_name(6)), "wb") as f:
+        f.write(b"garbage")
+    assert c.latest().endswith(checkpoint_name(5))
+    assert Checkpointer(CheckpointerConfig(resume_from="latest"), str(tmp_path / "empty")).resume_path() is None
+    with pytest.raises(CheckpointError):
+        Checkpointer(CheckpointerConfig(resume_from=str(tmp_path / "nope.pt")), str(tmp_path)).resume_path()
+
+
+def test_checkpoint_contents(tmp_path, data_dir):
+    trainer = train(tmp_path / "out", data_dir, "--training.max_iters", "2", "--checkpointer.save_interval", "1",
+                    "--evaluator.eval_interval", "1")
+    folder = tmp_path / "out" / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["best.pt", "ckpt_0000001.pt", "ckpt_0000002.pt"]
+    state = torch.load(folder / "ckpt_0000002.pt", weights_only=True)
+    assert {"model", "optimizer", "step", "rng", "data", "best_val_loss", "config", "scaler"} <= set(state)
+    assert state["step"] == 2 and state["data"] == {"next_step": 2}
+    assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
+    assert state["config"] == config_to_dict(trainer.cfg)
+    assert any(k.endswith("e_score_correction_bias") for k in state["model"])  # router biases are saved
+    assert state["optimizer"]["state"]  # AdamW moments
+    assert isinstance(state["best_val_loss"], float)
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["best_val_loss"] == min(r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r)
+
+
+def test_keep_last_n_and_save_best(tmp_path, data_dir):
+    train(tmp_path / "a", data_dir, "--training.max_iters", "4", "--checkpointer.save_interval", "1",
+          "--checkpointer.keep_last_n", "2", "--checkpointer.save_best", "false", "--evaluator.eval_interval", "2")
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    # always_save_checkpoint false: interval saves only after an improving evaluation; the last one always
+    train(tmp_path / "b", data_dir, "--training.max_iters", "4", "--checkpointer.save_interval", "1",
+          "--checkpointer.keep_last_n", "0", "--checkpointer.always_save_checkpoint", "false",
+          "--evaluator.eval_interval", "2", "--checkpointer.save_dir", str(tmp_path / "b_ck"))
+    names = sorted(os.listdir(tmp_path / "b_ck"))
+    assert names == ["best.pt", "ckpt_0000002.pt", "ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert not os.path.exists(tmp_path / "b" / "checkpoints")
+
+
+def test_resume_is_bit_exact(tmp_path, data_dir):
+    common = ["--training.log_interval", "1", "--evaluator.eval_interval", "3", "--checkpointer.save_interval", "3",
+              "--moe.router_noise_scale", "0.05", "--moe.z_loss_weight", "0.001", "--mtp.warmup_steps", "4"]
+    train(tmp_path / "full", data_dir, "--training.max_iters", "6", *common)
+    train(tmp_path / "part", data_dir, "--training.max_iters", "3", *common)
+    # a stale line past the checkpoint (as if the first run had gone on and crashed) is dropped
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 4, "loss": 0.0}) + "\n")
+    resumed = train(tmp_path / "part", data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest",
+                    *common)
+    assert resumed.resumed_from.endswith("ckpt_0000003.pt")
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    full, part = strip(read_metrics(tmp_path / "full")), strip(read_metrics(tmp_path / "part"))
+    assert [r["iter"] for r in part if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert part == full  # losses, MoE stats and val losses, exactly
+    a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming from an explicit file
+    again = Trainer(config(tmp_path / "part", data_dir, "--checkpointer.resume_from",
+                           str(tmp_path / "full" / "checkpoints" / "ckpt_0000003.pt"), "--training.max_iters", "6",
+                           *common))
+    assert again.step == 3
+
+
+def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
+    first = train(tmp_path / "first", data_dir, "--training.max_iters", "1")
+    path = str(tmp_path / "first" / "checkpoints" / "ckpt_0000001.pt")
+    # the checkpoint's model section wins over a different one in the new config
+    trainer = Trainer(config(tmp_path / "second", data_dir, "--checkpointer.init_from", path, "--model.dim", "48"))
+    assert trainer.step == 0 and trainer.cfg.model.dim == 32
+    saved = load_checkpoint(path)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items())
+
+    from runtime.hf import export_hf
+
+    export_hf(first.model, str(tmp_path / "hf"))
+    trainer = Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf"),
+                             "--model.n_layers", "3"))
+    assert trainer.cfg.model.n_layers == 2  # the folder's architecture replaces the model section
+    assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(CheckpointError):
+        Trainer(config(tmp_path / "fourth", data_dir, "--checkpointer.init_from", str(tmp_path / "nothing")))

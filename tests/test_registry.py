@@ -1,0 +1,88 @@
+"""Every registry holds exactly the names its spec field's `choices` list, and vice versa."""
+
+import os
+
+import pytest
+import yaml
+
+from runtime.registry import EXTERNAL_CHOICE_FIELDS, Registry, all_registries
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spec_choice_fields():
+    """{dotted field path: choices} for every spec field that declares `choices`."""
+    with open(os.path.join(REPO, "spec", "config.yaml")) as f:
+        spec = yaml.safe_load(f)
+    found = {}
+
+    def walk(section, prefix):
+        for field in section.get("fields") or []:
+            if "choices" in field:
+                found[prefix + field["name"]] = list(field["choices"])
+        for child in section.get("sections") or []:
+            walk(child, prefix + child["name"] + ".")
+
+    walk(spec["root"], "")
+    for section in spec["sections"]:
+        walk(section, section["name"] + ".")
+    return found
+
+
+CHOICES = spec_choice_fields()
+REGISTRIES = all_registries()
+
+
+def test_every_choice_field_has_a_registry_or_is_declared_external():
+    uncovered = set(CHOICES) - set(REGISTRIES) - set(EXTERNAL_CHOICE_FIELDS)
+    assert not uncovered, f"spec fields with choices but no runtime registry: {sorted(uncovered)}"
+
+
+def test_every_registry_implements_a_spec_choice_field():
+    stray = set(REGISTRIES) - set(CHOICES)
+    assert not stray, f"registries for fields the spec does not give choices: {sorted(stray)}"
+    assert not set(EXTERNAL_CHOICE_FIELDS) - set(CHOICES)
+    assert not set(EXTERNAL_CHOICE_FIELDS) & set(REGISTRIES)
+
+
+@pytest.mark.parametrize("field", sorted(REGISTRIES))
+def test_registry_names_equal_spec_choices(field):
+    registry = REGISTRIES[field]
+    names, choices = set(registry.names()), set(CHOICES[field])
+    assert not choices - names, f"{field}: spec choices without an implementation: {sorted(choices - names)}"
+    assert not names - choices, f"{field}: implementations the spec does not list: {sorted(names - choices)}"
+
+
+def test_external_choice_fields_are_handled_by_the_model():
+    # model.score_func: the router branches on the name; every choice builds and routes differently
+    import torch
+
+    from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+    from runtime.model import Transformer
+
+    tokens = torch.arange(12).view(2, 6)
+    outputs = []
+    for choice in CHOICES["model.score_func"]:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_heads=2,
+                                        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                        n_routed_experts=4, n_group=1, score_func=choice, mtp_depth=0),
+                            MoETrainingConfig(), MTPTrainingConfig())
+        outputs.append(model(tokens))
+    for other in outputs[1:]:
+        assert not torch.equal(outputs[0], other)
+
+
+def test_unknown_name_error_lists_the_choices():
+    registry = Registry("x.y", "thing")
+    registry.register("a", 1)
+
+    @registry.register("b")
+    def b():
+        return 2
+
+    assert registry.get("a") == 1 and registry["b"] is b and "a" in registry
+    with pytest.raises(KeyError, match="one of: a, b"):
+        registry.get("c")
+    with pytest.raises(ValueError):
+        registry.register("a", 3)

@@ -1,0 +1,181 @@
+"""Every spec field must be read by the runtime (not only by the generated parser).
+
+Dynamic check: the config objects are swapped for instances of recording subclasses of the
+generated slots dataclasses (same fields, isinstance still holds) that note every field read
+outside the config machinery itself (construction/validation, config_to_dict, dump_yaml). Then tiny
+trainings run with settings that take the optional code paths (text_dir data, wandb offline with
+log_model, compile flag resolution, token dropping, router noise, resume...), every schedule type
+is evaluated, and the helpers the trainer uses under torchrun (process-group backend, DDP options)
+are called. A spec field nobody read fails the test, by its dotted path.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import pytest
+import torch
+import yaml
+
+import generated.parser as gparser
+from generated.config import Config, LRScheduleConfig
+from runtime import distributed as dist_utils
+from runtime import train as train_mod
+from runtime.schedule import lr_at, phase_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--model.dim", "32", "--model.inter_dim", "64", "--model.moe_inter_dim", "32", "--model.n_layers", "2",
+    "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
+    "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
+    "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+    "--evaluator.eval_iters", "1", "--schedule.warmup_iters", "1", "--schedule.lr_decay_iters", "20",
+]
+
+
+def spec_fields():
+    with open(os.path.join(REPO, "spec", "config.yaml")) as f:
+        spec = yaml.safe_load(f)
+    paths = []
+
+    def walk(section, prefix):
+        paths.extend(prefix + field["name"] for field in section.get("fields") or [])
+        for child in section.get("sections") or []:
+            walk(child, prefix + child["name"] + ".")
+
+    walk(spec["root"], "")
+    for section in spec["sections"]:
+        walk(section, section["name"] + ".")
+    return paths
+
+
+class Recorder:
+    def __init__(self):
+        self.reads = set()
+        self.paused = 0
+        self._classes = {}
+
+    @contextlib.contextmanager
+    def pause(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    def recording_class(self, cls, path):
+        key = (cls, path)
+        if key not in self._classes:
+            names = frozenset(f.name for f in dataclasses.fields(cls))
+            prefix = f"{path}." if path else ""
+            recorder = self
+
+            def __getattribute__(obj, name):
+                value = object.__getattribute__(obj, name)
+                if name in names and not recorder.paused:
+                    recorder.reads.add(prefix + name)
+                return value
+
+            def __init__(obj, **kwargs):
+                with recorder.pause():
+                    cls.__init__(obj, **kwargs)
+
+            self._classes[key] = type(cls.__name__, (cls,), {
+                "__slots__": (), "__getattribute__": __getattribute__, "__init__": __init__,
+            })
+        return self._classes[key]
+
+    def wrap(self, obj, path=""):
+        """A recording copy of a config (section), nested sections included."""
+        cls = type(obj)
+        while cls.__name__ == cls.__bases__[0].__name__:  # already a recording class
+            cls = cls.__bases__[0]
+        with self.pause():
+            kwargs = {}
+            for f in dataclasses.fields(cls):
+                value = getattr(obj, f.name)
+                if dataclasses.is_dataclass(value):
+                    value = self.wrap(value, f"{path}.{f.name}" if path else f.name)
+                kwargs[f.name] = value
+            return self.recording_class(cls, path)(**kwargs)
+
+    def paused_call(self, fn):
+        def call(*args, **kwargs):
+            with self.pause():
+                return fn(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder()
+    # the config machinery reads every field; those reads are not uses
+    for name in ("config_to_dict", "dump_yaml", "config_from_dict"):
+        monkeypatch.setattr(train_mod, name, rec.paused_call(getattr(gparser, name)))
+    monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield rec
+    torch.set_num_threads(before)
+
+
+def test_recorder_sees_reads_per_section(recorder):
+    cfg = recorder.wrap(Config())
+    assert isinstance(cfg.system.distributed, type(Config().system.distributed))
+    cfg.system.distributed.enabled  # noqa: B018 - a read
+    assert recorder.reads == {"system.distributed", "system", "system.distributed.enabled"}
+    assert "wandb.enabled" not in recorder.reads
+    with recorder.pause():
+        gparser.config_to_dict(cfg)
+    assert "model.dim" not in recorder.reads
+    copy = dataclasses.replace(cfg.model, dim=8)  # replace keeps recording
+    copy.dim  # noqa: B018
+    assert "model.dim" in recorder.reads
+
+
+def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch):
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(3):
+        (text / f"f{i}.txt").write_text("def function(argument):\n    return argument * 2\n" * 40)
+    out = tmp_path / "out"
+    argv = TINY + [
+        "--out_dir", str(out), "--data.data_dir", str(tmp_path / "data"), "--data.dataset", "text_dir",
+        "--data.path", str(text), "--data.num_workers", "1", "--training.max_iters", "2",
+        "--evaluator.eval_interval", "1", "--checkpointer.save_interval", "1", "--wandb.enabled", "true",
+        "--wandb.log_model", "true", "--moe.drop_tokens", "true", "--moe.router_noise_scale", "0.1",
+        "--moe.z_loss_weight", "0.01", "--model.q_lora_rank", "8", "--mtp.warmup_steps", "2",
+        "--schedule.schedule_type", "multi_phase", "--schedule.phase_steps", "[1]", "--schedule.phase_names", "[b]",
+    ]
+    cfg = recorder.wrap(gparser.load_config(argv=argv))
+    assert train_mod.Trainer(cfg).run() == 0
+    # resume and eval_only paths
+    cfg = recorder.wrap(gparser.load_config(argv=argv + ["--checkpointer.resume_from", "latest",
+                                                         "--evaluator.eval_only", "true", "--wandb.enabled", "false"]))
+    assert train_mod.Trainer(cfg).run() == 0
+    # every schedule type
+    for kind in ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"):
+        schedule = recorder.wrap(LRScheduleConfig(schedule_type=kind, warmup_iters=2, lr_decay_iters=10,
+                                                  phase_steps=[4], phase_names=["x"]), "schedule")
+        for step in range(12):
+            lr_at(step, schedule, 1e-3)
+            phase_at(step, schedule)
+    # what the trainer reads only under torchrun (test_train runs it for real with 2 processes)
+    distributed = cfg.system.distributed
+    dist_utils.process_group_backend(distributed, "cpu")
+    dist_utils.ddp_options(distributed)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(dist_utils.SystemConfigError):
+        dist_utils.check_launch(distributed)
+
+    sections = {p.rsplit(".", 1)[0] for p in spec_fields() if "." in p}
+    unread = [p for p in spec_fields() if p not in recorder.reads]
+    assert not unread, f"spec fields never read by runtime/: {', '.join(unread)}"
+    assert sections <= recorder.reads | {""}
