@@ -21,7 +21,15 @@ import time
 import numpy as np
 import torch
 
-from generated.parser import ConfigError, config_from_dict, config_to_dict, dump_yaml, load_config
+from generated.parser import (
+    ConfigError,
+    adopt_values,
+    dump_yaml,
+    reconcile_with_checkpoint,
+    resolve,
+    resolved_from_config,
+    to_saved_dict,
+)
 from runtime import distributed as dist_utils
 from runtime.checkpoint import Checkpointer, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from runtime.data import DataError, DataModule
@@ -68,13 +76,6 @@ def build_optimizer(model, optimizer):
     return torch.optim.AdamW(groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
 
 
-def _replace_model_section(cfg, model_fields):
-    """The config with its model section replaced by `model_fields` (validated again)."""
-    d = config_to_dict(cfg)
-    d["model"] = {**d["model"], **model_fields}
-    return config_from_dict(d)
-
-
 def _is_hf_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
@@ -82,8 +83,22 @@ def _is_hf_folder(path):
 class Trainer:
     """Builds everything from the root Config and runs training (`run()` returns an exit code)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, resolved=None):
+        """`resolved` (from generated.parser.resolve) says which values were set explicitly; the
+        checkpoint policies of the spec use it on resume and for init_from."""
+        resolved = resolved if resolved is not None else resolved_from_config(cfg)
+        # ---- the config: reconciled with a resumed checkpoint, or with init_from's architecture
+        self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
+        resume_path = self.checkpointer.resume_path()
+        self.resume_state = load_checkpoint(resume_path) if resume_path else None
+        self.resumed_from = resume_path
+        init_weights = None
+        if self.resume_state is not None:
+            resolved, self.config_notes = reconcile_with_checkpoint(resolved, self.resume_state["config"], resume_path)
+        else:
+            resolved, init_weights = self._init_from(resolved)
+            self.config_notes = []
+        self.cfg = cfg = resolved.config
         training = cfg.training
         system = cfg.system
         # ---- processes and device
@@ -103,20 +118,8 @@ class Trainer:
         self.nonfinite_policy = NONFINITE_POLICIES.get(training.nonfinite_loss)
         seed_everything(cfg.seed)
 
-        # ---- initial weights: a resumed checkpoint, else init_from
-        self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
-        resume_path = self.checkpointer.resume_path()
-        self.resume_state = load_checkpoint(resume_path) if resume_path else None
-        self.resumed_from = resume_path
-        init_weights = None
-        if self.resume_state is not None:
-            saved_model = self.resume_state["config"]["model"]
-            if saved_model != config_to_dict(cfg)["model"]:
-                self._say(f"note: using the model section of {resume_path}")
-                self.cfg = cfg = _replace_model_section(cfg, saved_model)
-        else:
-            cfg, init_weights = self._init_from(cfg)
-            self.cfg = cfg
+        for note in self.config_notes:
+            self._say(f"config: {note}")
         from runtime.model import Transformer
 
         self.model = Transformer(cfg.model, cfg.moe, cfg.mtp)
@@ -152,7 +155,7 @@ class Trainer:
         # ---- outputs
         self.out_dir = cfg.out_dir
         self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main)
-        self.config_dict = config_to_dict(cfg)
+        self.config_dict = to_saved_dict(cfg)
         self.wandb = WandbLogger(cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main)
         self.eval_cfg = cfg.evaluator
         self.tokens_per_step = training.batch_size * training.seq_len * training.gradient_accumulation_steps
@@ -170,25 +173,28 @@ class Trainer:
 
             tqdm.write(text)
 
-    def _init_from(self, cfg):
-        """(config, weight loader or None) for checkpointer.init_from: scratch, a checkpoint file
-        (its model section is used) or a Hugging Face folder (its architecture replaces the model
-        section)."""
-        source = cfg.checkpointer.init_from
+    @staticmethod
+    def _init_from(resolved):
+        """(resolved config, weight loader or None) for checkpointer.init_from: scratch, a
+        checkpoint file or a Hugging Face folder. The source's architecture fills the model
+        section; a model field this run sets explicitly to another value is a config error."""
+        source = resolved.config.checkpointer.init_from
         if source == "scratch":
-            return cfg, None
+            return resolved, None
         if _is_hf_folder(source):
             from runtime.hf import load_hf_weights, model_fields_from_hf_config
 
-            with open(os.path.join(source, "config.json")) as f:
+            config_json = os.path.join(source, "config.json")
+            with open(config_json) as f:
                 fields = model_fields_from_hf_config(json.load(f))
-            cfg = _replace_model_section(cfg, fields)
-            return cfg, lambda model: load_hf_weights(model, source)
+            resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, config_json)
+            return resolved, lambda model: load_hf_weights(model, source)
         if os.path.isfile(source):
             state = load_checkpoint(source)
-            cfg = _replace_model_section(cfg, state["config"]["model"])
+            fields = state["config"]["model"]
+            resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, source)
             weights = state["model"]
-            return cfg, lambda model: model.load_state_dict(weights, strict=True)
+            return resolved, lambda model: model.load_state_dict(weights, strict=True)
         raise CheckpointError(
             f"checkpointer.init_from must be 'scratch', a checkpoint file or a Hugging Face folder "
             f"(config.json + safetensors); {source!r} is none of these"
@@ -421,8 +427,8 @@ def main(argv=None):
         path, argv = argv[0], argv[1:]
     trainer = None
     try:
-        cfg = load_config(path, argv=argv)
-        trainer = Trainer(cfg)
+        resolved = resolve(path, argv=argv)
+        trainer = Trainer(resolved.config, resolved)
         return trainer.run()
     except USER_ERRORS as error:
         print(f"train: error: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generated.config import CheckpointerConfig
-from generated.parser import config_to_dict, load_config
+from generated.parser import ConfigError, load_config, to_saved_dict
 from runtime import checkpoint as ckpt_mod
 from runtime.checkpoint import (
     CheckpointError, Checkpointer, atomic_save, capture_rng_state, checkpoint_name, load_checkpoint,
@@ -122,7 +122,7 @@ def test_checkpoint_contents(tmp_path, data_dir):
     assert {"model", "optimizer", "step", "rng", "data", "best_val_loss", "config", "scaler"} <= set(state)
     assert state["step"] == 2 and state["data"] == {"next_step": 2}
     assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
-    assert state["config"] == config_to_dict(trainer.cfg)
+    assert state["config"] == to_saved_dict(trainer.cfg)
     assert any(k.endswith("e_score_correction_bias") for k in state["model"])  # router biases are saved
     assert state["optimizer"]["state"]  # AdamW moments
     assert isinstance(state["best_val_loss"], float)
@@ -174,18 +174,21 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
 def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
     first = train(tmp_path / "first", data_dir, "--training.max_iters", "1")
     path = str(tmp_path / "first" / "checkpoints" / "ckpt_0000001.pt")
-    # the checkpoint's model section wins over a different one in the new config
-    trainer = Trainer(config(tmp_path / "second", data_dir, "--checkpointer.init_from", path, "--model.dim", "48"))
+    # the same architecture loads the checkpoint's weights; a different explicit one is refused
+    trainer = Trainer(config(tmp_path / "second", data_dir, "--checkpointer.init_from", path))
     assert trainer.step == 0 and trainer.cfg.model.dim == 32
     saved = load_checkpoint(path)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(ConfigError, match="model.dim: this run sets 48"):
+        Trainer(config(tmp_path / "second", data_dir, "--checkpointer.init_from", path, "--model.dim", "48"))
 
     from runtime.hf import export_hf
 
     export_hf(first.model, str(tmp_path / "hf"))
-    trainer = Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf"),
-                             "--model.n_layers", "3"))
-    assert trainer.cfg.model.n_layers == 2  # the folder's architecture replaces the model section
+    trainer = Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf")))
+    assert trainer.cfg.model.n_layers == 2
     assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(ConfigError, match="model.n_layers: this run sets 3 but .*config.json has 2"):
+        Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf"), "--model.n_layers", "3"))
     with pytest.raises(CheckpointError):
         Trainer(config(tmp_path / "fourth", data_dir, "--checkpointer.init_from", str(tmp_path / "nothing")))

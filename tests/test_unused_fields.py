@@ -100,6 +100,16 @@ class Recorder:
                 kwargs[f.name] = value
             return self.recording_class(cls, path)(**kwargs)
 
+    def rewrapping_call(self, fn):
+        def call(*args, **kwargs):
+            with self.pause():
+                result = fn(*args, **kwargs)
+            resolved = result[0] if isinstance(result, tuple) else result
+            resolved.config = self.wrap(resolved.config)
+            return result
+
+        return call
+
     def paused_call(self, fn):
         def call(*args, **kwargs):
             with self.pause():
@@ -112,8 +122,11 @@ class Recorder:
 def recorder(monkeypatch):
     rec = Recorder()
     # the config machinery reads every field; those reads are not uses
-    for name in ("config_to_dict", "dump_yaml", "config_from_dict"):
+    for name in ("to_saved_dict", "dump_yaml", "resolved_from_config"):
         monkeypatch.setattr(train_mod, name, rec.paused_call(getattr(gparser, name)))
+    # these build a new config (resume, init_from): keep recording reads of the one they return
+    for name in ("reconcile_with_checkpoint", "adopt_values"):
+        monkeypatch.setattr(train_mod, name, rec.rewrapping_call(getattr(gparser, name)))
     monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 4)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -22,6 +22,7 @@ from .parser import (
     Problem,
     Resolved,
     Source,
+    adopt_values,
     build_arg_parser,
     config_from_dict,
     config_to_dict,
@@ -30,5 +31,6 @@ from .parser import (
     migrate_text,
     reconcile_with_checkpoint,
     resolve,
+    resolved_from_config,
     to_saved_dict,
 )

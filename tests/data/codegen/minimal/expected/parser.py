@@ -624,6 +624,56 @@ def reconcile_with_checkpoint(resolved, saved, checkpoint="checkpoint"):
     return Resolved(config, sources, resolved.overridden, resolved.warnings + notes), notes
 
 
+def adopt_values(resolved, values, origin):
+    """The config with `values` ({field path: value}) taken from `origin` (e.g. a Hugging Face
+    config.json): a field this run left at its default takes the value; a field this run set
+    explicitly to something else is an error naming both."""
+    current = _flat_values(resolved.config)
+    sources = dict(resolved.sources)
+    problems = []
+    for path, value in values.items():
+        spec = FIELDS[path]
+        value = _coerce(spec, value)
+        if value == current[path]:
+            continue
+        if sources[path].kind != "default":
+            problems.append(
+                Problem(
+                    path,
+                    f"this run sets {shown(current[path])} but {origin} has {shown(value)}; remove the key or make them agree",
+                    sources[path],
+                )
+            )
+            continue
+        current[path] = value
+        sources[path] = Source("file", origin, 0)
+    for path, value in current.items():
+        problem = check_value(FIELDS[path], value)
+        if problem:
+            problems.append(Problem(path, f"{problem} (from {origin})", sources[path]))
+    if problems:
+        raise ConfigError(problems)
+    config = _build("", current)
+    _check_rules(config, set(), sources, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Resolved(config, sources, resolved.overridden, resolved.warnings)
+
+
+def resolved_from_config(config):
+    """A Resolved for a config built in code: values that differ from the spec default count as
+    set explicitly (source `<config object>`)."""
+    sources = {
+        path: (
+            DEFAULT_SOURCE
+            if value == FIELDS[path].default
+            else Source("file", "<config object>", 0)
+        )
+        for path, value in _flat_values(config).items()
+    }
+    return Resolved(config, sources, {}, [])
+
+
 def _flat_values(config):
     return {path: _get(config, path) for path in FIELDS}
 
