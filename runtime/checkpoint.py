@@ -6,24 +6,89 @@ A checkpoint is a dict loadable with `torch.load(weights_only=True)`:
   torch, cuda), data (the loader position, see DataModule.state), best_val_loss (float or None),
   val_loss (the last evaluation's, or None), config (the resolved config as a plain dict).
 Step checkpoints are `ckpt_{step:07d}.pt`; the best one is also kept apart as `best.pt`.
+Format 2 adds config_sha256 (sha256 of the config as canonical JSON, checked on load).
+
+Integrity: the file is torch.save's zip archive whose zip comment (the last bytes of the file, which
+zip readers and torch.load ignore) is a trailer `deepseek-moe sha256 <hex>`: the sha256 of every
+byte before the comment-length field. `load_checkpoint` checks it before unpickling anything, then
+unpickles with `weights_only=True` only. Writes go to a temporary file (fsync, then os.replace), so
+a file under a checkpoint name is always complete; weights that are not finite are never written.
+
+Fault injection (tests only): DEEPSEEK_MOE_FAULT="phase:N[,phase:N...]" makes the process SIGKILL
+itself the N-th time it reaches `phase` (see FAULT_PHASES and `fault_point`).
 """
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
+import signal
+import struct
+import sys
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STEP_FILE = re.compile(r"^ckpt_(\d+)\.pt$")
+TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\..*\.tmp$")  # atomic_save's temporary files
 BEST_NAME = "best.pt"
+TRAILER_MAGIC = b"deepseek-moe sha256 "
+TRAILER_LEN = len(TRAILER_MAGIC) + 64
+EOCD_SIG = b"PK\x05\x06"  # zip end-of-central-directory record (22 bytes + comment)
+EOCD_LEN = 22
+CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found or read."""
+    """A checkpoint cannot be found, read, trusted or written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only fault injection
+
+FAULT_ENV = "DEEPSEEK_MOE_FAULT"
+FAULT_PHASES = {
+    "step": "mid optimizer step: gradients computed, weights not yet updated (train.py)",
+    "eval": "after each validation batch of an evaluation (train.py)",
+    "checkpoint_write": "half of a checkpoint's bytes written to its temporary file",
+    "checkpoint_rename": "a checkpoint's temporary file complete and fsynced, not yet renamed",
+}
+_fault_plan = None
+
+
+def _faults():
+    global _fault_plan
+    if _fault_plan is None:
+        _fault_plan = {}
+        for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+            phase, _, count = item.strip().partition(":")
+            if phase not in FAULT_PHASES or not count.isdigit() or int(count) < 1:
+                raise ValueError(f"{FAULT_ENV}: {item!r} is not PHASE:N (N >= 1, PHASE one of {sorted(FAULT_PHASES)})")
+            _fault_plan[phase] = int(count)
+    return _fault_plan
+
+
+def fault_armed(phase):
+    return phase in _faults()
+
+
+def fault_point(phase):
+    """SIGKILL this process the N-th time `phase` is reached when DEEPSEEK_MOE_FAULT has phase:N;
+    a no-op (one dict lookup) otherwise."""
+    plan = _faults()
+    if phase in plan:
+        plan[phase] -= 1
+        if plan[phase] == 0:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_name(step):
@@ -76,19 +141,100 @@ def restore_rng_state(rng):
 # Files
 
 
+def describe_os_error(error):
+    """`No space left on device (ENOSPC)` from an OSError."""
+    name = errno.errorcode.get(error.errno) if error.errno else None
+    text = error.strerror or str(error)
+    return f"{text} ({name})" if name else text
+
+
+def config_digest(config):
+    """sha256 of a config dict as canonical JSON (stored as config_sha256, checked on load)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class _HashingWriter:
+    """The file object torch.save writes to: passes bytes through to `out` and hashes all but the
+    last two (the zip comment length, rewritten when the trailer is appended). With the
+    `checkpoint_write` fault armed, it reaches that fault point once, halfway through the bytes."""
+
+    def __init__(self, out, fault_at=None):
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.tail = b""
+        self.size = 0
+        self.fault_at = fault_at
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        total = len(view)
+        if self.fault_at is not None and self.size + len(view) >= self.fault_at:
+            cut = self.fault_at - self.size
+            self.fault_at = None
+            self._put(view[:cut])
+            self.out.flush()
+            fault_point("checkpoint_write")
+            view = view[cut:]
+        self._put(view)
+        return total
+
+    def _put(self, view):
+        if not len(view):
+            return
+        if len(view) >= 2:
+            self.sha.update(self.tail)
+            self.sha.update(view[:-2])
+            self.tail = view[-2:].tobytes()
+        else:
+            joined = self.tail + view.tobytes()
+            self.sha.update(joined[:-2])
+            self.tail = joined[-2:]
+        self.out.write(view)
+        self.size += len(view)
+
+    def flush(self):
+        self.out.flush()
+
+    def finish(self):
+        """Append the trailer as the zip comment of the archive torch.save wrote."""
+        self.out.flush()
+        self.out.seek(-EOCD_LEN, os.SEEK_END)
+        eocd = self.out.read(EOCD_LEN)
+        if eocd[:4] != EOCD_SIG or eocd[-2:] != b"\x00\x00" or self.tail != b"\x00\x00":
+            raise CheckpointError("torch.save did not write a zip archive without a comment; cannot add the checksum")
+        self.out.seek(-2, os.SEEK_END)
+        self.out.write(struct.pack("<H", TRAILER_LEN) + TRAILER_MAGIC + self.sha.hexdigest().encode())
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then os.replace."""
+    """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
+    On any failure the temporary file is removed and `path` is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(obj, out)
+        with os.fdopen(fd, "w+b") as out:
+            fault_at = _tensor_bytes(obj) // 2 if fault_armed("checkpoint_write") else None
+            writer = _HashingWriter(out, fault_at)
+            torch.save(obj, writer)
+            writer.finish()
             out.flush()
             os.fsync(out.fileno())
+        fault_point("checkpoint_rename")
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     try:  # make the rename itself durable
@@ -103,16 +249,103 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
+def verify_checksum(path):
+    """Check the sha256 trailer of a checkpoint file; raises CheckpointError naming the problem."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < EOCD_LEN + TRAILER_LEN:
+                raise CheckpointError(f"checkpoint {path}: truncated or damaged: only {size} bytes")
+            f.seek(size - EOCD_LEN - TRAILER_LEN)
+            eocd, comment = f.read(EOCD_LEN), f.read()
+            if (eocd[:4] != EOCD_SIG or struct.unpack("<H", eocd[-2:])[0] != TRAILER_LEN
+                    or not comment.startswith(TRAILER_MAGIC)):
+                raise CheckpointError(
+                    f"checkpoint {path}: no checksum trailer at its end: the file is truncated or damaged, "
+                    f"or was not written by this trainer"
+                )
+            recorded = comment[len(TRAILER_MAGIC):].decode("ascii", errors="replace")
+            sha = hashlib.sha256()
+            f.seek(0)
+            left = size - TRAILER_LEN - 2
+            while left > 0:
+                block = f.read(min(CHUNK, left))
+                if not block:
+                    break
+                sha.update(block)
+                left -= len(block)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {describe_os_error(error)}") from None
+    if sha.hexdigest() != recorded:
+        raise CheckpointError(
+            f"checkpoint {path}: checksum mismatch: the file is damaged (its contents hash to "
+            f"{sha.hexdigest()[:16]}..., the trailer records {recorded[:16]}...)"
+        )
+
+
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict, after checking the file's checksum and, for format 2, the config hash.
+    Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - reported with the path
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+            raise CheckpointError(
+                f"checkpoint {path}: refused: it holds objects other than tensors and plain data, which "
+                f"are never unpickled ({first})"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of this project")
+    if "config" in state and int(state.get("format_version", 1)) >= 2:
+        recorded = state.get("config_sha256")
+        if recorded is None:
+            raise CheckpointError(f"checkpoint {path}: no config_sha256 for its config")
+        if config_digest(state["config"]) != recorded:
+            raise CheckpointError(
+                f"checkpoint {path}: its stored config does not match its recorded hash config_sha256 "
+                f"(the config was altered or damaged)"
+            )
     return state
+
+
+def check_finite(state, path):
+    """Refuse (CheckpointError) to write `path` if a model weight or optimizer state is NaN or inf."""
+    named = [(f"model weight {k}", v) for k, v in (state.get("model") or {}).items()]
+    for index, per_param in ((state.get("optimizer") or {}).get("state") or {}).items():
+        named += [(f"optimizer {k} of parameter {index}", v) for k, v in per_param.items()]
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, finite) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"refusing to write checkpoint {path}: {bad[0]}{more} has non-finite values (NaN or inf) "
+            f"at step {state.get('step')}; earlier checkpoints are kept"
+        )
+
+
+def check_weights_fit(model, weights, path):
+    """CheckpointError naming the first tensor whose name or shape differs between the checkpoint's
+    `weights` and `model`'s state_dict."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} is {list(weights[k].shape)} in the checkpoint but {list(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in weights and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)
+    ]
+    problems = shapes + [f"{k} is missing" for k in missing] + [f"{k} is not in the model" for k in extra]
+    if problems:
+        more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model: {problems[0]}{more}")
 
 
 def step_checkpoints(folder):
@@ -151,15 +384,44 @@ class Checkpointer:
             return False
         return self.always or improved
 
+    def check_writable(self):
+        """CheckpointError now, not after hours of training, if the save folder cannot take files."""
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise CheckpointError(f"cannot write checkpoints to {self.dir}: {describe_os_error(error)}") from None
+
+    def _write(self, state, path):
+        check_finite(state, path)
+        try:
+            atomic_save(state, path)
+        except OSError as error:
+            raise CheckpointError(f"cannot write checkpoint {path}: {describe_os_error(error)}") from None
+
     def save(self, state, step):
         path = os.path.join(self.dir, checkpoint_name(step))
-        atomic_save(state, path)
+        self._write(state, path)
         self.prune()
         return path
 
     def save_best(self, state):
-        atomic_save(state, self.best_path)
+        self._write(state, self.best_path)
         return self.best_path
+
+    def remove_stale_temps(self):
+        """Delete temporary files left by a save that was killed; returns their paths."""
+        if not os.path.isdir(self.dir):
+            return []
+        removed = []
+        for name in sorted(os.listdir(self.dir)):
+            if TEMP_FILE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
+                    removed.append(os.path.join(self.dir, name))
+        return removed
 
     def prune(self):
         """Remove step checkpoints beyond the newest `keep_last_n` (0 keeps all)."""
@@ -167,18 +429,19 @@ class Checkpointer:
             return []
         removed = []
         for _, path in step_checkpoints(self.dir)[: -self.keep_last_n]:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             removed.append(path)
         return removed
 
     def latest(self):
-        """Path of the newest complete step checkpoint in the save folder, or None.
-
-        Writes are atomic, so a step file is complete unless damaged afterwards; torch.save's zip
-        format keeps its directory at the end, so a cheap zip check catches truncation."""
+        """Path of the newest step checkpoint in the save folder whose checksum holds, or None."""
         for _, path in reversed(step_checkpoints(self.dir)):
-            if zipfile.is_zipfile(path):
-                return path
+            try:
+                verify_checksum(path)
+            except CheckpointError:
+                continue
+            return path
         return None
 
     def resume_path(self):
@@ -192,3 +455,36 @@ class Checkpointer:
         if not os.path.isfile(target):
             raise CheckpointError(f"checkpointer.resume_from: no checkpoint file {target!r}")
         return target
+
+    def load_resume(self, warn=None):
+        """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run.
+
+        A file named by `resume_from` must load. `latest` takes the newest step checkpoint that
+        loads (checksum, weights-only unpickling, config hash, step), calling `warn` with the
+        problem of each newer one it skips; if step checkpoints exist but none loads, that is an
+        error rather than a silent fresh start."""
+        warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        target = self.cfg.resume_from
+        if target is None:
+            return None, None
+        if target != "latest":
+            if not os.path.isfile(target):
+                raise CheckpointError(f"checkpointer.resume_from: no checkpoint file {target!r}")
+            return target, load_checkpoint(target)
+        problems = []
+        for step, path in reversed(step_checkpoints(self.dir)):
+            try:
+                state = load_checkpoint(path)
+                if int(state["step"]) != step:
+                    raise CheckpointError(f"checkpoint {path}: holds step {state['step']}, not {step}")
+            except CheckpointError as error:
+                problems.append(str(error))
+                warn(f"warning: {error}; trying an older checkpoint")
+                continue
+            return path, state
+        if problems:
+            raise CheckpointError(
+                f"checkpointer.resume_from latest: none of the {len(problems)} step checkpoints in {self.dir} "
+                f"can be used (newest: {problems[0]})"
+            )
+        return None, None

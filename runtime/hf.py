@@ -318,11 +318,6 @@ def load_hf_weights(model: Transformer, folder: str) -> None:
 # ----------------------------------------------------------------------------- sources
 
 
-def _known_fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in (d or {}).items() if k in names}
-
-
 def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     # torch.compile and DDP wrappers prefix the names
     out = {}
@@ -337,20 +332,19 @@ def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_model_source(source: str, device: str | torch.device = "cpu") -> Transformer:
     """A Transformer (eval mode) from a trainer checkpoint file or a Hugging Face folder.
 
-    Checkpoint file: torch.save({"model": state_dict, "config": {"model": {...}, "moe": {...},
-    "mtp": {...}, ...}}); only the model/moe/mtp sections are read.
+    Checkpoint file: one written by the trainer (checksum verified, weights_only unpickling); its
+    saved config gives the model, moe and mtp sections.
     """
     if os.path.isdir(source):
         fields, sd = load_hf_folder(source)
         model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
     else:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        config = ckpt["config"]
-        model = Transformer(
-            ModelConfig(**_known_fields(ModelConfig, config.get("model"))),
-            MoETrainingConfig(**_known_fields(MoETrainingConfig, config.get("moe"))),
-            MTPTrainingConfig(**_known_fields(MTPTrainingConfig, config.get("mtp"))),
-        )
+        from generated.parser import config_from_dict
+        from runtime.checkpoint import load_checkpoint  # verifies the checksum first
+
+        ckpt = load_checkpoint(source)
+        config = config_from_dict(ckpt["config"])
+        model = Transformer(config.model, config.moe, config.mtp)
         sd = _strip_prefixes(ckpt["model"])
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model.to(device).eval()

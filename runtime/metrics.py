@@ -35,7 +35,7 @@ class MetricsWriter:
         now resumed from), so that a resumed run's file reads like the uninterrupted one."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = [r for r in read_metrics(self.path) if r.get("iter", 0) <= step]
+        kept = [r for r in read_metrics(self.path, torn_tail=True) if r.get("iter", 0) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             for record in kept:
@@ -49,13 +49,17 @@ class MetricsWriter:
             f.write(json.dumps(_plain(record)) + "\n")
 
 
-def read_metrics(path):
-    records = []
+def read_metrics(path, torn_tail=False):
+    """The records of a metrics.jsonl; `torn_tail` drops a last line cut short by a killed writer."""
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+        lines = [line.strip() for line in f if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not (torn_tail and index == len(lines) - 1):
+                raise
     return records
 
 

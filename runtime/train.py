@@ -4,6 +4,10 @@ Step numbering: `Trainer.step` counts optimizer steps done. Optimizer step `s` (
 lr_at(s) and compute_loss(window, s); once it is done the run is at `iter = s + 1`, which is what
 metrics.jsonl, evaluations and checkpoint names (`ckpt_{iter:07d}.pt`) refer to.
 
+Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (exit 0; a second
+signal stops at once); a resumed run truncates metrics.jsonl to its checkpoint's step; see
+runtime/checkpoint.py for checksums, `latest` fallback and test-only fault injection.
+
 Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
 are processed across all processes together (each process runs accum / world_size of them, with
 DDP gradient sync on its last one only); every micro-loss is divided by the per-process count and
@@ -15,7 +19,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,7 +37,18 @@ from generated.parser import (
     to_saved_dict,
 )
 from runtime import distributed as dist_utils
-from runtime.checkpoint import Checkpointer, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+from runtime.checkpoint import (
+    FORMAT_VERSION,
+    Checkpointer,
+    CheckpointError,
+    capture_rng_state,
+    check_weights_fit,
+    config_digest,
+    describe_os_error,
+    fault_point,
+    load_checkpoint,
+    restore_rng_state,
+)
 from runtime.data import DataError, DataModule
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.registry import NONFINITE_POLICIES
@@ -76,6 +93,37 @@ def build_optimizer(model, optimizer):
     return torch.optim.AdamW(groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
 
 
+class StopSignals:
+    """While active (main thread only), SIGTERM and SIGINT set `received` (the signal's name) so
+    that the loop stops after its current step; a second one restores the previous handlers and is
+    re-delivered, i.e. stops at once. Nothing is printed from the handler (stderr is not reentrant)."""
+
+    NAMES = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            return
+        self.__exit__()
+        os.kill(os.getpid(), signum)
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
 def _is_hf_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
@@ -89,8 +137,7 @@ class Trainer:
         resolved = resolved if resolved is not None else resolved_from_config(cfg)
         # ---- the config: reconciled with a resumed checkpoint, or with init_from's architecture
         self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
-        resume_path = self.checkpointer.resume_path()
-        self.resume_state = load_checkpoint(resume_path) if resume_path else None
+        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn)
         self.resumed_from = resume_path
         init_weights = None
         if self.resume_state is not None:
@@ -114,6 +161,8 @@ class Trainer:
         self.device = dist_utils.resolve_device(system.device, local_rank, distributed=world > 1)
         self.dist = dist_utils.init_distributed(system.distributed, self.device.type)
         self.is_main = self.dist.is_main
+        if self.is_main and not cfg.evaluator.eval_only:
+            self.checkpointer.check_writable()
         self.dtype = dist_utils.autocast_dtype(system.device)
         self.nonfinite_policy = NONFINITE_POLICIES.get(training.nonfinite_loss)
         seed_everything(cfg.seed)
@@ -144,6 +193,7 @@ class Trainer:
         self.best_val_loss = None
         self.last_val_loss = None
         self.last_val_improved = False
+        self.stopped_by = None  # the signal's name when SIGTERM / SIGINT ended the run early
         if self.resume_state is not None:
             self._load_state(self.resume_state)
 
@@ -166,6 +216,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
+
+    @staticmethod
+    def _warn(text):
+        if dist_utils.launch_world()[1] == 0:
+            print(f"train: {text}", file=sys.stderr, flush=True)
 
     def _say(self, text):
         if self.is_main:
@@ -194,26 +249,38 @@ class Trainer:
             fields = state["config"]["model"]
             resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, source)
             weights = state["model"]
-            return resolved, lambda model: model.load_state_dict(weights, strict=True)
+
+            def load_weights(model):
+                check_weights_fit(model, weights, source)
+                model.load_state_dict(weights, strict=True)
+
+            return resolved, load_weights
         raise CheckpointError(
             f"checkpointer.init_from must be 'scratch', a checkpoint file or a Hugging Face folder "
             f"(config.json + safetensors); {source!r} is none of these"
         )
 
     def _load_state(self, state):
+        check_weights_fit(self.model, state["model"], self.resumed_from)
         self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
+            self._rng_to_restore = state["rng"]  # restored right before the run, after all setup
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.resumed_from}: its optimizer or training state does not fit this run: "
+                f"{type(error).__name__}: {error}"
+            ) from None
         self.best_val_loss = state.get("best_val_loss")
         self.last_val_loss = state.get("val_loss")
         self.last_val_improved = bool(state.get("last_val_improved", False))
-        self._rng_to_restore = state["rng"]  # restored right before the run, after all setup
 
     def checkpoint_state(self):
         return {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -224,6 +291,7 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "last_val_improved": self.last_val_improved,
             "config": self.config_dict,
+            "config_sha256": config_digest(self.config_dict),
         }
 
     # ------------------------------------------------------------------------------------------
@@ -253,6 +321,7 @@ class Trainer:
             parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
             sums += torch.stack([p.detach().double() for p in parts])
             mtp_weight = out.mtp_weight
+        fault_point("step")
         dist_utils.all_reduce_sum(sums, self.dist)
         means = (sums / (n * self.dist.world_size)).tolist()
         metrics = {
@@ -273,6 +342,17 @@ class Trainer:
         if cfg.optimizer.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
             metrics["grad_norm"] = float(norm)
+            # an inf/NaN gradient with a finite loss would turn the weights into NaN; with float16
+            # the GradScaler skips such steps itself
+            if not math.isfinite(metrics["grad_norm"]) and not self.scaler.is_enabled():
+                if self.nonfinite_policy == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm ({metrics['grad_norm']}) at step {step + 1}; set "
+                        f"training.nonfinite_loss: skip to drop such steps"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics["skipped"] = True
+                return metrics
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -290,12 +370,14 @@ class Trainer:
             with self._autocast():
                 out = self.model.compute_loss(window, self.step)
             totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
+            fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
         self.model.train(was_training)
         return float(totals[0] / totals[1])
 
     def _record_eval(self, val_loss):
-        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        # a NaN/inf validation loss never counts as the best (it would stay "best" for ever)
+        improved = math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss)
         self.last_val_loss = val_loss
         self.last_val_improved = improved
         if improved:
@@ -303,7 +385,8 @@ class Trainer:
         record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
         self.metrics.write(record)
         self.wandb.log({"val_loss": val_loss, "best_val_loss": self.best_val_loss}, step=self.step)
-        self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
+        best = "none" if self.best_val_loss is None else f"{self.best_val_loss:.4f}"
+        self._say(f"step {self.step}: val loss {val_loss:.4f} (best {best})")
         return improved
 
     # ------------------------------------------------------------------------------------------
@@ -318,7 +401,7 @@ class Trainer:
                 self._record_eval(self.evaluate())
             else:
                 self._train()
-                if self.is_main:
+                if self.is_main and self.stopped_by is None:
                     plot_losses(self.out_dir)
                     self.sample()
         finally:
@@ -329,18 +412,36 @@ class Trainer:
     def _train(self):
         from tqdm import tqdm
 
-        cfg = self.cfg
-        max_iters = cfg.training.max_iters
         if self.resume_state is None:
             if self.is_main and os.path.exists(self.metrics.path):
                 os.unlink(self.metrics.path)
         else:
             self.metrics.truncate_after(self.step)
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.is_main:
+            for path in self.checkpointer.remove_stale_temps():
+                self._say(f"removed {path} (an interrupted checkpoint write)")
         self.resume_state = None  # free the memory
+        bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   desc="train")
+        try:
+            with StopSignals() as signals:
+                self._loop(signals, bar)
+        finally:
+            bar.close()  # ends the bar's line, so that an error message starts a line of its own
+
+    def _stop_requested(self, signals):
+        """Whether any process got SIGTERM / SIGINT (all processes agree, so all stop together)."""
+        if not self.dist.enabled:
+            return signals.received is not None
+        flag = torch.tensor([float(signals.received is not None)], device=self.device)
+        return bool(dist_utils.all_reduce_sum(flag, self.dist).item() > 0)
+
+    def _loop(self, signals, bar):
+        cfg = self.cfg
+        max_iters = cfg.training.max_iters
         self.model.train()
         loader = iter(self.data.train_loader(self.step, max_iters))
-        bar = tqdm(total=max_iters, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc="train")
         last_eval = None
         window_tokens, window_time = 0, 0.0
         log_interval = cfg.training.log_interval
@@ -372,9 +473,20 @@ class Trainer:
                 if improved and self.checkpointer.keep_best and self.is_main:
                     path = self.checkpointer.save_best(self.checkpoint_state())
                     self.wandb.log_checkpoint(path, self.step, alias="best")
+            saved = None
             if self.checkpointer.should_save(self.step, final=final, improved=self.last_val_improved) and self.is_main:
-                path = self.checkpointer.save(self.checkpoint_state(), self.step)
+                path = saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                 self.wandb.log_checkpoint(path, self.step)
+            if not final and self._stop_requested(signals):
+                self.stopped_by = signals.received or "a signal on another process"
+                if self.is_main:
+                    if saved is None:
+                        saved = self.checkpointer.save(self.checkpoint_state(), self.step)
+                        self.wandb.log_checkpoint(saved, self.step)
+                    bar.close()
+                    self._say(f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
+                              f"continue with --checkpointer.resume_from latest")
+                break
         bar.close()
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
@@ -433,5 +545,12 @@ def main(argv=None):
     except USER_ERRORS as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
+    except OSError as error:  # disk full, unwritable output folder...: one line, no traceback
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"train: error: {describe_os_error(error)}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
+        print("train: interrupted", file=sys.stderr)
+        return 130
     finally:
         dist_utils.shutdown()

@@ -11,6 +11,7 @@ import torch
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
 from runtime import hf as hf_mod
 from runtime import sample as sample_mod
+from runtime.checkpoint import atomic_save
 from runtime.model import Transformer
 from runtime.sample import generate
 
@@ -109,8 +110,9 @@ def test_round_trip_and_clis(tmp_path, capsys):
         "moe": dataclasses.asdict(MoETrainingConfig()),
         "mtp": dataclasses.asdict(MTPTrainingConfig()),
         "seed": 1,
+        "training": {"seq_len": cfg.max_seq_len},
     }
-    torch.save({"model": model.state_dict(), "config": config}, ckpt)
+    atomic_save({"step": 0, "model": model.state_dict(), "config": config}, str(ckpt))
     out_dir = tmp_path / "hf"
     assert hf_mod.export_main([str(ckpt), str(out_dir)]) == 0
 
@@ -214,8 +216,8 @@ def test_softmax_export_refused(tmp_path, capsys):
         hf_mod.export_hf(model, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "config.json")
     ckpt = tmp_path / "ckpt.pt"
-    torch.save(
-        {"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)}}, ckpt
+    atomic_save(
+        {"step": 0, "model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config), "training": {"seq_len": model.config.max_seq_len}}}, str(ckpt)
     )
     assert hf_mod.export_main([str(ckpt), str(tmp_path / "out")]) == 1
     assert "sigmoid" in capsys.readouterr().err
