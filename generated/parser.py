@@ -780,8 +780,8 @@ def reconcile_with_checkpoint(resolved, saved, checkpoint="checkpoint"):
     `overridable` fields keep this run's value. Returns (Resolved, notes about what changed).
     """
     saved_config = _resolve_dict(saved).config
-    saved_values = _flat_values(saved_config)
-    values = _flat_values(resolved.config)
+    saved_values = flat_values(saved_config)
+    values = flat_values(resolved.config)
     sources = dict(resolved.sources)
     problems, notes = [], []
     for path, spec in FIELDS.items():
@@ -817,7 +817,7 @@ def adopt_values(resolved, values, origin):
     """The config with `values` ({field path: value}) taken from `origin` (e.g. a Hugging Face
     config.json): a field this run left at its default takes the value; a field this run set
     explicitly to something else is an error naming both."""
-    current = _flat_values(resolved.config)
+    current = flat_values(resolved.config)
     sources = dict(resolved.sources)
     problems = []
     for path, value in values.items():
@@ -858,12 +858,13 @@ def resolved_from_config(config):
             if value == FIELDS[path].default
             else Source("file", "<config object>", 0)
         )
-        for path, value in _flat_values(config).items()
+        for path, value in flat_values(config).items()
     }
     return Resolved(config, sources, {}, [])
 
 
-def _flat_values(config):
+def flat_values(config):
+    """{dotted field path: value} of a config, in spec order."""
     return {path: _get(config, path) for path in FIELDS}
 
 
@@ -874,16 +875,19 @@ def dump_yaml(config):
     )
 
 
-def _nest(assignments):
+def nest(values):
+    """A nested dict, sections in spec order, of {dotted field path: value}."""
     tree = {}
-    order = {path: index for index, path in enumerate(FIELDS)}
-    for item in sorted(assignments, key=lambda a: order[a.path]):
+    for path in sorted(values, key=_FIELD_ORDER.__getitem__):
         node = tree
-        parts = item.path.split(".")
-        for part in parts[:-1]:
+        *parents, leaf = path.split(".")
+        for part in parents:
             node = node.setdefault(part, {})
-        node[parts[-1]] = item.value
+        node[leaf] = values[path]
     return tree
+
+
+_FIELD_ORDER = {path: index for index, path in enumerate(FIELDS)}
 
 
 def migrate_text(text, filename="<text>"):
@@ -930,7 +934,7 @@ def migrate_text(text, filename="<text>"):
         assignments.append(item)
     if problems:
         raise ConfigError(problems)
-    tree = {VERSION_KEY: SPEC_VERSION, **_nest(assignments)}
+    tree = {VERSION_KEY: SPEC_VERSION, **nest({item.path: item.value for item in assignments})}
     if BASE_KEY in document:
         tree = {BASE_KEY: document[BASE_KEY], **tree}
     return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, allow_unicode=True)

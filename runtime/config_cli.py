@@ -13,7 +13,7 @@ import warnings
 
 import yaml
 
-from generated import ALIASES, FIELDS, ConfigError, config_to_dict, dump_yaml, migrate_text, resolve
+from generated import ALIASES, FIELDS, ConfigError, dump_yaml, flat_values, migrate_text, nest, resolve
 
 
 def _validate(args):
@@ -33,40 +33,14 @@ def _validate(args):
     return 1 if failed else 0
 
 
-def _flat(config):
-    values = {}
-
-    def walk(mapping, prefix):
-        for key, value in mapping.items():
-            path = f"{prefix}.{key}" if prefix else key
-            if isinstance(value, dict):
-                walk(value, path)
-            else:
-                values[path] = value
-
-    walk(config_to_dict(config), "")
-    return values
-
-
-def _nest(values):
-    tree = {}
-    for path, value in values.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def _show(args, extra):
     resolved = resolve(args.file, argv=extra)
     if not args.changed:
         sys.stdout.write(dump_yaml(resolved.config))
         return 0
-    changed = {path: value for path, value in _flat(resolved.config).items() if value != FIELDS[path].default}
+    changed = {path: value for path, value in flat_values(resolved.config).items() if value != FIELDS[path].default}
     if changed:
-        sys.stdout.write(yaml.safe_dump(_nest(changed), sort_keys=False, default_flow_style=False))
+        sys.stdout.write(yaml.safe_dump(nest(changed), sort_keys=False, default_flow_style=False))
     return 0
 
 
@@ -89,7 +63,7 @@ def _explain(args, extra):
     if not keys:
         raise SystemExit("explain needs at least one KEY, e.g. training.batch_size")
     resolved = resolve(args.file, argv=flags)
-    values = _flat(resolved.config)
+    values = flat_values(resolved.config)
     unknown = []
     for key in keys:
         path = ALIASES.get(key, key)
@@ -125,7 +99,7 @@ def _split_flags(extra):
 
 def _diff(args):
     a, b = resolve(args.a), resolve(args.b)
-    values_a, values_b = _flat(a.config), _flat(b.config)
+    values_a, values_b = flat_values(a.config), flat_values(b.config)
     differing = [path for path in FIELDS if values_a[path] != values_b[path]]
     for path in differing:
         print(f"{path}: {values_a[path]!r} ({_describe(a.sources[path], args.a)}) -> {values_b[path]!r} ({_describe(b.sources[path], args.b)})")
