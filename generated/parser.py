@@ -6,16 +6,12 @@ command-line flags; later layers win. Every problem in every layer is collected 
 as one `ConfigError`, each naming the key path and the file and line (or flag) it came from.
 """
 
-import argparse
 import dataclasses
-import difflib
 import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
-
-import yaml
 
 from .checks import check_value, shown
 from .config import FIELDS, SECTIONS, SPEC_VERSION, Config
@@ -355,6 +351,8 @@ def _unknown_key_message(key, section_path):
     candidates = sorted(_names_in(section_path))
     if len(key) > 64:  # no field name is this long; don't spend quadratic time on it
         return f"unknown key {shown(key)} in {f'section {section_path!r}' if section_path else 'the root'}"
+    import difflib  # only on errors
+
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     homes = sorted(path for path in list(FIELDS) + list(SECTIONS) if path and _leaf(path) == key)
     where = f"section {section_path!r}" if section_path else "the root"
@@ -590,6 +588,8 @@ def _read_argv(argv, problems):
             index += 1
         source = Source("cli", flag=f"--{name}")
         if name not in FLAGS:
+            import difflib  # only on errors
+
             close = difflib.get_close_matches(name, list(FLAGS), n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else ""
             problems.append(Problem(name, f"unknown flag --{name}{hint}", source))
@@ -870,6 +870,8 @@ def flat_values(config):
 
 def dump_yaml(config):
     """Canonical YAML of a resolved config; loading it gives an equal config."""
+    import yaml
+
     return yaml.safe_dump(
         to_saved_dict(config), sort_keys=False, default_flow_style=False, allow_unicode=True
     )
@@ -937,11 +939,15 @@ def migrate_text(text, filename="<text>"):
     tree = {VERSION_KEY: SPEC_VERSION, **nest({item.path: item.value for item in assignments})}
     if BASE_KEY in document:
         tree = {BASE_KEY: document[BASE_KEY], **tree}
+    import yaml
+
     return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def build_arg_parser(prog="python -m runtime train"):
     """An argparse parser with one --section.field flag per field, for --help text."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Flags override the config file; later flags win.",

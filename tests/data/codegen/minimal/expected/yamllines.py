@@ -3,9 +3,10 @@
 
 Used by the generator to read the spec and, copied verbatim into generated/, by the config parser.
 Only the YAML core types load; any other tag (`!!python/object`, custom tags) is an error.
+PyYAML is imported on the first load, not at import: importing the config package stays cheap.
 """
 
-import yaml
+import functools
 
 
 class LineDict(dict):
@@ -35,11 +36,6 @@ class YAMLLoadError(Exception):
         super().__init__(message)
         self.message = message
         self.line = line
-
-
-# libyaml's parser when PyYAML has it (several times faster); same constructors either way.
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    pass
 
 
 def _construct_mapping(loader, node):
@@ -75,10 +71,19 @@ def _reject_tag(loader, tag_suffix, node):
     )
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
-_Loader.add_multi_constructor("", _reject_tag)
-_Loader.add_constructor(None, lambda loader, node: _reject_tag(loader, "", node))
+@functools.cache
+def _loader():
+    import yaml
+
+    # libyaml's parser when PyYAML has it (several times faster); same constructors either way.
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+    Loader.add_multi_constructor("", _reject_tag)
+    Loader.add_constructor(None, lambda loader, node: _reject_tag(loader, "", node))
+    return Loader
 
 
 def load_yaml(text):
@@ -90,8 +95,10 @@ def load_yaml(text):
             raise YAMLLoadError(
                 f"file is not valid UTF-8 ({error.reason} at byte {error.start})", 1
             )
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=_loader())
     except YAMLLoadError:
         raise
     except yaml.MarkedYAMLError as error:
