@@ -17,7 +17,7 @@ SUITES = ("moe_bench", "trainer_bench", "config_bench")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-def _machine():
+def _machine(malloc):
     import torch
 
     return {
@@ -28,6 +28,8 @@ def _machine():
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "malloc": malloc or "glibc defaults",
+        "loadavg_1min_at_start": os.getloadavg()[0],  # other processes' load skews every figure
     }
 
 
@@ -36,9 +38,23 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     parser.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     suites = args.only or SUITES
-    results = {"machine": _machine(), "quick": args.quick, "suites": {}, "targets": []}
+    import torch
+
+    from .common import tune_malloc
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before the run: other processes skew every figure "
+              "(a thread that loses its core stalls each parallel region)", file=sys.stderr)
+
+    malloc = None if args.default_malloc else tune_malloc()
+    results = {"machine": _machine(malloc), "quick": args.quick, "suites": {}, "targets": []}
     started = time.perf_counter()
     for name in suites:
         module = importlib.import_module(f"bench.{name}")
@@ -48,6 +64,7 @@ def main(argv=None):
         results["targets"] += [{"suite": name, **target.as_dict()} for target in outcome["targets"]]
         print(f"[{name}] done in {time.perf_counter() - suite_start:.0f} s", file=sys.stderr, flush=True)
     results["seconds"] = time.perf_counter() - started
+    results["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
     width = max(len(t["name"]) for t in results["targets"]) if results["targets"] else 10
     print(f"{'target':<{width}}  {'figure':>8}  {'target':>8}  holds  detail")
     for t in results["targets"]:

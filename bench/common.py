@@ -36,15 +36,72 @@ def median_time(function, repeats, warmup=1):
     return statistics.median(times)
 
 
-def interleaved_medians(functions, repeats, warmup=1):
-    """Median times of several functions, run round-robin so machine noise hits all alike."""
+def interleaved_medians(functions, repeats, warmup=1, samples=None):
+    """Median times of several functions, run round-robin so machine noise hits all alike.
+    If `samples` is a dict, every function's list of times is stored in it."""
     for function in functions.values():
         for _ in range(warmup):
             function()
-    samples = {name: [] for name in functions}
+    times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
             start = time.perf_counter()
             function()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            times[name].append(time.perf_counter() - start)
+    if samples is not None:
+        samples.update(times)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def profile_summary(function, steps=1, top=10):
+    """Run `function` under torch.profiler (after one warm-up call) and summarise where the time goes,
+    per call: self CPU ms of the top ops and the share spent in matmul kernels (GEMM_OPS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    function()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            function()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "profiled_ms_per_call": total / 1e3 / steps,
+        "gemm_share": gemm / total if total else 0.0,
+        "top_ops_self_ms": {
+            e.key: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in events[:top]
+        },
+    }
+
+
+def tune_malloc():
+    """Keep freed memory in the process (glibc): no mmap for big blocks, no trimming of the heap.
+
+    On this kind of VM every fresh page costs a fault plus zeroing by the kernel: allocating and
+    filling a 64 MB tensor took 30 ms against 2.3 ms once the memory is reused, and a training step
+    allocates many such blocks (activations, expert weight gradients). Applies to the whole process,
+    so to every model a benchmark compares. Returns the settings made, or None off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        ok = ok and libc.mallopt(M_TOP_PAD, 64 << 20)
+    except (OSError, AttributeError):
+        return None
+    return {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 64 << 20} if ok else None
+
+
+def spread(samples):
+    """max / min of each function's times: how noisy its median is."""
+    return {name: max(values) / min(values) for name, values in samples.items()}

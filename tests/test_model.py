@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from runtime.model import MLA, MLP, Transformer, apply_rotary, rotary_tables
+from runtime.model import (
+    MLA,
+    MLP,
+    RMSNorm,
+    Transformer,
+    apply_rotary,
+    causal_attention,
+    rotary_tables,
+)
 from runtime.moe import MoE
 
 
@@ -103,3 +111,35 @@ def test_attention_softmax_scale():
         dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=2, v_head_dim=4
     )
     assert MLA(cfg).softmax_scale == pytest.approx(8**-0.5)
+
+
+@pytest.mark.parametrize("T", [5, 128, 300])  # one block, one full block, three uneven blocks
+def test_blocked_causal_attention_matches_sdpa(T):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, T, 12, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, T, 8, generator=g, requires_grad=True)
+    w = torch.randn(2, 3, T, 8, generator=g)
+    out = causal_attention(q, k, v, 0.3)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_fp32_backward_matches_autograd():
+    norm = RMSNorm(24, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 24, dtype=torch.float64)
+    # reference: the composite formula in float64, autograd's backward
+    ref = norm.weight.double() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    ref_gx, ref_gw = torch.autograd.grad((ref * g).sum(), (x, norm.weight))
+    xf = x.detach().float().requires_grad_(True)
+    out = norm(xf)  # fp32: the hand-written backward
+    gx, gw = torch.autograd.grad((out * g.float()).sum(), (xf, norm.weight))
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), ref_gx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), ref_gw.double(), rtol=1e-4, atol=1e-5)

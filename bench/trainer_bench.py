@@ -1,0 +1,277 @@
+"""Training-step throughput against Hugging Face transformers' DeepseekV3ForCausalLM, and MFU.
+
+A full step is forward, backward, AdamW step, zero_grad (and, for ours, the router-bias update).
+Our model and the peer are the same architecture, built from one ModelConfig (the peer through
+runtime/hf.py's config mapping, `DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(cfg)))`) and
+given our initial weights, so both route alike; the bench checks their logits agree. Same batch,
+fp32, same thread count, same optimizer (torch AdamW, fused CPU kernel, for every model), all run
+round-robin with a large fp32 matmul that measures the machine's peak in the same run. The peer runs
+with its defaults (SDPA attention, grouped_mm experts); it trains without MTP, so our MTP-off step
+is the one compared and the MTP-on step is shown beside it, as is our torch.compile'd step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.hf import BLOCK_KEYS, TOP_KEYS, hf_config
+from runtime.model import MLA, Transformer
+from runtime.moe import MoE
+
+from .common import Target, interleaved_medians, profile_summary, spread
+
+BENCH_MODEL = dict(
+    vocab_size=256,
+    dim=512,
+    inter_dim=1536,
+    moe_inter_dim=256,
+    n_layers=3,  # one dense block, two MoE blocks
+    first_k_dense=1,
+    n_heads=8,
+    q_lora_rank=0,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_shared_experts=1,
+    top_k=2,
+)
+EXPERTS = (16, 64)
+PEAK_N = 2048  # the peak: one (PEAK_N x PEAK_N) @ (PEAK_N x PEAK_N) fp32 matmul
+
+
+def model_flops(model: Transformer, batch: int, seq: int) -> float:
+    """Model FLOPs of one training step (forward + backward) on batch x seq tokens.
+
+    6 * (active matmul parameters) * tokens + attention. Active parameters are the weights a token
+    multiplies by: every Linear (attention projections, dense and shared-expert SwiGLUs, MTP
+    eh_proj), each MoE router, top_k of the n_routed_experts routed experts (w13, w2), and the
+    output head once per prediction (main, plus once per MTP depth). The embedding (a lookup) and
+    the norms are not counted. Attention adds, per attention layer (main blocks and MTP blocks),
+    2 FLOPs per multiply-add of q.k and p.v over the causal pairs only (T(T+1)/2 per head and
+    sequence), forward, times 3 for forward + backward: 3 * 2 * B * H * T(T+1)/2 * (d_qk + d_v).
+    Recomputation, padding, masked-out scores and the optimizer are not counted.
+    """
+    cfg = model.config
+    active = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not model.head:
+            active += module.weight.numel()
+        elif isinstance(module, MoE):
+            active += module.gate.weight.numel()
+            active += (
+                (module.experts.w13.numel() + module.experts.w2.numel())
+                * cfg.top_k
+                // cfg.n_routed_experts
+            )
+    active += model.head.weight.numel() * (1 + cfg.mtp_depth)
+    tokens = batch * seq
+    n_attn = sum(isinstance(m, MLA) for m in model.modules())
+    d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    attention = n_attn * 3 * 2 * batch * cfg.n_heads * seq * (seq + 1) / 2 * (d_qk + d_v)
+    return 6.0 * active * tokens + attention
+
+
+def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our (MTP-off) weights under transformers' in-memory names (experts fused as ours are)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in TOP_KEYS:
+            out[TOP_KEYS[name]] = t
+            continue
+        _, i, key = name.split(".", 2)
+        prefix = f"model.layers.{i}."
+        if key == "ffn.experts.w13":
+            out[prefix + "mlp.experts.gate_up_proj"] = t
+        elif key == "ffn.experts.w2":
+            out[prefix + "mlp.experts.down_proj"] = t
+        else:
+            out[prefix + BLOCK_KEYS[key]] = t
+    return out
+
+
+def _hf_peer(model: Transformer):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = hf_config(model.config)
+    config["use_cache"] = False  # training
+    peer = DeepseekV3ForCausalLM(DeepseekV3Config(**config))
+    missing, unexpected = peer.load_state_dict(_hf_state_dict(model), strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return peer.train()
+
+
+def _optimizer(module):
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+
+def _our_step(model, forward, window, counter):
+    opt = _optimizer(model)
+
+    def step():
+        out = forward(window, counter[0])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        counter[0] += 1
+
+    return step
+
+
+def _hf_step(peer, window, seq):
+    opt = _optimizer(peer)
+    inputs, targets = window[:, :seq], window[:, 1 : seq + 1]
+
+    def step():
+        logits = peer(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _dynamo_stats(since=None):
+    """torch._dynamo's counters (graphs compiled, ops captured, graph breaks), minus `since`."""
+    from torch._dynamo.utils import counters
+
+    now = {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "calls_captured": counters["stats"]["calls_captured"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+def _suite(n_experts, batch, seq, repeats, compile_step, profile):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=0)
+    ours = Transformer(cfg, MoETrainingConfig(), MTPTrainingConfig()).train()
+    torch.manual_seed(0)
+    cfg_mtp = ModelConfig(
+        **BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=1
+    )
+    ours_mtp = Transformer(cfg_mtp, MoETrainingConfig(), MTPTrainingConfig()).train()
+    peer = _hf_peer(ours)
+    window = torch.randint(
+        0, cfg.vocab_size, (batch, seq + 2), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():  # the peer computes what we compute
+        logits_diff = (
+            (ours(window[:, :seq]) - peer(input_ids=window[:, :seq]).logits).abs().max().item()
+        )
+
+    counter = [0]
+    steps = {
+        "ours": _our_step(ours, ours.compute_loss, window[:, : seq + 1], counter),
+        "ours_mtp": _our_step(ours_mtp, ours_mtp.compute_loss, window, counter),
+        "hf": _hf_step(peer, window, seq),
+    }
+    compile_info = None
+    if compile_step:
+        torch._dynamo.reset()
+        ours_c = Transformer(cfg, MoETrainingConfig(), MTPTrainingConfig()).train()
+        ours_c.load_state_dict(ours.state_dict())
+        compiled = _our_step(ours_c, torch.compile(ours_c), window[:, : seq + 1], counter)
+        before = _dynamo_stats()
+        start = time.perf_counter()
+        compiled()  # compiles
+        first = time.perf_counter() - start
+        for _ in range(2):  # the step number changes: one recompile with it dynamic, then stable
+            compiled()
+        steps["compiled"] = compiled
+        compile_info = {"first_step_s": first, "after_warmup": _dynamo_stats(before)}
+
+    a = torch.randn(PEAK_N, PEAK_N)
+    b = torch.randn(PEAK_N, PEAK_N)
+    samples = {}
+    times = interleaved_medians(
+        {"peak_matmul": lambda: a @ b, **steps}, repeats, warmup=1, samples=samples
+    )
+    if compile_info is not None:
+        compile_info["after_timing"] = _dynamo_stats(before)
+        compile_info["recompiles_during_timing"] = (
+            compile_info["after_timing"]["unique_graphs"]
+            - compile_info["after_warmup"]["unique_graphs"]
+        )
+    peak = 2 * PEAK_N**3 / times.pop("peak_matmul")
+    tokens = batch * seq
+    flops = {"ours": model_flops(ours, batch, seq), "ours_mtp": model_flops(ours_mtp, batch, seq)}
+    flops["hf"] = flops["compiled"] = flops["ours"]
+    result = {
+        "batch": batch,
+        "seq": seq,
+        "params": {
+            "ours": ours.num_params(),
+            "ours_mtp": ours_mtp.num_params(),
+            "hf": sum(p.numel() for p in peer.parameters()),
+        },
+        "hf_implementation": {
+            "attention": peer.config._attn_implementation,
+            "experts": peer.config._experts_implementation,
+        },
+        "logits_max_abs_diff_vs_hf": logits_diff,
+        "peak_gflops": peak / 1e9,
+        "model_gflops_per_step": {k: flops[k] / 1e9 for k in times},
+        "step_ms": {k: v * 1e3 for k, v in times.items()},
+        "max_over_min": spread(samples),
+        "tokens_per_s": {k: tokens / v for k, v in times.items()},
+        "mfu": {k: flops[k] / times[k] / peak for k in times},
+        "compile": compile_info,
+    }
+    if profile:
+        prof = {"ours": profile_summary(steps["ours"]), "hf": profile_summary(steps["hf"])}
+        gemm_ms = prof["ours"]["gemm_share"] * prof["ours"]["profiled_ms_per_call"]
+        # were all our non-matmul time gone, the step would still take our matmul time
+        prof["hf_step_over_our_matmul_time"] = times["hf"] * 1e3 / gemm_ms
+        result["profile"] = prof
+    return result
+
+
+def run(quick=False):
+    batch, seq = (2, 256) if quick else (4, 512)
+    repeats = 2 if quick else 6
+    suites = {
+        e: _suite(e, batch, seq, repeats, compile_step=not quick, profile=(e == EXPERTS[0]))
+        for e in EXPERTS
+    }
+    targets = []
+    for e, s in suites.items():
+        tps, mfu = s["tokens_per_s"], s["mfu"]
+        extra = ""
+        if "compiled" in tps:
+            c = s["compile"]
+            extra = (
+                f", compiled {tps['compiled']:.0f} (MFU {mfu['compiled']:.0%}, {c['after_timing']['unique_graphs']} graphs, "
+                f"{c['recompiles_during_timing']} recompiles while timed)"
+            )
+        targets.append(
+            Target(
+                f"trainer step tokens/s vs HF, {e} experts (eager, MTP off)",
+                tps["ours"] / tps["hf"],
+                1.5,
+                True,
+                detail=f"tok/s ours {tps['ours']:.0f} (MFU {mfu['ours']:.0%}), HF {tps['hf']:.0f} (MFU {mfu['hf']:.0%}; "
+                f"1.5x needs our MFU >= {1.5 * mfu['hf']:.0%}), ours MTP on {tps['ours_mtp']:.0f} "
+                f"(MFU {mfu['ours_mtp']:.0%}){extra}",
+            )
+        )
+    s = suites[EXPERTS[0]]
+    targets.append(
+        Target(
+            f"MFU fp32, {EXPERTS[0]} experts (our eager step, MTP off)",
+            s["mfu"]["ours"],
+            0.6,
+            True,
+            unit="fraction",
+            detail=f"{s['model_gflops_per_step']['ours']:.1f} GFLOP/step, {s['step_ms']['ours']:.0f} ms, peak "
+            f"{s['peak_gflops']:.0f} GFLOP/s ({PEAK_N}^3 fp32 matmul, same run)",
+        )
+    )
+    return {"targets": targets, "figures": {"model": BENCH_MODEL, "by_experts": suites}}
