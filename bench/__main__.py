@@ -44,7 +44,7 @@ def main(argv=None):
     suites = args.only or SUITES
     import torch
 
-    from .common import tune_malloc
+    from runtime.distributed import tune_malloc
 
     if args.threads:
         torch.set_num_threads(args.threads)

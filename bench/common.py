@@ -78,30 +78,6 @@ def profile_summary(function, steps=1, top=10):
     }
 
 
-def tune_malloc():
-    """Keep freed memory in the process (glibc): no mmap for big blocks, no trimming of the heap.
-
-    On this kind of VM every fresh page costs a fault plus zeroing by the kernel: allocating and
-    filling a 64 MB tensor took 30 ms against 2.3 ms once the memory is reused, and a training step
-    allocates many such blocks (activations, expert weight gradients). Applies to the whole process,
-    so to every model a benchmark compares. Returns the settings made, or None off glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-        ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        ok = ok and libc.mallopt(M_TOP_PAD, 64 << 20)
-    except (OSError, AttributeError):
-        return None
-    return {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 64 << 20} if ok else None
-
-
 def spread(samples):
     """max / min of each function's times: how noisy its median is."""
     return {name: max(values) / min(values) for name, values in samples.items()}
