@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from runtime.model import Transformer
+from tiny import debug_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,27 +42,9 @@ def test_quick_moe_bench_writes_results(tmp_path):
 
 
 def _tiny(**kw):
-    base = dict(
-        vocab_size=64,
-        dim=32,
-        inter_dim=64,
-        moe_inter_dim=16,
-        n_layers=3,
-        first_k_dense=1,
-        n_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        max_seq_len=32,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        top_k=2,
-        mtp_depth=0,
+    return debug_model(
+        **{"n_layers": 3, "max_seq_len": 32, "n_routed_experts": 8, "n_shared_experts": 1, **kw}
     )
-    base.update(kw)
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**base), MoETrainingConfig(), MTPTrainingConfig())
 
 
 @pytest.mark.parametrize("mtp_depth", [0, 1])

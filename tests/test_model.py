@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.config import ModelConfig
 from runtime.model import (
     MLA,
     MLP,
@@ -14,29 +14,11 @@ from runtime.model import (
     rotary_tables,
 )
 from runtime.moe import MoE
+from tiny import debug_model
 
 
 def make_model(**kw):
-    base = dict(
-        vocab_size=64,
-        dim=32,
-        inter_dim=64,
-        moe_inter_dim=16,
-        n_layers=3,
-        first_k_dense=1,
-        n_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=12,
-        max_seq_len=32,
-        n_routed_experts=4,
-        top_k=2,
-        mtp_depth=1,
-    )
-    base.update(kw)
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**base), MoETrainingConfig(), MTPTrainingConfig())
+    return debug_model(**{"n_layers": 3, "v_head_dim": 12, "max_seq_len": 32, "mtp_depth": 1, **kw})
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 12])

@@ -7,35 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.config import MoETrainingConfig, MTPTrainingConfig
 from runtime import moe as moe_mod
 from runtime.model import MLP, Transformer
 from runtime.moe import MoE, capacity_keep
+from tiny import debug_model_config
 
 DIM = 32
 
 
 def model_cfg(**kw):
-    base = dict(
-        vocab_size=64,
-        dim=DIM,
-        inter_dim=64,
-        moe_inter_dim=16,
-        n_layers=2,
-        first_k_dense=1,
-        n_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        max_seq_len=64,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        top_k=2,
-        mtp_depth=0,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return debug_model_config(**{"n_routed_experts": 8, "n_shared_experts": 1, **kw})
 
 
 def make_moe(model_kw=None, **moe_kw):

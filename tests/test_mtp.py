@@ -4,28 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.config import MoETrainingConfig, MTPTrainingConfig
 from runtime.model import Transformer
+from tiny import debug_model_config
 
 
 def make_model(depth=2, mtp_loss_weight=0.3, warmup_steps=0, **moe_kw):
-    cfg = ModelConfig(
-        vocab_size=64,
-        dim=32,
-        inter_dim=64,
-        moe_inter_dim=16,
-        n_layers=2,
-        first_k_dense=1,
-        n_heads=2,
-        kv_lora_rank=8,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        max_seq_len=64,
-        n_routed_experts=4,
-        top_k=2,
-        mtp_depth=depth,
-    )
+    cfg = debug_model_config(mtp_depth=depth)
     torch.manual_seed(0)
     moe = MoETrainingConfig(**moe_kw)
     return Transformer(

@@ -1,0 +1,39 @@
+"""The debug model flavour the unit tests build on: tiny dimensions that run in milliseconds on CPU.
+
+Each test states only what it changes: `debug_model_config(n_layers=3, mtp_depth=1)`.
+"""
+
+import torch
+
+from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.model import Transformer
+
+DEBUG_MODEL = dict(
+    vocab_size=64,
+    dim=32,
+    inter_dim=64,
+    moe_inter_dim=16,
+    n_layers=2,
+    first_k_dense=1,
+    n_heads=2,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    max_seq_len=64,
+    n_routed_experts=4,
+    top_k=2,
+    mtp_depth=0,
+)
+
+
+def debug_model_config(**overrides):
+    return ModelConfig(**{**DEBUG_MODEL, **overrides})
+
+
+def debug_model(moe=None, mtp=None, **overrides):
+    """A seeded Transformer of the debug flavour."""
+    torch.manual_seed(0)
+    return Transformer(
+        debug_model_config(**overrides), moe or MoETrainingConfig(), mtp or MTPTrainingConfig()
+    )
