@@ -16,12 +16,9 @@ from runtime.checkpoint import (
     restore_rng_state, step_checkpoints,
 )
 from runtime.train import Trainer
+from tiny import TINY_RUN_FLAGS
 
-TINY = [
-    "--model.dim", "32", "--model.inter_dim", "64", "--model.moe_inter_dim", "32", "--model.n_layers", "2",
-    "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
-    "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
-    "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+TINY = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters", "2", "--schedule.warmup_iters", "2", "--schedule.lr_decay_iters", "20",
 ]
 

@@ -22,14 +22,11 @@ from generated.config import Config, LRScheduleConfig
 from runtime import distributed as dist_utils
 from runtime import train as train_mod
 from runtime.schedule import lr_at, phase_at
+from tiny import TINY_RUN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = [
-    "--model.dim", "32", "--model.inter_dim", "64", "--model.moe_inter_dim", "32", "--model.n_layers", "2",
-    "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
-    "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
-    "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+TINY = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters", "1", "--schedule.warmup_iters", "1", "--schedule.lr_decay_iters", "20",
 ]
 

@@ -37,3 +37,12 @@ def debug_model(moe=None, mtp=None, **overrides):
     return Transformer(
         debug_model_config(**overrides), moe or MoETrainingConfig(), mtp or MTPTrainingConfig()
     )
+
+
+# The same kind of model for end-to-end trainer tests, as command-line flags.
+TINY_RUN_FLAGS = [
+    "--model.dim", "32", "--model.inter_dim", "64", "--model.moe_inter_dim", "32", "--model.n_layers", "2",
+    "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
+    "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
+    "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+]  # fmt: skip
