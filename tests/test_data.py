@@ -12,14 +12,16 @@ from runtime import data as data_mod
 from runtime.data import DataError, DataModule, StepBatchSampler, load_corpus, split_ranges
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def make(data, window=9, batch_size=2, grad_accum=2, world_size=1, rank=0, seed=7):
-    return DataModule(data, seed=seed, window=window, batch_size=batch_size, grad_accum=grad_accum,
-                      world_size=world_size, rank=rank)
+    return DataModule(
+        data,
+        seed=seed,
+        window=window,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        rank=rank,
+    )
 
 
 def steps(module, start, end):
@@ -29,11 +31,17 @@ def steps(module, start, end):
 
 def test_stdlib_corpus_is_the_sorted_stdlib_sources_cached(data_dir, monkeypatch):
     corpus = load_corpus(DataConfig(data_dir=data_dir))
-    assert corpus.path == os.path.join(data_dir, "stdlib.bin") and corpus.is_bytes and corpus.dtype == "uint8"
+    assert (
+        corpus.path == os.path.join(data_dir, "stdlib.bin")
+        and corpus.is_bytes
+        and corpus.dtype == "uint8"
+    )
     root, files = data_mod._stdlib_files()
     assert root == os.path.realpath(sysconfig.get_paths()["stdlib"])
     assert files == sorted(files) and all(f.endswith(".py") for f in files)
-    assert not any(part in data_mod.STDLIB_EXCLUDED_DIRS for f in files for part in f.split(os.sep)[:-1])
+    assert not any(
+        part in data_mod.STDLIB_EXCLUDED_DIRS for f in files for part in f.split(os.sep)[:-1]
+    )
     with open(os.path.join(root, files[0]), "rb") as f:
         first = f.read()
     assert bytes(corpus.array()[: len(first)]) == first
@@ -60,14 +68,25 @@ def test_text_dir_sorted_text_files_only(tmp_path):
     assert os.path.exists(cache / "text_dir.bin")
     # a changed source rebuilds the cache
     (src / "b" / "c.txt").write_text("CCC")
-    assert bytes(load_corpus(DataConfig(dataset="text_dir", path=str(src), data_dir=str(cache))).array()) == b"AACCCZZ"
+    assert (
+        bytes(
+            load_corpus(DataConfig(dataset="text_dir", path=str(src), data_dir=str(cache))).array()
+        )
+        == b"AACCCZZ"
+    )
 
 
 def test_bin_dataset_is_uint16_memmap(tmp_path):
     tokens = (np.arange(1000) * 37 % 50000).astype(np.uint16)
     path = tmp_path / "tok.bin"
     tokens.tofile(path)
-    data = DataConfig(dataset="bin", path=str(path), data_dir=str(tmp_path / "unused"), train_split=0.5, val_split=0.5)
+    data = DataConfig(
+        dataset="bin",
+        path=str(path),
+        data_dir=str(tmp_path / "unused"),
+        train_split=0.5,
+        val_split=0.5,
+    )
     corpus = load_corpus(data)
     assert corpus.dtype == "uint16" and corpus.length == 1000 and not corpus.is_bytes
     module = make(data, window=9)
@@ -81,9 +100,13 @@ def test_bin_dataset_is_uint16_memmap(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="text_dir"):
-        load_corpus(DataConfig(dataset="text_dir", path=str(tmp_path / "missing"), data_dir=str(tmp_path)))
+        load_corpus(
+            DataConfig(dataset="text_dir", path=str(tmp_path / "missing"), data_dir=str(tmp_path))
+        )
     with pytest.raises(DataError, match="bin"):
-        load_corpus(DataConfig(dataset="bin", path=str(tmp_path / "missing.bin"), data_dir=str(tmp_path)))
+        load_corpus(
+            DataConfig(dataset="bin", path=str(tmp_path / "missing.bin"), data_dir=str(tmp_path))
+        )
     np.arange(10, dtype=np.uint16).tofile(tmp_path / "small.bin")
     with pytest.raises(DataError, match="fewer than one window"):
         make(DataConfig(dataset="bin", path=str(tmp_path / "small.bin")), window=9)
@@ -120,8 +143,13 @@ def test_deterministic_and_resumable(data_dir):
     other_seed = steps(make(data, seed=8), 0, 1)
     assert not torch.equal(full[0][0], other_seed[0][0])
     # workers give the same batches
-    workers = DataModule(DataConfig(data_dir=data_dir, num_workers=1, pin_memory=False), seed=7, window=9,
-                         batch_size=2, grad_accum=2)
+    workers = DataModule(
+        DataConfig(data_dir=data_dir, num_workers=1, pin_memory=False),
+        seed=7,
+        window=9,
+        batch_size=2,
+        grad_accum=2,
+    )
     loader = workers.train_loader(0, 2)
     assert loader.num_workers == 1
     got = list(loader)
@@ -146,7 +174,11 @@ def test_fixed_validation_batches(data_dir):
     halves = list(make(DataConfig(data_dir=data_dir), world_size=2, rank=0).val_loader(3))
     halves += list(make(DataConfig(data_dir=data_dir), world_size=2, rank=1).val_loader(3))
     assert len(halves) == 3  # rank 0 takes batches 0 and 2, rank 1 batch 1
-    assert torch.equal(halves[0], first[0]) and torch.equal(halves[1], first[2]) and torch.equal(halves[2], first[1])
+    assert (
+        torch.equal(halves[0], first[0])
+        and torch.equal(halves[1], first[2])
+        and torch.equal(halves[2], first[1])
+    )
 
 
 def test_loader_does_not_touch_the_global_torch_rng(data_dir):

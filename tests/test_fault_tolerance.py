@@ -23,7 +23,14 @@ from generated.parser import ConfigError, load_config
 from runtime import checkpoint as ckpt_mod
 from runtime import train as train_mod
 from runtime.checkpoint import (
-    FAULT_ENV, FAULT_PHASES, TEMP_FILE, TRAILER_LEN, CheckpointError, atomic_save, checkpoint_name, load_checkpoint,
+    FAULT_ENV,
+    FAULT_PHASES,
+    TEMP_FILE,
+    TRAILER_LEN,
+    CheckpointError,
+    atomic_save,
+    checkpoint_name,
+    load_checkpoint,
     step_checkpoints,
 )
 from runtime.metrics import MetricsWriter, read_metrics
@@ -37,8 +44,18 @@ ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 MAX_ITERS = 48
 # eval every 3 steps, a step checkpoint every 2 (and best.pt after improving evaluations): kills land
 # at every relative position of steps, evaluations and writes
-CHAIN = ("--training.max_iters", str(MAX_ITERS), "--evaluator.eval_interval", "3", "--checkpointer.save_interval", "2",
-         "--checkpointer.keep_last_n", "2", "--checkpointer.resume_from", "latest")
+CHAIN = (
+    "--training.max_iters",
+    str(MAX_ITERS),
+    "--evaluator.eval_interval",
+    "3",
+    "--checkpointer.save_interval",
+    "2",
+    "--checkpointer.keep_last_n",
+    "2",
+    "--checkpointer.resume_from",
+    "latest",
+)
 BAR = re.compile(rb"train:\s+\d+%")
 
 
@@ -49,11 +66,6 @@ def quick(monkeypatch):
     monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 8)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
 
 
 class Launch:
@@ -89,7 +101,9 @@ class Launch:
                 if BAR.search(f.read()):
                     return
             time.sleep(0.01)
-        assert self.proc.poll() is None, f"exited {self.proc.returncode} before training: {self.stderr()[-2000:]}"
+        assert (
+            self.proc.poll() is None
+        ), f"exited {self.proc.returncode} before training: {self.stderr()[-2000:]}"
         raise AssertionError("training did not start")
 
     def resumed_step(self):
@@ -133,7 +147,9 @@ def reference(tmp_path_factory, data_dir):
 # SIGKILL at any moment
 
 
-def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(tmp_path, data_dir, reference):
+def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(
+    tmp_path, data_dir, reference
+):
     rng = random.Random(20240505)
     phases = [*FAULT_PHASES] * 2 + rng.choices(sorted(FAULT_PHASES), k=3)
     rng.shuffle(phases)
@@ -143,12 +159,18 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(t
         before = complete_checkpoints(out)
         launch = Launch(out, data_dir, fault=f"{phase}:{count}")
         rc = launch.wait()
-        assert rc == -signal.SIGKILL, f"{phase}:{count}: exit {rc}, not killed\n{launch.stderr()[-2000:]}"
+        assert (
+            rc == -signal.SIGKILL
+        ), f"{phase}:{count}: exit {rc}, not killed\n{launch.stderr()[-2000:]}"
         # it resumed from the newest complete checkpoint (none: a fresh start)
         assert launch.resumed_step() == (before[-1] if before else None), (phase, count, before)
-        assert not temp_files(out) or phase.startswith("checkpoint")  # earlier leftovers were removed
+        assert not temp_files(out) or phase.startswith(
+            "checkpoint"
+        )  # earlier leftovers were removed
         if phase.startswith("checkpoint"):
-            assert temp_files(out), f"{phase}:{count} left no partial file: the kill was not mid-write"
+            assert temp_files(
+                out
+            ), f"{phase}:{count} left no partial file: the kill was not mid-write"
     # and a few kills from outside, at whatever moment the clock says
     for _ in range(3):
         before = complete_checkpoints(out)
@@ -206,7 +228,14 @@ def run(out_dir, data_dir, *extra):
     return trainer
 
 
-SMALL = ("--checkpointer.save_interval", "1", "--checkpointer.keep_last_n", "0", "--evaluator.eval_interval", "2")
+SMALL = (
+    "--checkpointer.save_interval",
+    "1",
+    "--checkpointer.keep_last_n",
+    "0",
+    "--evaluator.eval_interval",
+    "2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -282,10 +311,18 @@ def test_latest_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, dat
     assert str(folder / checkpoint_name(2)) in str(error.value)
     # an explicit file is an error naming it; `latest` warns and takes ckpt 1
     with pytest.raises(CheckpointError, match="checksum mismatch") as error:
-        Trainer(load_config(argv=args(out, data_dir, "--checkpointer.resume_from", str(folder / checkpoint_name(4)))))
+        Trainer(
+            load_config(
+                argv=args(
+                    out, data_dir, "--checkpointer.resume_from", str(folder / checkpoint_name(4))
+                )
+            )
+        )
     assert checkpoint_name(4) in str(error.value)
     capsys.readouterr()
-    resumed = run(out, data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest", *SMALL)
+    resumed = run(
+        out, data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest", *SMALL
+    )
     assert resumed.resumed_from.endswith(checkpoint_name(1))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 3
@@ -306,10 +343,14 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path, data_dir, good_checkpoin
     run(other, data_dir, "--training.max_iters", "1", "--model.dim", "48")
     out = tmp_path / "run"
     os.makedirs(out / "checkpoints")
-    shutil.copy(other / "checkpoints" / checkpoint_name(1), out / "checkpoints" / checkpoint_name(1))
+    shutil.copy(
+        other / "checkpoints" / checkpoint_name(1), out / "checkpoints" / checkpoint_name(1)
+    )
     with pytest.raises(ConfigError) as error:
         Trainer(load_config(argv=args(out, data_dir, "--checkpointer.resume_from", "latest")))
-    assert "model.dim" in str(error.value) and str(out / "checkpoints" / checkpoint_name(1)) in str(error.value)
+    assert "model.dim" in str(error.value) and str(out / "checkpoints" / checkpoint_name(1)) in str(
+        error.value
+    )
     # weights that do not fit their own config (intact file): named tensor and shapes
     state = load_checkpoint(good_checkpoint)
     key = next(k for k, v in state["model"].items() if v.ndim == 2)
@@ -357,27 +398,47 @@ def poison_from_step(monkeypatch, index, how):
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-@pytest.mark.parametrize("how,what", [("inf", "non-finite loss (inf)"), ("nan", "non-finite loss (nan)"),
-                                      ("grad", "non-finite gradient norm")])
-def test_nonfinite_stops_naming_the_step_and_saves_nothing_after(tmp_path, data_dir, monkeypatch, capsys, how, what):
+@pytest.mark.parametrize(
+    "how,what",
+    [
+        ("inf", "non-finite loss (inf)"),
+        ("nan", "non-finite loss (nan)"),
+        ("grad", "non-finite gradient norm"),
+    ],
+)
+def test_nonfinite_stops_naming_the_step_and_saves_nothing_after(
+    tmp_path, data_dir, monkeypatch, capsys, how, what
+):
     poison_from_step(monkeypatch, 2, how)
     out = tmp_path / "o"
     assert main(args(out, data_dir, "--training.max_iters", "4", *SMALL)) == 1
     err = capsys.readouterr().err
-    assert re.search(rf"^train: error: {re.escape(what)}.* at step 3; ", err, re.M) and "Traceback" not in err
+    assert (
+        re.search(rf"^train: error: {re.escape(what)}.* at step 3; ", err, re.M)
+        and "Traceback" not in err
+    )
     assert complete_checkpoints(out) == [1, 2]
 
 
 def test_nonfinite_skip_drops_the_steps(tmp_path, data_dir, monkeypatch):
     poison_from_step(monkeypatch, 2, "grad")
     out = tmp_path / "o"
-    trainer = run(out, data_dir, "--training.max_iters", "4", "--training.nonfinite_loss", "skip", *SMALL)
-    assert [r.get("skipped", False) for r in run_metrics(out) if "loss" in r] == [False, False, True, True]
+    trainer = run(
+        out, data_dir, "--training.max_iters", "4", "--training.nonfinite_loss", "skip", *SMALL
+    )
+    assert [r.get("skipped", False) for r in run_metrics(out) if "loss" in r] == [
+        False,
+        False,
+        True,
+        True,
+    ]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert complete_checkpoints(out) == [1, 2, 3, 4]
 
 
-def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_checkpoint_with_nonfinite_weights_is_never_written(
+    tmp_path, data_dir, monkeypatch, capsys
+):
     real = Trainer.train_step
 
     def train_step(self, step, micro):
@@ -402,8 +463,9 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path, data_dir
 # disk trouble
 
 
-def test_disk_full_during_a_save_is_one_clear_line_and_keeps_the_old_checkpoints(tmp_path, data_dir, monkeypatch,
-                                                                                 capsys):
+def test_disk_full_during_a_save_is_one_clear_line_and_keeps_the_old_checkpoints(
+    tmp_path, data_dir, monkeypatch, capsys
+):
     real_save = torch.save
     calls = []
 
@@ -416,7 +478,14 @@ def test_disk_full_during_a_save_is_one_clear_line_and_keeps_the_old_checkpoints
 
     monkeypatch.setattr(ckpt_mod.torch, "save", save)
     out = tmp_path / "o"
-    flags = ("--training.max_iters", "4", "--checkpointer.save_interval", "2", "--checkpointer.save_best", "false")
+    flags = (
+        "--training.max_iters",
+        "4",
+        "--checkpointer.save_interval",
+        "2",
+        "--checkpointer.save_best",
+        "false",
+    )
     assert main(args(out, data_dir, *flags)) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("train: error:")]
@@ -431,10 +500,26 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, 
     blocker = tmp_path / "afile"
     blocker.write_text("")
     folder = blocker / "sub"  # not writable even by root
-    assert main(args(tmp_path / "o", data_dir, "--training.max_iters", "2", "--checkpointer.save_dir", str(folder))) == 1
+    assert (
+        main(
+            args(
+                tmp_path / "o",
+                data_dir,
+                "--training.max_iters",
+                "2",
+                "--checkpointer.save_dir",
+                str(folder),
+            )
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("train: error: cannot write checkpoints to") and str(folder) in err and "ENOTDIR" in err
+    assert (
+        err.startswith("train: error: cannot write checkpoints to")
+        and str(folder) in err
+        and "ENOTDIR" in err
+    )
     assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
 
 

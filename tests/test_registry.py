@@ -1,35 +1,11 @@
 """Every registry holds exactly the names its spec field's `choices` list, and vice versa."""
 
-import os
-
 import pytest
-import yaml
 
+from generated import FIELDS
 from runtime.registry import EXTERNAL_CHOICE_FIELDS, Registry, all_registries
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def spec_choice_fields():
-    """{dotted field path: choices} for every spec field that declares `choices`."""
-    with open(os.path.join(REPO, "spec", "config.yaml")) as f:
-        spec = yaml.safe_load(f)
-    found = {}
-
-    def walk(section, prefix):
-        for field in section.get("fields") or []:
-            if "choices" in field:
-                found[prefix + field["name"]] = list(field["choices"])
-        for child in section.get("sections") or []:
-            walk(child, prefix + child["name"] + ".")
-
-    walk(spec["root"], "")
-    for section in spec["sections"]:
-        walk(section, section["name"] + ".")
-    return found
-
-
-CHOICES = spec_choice_fields()
+CHOICES = {path: list(spec.choices) for path, spec in FIELDS.items() if spec.choices is not None}
 REGISTRIES = all_registries()
 
 
@@ -49,8 +25,12 @@ def test_every_registry_implements_a_spec_choice_field():
 def test_registry_names_equal_spec_choices(field):
     registry = REGISTRIES[field]
     names, choices = set(registry.names()), set(CHOICES[field])
-    assert not choices - names, f"{field}: spec choices without an implementation: {sorted(choices - names)}"
-    assert not names - choices, f"{field}: implementations the spec does not list: {sorted(names - choices)}"
+    assert (
+        not choices - names
+    ), f"{field}: spec choices without an implementation: {sorted(choices - names)}"
+    assert (
+        not names - choices
+    ), f"{field}: implementations the spec does not list: {sorted(names - choices)}"
 
 
 def test_external_choice_fields_are_handled_by_the_model():
@@ -64,10 +44,25 @@ def test_external_choice_fields_are_handled_by_the_model():
     outputs = []
     for choice in CHOICES["model.score_func"]:
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_heads=2,
-                                        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                                        n_routed_experts=4, n_group=1, score_func=choice, mtp_depth=0),
-                            MoETrainingConfig(), MTPTrainingConfig())
+        model = Transformer(
+            ModelConfig(
+                dim=32,
+                inter_dim=64,
+                moe_inter_dim=32,
+                n_layers=2,
+                n_heads=2,
+                kv_lora_rank=16,
+                qk_nope_head_dim=16,
+                qk_rope_head_dim=8,
+                v_head_dim=16,
+                n_routed_experts=4,
+                n_group=1,
+                score_func=choice,
+                mtp_depth=0,
+            ),
+            MoETrainingConfig(),
+            MTPTrainingConfig(),
+        )
         outputs.append(model(tokens))
     for other in outputs[1:]:
         assert not torch.equal(outputs[0], other)

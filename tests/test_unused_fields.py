@@ -11,40 +11,22 @@ are called. A spec field nobody read fails the test, by its dotted path.
 
 import contextlib
 import dataclasses
-import os
 
 import pytest
 import torch
-import yaml
 
 import generated.parser as gparser
+from generated import FIELDS
 from generated.config import Config, LRScheduleConfig
 from runtime import distributed as dist_utils
 from runtime import train as train_mod
 from runtime.schedule import lr_at, phase_at
 from tiny import TINY_RUN_FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters", "1", "--schedule.warmup_iters", "1", "--schedule.lr_decay_iters", "20",
 ]
-
-
-def spec_fields():
-    with open(os.path.join(REPO, "spec", "config.yaml")) as f:
-        spec = yaml.safe_load(f)
-    paths = []
-
-    def walk(section, prefix):
-        paths.extend(prefix + field["name"] for field in section.get("fields") or [])
-        for child in section.get("sections") or []:
-            walk(child, prefix + child["name"] + ".")
-
-    walk(spec["root"], "")
-    for section in spec["sections"]:
-        walk(section, section["name"] + ".")
-    return paths
 
 
 class Recorder:
@@ -185,7 +167,7 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
     with pytest.raises(dist_utils.SystemConfigError):
         dist_utils.check_launch(distributed)
 
-    sections = {p.rsplit(".", 1)[0] for p in spec_fields() if "." in p}
-    unread = [p for p in spec_fields() if p not in recorder.reads]
+    sections = {p.rsplit(".", 1)[0] for p in list(FIELDS) if "." in p}
+    unread = [p for p in list(FIELDS) if p not in recorder.reads]
     assert not unread, f"spec fields never read by runtime/: {', '.join(unread)}"
     assert sections <= recorder.reads | {""}
