@@ -9,10 +9,9 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 
-from .checks import FieldSpec, check_value
-from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
+from runtime.configlib import FieldSpec, LineDict, YAMLLoadError, check_value, load_yaml
 
-FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt", "policy"}
+FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt", "policy", "hf", "sentinels", "derived"}
 SECTION_ATTRIBUTES = {"name", "class", "doc", "fields", "sections", "shorthand", "aliases", "policy"}
 ROOT_ATTRIBUTES = {"class", "doc", "fields", "policy"}
 ALIAS_ATTRIBUTES = {"name", "since", "removed"}
@@ -67,6 +66,14 @@ class Rule:
 
 
 @dataclass
+class DerivedDefault:
+    path: str
+    expression: str
+    code: str  # the expression over `c` (the root config)
+    paths: list
+
+
+@dataclass
 class Spec:
     filename: str
     sha256: str
@@ -74,6 +81,7 @@ class Spec:
     root: Section
     rules: list
     alias_versions: dict = field(default_factory=dict)  # alias path -> (since, removed or None)
+    derived: list = field(default_factory=list)  # DerivedDefault, in spec order
 
     def sections(self):
         return list(self.root.walk())
@@ -91,6 +99,7 @@ class _Reader:
         self.filename = filename
         self.problems = []
         self.alias_versions = {}
+        self.derived_lines = {}
         self.first_version = 1
 
     def error(self, line, message):
@@ -189,13 +198,36 @@ class _Reader:
             self.error(node.key_lines["choices"], f"{what}: 'choices' must be a list")
             choices = None
         aliases = self.aliases(node, section_path, what)
+        hf = node.get("hf")
+        if hf is not None and (not isinstance(hf, str) or not hf.isidentifier()):
+            self.error(node.key_lines["hf"], f"{what}: 'hf' must be the Hugging Face config.json key (an identifier)")
+            hf = None
+        if hf is not None and hf != name:
+            path = _join(section_path, hf)  # the Hugging Face name also loads as an old name
+            self.alias_versions[path] = (self.first_version, None)
+            aliases.append(path)
+        sentinels = node.get("sentinels", {})
+        if not isinstance(sentinels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sentinels.items()):
+            self.error(node.key_lines["sentinels"], f"{what}: 'sentinels' must map each special value to its meaning")
+            sentinels = {}
+        elif sentinels and base != "str":
+            self.error(node.key_lines["sentinels"], f"{what}: 'sentinels' only apply to str fields")
+        derived = node.get("derived")
+        if derived is not None:
+            if not isinstance(derived, str):
+                self.error(node.key_lines["derived"], f"{what}: 'derived' must be an expression over field paths")
+                derived = None
+            elif not nullable or node.get("default") is not None:
+                self.error(node.key_lines["derived"], f"{what}: a derived default needs a nullable type and default null (null means derived)")
         result = Field(
             policy=self.policy(node, section_policy, what),
             name=name or "?", path=_join(section_path, name or "?"), type=base, nullable=nullable,
             default=node.get("default"), doc=" ".join(doc.split()), aliases=tuple(aliases),
             choices=tuple(choices) if choices is not None else None,
-            min=bounds["min"], max=bounds["max"], gt=bounds["gt"], line=node.line,
+            min=bounds["min"], max=bounds["max"], gt=bounds["gt"], line=node.line, hf=hf,
+            sentinels=tuple((k, " ".join(v.split())) for k, v in sentinels.items()), derived=derived,
         )
+        self.derived_lines[result.path] = node.key_lines.get("derived", node.line)
         if "default" in node:
             problem = check_value(result, result.default)
             if problem:
@@ -234,6 +266,26 @@ class _Reader:
         if section.shorthand is not None and section.shorthand not in {f.name for f in section.fields}:
             self.error(node.key_lines["shorthand"], f"{what}: shorthand {section.shorthand!r} is not a field of the section")
         return section
+
+
+def root_fields(root):
+    return [f for section in root.walk() for f in section.fields]
+
+
+def has_constants(f):
+    """A str field with choices or sentinels gets a generated constants class."""
+    return f.item_type == "str" and (f.choices is not None or bool(f.sentinels))
+
+
+def enum_class_name(field_name):
+    """Name of the generated constants class of a choice or sentinel field: `schedule_type` ->
+    `ScheduleType`."""
+    return "".join(part.capitalize() for part in field_name.split("_"))
+
+
+def enum_member_name(value):
+    """Constant name of a choice or sentinel value: `max-autotune` -> `MAX_AUTOTUNE`."""
+    return value.upper().replace("-", "_").replace(".", "_")
 
 
 def _compile_expression(reader, text, line, sections, fields, what):
@@ -348,6 +400,26 @@ def load_spec(path, text=None):
             paths += [p for p in when_paths if p not in paths]
         rules.append(Rule(check, when, message, paths, check_code, when_code, node.line))
 
+    derived = []
+    for f in root_fields(root):
+        if f.derived is None:
+            continue
+        code, paths = _compile_expression(reader, f.derived, reader.derived_lines[f.path], section_names, field_paths, f"field {f.path}: derived")
+        if f.path in paths:
+            reader.error(reader.derived_lines[f.path], f"field {f.path}: a derived default cannot read itself")
+        derived.append(DerivedDefault(f.path, f.derived, code, paths))
+    enum_names = {}
+    for f in root_fields(root):
+        if not has_constants(f):
+            continue
+        name = enum_class_name(f.name)
+        if name in enum_names or name in class_names:
+            reader.error(f.line, f"field {f.path}: its constants class {name!r} collides with {enum_names.get(name) or 'a section class'}")
+        enum_names[name] = f.path
+        for value in list(f.choices or ()) + [value for value, _ in f.sentinels]:
+            if not isinstance(value, str) or not enum_member_name(value).isidentifier():
+                reader.error(f.line, f"field {f.path}: value {value!r} cannot name a constant")
+
     if reader.problems:
         raise SpecError(reader.problems)
     for alias, (since, removed) in reader.alias_versions.items():
@@ -355,4 +427,4 @@ def load_spec(path, text=None):
             reader.problems.append(f"{path}: alias {alias!r}: 'since' {since} is newer than the spec version {version}")
     if reader.problems:
         raise SpecError(reader.problems)
-    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules, reader.alias_versions)
+    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules, reader.alias_versions, derived)

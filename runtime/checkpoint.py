@@ -34,6 +34,9 @@ import tempfile
 import numpy as np
 import torch
 
+from generated import PATH
+from generated.names import ResumeFrom
+
 FORMAT_VERSION = 2
 STEP_FILE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\..*\.tmp$")  # atomic_save's temporary files
@@ -363,9 +366,10 @@ def step_checkpoints(folder):
 class Checkpointer:
     """Saving policy of the `checkpointer` section (CheckpointerConfig)."""
 
-    def __init__(self, checkpointer, out_dir):
+    def __init__(self, checkpointer):
+        assert checkpointer.save_dir is not None, "save_dir is a derived default, filled when the config resolves"
         self.cfg = checkpointer
-        self.dir = checkpointer.save_dir if checkpointer.save_dir is not None else os.path.join(out_dir, "checkpoints")
+        self.dir = checkpointer.save_dir
         self.save_interval = checkpointer.save_interval
         self.always = checkpointer.always_save_checkpoint
         self.keep_best = checkpointer.save_best
@@ -434,28 +438,6 @@ class Checkpointer:
             removed.append(path)
         return removed
 
-    def latest(self):
-        """Path of the newest step checkpoint in the save folder whose checksum holds, or None."""
-        for _, path in reversed(step_checkpoints(self.dir)):
-            try:
-                verify_checksum(path)
-            except CheckpointError:
-                continue
-            return path
-        return None
-
-    def resume_path(self):
-        """The checkpoint `resume_from` names: None (fresh run), `latest` (None if there is none) or
-        a file, which must exist."""
-        target = self.cfg.resume_from
-        if target is None:
-            return None
-        if target == "latest":
-            return self.latest()
-        if not os.path.isfile(target):
-            raise CheckpointError(f"checkpointer.resume_from: no checkpoint file {target!r}")
-        return target
-
     def load_resume(self, warn=None):
         """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run.
 
@@ -467,9 +449,9 @@ class Checkpointer:
         target = self.cfg.resume_from
         if target is None:
             return None, None
-        if target != "latest":
+        if target != ResumeFrom.LATEST:
             if not os.path.isfile(target):
-                raise CheckpointError(f"checkpointer.resume_from: no checkpoint file {target!r}")
+                raise CheckpointError(f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}")
             return target, load_checkpoint(target)
         problems = []
         for step, path in reversed(step_checkpoints(self.dir)):
@@ -484,7 +466,7 @@ class Checkpointer:
             return path, state
         if problems:
             raise CheckpointError(
-                f"checkpointer.resume_from latest: none of the {len(problems)} step checkpoints in {self.dir} "
+                f"{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}: none of the {len(problems)} step checkpoints in {self.dir} "
                 f"can be used (newest: {problems[0]})"
             )
         return None, None

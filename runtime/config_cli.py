@@ -13,7 +13,7 @@ import warnings
 
 import yaml
 
-from generated import ALIASES, FIELDS, ConfigError, dump_yaml, flat_values, migrate_text, nest, resolve
+from generated import ALIASES, FIELDS, PATH, ConfigError, dump_yaml, flat_values, migrate_text, nest, resolve
 
 
 def _validate(args):
@@ -38,7 +38,11 @@ def _show(args, extra):
     if not args.changed:
         sys.stdout.write(dump_yaml(resolved.config))
         return 0
-    changed = {path: value for path, value in flat_values(resolved.config).items() if value != FIELDS[path].default}
+    changed = {
+        path: value
+        for path, value in flat_values(resolved.config).items()
+        if value != FIELDS[path].default and resolved.sources[path].kind != "derived"
+    }
     if changed:
         sys.stdout.write(yaml.safe_dump(nest(changed), sort_keys=False, default_flow_style=False))
     return 0
@@ -61,7 +65,7 @@ def _describe(source, main_file):
 def _explain(args, extra):
     flags, keys = _split_flags(extra)
     if not keys:
-        raise SystemExit("explain needs at least one KEY, e.g. training.batch_size")
+        raise SystemExit(f"explain needs at least one KEY, e.g. {PATH.training.batch_size}")
     resolved = resolve(args.file, argv=flags)
     values = flat_values(resolved.config)
     unknown = []

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from generated import PATH
+from generated.names import Dataset as DatasetChoice
 from runtime.registry import DATASETS
 
 TRAIN_STREAM = 0
@@ -144,33 +146,36 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
     return Corpus(name, bin_path, "uint8", meta["bytes"], True)
 
 
-@DATASETS.register("stdlib")
+@DATASETS.register(DatasetChoice.STDLIB)
 def stdlib_corpus(data):
     """The running Python's standard-library `*.py` files (sorted relative paths; site-packages
     and test directories excluded), as bytes."""
     root, files = _stdlib_files()
-    return _cached_bytes_corpus("stdlib", data.data_dir, root, files, select_text=False)
+    return _cached_bytes_corpus(DatasetChoice.STDLIB, data.data_dir, root, files, select_text=False)
 
 
-@DATASETS.register("text_dir")
+@DATASETS.register(DatasetChoice.TEXT_DIR)
 def text_dir_corpus(data):
     """Every text file (valid UTF-8 without NUL bytes; hidden entries skipped) under `path`,
     in sorted relative-path order, as bytes."""
     if data.path is None or not os.path.isdir(data.path):
-        raise DataError(f"data.path must be an existing folder for the text_dir dataset, got {data.path!r}")
+        raise DataError(f"{PATH.data.path} must be an existing folder for the {DatasetChoice.TEXT_DIR} dataset, got {data.path!r}")
     root = os.path.realpath(data.path)
-    return _cached_bytes_corpus("text_dir", data.data_dir, root, _text_files(root), select_text=True)
+    return _cached_bytes_corpus(DatasetChoice.TEXT_DIR, data.data_dir, root, _text_files(root), select_text=True)
 
 
-@DATASETS.register("bin")
+@DATASETS.register(DatasetChoice.BIN)
 def bin_corpus(data):
     """A pre-tokenized uint16 token file at `path`, memory-mapped in place."""
     if data.path is None or not os.path.isfile(data.path):
-        raise DataError(f"data.path must be an existing .bin file for the bin dataset, got {data.path!r}")
+        raise DataError(f"{PATH.data.path} must be an existing .bin file for the {DatasetChoice.BIN} dataset, got {data.path!r}")
     size = os.path.getsize(data.path)
     if size % 2:
         raise DataError(f"{data.path}: a uint16 token file must have an even size, found {size} bytes")
-    return Corpus("bin", os.path.realpath(data.path), "uint16", size // 2, False)
+    return Corpus(DatasetChoice.BIN, os.path.realpath(data.path), "uint16", size // 2, False)
+
+
+DATASETS.complete()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,23 +7,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runtime.registry import BACKENDS, COMPILE_MODES, DTYPES
+from generated import PATH
+from generated.names import Backend, Device, Dtype
+from runtime.registry import BACKENDS, DTYPES
 
 
 class SystemConfigError(RuntimeError):
     """The `system` settings cannot run here (bad device, multi-process launch without DDP...)."""
 
 
-DTYPES.register("float32", torch.float32)
-DTYPES.register("bfloat16", torch.bfloat16)
-DTYPES.register("float16", torch.float16)
+DTYPES.register(Dtype.FLOAT32, torch.float32)
+DTYPES.register(Dtype.BFLOAT16, torch.bfloat16)
+DTYPES.register(Dtype.FLOAT16, torch.float16)
+DTYPES.complete()
 
-for _mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-    COMPILE_MODES.register(_mode, _mode)
-
-BACKENDS.register("auto", lambda device_type: "nccl" if device_type == "cuda" else "gloo")
-BACKENDS.register("nccl", lambda device_type: "nccl")
-BACKENDS.register("gloo", lambda device_type: "gloo")
+BACKENDS.register(Backend.AUTO, lambda device_type: Backend.NCCL if device_type == "cuda" else Backend.GLOO)
+BACKENDS.register(Backend.NCCL, lambda device_type: Backend.NCCL)
+BACKENDS.register(Backend.GLOO, lambda device_type: Backend.GLOO)
+BACKENDS.complete()
 
 
 @dataclass
@@ -48,15 +49,15 @@ def resolve_device(device_cfg, local_rank=0, distributed=False):
     """torch.device from DeviceConfig.device: cpu, cuda, cuda:N or auto (cuda when available).
     Under DDP on CUDA each process takes cuda:LOCAL_RANK."""
     name = device_cfg.device
-    if name == "auto":
+    if name == Device.AUTO:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemConfigError(f"system.device.device: {error}") from None
+        raise SystemConfigError(f"{PATH.system.device.device}: {error}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemConfigError(f"system.device.device is {name!r} but CUDA is not available")
+            raise SystemConfigError(f"{PATH.system.device.device} is {name!r} but CUDA is not available")
         if distributed and device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -99,8 +100,8 @@ def check_launch(dist_cfg):
     world = launch_world()[0]
     if world > 1 and not dist_cfg.enabled:
         raise SystemConfigError(
-            f"launched with WORLD_SIZE={world} but system.distributed.enabled is false; "
-            "set --system.distributed.enabled true (or launch a single process)"
+            f"launched with WORLD_SIZE={world} but {PATH.system.distributed.enabled} is false; "
+            f"set --{PATH.system.distributed.enabled} true (or launch a single process)"
         )
 
 
@@ -122,10 +123,9 @@ def wrap_ddp(module, dist_cfg, device):
 
 def compile_module(module, compile_cfg):
     """torch.compile(module, mode=compile_mode) when TorchCompilationConfig.compile is set."""
-    mode = COMPILE_MODES.get(compile_cfg.compile_mode)  # an unknown mode fails even when off
     if not compile_cfg.compile:
         return module
-    return torch.compile(module, mode=mode)
+    return torch.compile(module, mode=str(compile_cfg.compile_mode))  # the spec's choices are torch's modes
 
 
 def all_reduce_sum(tensor, info):

@@ -23,7 +23,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from generated import HF_NAMES, PATH
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.names import ScoreFunc
 from runtime.model import Transformer
 
 # block-level keys: ours -> HF (relative to layers.{i}. / model.layers.{i}.)
@@ -62,31 +64,22 @@ MTP_KEYS = {
 }
 MTP_KEYS_INV = {v: k for k, v in MTP_KEYS.items()}
 
-# spec field -> HF config.json key, for the fields that map one to one
+def _name(path: str) -> str:
+    """The field name of a dotted path: model.q_lora_rank -> q_lora_rank."""
+    return path.rsplit(".", 1)[-1]
+
+
+# HF config.json keys of the spec's `hf` attributes; q_lora_rank (0 <-> null) and rope_theta (also
+# inside rope_parameters) need a conversion, the rest map one to one.
+HF_Q_LORA_RANK = HF_NAMES[PATH.model.q_lora_rank]
+HF_ROPE_THETA = HF_NAMES[PATH.model.rope_theta]
+HF_N_HEADS = HF_NAMES[PATH.model.n_heads]
+HF_MTP_DEPTH = HF_NAMES[PATH.model.mtp_depth]
+# model field name -> HF config.json key, for the fields that map one to one
 FIELD_TO_HF = {
-    "vocab_size": "vocab_size",
-    "dim": "hidden_size",
-    "inter_dim": "intermediate_size",
-    "moe_inter_dim": "moe_intermediate_size",
-    "n_layers": "num_hidden_layers",
-    "first_k_dense": "first_k_dense_replace",
-    "n_heads": "num_attention_heads",
-    "kv_lora_rank": "kv_lora_rank",
-    "qk_nope_head_dim": "qk_nope_head_dim",
-    "qk_rope_head_dim": "qk_rope_head_dim",
-    "v_head_dim": "v_head_dim",
-    "max_seq_len": "max_position_embeddings",
-    "norm_eps": "rms_norm_eps",
-    "init_std": "initializer_range",
-    "n_routed_experts": "n_routed_experts",
-    "n_shared_experts": "n_shared_experts",
-    "top_k": "num_experts_per_tok",
-    "n_group": "n_group",
-    "topk_group": "topk_group",
-    "score_func": "scoring_func",
-    "route_scale": "routed_scaling_factor",
-    "norm_topk_prob": "norm_topk_prob",
-    "mtp_depth": "num_nextn_predict_layers",
+    _name(path): hf
+    for path, hf in HF_NAMES.items()
+    if path not in (PATH.model.q_lora_rank, PATH.model.rope_theta)
 }
 
 
@@ -95,7 +88,7 @@ FIELD_TO_HF = {
 
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json for transformers' DeepseekV3ForCausalLM."""
-    if cfg.score_func != "sigmoid":
+    if cfg.score_func != ScoreFunc.SIGMOID:
         raise ValueError(
             f"cannot export score_func={cfg.score_func!r}: Hugging Face DeepseekV3 implements only "
             "sigmoid router scoring, so the exported model would compute something else"
@@ -109,12 +102,12 @@ def hf_config(cfg: ModelConfig) -> dict:
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         **{hf: getattr(cfg, f) for f, hf in FIELD_TO_HF.items()},
-        "q_lora_rank": cfg.q_lora_rank or None,
+        HF_Q_LORA_RANK: cfg.q_lora_rank or None,
         "num_key_value_heads": cfg.n_heads,
         "hidden_act": "silu",
         "topk_method": "noaux_tc",
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        HF_ROPE_THETA: cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", HF_ROPE_THETA: cfg.rope_theta},
         "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -148,18 +141,18 @@ def model_fields_from_hf_config(config_json: dict) -> dict[str, object]:
         ("tie_word_embeddings", lambda v: not v),
         ("hidden_act", lambda v: v == "silu"),
         ("rope_interleave", lambda v: v),
-        ("num_key_value_heads", lambda v: v is None or v == c.get("num_attention_heads")),
+        ("num_key_value_heads", lambda v: v is None or v == c.get(HF_N_HEADS)),
     ]:
         if key in c and not ok(c[key]):
             raise ValueError(f"unsupported Hugging Face setting {key}={c[key]!r}")
     fields = {f: c[hf] for f, hf in FIELD_TO_HF.items() if hf in c}
-    if "num_nextn_predict_layers" not in c and "num_mtp_layers" in c:
+    if HF_MTP_DEPTH not in c and "num_mtp_layers" in c:
         fields["mtp_depth"] = c["num_mtp_layers"]
-    if "q_lora_rank" in c:
-        fields["q_lora_rank"] = c["q_lora_rank"] or 0
-    theta = rope.get("rope_theta", c.get("rope_theta"))
+    if HF_Q_LORA_RANK in c:
+        fields[_name(PATH.model.q_lora_rank)] = c[HF_Q_LORA_RANK] or 0
+    theta = rope.get(HF_ROPE_THETA, c.get(HF_ROPE_THETA))
     if theta is not None:
-        fields["rope_theta"] = float(theta)
+        fields[_name(PATH.model.rope_theta)] = float(theta)
     return fields
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generated.config import ModelConfig, MoETrainingConfig
+from generated.names import ScoreFunc
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float()) / self.temperature
         if self.training and self.noise_scale > 0:
             logits = logits + torch.randn_like(logits) * self.noise_scale
-        if self.score_func == "softmax":
+        if self.score_func == ScoreFunc.SOFTMAX:
             scores = logits.softmax(dim=-1)
         else:
             scores = logits.sigmoid()
@@ -68,7 +69,7 @@ class Router(nn.Module):
         if self.n_group > 1:
             N = choice.shape[0]
             grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
-            if self.score_func == "sigmoid":
+            if self.score_func == ScoreFunc.SIGMOID:
                 group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
             else:
                 group_scores = grouped.amax(dim=-1)

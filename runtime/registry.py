@@ -1,23 +1,35 @@
-"""Name -> implementation registries for every config field whose value picks an implementation.
+"""Name -> implementation registries for the config fields whose value picks an implementation.
 
-Each registry is tied to the spec field (dotted path) whose `choices` it implements;
-tests/test_registry.py checks that the two hold exactly the same names. Implementations register
-themselves where they are defined (`@SCHEDULES.register("cosine")`); `all_registries()` imports
-those modules so every registry is complete.
+Each registry belongs to a spec field with `choices` and is keyed by that field's generated
+constants (generated/names.py). Implementations register where they are defined
+(`@SCHEDULES.register(ScheduleType.COSINE)`), and the defining module calls `complete()` last: a
+choice without an implementation (or an implementation the spec does not list) fails at import.
+Choice fields whose code branches on the constants directly are listed in BRANCHING_FIELDS.
 """
 
+from __future__ import annotations
+
 import importlib
+from enum import StrEnum
+from typing import Any
+
+from generated import CONSTANTS, PATH
+
+
+class RegistryIncomplete(TypeError):
+    """A registry's implementations differ from its spec field's choices."""
 
 
 class Registry:
-    """A named mapping of choice -> implementation for the spec field `field`."""
+    """choice -> implementation for the spec field `field`, complete once `complete()` returns."""
 
-    def __init__(self, field, what):
+    def __init__(self, field: str, what: str) -> None:
         self.field = field
         self.what = what
-        self._items = {}
+        self.choices: type[StrEnum] = CONSTANTS[field]
+        self._items: dict[str, Any] = {}
 
-    def register(self, name, obj=None):
+    def register(self, name: StrEnum, obj: Any = None) -> Any:
         """Register `obj` under `name`; without `obj`, return a decorator."""
         if obj is not None:
             self._add(name, obj)
@@ -29,12 +41,21 @@ class Registry:
 
         return decorator
 
-    def _add(self, name, obj):
+    def _add(self, name: StrEnum, obj: Any) -> None:
+        if not isinstance(name, self.choices):
+            raise RegistryIncomplete(f"{self.what} {name!r} is not one of the generated constants {self.choices.__name__} of {self.field}")
         if name in self._items:
-            raise ValueError(f"{self.what} {name!r} registered twice")
+            raise RegistryIncomplete(f"{self.what} {name!r} registered twice")
         self._items[name] = obj
 
-    def get(self, name):
+    def complete(self) -> Registry:
+        """Check that every choice of the spec field has an implementation (call at import)."""
+        missing = [choice.value for choice in self.choices if choice not in self._items]
+        if missing:
+            raise RegistryIncomplete(f"{self.field}: no {self.what} implementation for the spec choices {', '.join(missing)}")
+        return self
+
+    def get(self, name: str) -> Any:
         try:
             return self._items[name]
         except KeyError:
@@ -42,38 +63,37 @@ class Registry:
 
     __getitem__ = get
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         return name in self._items
 
-    def names(self):
-        return list(self._items)
+    def names(self) -> list[str]:
+        return [str(name) for name in self._items]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Registry({self.field}: {', '.join(self.names())})"
 
 
 # data.dataset -> corpus builder (runtime/data.py)
-DATASETS = Registry("data.dataset", "dataset")
+DATASETS = Registry(PATH.data.dataset, "dataset")
 # schedule.schedule_type -> lr multiplier after warm-up (runtime/schedule.py)
-SCHEDULES = Registry("schedule.schedule_type", "schedule type")
+SCHEDULES = Registry(PATH.schedule.schedule_type, "schedule type")
 # system.device.dtype -> torch dtype (runtime/distributed.py)
-DTYPES = Registry("system.device.dtype", "dtype")
-# system.compile.compile_mode -> torch.compile mode (runtime/distributed.py)
-COMPILE_MODES = Registry("system.compile.compile_mode", "compile mode")
+DTYPES = Registry(PATH.system.device.dtype, "dtype")
 # system.distributed.backend -> resolver(device_type) -> process-group backend (runtime/distributed.py)
-BACKENDS = Registry("system.distributed.backend", "distributed backend")
-# training.nonfinite_loss -> policy (runtime/train.py)
-NONFINITE_POLICIES = Registry("training.nonfinite_loss", "non-finite loss policy")
+BACKENDS = Registry(PATH.system.distributed.backend, "distributed backend")
 
-_IMPLEMENTING_MODULES = ("runtime.data", "runtime.schedule", "runtime.distributed", "runtime.train")
+_IMPLEMENTING_MODULES = ("runtime.data", "runtime.schedule", "runtime.distributed")
 
-# Spec fields with `choices` whose implementation is not chosen through a registry here:
-# the model helper's code branches on them directly.
-EXTERNAL_CHOICE_FIELDS = {"model.score_func": "runtime/model.py (router scoring)"}
+# Choice fields the code branches on directly, comparing with the generated constants.
+BRANCHING_FIELDS = {
+    PATH.model.score_func: "runtime/moe.py (router scoring)",
+    PATH.training.nonfinite_loss: "runtime/train.py (stop or skip the step)",
+    PATH.system.compile.compile_mode: "runtime/distributed.py (passed to torch.compile as is)",
+}
 
 
-def all_registries():
+def all_registries() -> dict[str, Registry]:
     """Every registry, keyed by the spec field it implements, with all implementations loaded."""
     for module in _IMPLEMENTING_MODULES:
         importlib.import_module(module)
-    return {r.field: r for r in (DATASETS, SCHEDULES, DTYPES, COMPILE_MODES, BACKENDS, NONFINITE_POLICIES)}
+    return {r.field: r for r in (DATASETS, SCHEDULES, DTYPES, BACKENDS)}

@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from generated import FIELDS, PATH
+
 
 @torch.no_grad()
 def generate(
@@ -64,11 +66,12 @@ def main(argv: list[str]) -> int:
         prog="python -m runtime sample", description="Generate text from a model."
     )
     parser.add_argument("source", help="trainer checkpoint file or Hugging Face folder")
-    parser.add_argument("--prompt", default="\n", help="prompt text (UTF-8 bytes are the tokens)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cpu")
+    defaults = {name: FIELDS[getattr(PATH.sample, name)].default for name in ("prompt", "max_new_tokens", "temperature")}
+    parser.add_argument("--prompt", default=defaults["prompt"], help="prompt text (UTF-8 bytes are the tokens)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=FIELDS[PATH.seed].default)
+    parser.add_argument("--device", default=FIELDS[PATH.system.device.device].default)
     parser.add_argument(
         "--json",
         action="store_true",

@@ -11,6 +11,7 @@ has no decay and stays at `peak_lr` for ever.
 import bisect
 import math
 
+from generated.names import ScheduleType
 from runtime.registry import SCHEDULES
 
 INITIAL_PHASE = "initial"
@@ -44,7 +45,7 @@ def _progress(step, start, end):
     return min(1.0, max(0.0, (step - start) / (end - start)))
 
 
-@SCHEDULES.register("cosine")
+@SCHEDULES.register(ScheduleType.COSINE)
 def _cosine(step, schedule, peak_lr):
     if step >= schedule.lr_decay_iters:
         return schedule.min_lr
@@ -52,7 +53,7 @@ def _cosine(step, schedule, peak_lr):
     return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak_lr - schedule.min_lr)
 
 
-@SCHEDULES.register("linear")
+@SCHEDULES.register(ScheduleType.LINEAR)
 def _linear(step, schedule, peak_lr):
     if step >= schedule.lr_decay_iters:
         return schedule.min_lr
@@ -60,12 +61,12 @@ def _linear(step, schedule, peak_lr):
     return peak_lr - ratio * (peak_lr - schedule.min_lr)
 
 
-@SCHEDULES.register("constant")
+@SCHEDULES.register(ScheduleType.CONSTANT)
 def _constant(step, schedule, peak_lr):
     return peak_lr
 
 
-@SCHEDULES.register("wsd")
+@SCHEDULES.register(ScheduleType.WSD)
 def _wsd(step, schedule, peak_lr):
     """Warmup-stable-decay: hold, then linear decay over the last `decay_fraction` of the steps
     up to `lr_decay_iters` (never starting before the end of warm-up)."""
@@ -79,7 +80,7 @@ def _wsd(step, schedule, peak_lr):
     return peak_lr - ratio * (peak_lr - schedule.min_lr)
 
 
-@SCHEDULES.register("cosine_restarts")
+@SCHEDULES.register(ScheduleType.COSINE_RESTARTS)
 def _cosine_restarts(step, schedule, peak_lr):
     """`num_cycles` equal cosine cycles from peak_lr to min_lr between warm-up and lr_decay_iters;
     each cycle restarts at peak_lr."""
@@ -92,10 +93,13 @@ def _cosine_restarts(step, schedule, peak_lr):
     return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * position)) * (peak_lr - schedule.min_lr)
 
 
-@SCHEDULES.register("multi_phase")
+@SCHEDULES.register(ScheduleType.MULTI_PHASE)
 def _multi_phase(step, schedule, peak_lr):
     """peak_lr times `phase_decay` per `phase_steps` boundary reached, floored at min_lr."""
     if step >= schedule.lr_decay_iters:
         return schedule.min_lr
     passed = bisect.bisect_right(list(schedule.phase_steps), step)
     return max(schedule.min_lr, peak_lr * schedule.phase_decay**passed)
+
+
+SCHEDULES.complete()

@@ -36,6 +36,8 @@ from generated.parser import (
     resolved_from_config,
     to_saved_dict,
 )
+from generated import PATH
+from generated.names import InitFrom, NonfiniteLoss, ResumeFrom
 from runtime import distributed as dist_utils
 from runtime.checkpoint import (
     FORMAT_VERSION,
@@ -51,14 +53,10 @@ from runtime.checkpoint import (
 )
 from runtime.data import DataError, DataModule
 from runtime.metrics import MetricsWriter, plot_losses
-from runtime.registry import NONFINITE_POLICIES
 from runtime.schedule import lr_at, phase_at
 from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
 
 SAMPLE_NAME = "sample.txt"
-SAMPLE_PROMPT = "def "
-SAMPLE_NEW_TOKENS = 200
-SAMPLE_TEMPERATURE = 0.8
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,10 +65,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A configuration that cannot train (reported without a traceback)."""
-
-
-NONFINITE_POLICIES.register("stop", "stop")
-NONFINITE_POLICIES.register("skip", "skip")
 
 
 def seed_everything(seed):
@@ -140,7 +134,7 @@ class Trainer:
         checkpoint policies of the spec use it on resume and for init_from."""
         resolved = resolved if resolved is not None else resolved_from_config(cfg)
         # ---- the config: reconciled with a resumed checkpoint, or with init_from's architecture
-        self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
+        self.checkpointer = Checkpointer(resolved.config.checkpointer)
         resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn)
         self.resumed_from = resume_path
         init_weights = None
@@ -159,7 +153,7 @@ class Trainer:
             import_wandb()  # fail before anything is built
         if training.gradient_accumulation_steps % world:
             raise TrainingError(
-                f"training.gradient_accumulation_steps ({training.gradient_accumulation_steps}) must divide by the "
+                f"{PATH.training.gradient_accumulation_steps} ({training.gradient_accumulation_steps}) must divide by the "
                 f"number of processes ({world})"
             )
         self.device = dist_utils.resolve_device(system.device, local_rank, distributed=world > 1)
@@ -170,7 +164,7 @@ class Trainer:
         if self.is_main and not cfg.evaluator.eval_only:
             self.checkpointer.check_writable()
         self.dtype = dist_utils.autocast_dtype(system.device)
-        self.nonfinite_policy = NONFINITE_POLICIES.get(training.nonfinite_loss)
+        self.nonfinite_policy = NonfiniteLoss(training.nonfinite_loss)
         seed_everything(cfg.seed)
 
         for note in self.config_notes:
@@ -190,8 +184,6 @@ class Trainer:
             cfg.data, seed=cfg.seed, window=self.window, batch_size=training.batch_size,
             grad_accum=training.gradient_accumulation_steps, world_size=self.dist.world_size, rank=self.dist.rank,
         )
-        if self.data.corpus.is_bytes and cfg.model.vocab_size < 256:
-            raise TrainingError(f"model.vocab_size is {cfg.model.vocab_size} but the {cfg.data.dataset!r} corpus is bytes (needs 256)")
 
         # ---- state
         self.step = 0
@@ -240,7 +232,7 @@ class Trainer:
         checkpoint file or a Hugging Face folder. The source's architecture fills the model
         section; a model field this run sets explicitly to another value is a config error."""
         source = resolved.config.checkpointer.init_from
-        if source == "scratch":
+        if source == InitFrom.SCRATCH:
             return resolved, None
         if _is_hf_folder(source):
             from runtime.hf import load_hf_weights, model_fields_from_hf_config
@@ -262,7 +254,7 @@ class Trainer:
 
             return resolved, load_weights
         raise CheckpointError(
-            f"checkpointer.init_from must be 'scratch', a checkpoint file or a Hugging Face folder "
+            f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r}, a checkpoint file or a Hugging Face folder "
             f"(config.json + safetensors); {source!r} is none of these"
         )
 
@@ -336,9 +328,10 @@ class Trainer:
             "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, cfg.schedule),
         }
         if not math.isfinite(means[0]):
-            if self.nonfinite_policy == "stop":
+            if self.nonfinite_policy == NonfiniteLoss.STOP:
                 raise NonFiniteLossError(
-                    f"non-finite loss ({means[0]}) at step {step + 1}; set training.nonfinite_loss: skip to drop such steps"
+                    f"non-finite loss ({means[0]}) at step {step + 1}; set {PATH.training.nonfinite_loss}: "
+                    f"{NonfiniteLoss.SKIP} to drop such steps"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped"] = True
@@ -351,10 +344,10 @@ class Trainer:
             # an inf/NaN gradient with a finite loss would turn the weights into NaN; with float16
             # the GradScaler skips such steps itself
             if not math.isfinite(metrics["grad_norm"]) and not self.scaler.is_enabled():
-                if self.nonfinite_policy == "stop":
+                if self.nonfinite_policy == NonfiniteLoss.STOP:
                     raise NonFiniteLossError(
                         f"non-finite gradient norm ({metrics['grad_norm']}) at step {step + 1}; set "
-                        f"training.nonfinite_loss: skip to drop such steps"
+                        f"{PATH.training.nonfinite_loss}: {NonfiniteLoss.SKIP} to drop such steps"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["skipped"] = True
@@ -409,7 +402,8 @@ class Trainer:
                 self._train()
                 if self.is_main and self.stopped_by is None:
                     plot_losses(self.out_dir)
-                    self.sample()
+                    if self.cfg.sample.max_new_tokens > 0:
+                        self.sample()
         finally:
             self.wandb.finish()
         dist_utils.barrier(self.dist)
@@ -491,19 +485,21 @@ class Trainer:
                         self.wandb.log_checkpoint(saved, self.step)
                     bar.close()
                     self._say(f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
-                              f"continue with --checkpointer.resume_from latest")
+                              f"continue with --{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}")
                 break
         bar.close()
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
 
     def sample(self):
-        """Print a short generation from the trained model and save it as <out_dir>/sample.txt."""
+        """Print a generation from the trained model (the `sample` section) and save it as
+        <out_dir>/sample.txt."""
         from runtime.sample import generate
 
+        settings = self.cfg.sample
         self.model.eval()
         if self.data.corpus.is_bytes:
-            prompt = list(SAMPLE_PROMPT.encode())
+            prompt = list(settings.prompt.encode())
         else:
             start, _ = self.data.val_set.start, self.data.val_set.end
             prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
@@ -512,7 +508,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         ids = generate(
             self.model, torch.tensor(prompt, dtype=torch.long, device=self.device),
-            min(SAMPLE_NEW_TOKENS, room), SAMPLE_TEMPERATURE, generator,
+            min(settings.max_new_tokens, room), settings.temperature, generator,
         )
         ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
         if self.data.corpus.is_bytes:

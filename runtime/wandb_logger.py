@@ -6,6 +6,8 @@ starts. Set WANDB_MODE=offline to log without a network (the run lands in `<out_
 
 import os
 
+from generated import PATH
+
 
 class WandbUnavailable(RuntimeError):
     """wandb.enabled is true but the wandb package cannot be imported."""
@@ -16,8 +18,8 @@ def import_wandb():
         import wandb
     except ImportError as error:
         raise WandbUnavailable(
-            f"wandb.enabled is true but wandb cannot be imported ({error}); "
-            "pip install wandb or set --wandb.enabled false"
+            f"{PATH.wandb.enabled} is true but wandb cannot be imported ({error}); "
+            f"pip install wandb or set --{PATH.wandb.enabled} false"
         ) from None
     return wandb
 

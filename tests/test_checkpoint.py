@@ -76,27 +76,29 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
+def _checkpointer(tmp_path, **fields):
+    """A Checkpointer of a resolved config (save_dir is derived from out_dir when left null)."""
+    config = load_config(argv=["--out_dir", str(tmp_path), *[f"--checkpointer.{k}={v}" for k, v in fields.items()]])
+    return Checkpointer(config.checkpointer)
+
+
 def test_checkpointer_policy_and_retention(tmp_path):
-    c = Checkpointer(CheckpointerConfig(save_interval=2, keep_last_n=2, always_save_checkpoint=False), str(tmp_path))
-    assert c.dir == os.path.join(str(tmp_path), "checkpoints")
+    c = _checkpointer(tmp_path, save_interval=2, keep_last_n=2, always_save_checkpoint="false")
+    assert c.dir == os.path.join(str(tmp_path), "checkpoints")  # the derived default
     assert not c.should_save(1, final=False, improved=True)
     assert not c.should_save(2, final=False, improved=False)
     assert c.should_save(2, final=False, improved=True)
     assert c.should_save(3, final=True, improved=False)
-    assert Checkpointer(CheckpointerConfig(save_interval=2), str(tmp_path)).should_save(2, final=False, improved=False)
-    assert not Checkpointer(CheckpointerConfig(save_interval=0), str(tmp_path)).should_save(2, final=False, improved=True)
+    assert _checkpointer(tmp_path, save_interval=2).should_save(2, final=False, improved=False)
+    assert not _checkpointer(tmp_path, save_interval=0).should_save(2, final=False, improved=True)
     other = tmp_path / "elsewhere"
-    assert Checkpointer(CheckpointerConfig(save_dir=str(other)), str(tmp_path)).dir == str(other)
+    assert _checkpointer(tmp_path, save_dir=str(other)).dir == str(other)
     for step in range(1, 6):
         c.save({"model": {}, "step": step}, step)
     assert [s for s, _ in step_checkpoints(c.dir)] == [4, 5]
-    # `latest` skips an unreadable newest file
-    with open(os.path.join(c.dir, checkpoint_name(6)), "wb") as f:
-        f.write(b"garbage")
-    assert c.latest().endswith(checkpoint_name(5))
-    assert Checkpointer(CheckpointerConfig(resume_from="latest"), str(tmp_path / "empty")).resume_path() is None
-    with pytest.raises(CheckpointError):
-        Checkpointer(CheckpointerConfig(resume_from=str(tmp_path / "nope.pt")), str(tmp_path)).resume_path()
+    assert _checkpointer(tmp_path / "empty", resume_from="latest").load_resume() == (None, None)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        _checkpointer(tmp_path, resume_from=str(tmp_path / "nope.pt")).load_resume()
 
 
 def test_checkpoint_contents(tmp_path, data_dir):

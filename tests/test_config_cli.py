@@ -73,7 +73,6 @@ def test_show_round_trips(path, capsys):
     reloaded = load_config(text=out, filename="<show>")
     assert reloaded == load_config(path)
     # Canonical output: loading it raises no old-name warnings.
-    parser_module._warned_aliases.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_config(text=out)
@@ -122,7 +121,6 @@ def test_migrate_legacy_file(capsys, tmp_path):
     assert code == 0
     migrated = tmp_path / "migrated.yaml"
     migrated.write_text(out)
-    parser_module._warned_aliases.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = load_config(migrated)

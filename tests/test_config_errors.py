@@ -16,6 +16,7 @@ from generated import (
     ConfigError,
     build_arg_parser,
     load_config,
+    resolved_from_config,
 )
 
 
@@ -218,7 +219,9 @@ def test_non_utf8_bytes(tmp_path):
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
 def test_empty_file_gives_defaults(tmp_path, text):
-    assert load_config(write(tmp_path, text)) == Config()
+    config = load_config(write(tmp_path, text))
+    assert config == resolved_from_config(Config()).config
+    assert config.checkpointer.save_dir == "out/checkpoints"  # the derived default, filled in
 
 
 def test_top_level_not_a_mapping(tmp_path):
@@ -259,21 +262,19 @@ def test_float_written_without_a_dot_is_accepted(tmp_path):
     assert isinstance(load_config(argv=["--optimizer.lr", "6e-4"]).optimizer.lr, float)
 
 
-def test_alias_warns_once_naming_the_canonical_key(tmp_path):
+def test_alias_warns_naming_the_canonical_key_and_the_file(tmp_path):
     path = write(tmp_path, "optimizer:\n  learning_rate: 0.002\n")
-    parser_module._warned_aliases.clear()
-    with warnings.catch_warnings(record=True) as first:
-        warnings.simplefilter("always")
-        assert load_config(path).optimizer.lr == 0.002
-    with warnings.catch_warnings(record=True) as second:
-        warnings.simplefilter("always")
-        assert load_config(path).optimizer.lr == 0.002
-    alias_warnings = [w for w in first if issubclass(w.category, ConfigAliasWarning)]
-    assert len(alias_warnings) == 1
-    message = str(alias_warnings[0].message)
-    assert "'optimizer.learning_rate'" in message and "'optimizer.lr'" in message
-    assert f"{path}:2" in message
-    assert not [w for w in second if issubclass(w.category, ConfigAliasWarning)]
+    other = tmp_path / "other.yaml"
+    other.write_text("seed: 1\noptimizer:\n  learning_rate: 0.002\n")
+    for source, line in ((path, 2), (path, 2), (other, 3)):  # every load warns about its own file
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert load_config(source).optimizer.lr == 0.002
+        alias_warnings = [w for w in caught if issubclass(w.category, ConfigAliasWarning)]
+        assert len(alias_warnings) == 1
+        message = str(alias_warnings[0].message)
+        assert "'optimizer.learning_rate'" in message and "'optimizer.lr'" in message
+        assert f"{source}:{line}" in message
 
 
 @pytest.mark.parametrize(
@@ -315,7 +316,7 @@ def test_flag_values_of_every_kind():
     )
     assert config.wandb.tags == ["a", "b"] and config.wandb.enabled is True
     assert (config.data.dataset, config.data.path) == ("bin", "x.bin")
-    assert config.checkpointer.save_dir is None
+    assert config.checkpointer.save_dir == "out/checkpoints"  # null: the derived default
     assert config.system.distributed.enabled and config.system.device.device == "cuda"
     assert config.model.dim == 64
 

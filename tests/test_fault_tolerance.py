@@ -63,7 +63,6 @@ BAR = re.compile(rb"train:\s+\d+%")
 def quick(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 8)
     yield
     torch.set_num_threads(before)
 

@@ -1,24 +1,26 @@
-"""Every registry holds exactly the names its spec field's `choices` list, and vice versa."""
+"""Every registry holds exactly the names its spec field's `choices` list, and vice versa; an
+incomplete registry fails when its module is imported."""
 
 import pytest
 
 from generated import FIELDS
-from runtime.registry import EXTERNAL_CHOICE_FIELDS, Registry, all_registries
+from generated import PATH
+from runtime.registry import BRANCHING_FIELDS, Registry, RegistryIncomplete, all_registries
 
 CHOICES = {path: list(spec.choices) for path, spec in FIELDS.items() if spec.choices is not None}
 REGISTRIES = all_registries()
 
 
 def test_every_choice_field_has_a_registry_or_is_declared_external():
-    uncovered = set(CHOICES) - set(REGISTRIES) - set(EXTERNAL_CHOICE_FIELDS)
+    uncovered = set(CHOICES) - set(REGISTRIES) - set(BRANCHING_FIELDS)
     assert not uncovered, f"spec fields with choices but no runtime registry: {sorted(uncovered)}"
 
 
 def test_every_registry_implements_a_spec_choice_field():
     stray = set(REGISTRIES) - set(CHOICES)
     assert not stray, f"registries for fields the spec does not give choices: {sorted(stray)}"
-    assert not set(EXTERNAL_CHOICE_FIELDS) - set(CHOICES)
-    assert not set(EXTERNAL_CHOICE_FIELDS) & set(REGISTRIES)
+    assert not set(BRANCHING_FIELDS) - set(CHOICES)
+    assert not set(BRANCHING_FIELDS) & set(REGISTRIES)
 
 
 @pytest.mark.parametrize("field", sorted(REGISTRIES))
@@ -33,7 +35,7 @@ def test_registry_names_equal_spec_choices(field):
     ), f"{field}: implementations the spec does not list: {sorted(names - choices)}"
 
 
-def test_external_choice_fields_are_handled_by_the_model():
+def test_branching_choice_fields_are_handled_by_the_model():
     # model.score_func: the router branches on the name; every choice builds and routes differently
     import torch
 
@@ -69,15 +71,29 @@ def test_external_choice_fields_are_handled_by_the_model():
 
 
 def test_unknown_name_error_lists_the_choices():
-    registry = Registry("x.y", "thing")
-    registry.register("a", 1)
+    registry = Registry(PATH.schedule.schedule_type, "thing")
+    first, second = list(registry.choices)[:2]
+    registry.register(first, 1)
 
-    @registry.register("b")
+    @registry.register(second)
     def b():
         return 2
 
-    assert registry.get("a") == 1 and registry["b"] is b and "a" in registry
-    with pytest.raises(KeyError, match="one of: a, b"):
-        registry.get("c")
-    with pytest.raises(ValueError):
-        registry.register("a", 3)
+    assert registry.get(first) == 1 and registry[second] is b and first in registry
+    with pytest.raises(KeyError, match=f"one of: {first}, {second}"):
+        registry.get("nope")
+    with pytest.raises(RegistryIncomplete, match="twice"):
+        registry.register(first, 3)
+    with pytest.raises(RegistryIncomplete, match="not one of the generated constants"):
+        registry.register("cosine", 3)  # a plain string, not the generated constant
+
+
+def test_an_incomplete_registry_fails_at_completion():
+    registry = Registry(PATH.schedule.schedule_type, "thing")
+    choices = list(registry.choices)
+    for choice in choices[:-1]:
+        registry.register(choice, object())
+    with pytest.raises(RegistryIncomplete, match=choices[-1].value):
+        registry.complete()
+    registry.register(choices[-1], object())
+    assert registry.complete() is registry

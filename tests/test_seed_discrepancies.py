@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_with_warnings(text, **kwargs):
     """Load YAML text; return the config and the alias warning messages it raised."""
-    parser_module._warned_aliases.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = load_config(text=textwrap.dedent(text), filename="old.yaml", **kwargs)
@@ -237,7 +236,6 @@ def test_s9_seed_at_root_and_moved_keys():
 
 def test_legacy_file_loads_with_alias_warnings_and_no_errors():
     path = REPO / "configs" / "legacy_deepseek3.yaml"
-    parser_module._warned_aliases.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = load_config(path)

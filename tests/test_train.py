@@ -31,11 +31,6 @@ TINY = TINY_RUN_FLAGS + [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def short_sample(monkeypatch):
-    monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 8)
-
-
 def args(out_dir, data_dir, *extra):
     return TINY + ["--out_dir", str(out_dir), "--data.data_dir", data_dir, *extra]
 

@@ -11,9 +11,8 @@ from test_train import args, metrics
 
 
 @pytest.fixture(autouse=True)
-def quick(monkeypatch):
+def quick():
     torch.set_num_threads(1)
-    monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 4)
 
 
 def trainer(*argv):

@@ -17,7 +17,7 @@ import torch
 
 import generated.parser as gparser
 from generated import FIELDS
-from generated.config import Config, LRScheduleConfig
+from generated.config import Config, LRScheduleConfig, TorchCompilationConfig
 from runtime import distributed as dist_utils
 from runtime import train as train_mod
 from runtime.schedule import lr_at, phase_at
@@ -101,12 +101,12 @@ class Recorder:
 def recorder(monkeypatch):
     rec = Recorder()
     # the config machinery reads every field; those reads are not uses
-    for name in ("to_saved_dict", "dump_yaml", "resolved_from_config"):
+    for name in ("to_saved_dict", "dump_yaml"):
         monkeypatch.setattr(train_mod, name, rec.paused_call(getattr(gparser, name)))
-    # these build a new config (resume, init_from): keep recording reads of the one they return
-    for name in ("reconcile_with_checkpoint", "adopt_values"):
+    # these build a new config (derived defaults, resume, init_from): keep recording reads of the
+    # one they return
+    for name in ("resolved_from_config", "reconcile_with_checkpoint", "adopt_values"):
         monkeypatch.setattr(train_mod, name, rec.rewrapping_call(getattr(gparser, name)))
-    monkeypatch.setattr(train_mod, "SAMPLE_NEW_TOKENS", 4)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield rec
@@ -159,6 +159,9 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
         for step in range(12):
             lr_at(step, schedule, 1e-3)
             phase_at(step, schedule)
+    # compile_mode is read only when compiling (torch.compile is lazy: nothing compiles here)
+    compile_cfg = recorder.wrap(TorchCompilationConfig(compile=True), "system.compile")
+    dist_utils.compile_module(torch.nn.Linear(1, 1), compile_cfg)
     # what the trainer reads only under torchrun (test_train runs it for real with 2 processes)
     distributed = cfg.system.distributed
     dist_utils.process_group_backend(distributed, "cpu")

@@ -45,4 +45,5 @@ TINY_RUN_FLAGS = [
     "--model.n_heads", "2", "--model.kv_lora_rank", "16", "--model.qk_nope_head_dim", "16",
     "--model.qk_rope_head_dim", "8", "--model.v_head_dim", "16", "--model.n_routed_experts", "4",
     "--model.max_seq_len", "32", "--training.seq_len", "16", "--training.batch_size", "2",
+    "--sample.max_new_tokens", "8",
 ]  # fmt: skip

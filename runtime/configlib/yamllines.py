@@ -1,11 +1,16 @@
 """Safe YAML loading that remembers the line of every mapping key.
 
-Used by the generator to read the spec and, copied verbatim into generated/, by the config parser.
+Used by the generator to read the spec and by the config engine to read config files.
 Only the YAML core types load; any other tag (`!!python/object`, custom tags) is an error.
-PyYAML is imported on the first load, not at import: importing the config package stays cheap.
+Plain scalars resolve by YAML 1.2's core schema, as editors and JSON Schema tools read them: `6e-4`
+is a number, `yes` and `1:00` are strings, `0o17` and `0x1F` are integers. `017` is an error
+(YAML 1.1 reads octal 15, YAML 1.2 reads 17). PyYAML is imported on the first load, not at import:
+importing the config package stays cheap.
 """
 
 import functools
+import math
+import re
 
 
 class LineDict(dict):
@@ -70,6 +75,40 @@ def _reject_tag(loader, tag_suffix, node):
     )
 
 
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9]+$")
+_AMBIGUOUS_TAG = "tag:deepseek-moe,2026:leading-zero"
+_CORE_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _construct_bool(loader, node):
+    return loader.construct_scalar(node).lower() == "true"
+
+
+def _construct_int(loader, node):
+    return int(loader.construct_scalar(node), 0)
+
+
+def _construct_float(loader, node):
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return float(text.replace(".inf", "inf"))
+    if text == ".nan":
+        return math.nan
+    return float(text)
+
+
+def _reject_leading_zero(loader, node):
+    text = loader.construct_scalar(node)
+    raise YAMLLoadError(
+        f"{text!r}: a number with a leading zero is ambiguous (YAML 1.1 reads it as octal); "
+        f"write {text.lstrip('+-0') or '0'}, 0o{text.lstrip('+-0')} or a quoted string",
+        node.start_mark.line + 1,
+    )
+
+
 @functools.cache
 def _loader():
     import yaml
@@ -78,6 +117,19 @@ def _loader():
     class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         pass
 
+    # YAML 1.2 core schema for booleans and numbers instead of PyYAML's YAML 1.1 resolvers.
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE_TAGS]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(_CORE_TAGS[0], _BOOL, list("tTfF"))
+    Loader.add_implicit_resolver(_AMBIGUOUS_TAG, _LEADING_ZERO, list("-+0"))
+    Loader.add_implicit_resolver(_CORE_TAGS[1], _INT, list("-+0123456789"))
+    Loader.add_implicit_resolver(_CORE_TAGS[2], _FLOAT, list("-+.0123456789"))
+    Loader.add_constructor(_CORE_TAGS[0], _construct_bool)
+    Loader.add_constructor(_CORE_TAGS[1], _construct_int)
+    Loader.add_constructor(_CORE_TAGS[2], _construct_float)
+    Loader.add_constructor(_AMBIGUOUS_TAG, _reject_leading_zero)
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
     Loader.add_multi_constructor("", _reject_tag)

@@ -1,0 +1,56 @@
+"""The config engine that generated/ calls into: YAML with line numbers, value checks, layered
+loading with provenance, migrate and reconcile. It knows no particular field; the spec's tables
+come from generated/ (see codegen/generate.py). Imports no torch.
+
+Generated code records the ENGINE_VERSION it was made for and calls `require_engine` on import,
+so a generated/ folder from another version of this package fails at once with the fix.
+"""
+
+from .engine import BASE_KEY, RESERVED_KEYS, VERSION_KEY, ConfigSpec, Resolved, coerce, get_path, validate_instance
+from .errors import ConfigAliasWarning, ConfigError, Problem, Source
+from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
+from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
+
+ENGINE_VERSION = 1
+"""Bump when the tables generated/ passes in change shape; the generator writes the new number."""
+
+
+class EngineMismatch(ImportError):
+    """generated/ was made for a different version of this engine."""
+
+
+def require_engine(version: int) -> None:
+    """Refuse generated code made for another engine version (call it from generated/)."""
+    if version != ENGINE_VERSION:
+        raise EngineMismatch(
+            f"generated/ was made for config engine version {version}, but runtime/configlib is version "
+            f"{ENGINE_VERSION}; run `make generate` to regenerate it"
+        )
+
+
+__all__ = [
+    "BASE_KEY",
+    "ENGINE_VERSION",
+    "RESERVED_KEYS",
+    "VERSION_KEY",
+    "ConfigAliasWarning",
+    "ConfigError",
+    "ConfigSpec",
+    "Derived",
+    "EngineMismatch",
+    "FieldSpec",
+    "LineDict",
+    "LineList",
+    "Problem",
+    "Resolved",
+    "Rule",
+    "SectionSpec",
+    "Source",
+    "YAMLLoadError",
+    "check_value",
+    "coerce",
+    "get_path",
+    "load_yaml",
+    "require_engine",
+    "shown",
+]

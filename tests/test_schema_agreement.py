@@ -1,0 +1,261 @@
+"""The generated JSON Schema and the config validator agree on a corpus of documents: each one is
+accepted by both or rejected by both, checked with `jsonschema`.
+
+The corpus: hand-written cases (among them every disagreement found before the two agreed), every
+field given many kinds of values under its canonical name and each old name, and seeded random
+mutations of the example configs. The only allowed differences are what JSON Schema cannot
+express, listed in CONFIG.md (section "JSON Schema") and in EXCEPTIONS below: the validator may
+reject a document the schema accepts for those reasons only, and never the other way round.
+"""
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from codegen.generate import SCHEMA_EXCEPTIONS
+from generated import ALIASES, FIELDS, SECTIONS, ConfigError, resolve
+from runtime.configlib import YAMLLoadError, load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VALIDATOR = jsonschema.Draft202012Validator(json.loads((REPO / "generated" / "config.schema.json").read_text()))
+MARKDOWN = (REPO / "generated" / "CONFIG.md").read_text()
+
+# What the validator may reject although the schema accepts it (problem kind or cause -> the
+# CONFIG.md row that documents it).
+EXCEPTIONS = {
+    "rule": "cross-field rules",
+    "duplicate": "one field under two names",
+    "base": "base files",
+    "nan": "NaN",
+}
+
+HAND_WRITTEN = [
+    "",
+    "\n",
+    "# only a comment\n",
+    "model:\n",
+    "model: {}\n",
+    "model:\n  n_heads: 4.0\n",
+    "model:\n  n_heads: 4.5\n",
+    "optimizer:\n  lr: .inf\n",
+    "optimizer:\n  lr: -.inf\n",
+    "optimizer:\n  lr: .nan\n",
+    "model:\n  rope_theta: 1.0e+400\n",
+    'optimizer:\n  lr: " 6e-4 "\n',
+    'optimizer:\n  lr: "6e-4"\n',
+    "optimizer:\n  lr: 6e-4\n",
+    'optimizer:\n  lr: "-1"\n',
+    'optimizer:\n  beta1: "2"\n',
+    "optimizer:\n  beta1: 2\n",
+    "optimizer:\n  lr: 0\n",
+    "optimizer:\n  lr: 1\n",
+    "training:\n  seed: abc\n",
+    "training:\n  seed: 3\n",
+    "model:\n  hidden_size: -5\n",
+    "model:\n  hidden_size: 64\n",
+    "model:\n  hidden_size: 64\n  dim: 64\n",
+    "model:\n  hidden_size: 64\n  dim: 32\n",
+    "system:\n  torch_dtype: fp8\n",
+    "system:\n  torch_dtype: bfloat16\n",
+    "moe_training: 5\n",
+    "moe_training:\n  z_loss_weight: 0.1\n",
+    "moe_training:\n  z_loss_weight: -0.1\n",
+    "system:\n  device: cuda\n",
+    "system:\n  device: 5\n",
+    "system:\n  distributed: true\n",
+    "system:\n  distributed: yes\n",
+    "system:\n  distributed: [true]\n",
+    "system:\n  compile: {compile: true, compile_mode: fast}\n",
+    "system: cpu\n",
+    "spec_version: 1\n",
+    "spec_version: 0\n",
+    "spec_version: 99\n",
+    "spec_version: true\n",
+    "base: missing.yaml\n",
+    "base: [a.yaml, 5]\n",
+    "base: 5\n",
+    "[1, 2]\n",
+    "just text\n",
+    "seed: 1:00\n",
+    "seed: 0o17\n",
+    "seed: 0x10\n",
+    "seed: -1\n",
+    "seed: 18446744073709551616\n",
+    "training:\n  max_iters: 1e3\n",
+    "training:\n  max_iters: 1.5e3\n",
+    "schedule:\n  phase_steps: [1, 2.0]\n",
+    "schedule:\n  phase_steps: [1, 2.5]\n",
+    "schedule:\n  phase_steps: 5\n",
+    "wandb:\n  tags: [a, 1]\n",
+    "wandb:\n  tags: a\n",
+    "wandb:\n  run_name: null\n",
+    "wandb:\n  project: null\n",
+    "model:\n  top_k: 100\n",
+    "data:\n  dataset: bin\n",
+    "data:\n  dataset: parquet\n",
+    "checkpointer:\n  resume_from: latest\n",
+    "nope: 1\n",
+    "model:\n  nope: 1\n",
+    "model:\n  dim:\n    a: 1\n",
+    "training: 5\n",
+]
+
+BASE_VALUES = [None, True, False, 0, 1, -1, 7, 2**40, 10**400, 4.0, 4.5, -0.5, 1e-9, math.inf, -math.inf,
+               "x", "", "6e-4", "1", "yes", [], [1], [1.5], ["a"], [None], {"a": 1}]
+
+
+def candidate_values(spec):
+    values = list(BASE_VALUES) + [copy.deepcopy(spec.default)]
+    for bound in (spec.min, spec.max, spec.gt):
+        if bound is not None:
+            values += [bound, bound - 1, bound + 0.5, bound - 1e-9]
+    if spec.choices:
+        values += list(spec.choices) + [str(spec.choices[0]).upper()]
+    return values
+
+
+def nested(path, value):
+    document = value
+    for part in reversed(path.split(".")):
+        document = {part: document}
+    return document
+
+
+def field_documents():
+    """Each field, under its canonical path and every old name, given each candidate value."""
+    section_aliases = {old: new for old, new in ALIASES.items() if new in SECTIONS}
+    for path, spec in FIELDS.items():
+        names = [path] + list(spec.aliases)
+        parent, _, leaf = path.rpartition(".")
+        names += [f"{old}.{leaf}" for old, new in section_aliases.items() if new == parent]
+        for name in names:
+            for value in candidate_values(spec):
+                yield nested(name, value)
+
+
+def mutated_documents(count, seed=0):
+    """Example configs with random fields, sections and keys broken or replaced."""
+    rng = random.Random(seed)
+    examples = [load_yaml((REPO / "configs" / name).read_bytes()) for name in ("tiny.yaml", "deepseek_v3.yaml")]
+    paths = list(FIELDS)
+    for _ in range(count):
+        document = json.loads(json.dumps(rng.choice(examples)))
+        for _ in range(rng.randint(1, 4)):
+            path = rng.choice(paths)
+            parent, _, leaf = path.rpartition(".")
+            node = document
+            for part in parent.split(".") if parent else []:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            action = rng.random()
+            if action < 0.6:
+                node[leaf] = rng.choice(candidate_values(FIELDS[path]))
+            elif action < 0.7:
+                node[leaf + rng.choice(["_", "s", "x"])] = 1
+            elif action < 0.8 and parent:
+                container = document
+                for part in parent.split(".")[:-1]:
+                    container = container[part]
+                container[parent.split(".")[-1]] = rng.choice(BASE_VALUES)
+            elif action < 0.9 and FIELDS[path].aliases:
+                alias = rng.choice(FIELDS[path].aliases)
+                node[leaf] = FIELDS[path].default
+                target = document
+                for part in alias.split(".")[:-1]:
+                    target = target.setdefault(part, {}) if isinstance(target.get(part, {}), dict) else {}
+                target[alias.split(".")[-1]] = rng.choice(candidate_values(FIELDS[path]))
+            else:
+                node.pop(leaf, None)
+        yield document
+
+
+def has_nan(value):
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, dict):
+        return any(has_nan(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_nan(v) for v in value)
+    return False
+
+
+def verdict(text):
+    """(document, validator accepts, exceptions the validator's rejection falls under) or None when
+    the text is not YAML data (outside what a schema can see)."""
+    try:
+        document = load_yaml(text)
+    except YAMLLoadError:
+        return None
+    try:
+        resolve(text=text)
+    except ConfigError as error:
+        causes = set()
+        for problem in error.problems:
+            if problem.kind in ("rule", "duplicate"):
+                causes.add(problem.kind)
+            elif problem.path == "base":
+                causes.add("base")
+            elif has_nan(document) and "finite" in problem.message:
+                causes.add("nan")
+            else:
+                causes.add("schema-expressible")
+        return document, False, causes
+    return document, True, set()
+
+
+def as_text(document):
+    return document if isinstance(document, str) else yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+
+
+def corpus():
+    return HAND_WRITTEN + [as_text(d) for d in field_documents()] + [as_text(d) for d in mutated_documents(400)]
+
+
+def test_schema_and_validator_agree_on_the_corpus():
+    documents = corpus()
+    compared = excepted = 0
+    disagreements = []
+    for text in documents:
+        result = verdict(text)
+        if result is None:
+            continue
+        document, accepted, causes = result
+        schema_accepts = VALIDATOR.is_valid(document)
+        compared += 1
+        if accepted == schema_accepts:
+            continue
+        if schema_accepts and not accepted and causes and causes <= set(EXCEPTIONS):
+            excepted += 1
+            continue
+        side = "schema accepts, validator rejects" if schema_accepts else "validator accepts, schema rejects"
+        disagreements.append(f"{side}: {text!r}")
+    assert compared >= 300, f"only {compared} documents compared"
+    assert not disagreements, f"{len(disagreements)} of {compared} documents disagree:\n" + "\n".join(disagreements[:30])
+    assert excepted > 0  # the exceptions are exercised, not just listed
+
+
+def test_the_exceptions_are_the_ones_config_md_lists():
+    listed = {name for name, _ in SCHEMA_EXCEPTIONS}
+    assert set(EXCEPTIONS.values()) <= listed
+    part = MARKDOWN.split("\n## JSON Schema\n", 1)[1]
+    for name, what in SCHEMA_EXCEPTIONS:
+        assert f"| {name} | {what} |" in part
+
+
+def test_the_formerly_disagreeing_documents_are_now_judged_alike():
+    # rejected by both now
+    for text in ('optimizer:\n  lr: "-1"\n', "optimizer:\n  lr: .inf\n", "model:\n  rope_theta: 1.0e+400\n",
+                 "training:\n  seed: abc\n", "model:\n  hidden_size: -5\n", "system:\n  torch_dtype: fp8\n",
+                 "moe_training: 5\n", 'optimizer:\n  lr: " 6e-4 "\n'):
+        document, accepted, _ = verdict(text)
+        assert not accepted and not VALIDATOR.is_valid(document), text
+    # accepted by both now
+    for text in ("", "model:\n", "model:\n  n_heads: 4.0\n"):
+        document, accepted, _ = verdict(text)
+        assert accepted and VALIDATOR.is_valid(document), text
