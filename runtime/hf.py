@@ -235,6 +235,12 @@ def model_fields_from_hf_config(config_json: dict, source: str = "config.json") 
         fields["rope_scaling"] = "yarn"
         if "original_max_position_embeddings" not in rope:
             raise ValueError(f"{source}: rope_scaling yarn needs original_max_position_embeddings")
+        if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
+            raise ValueError(
+                f"{source}: rope_scaling attention_factor / truncate={rope.get('truncate')!r} are not "
+                "supported (the attention factor comes from mscale and mscale_all_dim; the "
+                "correction range is always truncated, as DeepSeek does)"
+            )
         for f, hf in ROPE_FIELD_TO_HF.items():
             value = rope.get(hf)
             if value is None and hf == "factor":  # transformers' fallback

@@ -69,7 +69,10 @@ _IMPLEMENTING_MODULES = ("runtime.data", "runtime.schedule", "runtime.distribute
 
 # Spec fields with `choices` whose implementation is not chosen through a registry here:
 # the model helper's code branches on them directly.
-EXTERNAL_CHOICE_FIELDS = {"model.score_func": "runtime/model.py (router scoring)"}
+EXTERNAL_CHOICE_FIELDS = {
+    "model.score_func": "runtime/model.py (router scoring)",
+    "model.rope_scaling": "runtime/model.py (rotary tables and softmax scale)",
+}
 
 
 def all_registries():

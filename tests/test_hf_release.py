@@ -65,6 +65,7 @@ def test_released_config_loads_unchanged(tmp_path):
         ("num_key_value_heads", 8),
         ("quantization_config", {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
         ("rope_scaling", {"type": "longrope", "factor": 4}),
+        ("rope_scaling", {**released()["rope_scaling"], "truncate": False}),
     ],
 )
 def test_unsupported_values_are_config_errors_naming_the_key(tmp_path, key, value):
