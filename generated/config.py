@@ -299,6 +299,12 @@ class MTPTrainingConfig:
     warmup_steps: int = 0
     """The MTP weight ramps linearly from 0 at step 0 to `mtp_loss_weight` at step `warmup_steps` (weight * min(1, step / warmup_steps)); 0 means full weight from the start."""
 
+    mtp_loss_weight_until: int | None = None
+    """Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: set this to 10T / tokens per step."""
+
+    mtp_loss_weight_final: float = 0.1
+    """MTP loss weight from step `mtp_loss_weight_until` on."""
+
     def __post_init__(self):
         validate_instance(self, SECTIONS["mtp"], FIELDS, SECTIONS)
 
@@ -308,25 +314,31 @@ class MoETrainingConfig:
     """Training-time controls of the DeepSeekMoE layers."""
 
     aux_loss_weight: float = 0.0001
-    """Weight of the sequence-wise balance loss of the DeepSeek-V3 paper, sum over experts of f_i * P_i per sequence (f_i: fraction of the sequence's assignments to expert i, times n_routed_experts / top_k; P_i: mean normalised score of expert i), averaged over sequences and MoE layers. 0 turns it off."""
+    """Weight (alpha) of the sequence-wise balance loss of the DeepSeek-V3 paper, sum over experts of f_i * P_i per sequence (f_i: fraction of the sequence's assignments to expert i, times n_routed_experts / top_k; P_i: mean normalised score of expert i), averaged over sequences. It is applied per MoE layer and **summed** over the MoE layers (the MTP modules' included), as DeepSeek's code adds each layer's loss to the objective (the paper does not say how layers combine), so alpha means what DeepSeek's alpha means: the logged `aux_loss` is that sum. 0 turns it off."""
 
     z_loss_weight: float = 0.0
     """Weight of the router z-loss, the mean over tokens of logsumexp(router logits) squared (the logits after `router_temperature` and any training noise), averaged over MoE layers (the MTP modules' MoE blocks included). 0 turns it off."""
 
     capacity_factor: float = 1.25
-    """With `drop_tokens`, each expert takes at most ceil(tokens * top_k / n_routed_experts * capacity_factor) assignments per layer call; ignored when `drop_tokens` is false."""
+    """With `drop_tokens`, each expert takes at most ceil(seq_len * top_k / n_routed_experts * capacity_factor) assignments of each sequence, per layer; ignored when `drop_tokens` is false."""
 
     drop_tokens: bool = False
-    """Drop assignments over an expert's capacity, lowest routing score first. A dropped assignment contributes nothing routed; the token still passes through the residual and the shared experts. False makes the layer dropless."""
+    """In training only, drop assignments over an expert's capacity. Capacity is filled per sequence in position order (a token's earlier-ranked experts first), so whether a token is dropped depends only on the tokens at or before it: dropping never lets the future leak into the past. A dropped assignment contributes nothing routed; the token still passes through the residual and the shared experts. Evaluation and sampling (eval mode) are always dropless. False makes training dropless too."""
 
     router_temperature: float = 1.0
     """Router logits are divided by this before scoring (and before the z-loss)."""
 
     router_noise_scale: float = 0.0
-    """In training mode only, Gaussian noise N(0, router_noise_scale^2) is added to the router logits (after the temperature) before scoring; never in eval. 0 turns it off."""
+    """In training mode only, Gaussian noise N(0, router_noise_scale^2) is added to the router logits (after the temperature) before scoring; never in eval. The noise of each step is drawn from a generator seeded with `seed`, the process rank and the step, so it differs between processes and a resumed run draws the same noise. 0 turns it off."""
 
     bias_update_speed: float = 0.001
-    """Aux-loss-free balancing: after each optimizer step, each MoE layer's expert-score correction bias moves by this times sign(mean load - expert load). The bias only affects which experts are selected, never the routing weights. 0 turns it off."""
+    """Aux-loss-free balancing (gamma): after each applied optimizer step, each MoE layer's expert-score correction bias moves by this times sign(mean load - expert load), the loads being that step's assignments summed over processes. A skipped step (non-finite loss or gradient, or skipped by the float16 gradient scaler) discards its loads and leaves the bias alone. The bias only affects which experts are selected, never the routing weights. 0 turns it off."""
+
+    bias_update_speed_until: int | None = None
+    """Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: set this to 14.3T / tokens per step."""
+
+    bias_update_speed_final: float = 0.0
+    """Bias update speed from step `bias_update_speed_until` on (0 freezes the bias)."""
 
     def __post_init__(self):
         validate_instance(self, SECTIONS["moe"], FIELDS, SECTIONS)
@@ -334,7 +346,7 @@ class MoETrainingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes."""
+    """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes. **Hugging Face config.json** (`checkpointer.init_from` and `sample` take a folder; DeepSeek-V3's and R1's released config.json load unchanged). Every key is used, checked or ignored. Used: the aliases below, `q_lora_rank` (null = 0), `rope_theta`, `rope_scaling` / `rope_parameters` (`type`/`rope_type` default or yarn, and the yarn fields below), `num_mtp_layers`, `quantization_config` (`weight_block_size` of the FP8 dequantization). Checked, a config error naming the key unless it holds the one supported value: `model_type` deepseek_v3, `attention_bias` false, `attention_dropout` 0, `hidden_act` silu, `tie_word_embeddings` false, `num_key_value_heads` = `num_attention_heads`, `rope_interleave` true, `topk_method` noaux_tc (bias-corrected selection, weights from the unbiased scores), `moe_layer_freq` 1 (every layer from `first_k_dense` on is MoE), `seq_aux` true (the balance loss is per sequence), `pretraining_tp` 1, `quantization_config` with `quant_method` fp8 and `fmt` e4m3, `rope_scaling` of type default or yarn (with `truncate` true and no `attention_factor`). Ignored: `architectures`, `auto_map` and `transformers_version` (loader metadata), `bos_token_id`, `eos_token_id` and `pad_token_id` (tokenizer; sampling stops at `--max-new-tokens`), `ep_size` (expert-parallel degree of an inference deployment, not the maths), `use_cache` (inference), `torch_dtype` and `dtype` (storage dtype; weights load as float32, FP8 ones dequantized), `quantization_config.activation_scheme` (activations are not quantized here), `head_dim` and `qk_head_dim` (derived by transformers), `output_router_logits` (a transformers output option). Any other key is ignored with a warning naming it."""
 
     vocab_size: int = 256
     """Vocabulary size. 256 for the byte-level default corpus."""
@@ -378,6 +390,27 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Base of the rotary embedding frequencies."""
 
+    rope_scaling: Literal["none", "yarn"] = "none"
+    """Rotary context extension. `yarn` (DeepSeek-V3's long-context setting; Hugging Face `rope_scaling.type: yarn`) divides the frequencies by `rope_factor`, fully for wavelengths longer than `original_seq_len / beta_slow` rotations, not at all for those shorter than `original_seq_len / beta_fast`, linearly in between (the YaRN frequency correction); scales cos and sin by mscale(`mscale`) / mscale(`mscale_all_dim`); and multiplies the softmax scale by mscale(`mscale_all_dim`)^2, where mscale(m) = 0.1 * m * ln(rope_factor) + 1 (as transformers' DeepseekV3 computes it). `none` uses the plain frequencies and none of the yarn fields."""
+
+    rope_factor: float = 40.0
+    """YaRN context extension factor (`rope_scaling: yarn` only)."""
+
+    original_seq_len: int = 4096
+    """Context length the model was pre-trained at, before YaRN extension (`yarn` only)."""
+
+    beta_fast: float = 32.0
+    """YaRN boundary (in rotations over `original_seq_len`) above which dimensions keep their frequency."""
+
+    beta_slow: float = 1.0
+    """YaRN boundary (in rotations) below which dimensions are fully interpolated."""
+
+    mscale: float = 1.0
+    """YaRN attention-temperature coefficient of the rotary part (see `rope_scaling`); with `mscale` or `mscale_all_dim` 0, cos and sin are scaled by mscale(1) instead."""
+
+    mscale_all_dim: float = 1.0
+    """YaRN coefficient of the softmax scale of all query/key dimensions: the scale is (qk_nope_head_dim + qk_rope_head_dim)^-0.5 * mscale(mscale_all_dim)^2; 0 leaves it plain."""
+
     norm_eps: float = 1e-06
     """Epsilon of every RMSNorm."""
 
@@ -409,7 +442,7 @@ class ModelConfig:
     """Renormalise the selected experts' weights to sum to 1 before `route_scale`."""
 
     mtp_depth: int = 1
-    """Number of sequential multi-token-prediction modules (D). Module k predicts token t+k+1; 0 turns MTP off."""
+    """Number of sequential multi-token-prediction modules (D). Module k predicts token t+k+1; 0 turns MTP off. Module 1's hidden input (through its `hnorm`) is the main model's hidden state after the final norm, the vector the output head reads, as the inference engines that serve DeepSeek-V3's released MTP weights do (vLLM's deepseek_mtp takes the target model's returned, final-normed hidden states; SGLang's deepseek_nextn its spec_info.hidden_states, captured after the final norm). Module k > 1 likewise gets module k-1's state after that module's own final norm (`shared_head.norm`)."""
 
     def __post_init__(self):
         validate_instance(self, SECTIONS["model"], FIELDS, SECTIONS)
@@ -426,7 +459,7 @@ class Config:
     """Output folder of the run: metrics.jsonl, the loss plot, the final sample and, unless `checkpointer.save_dir` says otherwise, the checkpoints."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes."""
+    """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes. **Hugging Face config.json** (`checkpointer.init_from` and `sample` take a folder; DeepSeek-V3's and R1's released config.json load unchanged). Every key is used, checked or ignored. Used: the aliases below, `q_lora_rank` (null = 0), `rope_theta`, `rope_scaling` / `rope_parameters` (`type`/`rope_type` default or yarn, and the yarn fields below), `num_mtp_layers`, `quantization_config` (`weight_block_size` of the FP8 dequantization). Checked, a config error naming the key unless it holds the one supported value: `model_type` deepseek_v3, `attention_bias` false, `attention_dropout` 0, `hidden_act` silu, `tie_word_embeddings` false, `num_key_value_heads` = `num_attention_heads`, `rope_interleave` true, `topk_method` noaux_tc (bias-corrected selection, weights from the unbiased scores), `moe_layer_freq` 1 (every layer from `first_k_dense` on is MoE), `seq_aux` true (the balance loss is per sequence), `pretraining_tp` 1, `quantization_config` with `quant_method` fp8 and `fmt` e4m3, `rope_scaling` of type default or yarn (with `truncate` true and no `attention_factor`). Ignored: `architectures`, `auto_map` and `transformers_version` (loader metadata), `bos_token_id`, `eos_token_id` and `pad_token_id` (tokenizer; sampling stops at `--max-new-tokens`), `ep_size` (expert-parallel degree of an inference deployment, not the maths), `use_cache` (inference), `torch_dtype` and `dtype` (storage dtype; weights load as float32, FP8 ones dequantized), `quantization_config.activation_scheme` (activations are not quantized here), `head_dim` and `qk_head_dim` (derived by transformers), `output_router_logits` (a transformers output option). Any other key is ignored with a warning naming it."""
 
     moe: MoETrainingConfig = field(default_factory=MoETrainingConfig)
     """Training-time controls of the DeepSeekMoE layers."""
@@ -704,6 +737,110 @@ FIELDS = {
         policy="must_match",
         hf="rope_theta",
     ),
+    "model.rope_scaling": FieldSpec(
+        path="model.rope_scaling",
+        name="rope_scaling",
+        type="str",
+        nullable=False,
+        default="none",
+        doc="Rotary context extension. `yarn` (DeepSeek-V3's long-context setting; Hugging Face `rope_scaling.type: yarn`) divides the frequencies by `rope_factor`, fully for wavelengths longer than `original_seq_len / beta_slow` rotations, not at all for those shorter than `original_seq_len / beta_fast`, linearly in between (the YaRN frequency correction); scales cos and sin by mscale(`mscale`) / mscale(`mscale_all_dim`); and multiplies the softmax scale by mscale(`mscale_all_dim`)^2, where mscale(m) = 0.1 * m * ln(rope_factor) + 1 (as transformers' DeepseekV3 computes it). `none` uses the plain frequencies and none of the yarn fields.",
+        aliases=(),
+        choices=("none", "yarn"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="must_match",
+    ),
+    "model.rope_factor": FieldSpec(
+        path="model.rope_factor",
+        name="rope_factor",
+        type="float",
+        nullable=False,
+        default=40.0,
+        doc="YaRN context extension factor (`rope_scaling: yarn` only).",
+        aliases=("model.factor",),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="must_match",
+        hf="factor",
+    ),
+    "model.original_seq_len": FieldSpec(
+        path="model.original_seq_len",
+        name="original_seq_len",
+        type="int",
+        nullable=False,
+        default=4096,
+        doc="Context length the model was pre-trained at, before YaRN extension (`yarn` only).",
+        aliases=("model.original_max_position_embeddings",),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="must_match",
+        hf="original_max_position_embeddings",
+    ),
+    "model.beta_fast": FieldSpec(
+        path="model.beta_fast",
+        name="beta_fast",
+        type="float",
+        nullable=False,
+        default=32.0,
+        doc="YaRN boundary (in rotations over `original_seq_len`) above which dimensions keep their frequency.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=0,
+        policy="must_match",
+        hf="beta_fast",
+    ),
+    "model.beta_slow": FieldSpec(
+        path="model.beta_slow",
+        name="beta_slow",
+        type="float",
+        nullable=False,
+        default=1.0,
+        doc="YaRN boundary (in rotations) below which dimensions are fully interpolated.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=0,
+        policy="must_match",
+        hf="beta_slow",
+    ),
+    "model.mscale": FieldSpec(
+        path="model.mscale",
+        name="mscale",
+        type="float",
+        nullable=False,
+        default=1.0,
+        doc="YaRN attention-temperature coefficient of the rotary part (see `rope_scaling`); with `mscale` or `mscale_all_dim` 0, cos and sin are scaled by mscale(1) instead.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="must_match",
+        hf="mscale",
+    ),
+    "model.mscale_all_dim": FieldSpec(
+        path="model.mscale_all_dim",
+        name="mscale_all_dim",
+        type="float",
+        nullable=False,
+        default=1.0,
+        doc="YaRN coefficient of the softmax scale of all query/key dimensions: the scale is (qk_nope_head_dim + qk_rope_head_dim)^-0.5 * mscale(mscale_all_dim)^2; 0 leaves it plain.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="must_match",
+        hf="mscale_all_dim",
+    ),
     "model.norm_eps": FieldSpec(
         path="model.norm_eps",
         name="norm_eps",
@@ -860,7 +997,7 @@ FIELDS = {
         type="int",
         nullable=False,
         default=1,
-        doc="Number of sequential multi-token-prediction modules (D). Module k predicts token t+k+1; 0 turns MTP off.",
+        doc="Number of sequential multi-token-prediction modules (D). Module k predicts token t+k+1; 0 turns MTP off. Module 1's hidden input (through its `hnorm`) is the main model's hidden state after the final norm, the vector the output head reads, as the inference engines that serve DeepSeek-V3's released MTP weights do (vLLM's deepseek_mtp takes the target model's returned, final-normed hidden states; SGLang's deepseek_nextn its spec_info.hidden_states, captured after the final norm). Module k > 1 likewise gets module k-1's state after that module's own final norm (`shared_head.norm`).",
         aliases=("model.n_mtp_modules", "model.num_nextn_predict_layers"),
         choices=None,
         min=0,
@@ -875,7 +1012,7 @@ FIELDS = {
         type="float",
         nullable=False,
         default=0.0001,
-        doc="Weight of the sequence-wise balance loss of the DeepSeek-V3 paper, sum over experts of f_i * P_i per sequence (f_i: fraction of the sequence's assignments to expert i, times n_routed_experts / top_k; P_i: mean normalised score of expert i), averaged over sequences and MoE layers. 0 turns it off.",
+        doc="Weight (alpha) of the sequence-wise balance loss of the DeepSeek-V3 paper, sum over experts of f_i * P_i per sequence (f_i: fraction of the sequence's assignments to expert i, times n_routed_experts / top_k; P_i: mean normalised score of expert i), averaged over sequences. It is applied per MoE layer and **summed** over the MoE layers (the MTP modules' included), as DeepSeek's code adds each layer's loss to the objective (the paper does not say how layers combine), so alpha means what DeepSeek's alpha means: the logged `aux_loss` is that sum. 0 turns it off.",
         aliases=("moe.load_balancing_loss_weight",),
         choices=None,
         min=0,
@@ -903,7 +1040,7 @@ FIELDS = {
         type="float",
         nullable=False,
         default=1.25,
-        doc="With `drop_tokens`, each expert takes at most ceil(tokens * top_k / n_routed_experts * capacity_factor) assignments per layer call; ignored when `drop_tokens` is false.",
+        doc="With `drop_tokens`, each expert takes at most ceil(seq_len * top_k / n_routed_experts * capacity_factor) assignments of each sequence, per layer; ignored when `drop_tokens` is false.",
         aliases=(),
         choices=None,
         min=None,
@@ -917,7 +1054,7 @@ FIELDS = {
         type="bool",
         nullable=False,
         default=False,
-        doc="Drop assignments over an expert's capacity, lowest routing score first. A dropped assignment contributes nothing routed; the token still passes through the residual and the shared experts. False makes the layer dropless.",
+        doc="In training only, drop assignments over an expert's capacity. Capacity is filled per sequence in position order (a token's earlier-ranked experts first), so whether a token is dropped depends only on the tokens at or before it: dropping never lets the future leak into the past. A dropped assignment contributes nothing routed; the token still passes through the residual and the shared experts. Evaluation and sampling (eval mode) are always dropless. False makes training dropless too.",
         aliases=(),
         choices=None,
         min=None,
@@ -945,7 +1082,7 @@ FIELDS = {
         type="float",
         nullable=False,
         default=0.0,
-        doc="In training mode only, Gaussian noise N(0, router_noise_scale^2) is added to the router logits (after the temperature) before scoring; never in eval. 0 turns it off.",
+        doc="In training mode only, Gaussian noise N(0, router_noise_scale^2) is added to the router logits (after the temperature) before scoring; never in eval. The noise of each step is drawn from a generator seeded with `seed`, the process rank and the step, so it differs between processes and a resumed run draws the same noise. 0 turns it off.",
         aliases=(),
         choices=None,
         min=0,
@@ -959,7 +1096,35 @@ FIELDS = {
         type="float",
         nullable=False,
         default=0.001,
-        doc="Aux-loss-free balancing: after each optimizer step, each MoE layer's expert-score correction bias moves by this times sign(mean load - expert load). The bias only affects which experts are selected, never the routing weights. 0 turns it off.",
+        doc="Aux-loss-free balancing (gamma): after each applied optimizer step, each MoE layer's expert-score correction bias moves by this times sign(mean load - expert load), the loads being that step's assignments summed over processes. A skipped step (non-finite loss or gradient, or skipped by the float16 gradient scaler) discards its loads and leaves the bias alone. The bias only affects which experts are selected, never the routing weights. 0 turns it off.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "moe.bias_update_speed_until": FieldSpec(
+        path="moe.bias_update_speed_until",
+        name="bias_update_speed_until",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: set this to 14.3T / tokens per step.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "moe.bias_update_speed_final": FieldSpec(
+        path="moe.bias_update_speed_final",
+        name="bias_update_speed_final",
+        type="float",
+        nullable=False,
+        default=0.0,
+        doc="Bias update speed from step `bias_update_speed_until` on (0 freezes the bias).",
         aliases=(),
         choices=None,
         min=0,
@@ -988,6 +1153,34 @@ FIELDS = {
         nullable=False,
         default=0,
         doc="The MTP weight ramps linearly from 0 at step 0 to `mtp_loss_weight` at step `warmup_steps` (weight * min(1, step / warmup_steps)); 0 means full weight from the start.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "mtp.mtp_loss_weight_until": FieldSpec(
+        path="mtp.mtp_loss_weight_until",
+        name="mtp_loss_weight_until",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: set this to 10T / tokens per step.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "mtp.mtp_loss_weight_final": FieldSpec(
+        path="mtp.mtp_loss_weight_final",
+        name="mtp_loss_weight_final",
+        type="float",
+        nullable=False,
+        default=0.1,
+        doc="MTP loss weight from step `mtp_loss_weight_until` on.",
         aliases=(),
         choices=None,
         min=0,
@@ -1803,7 +1996,7 @@ SECTIONS = {
     "model": SectionSpec(
         path="model",
         cls=ModelConfig,
-        doc="DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes.",
+        doc="DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes. **Hugging Face config.json** (`checkpointer.init_from` and `sample` take a folder; DeepSeek-V3's and R1's released config.json load unchanged). Every key is used, checked or ignored. Used: the aliases below, `q_lora_rank` (null = 0), `rope_theta`, `rope_scaling` / `rope_parameters` (`type`/`rope_type` default or yarn, and the yarn fields below), `num_mtp_layers`, `quantization_config` (`weight_block_size` of the FP8 dequantization). Checked, a config error naming the key unless it holds the one supported value: `model_type` deepseek_v3, `attention_bias` false, `attention_dropout` 0, `hidden_act` silu, `tie_word_embeddings` false, `num_key_value_heads` = `num_attention_heads`, `rope_interleave` true, `topk_method` noaux_tc (bias-corrected selection, weights from the unbiased scores), `moe_layer_freq` 1 (every layer from `first_k_dense` on is MoE), `seq_aux` true (the balance loss is per sequence), `pretraining_tp` 1, `quantization_config` with `quant_method` fp8 and `fmt` e4m3, `rope_scaling` of type default or yarn (with `truncate` true and no `attention_factor`). Ignored: `architectures`, `auto_map` and `transformers_version` (loader metadata), `bos_token_id`, `eos_token_id` and `pad_token_id` (tokenizer; sampling stops at `--max-new-tokens`), `ep_size` (expert-parallel degree of an inference deployment, not the maths), `use_cache` (inference), `torch_dtype` and `dtype` (storage dtype; weights load as float32, FP8 ones dequantized), `quantization_config.activation_scheme` (activations are not quantized here), `head_dim` and `qk_head_dim` (derived by transformers), `output_router_logits` (a transformers output option). Any other key is ignored with a warning naming it.",
         fields=(
             "vocab_size",
             "dim",
@@ -1819,6 +2012,13 @@ SECTIONS = {
             "v_head_dim",
             "max_seq_len",
             "rope_theta",
+            "rope_scaling",
+            "rope_factor",
+            "original_seq_len",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
             "norm_eps",
             "init_std",
             "n_routed_experts",
@@ -1847,6 +2047,8 @@ SECTIONS = {
             "router_temperature",
             "router_noise_scale",
             "bias_update_speed",
+            "bias_update_speed_until",
+            "bias_update_speed_final",
         ),
         sections=(),
         shorthand=None,
@@ -1856,7 +2058,12 @@ SECTIONS = {
         path="mtp",
         cls=MTPTrainingConfig,
         doc="Training-time controls of multi-token prediction (`model.mtp_depth` modules).",
-        fields=("mtp_loss_weight", "warmup_steps"),
+        fields=(
+            "mtp_loss_weight",
+            "warmup_steps",
+            "mtp_loss_weight_until",
+            "mtp_loss_weight_final",
+        ),
         sections=(),
         shorthand=None,
         aliases=("mtp_training",),

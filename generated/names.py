@@ -32,6 +32,13 @@ class PATH:
         v_head_dim = "model.v_head_dim"
         max_seq_len = "model.max_seq_len"
         rope_theta = "model.rope_theta"
+        rope_scaling = "model.rope_scaling"
+        rope_factor = "model.rope_factor"
+        original_seq_len = "model.original_seq_len"
+        beta_fast = "model.beta_fast"
+        beta_slow = "model.beta_slow"
+        mscale = "model.mscale"
+        mscale_all_dim = "model.mscale_all_dim"
         norm_eps = "model.norm_eps"
         init_std = "model.init_std"
         n_routed_experts = "model.n_routed_experts"
@@ -53,11 +60,15 @@ class PATH:
         router_temperature = "moe.router_temperature"
         router_noise_scale = "moe.router_noise_scale"
         bias_update_speed = "moe.bias_update_speed"
+        bias_update_speed_until = "moe.bias_update_speed_until"
+        bias_update_speed_final = "moe.bias_update_speed_final"
 
     class mtp:
         SECTION = "mtp"
         mtp_loss_weight = "mtp.mtp_loss_weight"
         warmup_steps = "mtp.warmup_steps"
+        mtp_loss_weight_until = "mtp.mtp_loss_weight_until"
+        mtp_loss_weight_final = "mtp.mtp_loss_weight_final"
 
     class optimizer:
         SECTION = "optimizer"
@@ -151,6 +162,13 @@ class PATH:
             find_unused_parameters = "system.distributed.find_unused_parameters"
 
 
+class RopeScaling(StrEnum):
+    """The choices of `model.rope_scaling`."""
+
+    NONE = "none"
+    YARN = "yarn"
+
+
 class ScoreFunc(StrEnum):
     """The choices of `model.score_func`."""
 
@@ -228,6 +246,7 @@ class Backend(StrEnum):
 
 
 CONSTANTS = {
+    "model.rope_scaling": RopeScaling,
     "model.score_func": ScoreFunc,
     "schedule.schedule_type": ScheduleType,
     "training.nonfinite_loss": NonfiniteLoss,

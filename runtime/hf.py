@@ -5,9 +5,12 @@ model.safetensors.index.json) using the released DeepSeek-V3 key names: per-expe
 `mlp.experts.{j}.{gate,up,down}_proj.weight` (transformers fuses them into gate_up_proj/down_proj
 on load; fused keys are accepted on import too) and the MTP modules at layer index
 `num_hidden_layers + k` (embed_tokens, enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and
-the block's usual names). transformers itself is not imported here.
+the block's usual names). DeepSeek's released block-FP8 weights (float8_e4m3fn with a
+`weight_scale_inv` per 128x128 block) are dequantized to float32 on load. Every config.json key
+is used, checked against the one value this model implements (ValueError naming it) or ignored
+(HF_IGNORED, also listed in the spec's model section doc). transformers itself is not imported.
 
-`python -m runtime export CHECKPOINT OUT_DIR` -> export_main.
+`python -m runtime export CHECKPOINT OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB]` -> export_main.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from generated import HF_NAMES, PATH
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from generated.names import ScoreFunc
+from generated.names import RopeScaling, ScoreFunc
 from runtime.model import Transformer
 
 # block-level keys: ours -> HF (relative to layers.{i}. / model.layers.{i}.)
@@ -69,19 +72,92 @@ def _name(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-# HF config.json keys of the spec's `hf` attributes; q_lora_rank (0 <-> null) and rope_theta (also
-# inside rope_parameters) need a conversion, the rest map one to one.
+# The spec's Hugging Face names (generated.HF_NAMES). The yarn fields live inside the HF
+# rope_scaling / rope_parameters dict; q_lora_rank (0 <-> null) and rope_theta (top level and
+# inside rope_parameters) need a conversion; the rest map one to one at the top level.
+_ROPE_PATHS = (
+    PATH.model.rope_factor,
+    PATH.model.original_seq_len,
+    PATH.model.beta_fast,
+    PATH.model.beta_slow,
+    PATH.model.mscale,
+    PATH.model.mscale_all_dim,
+)
+_CONVERTED_PATHS = (PATH.model.q_lora_rank, PATH.model.rope_theta)
 HF_Q_LORA_RANK = HF_NAMES[PATH.model.q_lora_rank]
 HF_ROPE_THETA = HF_NAMES[PATH.model.rope_theta]
 HF_N_HEADS = HF_NAMES[PATH.model.n_heads]
 HF_MTP_DEPTH = HF_NAMES[PATH.model.mtp_depth]
+HF_MAX_POSITIONS = HF_NAMES[PATH.model.max_seq_len]
+HF_ROPE_FACTOR = HF_NAMES[PATH.model.rope_factor]
+HF_ORIGINAL_POSITIONS = HF_NAMES[PATH.model.original_seq_len]
 # model field name -> HF config.json key, for the fields that map one to one
 FIELD_TO_HF = {
-    _name(path): hf
-    for path, hf in HF_NAMES.items()
-    if path not in (PATH.model.q_lora_rank, PATH.model.rope_theta)
+    _name(path): hf for path, hf in HF_NAMES.items() if path not in _CONVERTED_PATHS + _ROPE_PATHS
+}
+# model field name -> key of the HF rope_scaling / rope_parameters dict (yarn only)
+ROPE_FIELD_TO_HF = {_name(path): HF_NAMES[path] for path in _ROPE_PATHS}
+# what transformers assumes for a yarn key a config leaves out (mscale 0: no such factor)
+ROPE_HF_DEFAULTS = {
+    HF_NAMES[PATH.model.beta_fast]: 32.0,
+    HF_NAMES[PATH.model.beta_slow]: 1.0,
+    HF_NAMES[PATH.model.mscale]: 0.0,
+    HF_NAMES[PATH.model.mscale_all_dim]: 0.0,
 }
 
+# config.json keys: used (fields above, plus these) ...
+HF_USED = set(FIELD_TO_HF.values()) | {
+    HF_Q_LORA_RANK,
+    HF_ROPE_THETA,
+    "rope_scaling",
+    "rope_parameters",
+    "num_mtp_layers",
+    "quantization_config",
+}
+# ... checked against the one value this model implements (None: key may be null) ...
+HF_CHECKED = {
+    "model_type": lambda v, c: v == "deepseek_v3",
+    "attention_bias": lambda v, c: not v,
+    "attention_dropout": lambda v, c: not v,
+    "hidden_act": lambda v, c: v == "silu",
+    "tie_word_embeddings": lambda v, c: not v,
+    "num_key_value_heads": lambda v, c: v is None or v == c.get(HF_N_HEADS),
+    "rope_interleave": lambda v, c: v,
+    "topk_method": lambda v, c: v == "noaux_tc",
+    "moe_layer_freq": lambda v, c: v == 1,
+    "seq_aux": lambda v, c: v,
+    "pretraining_tp": lambda v, c: v in (None, 1),
+}
+HF_SUPPORTED = {
+    "model_type": "deepseek_v3",
+    "attention_bias": "false",
+    "attention_dropout": "0",
+    "hidden_act": "silu",
+    "tie_word_embeddings": "false",
+    "num_key_value_heads": HF_N_HEADS,
+    "rope_interleave": "true",
+    "topk_method": "noaux_tc (bias-corrected top-k)",
+    "moe_layer_freq": "1 (every layer from first_k_dense_replace on is MoE)",
+    "seq_aux": "true (sequence-wise balance loss)",
+    "pretraining_tp": "1",
+}
+# ... or ignored, with the reason (the model section's doc in spec/config.yaml lists them too)
+HF_IGNORED = {
+    "architectures": "loader metadata",
+    "auto_map": "loader metadata (remote code)",
+    "transformers_version": "loader metadata",
+    "bos_token_id": "tokenizer",
+    "eos_token_id": "tokenizer",
+    "pad_token_id": "tokenizer",
+    "ep_size": "expert-parallel degree of an inference deployment, not the maths",
+    "use_cache": "inference",
+    "torch_dtype": "storage dtype; weights load as float32",
+    "dtype": "storage dtype; weights load as float32",
+    "head_dim": "derived by transformers (qk_rope_head_dim)",
+    "qk_head_dim": "derived by transformers (qk_nope_head_dim + qk_rope_head_dim)",
+    "output_router_logits": "transformers output option",
+}
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size, when quantization_config omits it
 
 # ----------------------------------------------------------------------------- config
 
@@ -107,7 +183,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "topk_method": "noaux_tc",
         HF_ROPE_THETA: cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", HF_ROPE_THETA: cfg.rope_theta},
+        "rope_parameters": rope_parameters(cfg),
         "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -122,38 +198,81 @@ def hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def model_fields_from_hf_config(config_json: dict) -> dict[str, object]:
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """HF rope_parameters of a model config: default, or yarn with all its keys."""
+    out: dict = {"rope_type": "default", HF_ROPE_THETA: cfg.rope_theta}
+    if cfg.rope_scaling == RopeScaling.YARN:
+        out["rope_type"] = RopeScaling.YARN.value
+        out.update({hf: getattr(cfg, f) for f, hf in ROPE_FIELD_TO_HF.items()})
+    return out
+
+
+def model_fields_from_hf_config(config_json: dict, source: str = "config.json") -> dict[str, object]:
     """Spec `model` field name -> value, from an HF DeepseekV3 config.json dict.
 
-    Keys missing from config_json are left out (the spec defaults then apply). Raises ValueError
-    for settings this model does not implement.
+    Keys missing from config_json are left out (the spec defaults then apply). Every key is used,
+    checked (ValueError naming it unless it holds the one supported value) or ignored; a key in
+    none of those lists is ignored with a warning naming it.
     """
     c = config_json
-    if c.get("model_type", "deepseek_v3") != "deepseek_v3":
-        raise ValueError(f"expected model_type deepseek_v3, got {c.get('model_type')!r}")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(
-            f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported"
-        )
-    for key, ok in [
-        ("attention_bias", lambda v: not v),
-        ("tie_word_embeddings", lambda v: not v),
-        ("hidden_act", lambda v: v == "silu"),
-        ("rope_interleave", lambda v: v),
-        ("num_key_value_heads", lambda v: v is None or v == c.get(HF_N_HEADS)),
-    ]:
-        if key in c and not ok(c[key]):
-            raise ValueError(f"unsupported Hugging Face setting {key}={c[key]!r}")
+    for key, ok in HF_CHECKED.items():
+        if key in c and not ok(c[key], c):
+            raise ValueError(
+                f"{source}: unsupported Hugging Face setting {key}={c[key]!r}; this model "
+                f"implements only {key}={HF_SUPPORTED[key]}"
+            )
+    unknown = sorted(set(c) - HF_USED - set(HF_CHECKED) - set(HF_IGNORED))
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown Hugging Face config keys {', '.join(unknown)}")
     fields = {f: c[hf] for f, hf in FIELD_TO_HF.items() if hf in c}
     if HF_MTP_DEPTH not in c and "num_mtp_layers" in c:
-        fields["mtp_depth"] = c["num_mtp_layers"]
+        fields[_name(PATH.model.mtp_depth)] = c["num_mtp_layers"]
     if HF_Q_LORA_RANK in c:
         fields[_name(PATH.model.q_lora_rank)] = c[HF_Q_LORA_RANK] or 0
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == RopeScaling.YARN:
+        fields[_name(PATH.model.rope_scaling)] = RopeScaling.YARN
+        if HF_ORIGINAL_POSITIONS not in rope:
+            raise ValueError(f"{source}: rope_scaling {RopeScaling.YARN} needs {HF_ORIGINAL_POSITIONS}")
+        if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
+            raise ValueError(
+                f"{source}: rope_scaling attention_factor / truncate={rope.get('truncate')!r} are not "
+                "supported (the attention factor comes from mscale and mscale_all_dim; the "
+                "correction range is always truncated, as DeepSeek does)"
+            )
+        for f, hf in ROPE_FIELD_TO_HF.items():
+            value = rope.get(hf)
+            if value is None and hf == HF_ROPE_FACTOR:  # transformers' fallback
+                value = c[HF_MAX_POSITIONS] / rope[HF_ORIGINAL_POSITIONS]
+            fields[f] = ROPE_HF_DEFAULTS[hf] if value is None else value
+            if f != _name(PATH.model.original_seq_len):
+                fields[f] = float(fields[f])
+    elif rope_type != "default":
+        raise ValueError(
+            f"{source}: rope_scaling type {rope_type!r} is not supported (default or yarn)"
+        )
     theta = rope.get(HF_ROPE_THETA, c.get(HF_ROPE_THETA))
     if theta is not None:
         fields[_name(PATH.model.rope_theta)] = float(theta)
+    fp8_block(c, source)  # checks quantization_config
     return fields
+
+
+def fp8_block(config_json: dict, source: str = "config.json") -> tuple[int, int]:
+    """Block shape of the FP8 weights' scales, from quantization_config (checked)."""
+    q = config_json.get("quantization_config")
+    if not q:
+        return FP8_BLOCK
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(
+            f"{source}: unsupported quantization_config (quant_method={q.get('quant_method')!r}, "
+            f"fmt={q.get('fmt')!r}); only DeepSeek's block FP8 (quant_method fp8, fmt e4m3) loads"
+        )
+    block = q.get("weight_block_size") or FP8_BLOCK
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"{source}: quantization_config.weight_block_size must be two positive ints, got {block!r}")
+    return tuple(block)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -209,7 +328,11 @@ def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
         if i >= n_layers:
             prefix = f"mtp.{i - n_layers}."
             if key in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # copies of the shared embedding / head
+                # copies of the shared embedding / head (DeepSeek's MTP shares them)
+                main = hf.get("model.embed_tokens.weight" if key[0] == "e" else "lm_head.weight")
+                if main is not None and not torch.equal(main, t):
+                    warnings.warn(f"{name} differs from the main model's; the main one is used")
+                continue
             if key in MTP_KEYS_INV:
                 out[prefix + MTP_KEYS_INV[key]] = t
                 continue
@@ -239,7 +362,24 @@ def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
     return out
 
 
+def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: tuple[int, int], name: str = "") -> Tensor:
+    """DeepSeek's block FP8: w (R, C) float8_e4m3fn, scale_inv (ceil(R/br), ceil(C/bc)) -> (R, C)
+    float32, each br x bc block of w times its scale (edge blocks may be partial)."""
+    br, bc = block
+    R, C = w.shape
+    want = (-(-R // br), -(-C // bc))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(
+            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {R}x{C} weight in {br}x{bc} "
+            f"blocks needs {want}"
+        )
+    s = scale_inv.float().repeat_interleave(br, 0)[:R].repeat_interleave(bc, 1)[:, :C]
+    return w.float() * s
+
+
 def _read_safetensors(folder: str) -> dict[str, Tensor]:
+    """Every tensor of a folder (model.safetensors, or the shards model.safetensors.index.json
+    names), FP8 weights dequantized with their `weight_scale_inv` to float32."""
     from safetensors.torch import load_file
 
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -251,29 +391,90 @@ def _read_safetensors(folder: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for shard in shards:
         out.update(load_file(os.path.join(folder, shard)))
+    scales = [k for k in out if k.endswith(".weight_scale_inv")]
+    if scales or any(t.dtype == torch.float8_e4m3fn for t in out.values()):
+        config_path = os.path.join(folder, "config.json")
+        with open(config_path) as f:
+            block = fp8_block(json.load(f), config_path)
+        for k in scales:
+            w = k[: -len("_scale_inv")]
+            if w not in out:
+                raise KeyError(f"{folder}: {k} has no weight {w}")
+            out[w] = dequantize_fp8(out[w], out.pop(k), block, w)
+        left = [k for k, t in out.items() if t.dtype == torch.float8_e4m3fn]
+        if left:
+            raise KeyError(f"{folder}: FP8 weights without a weight_scale_inv: {left[:5]}")
     return out
 
 
-def export_hf(model: Transformer, out_dir: str) -> None:
-    """Write config.json and model.safetensors (fp32) to out_dir."""
+def _parse_size(text: str | int) -> int:
+    """'5GB', '200MB', '10KB' or a byte count -> bytes (decimal units, as transformers)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str,
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+) -> None:
+    """Write config.json and the weights to out_dir: model.safetensors, or, above max_shard_size
+    bytes, model-0000i-of-0000n.safetensors shards and model.safetensors.index.json. dtype float32
+    or bfloat16 (the router's correction bias stays float32, as in DeepSeek's release)."""
     from safetensors.torch import save_file
 
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"export dtype must be float32 or bfloat16, got {dtype!r}")
+    limit = _parse_size(max_shard_size)
     config = hf_config(model.config)  # refuses softmax scoring before writing anything
+    config["torch_dtype"] = config["dtype"] = dtype
+    sd = to_hf_state_dict(model)
+    if dtype == "bfloat16":
+        sd = {
+            k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
+            for k, v in sd.items()
+        }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    save_file(
-        to_hf_state_dict(model),
-        os.path.join(out_dir, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():  # fill shards in order; a tensor above the limit gets its own
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    for stale in os.listdir(out_dir):  # shards of an earlier export would confuse loaders
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
+            os.remove(os.path.join(out_dir, stale))
+    if len(shards) == 1:
+        save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
 
 
 def load_hf_folder(path: str) -> tuple[dict[str, object], dict[str, Tensor]]:
     """(spec model fields, our state dict) from an HF DeepseekV3 folder."""
-    with open(os.path.join(path, "config.json")) as f:
-        fields = model_fields_from_hf_config(json.load(f))
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        fields = model_fields_from_hf_config(json.load(f), config_path)
     n_layers = fields.get("n_layers", ModelConfig().n_layers)
     sd = from_hf_state_dict(_read_safetensors(path), n_layers)
     # transformers' save_pretrained drops the MTP layers (it has no module for them)
@@ -350,10 +551,14 @@ def export_main(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="trainer checkpoint file (or a Hugging Face folder)")
     parser.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="shard above this many bytes (5GB, 200MB, 1000)"
+    )
     args = parser.parse_args(argv)
     try:
         model = load_model_source(args.checkpoint)
-        export_hf(model, args.out_dir)
+        export_hf(model, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ matches transformers' DeepseekV3ForCausalLM (fp32 logits agree to ~1e-6).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.names import RopeScaling
 from runtime.moe import MoE, Experts, Router
 
 
@@ -57,11 +59,69 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_tables(rope_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin (max_seq_len, rope_dim // 2) for rotating consecutive pairs (x0, x1), (x2, x3), ..."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> Tensor:
+    """(rope_dim // 2,) YaRN frequencies: interpolated (divided by rope_factor) for dimensions that
+    turn fewer than beta_slow times over original_seq_len, kept for those that turn more than
+    beta_fast times, a linear ramp between (DeepSeek's and transformers' find_correction_range)."""
+    d, base, L = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.original_seq_len
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over L
+        return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_of(cfg.beta_fast)), 0)
+    high = min(math.ceil(dim_of(cfg.beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # no singularity
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    return freq / cfg.rope_factor * ramp + freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """Scale of cos and sin under YaRN (1 otherwise): mscale(mscale) / mscale(mscale_all_dim)."""
+    if cfg.rope_scaling != RopeScaling.YARN:
+        return 1.0
+    f = cfg.rope_factor
+    if cfg.mscale and cfg.mscale_all_dim:
+        return yarn_mscale(f, cfg.mscale) / yarn_mscale(f, cfg.mscale_all_dim)
+    return yarn_mscale(f)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times mscale(mscale_all_dim)^2 under YaRN (longer contexts get sharper
+    attention, as DeepSeek-V3 was trained)."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    if cfg.rope_scaling == RopeScaling.YARN and cfg.mscale_all_dim:
+        scale *= yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
+    return scale
+
+
+def rotary_tables(
+    rope_dim: int, max_seq_len: int, theta: float, inv_freq: Tensor | None = None, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """cos, sin (max_seq_len, rope_dim // 2) for rotating consecutive pairs (x0, x1), (x2, x3), ...,
+    both times `scale`; inv_freq (rope_dim // 2,) overrides the plain theta frequencies."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def model_rotary_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """The model's cos, sin: plain, or YaRN's frequencies and cos/sin scale."""
+    yarn = cfg.rope_scaling == RopeScaling.YARN
+    return rotary_tables(
+        cfg.qk_rope_head_dim,
+        cfg.max_seq_len,
+        cfg.rope_theta,
+        inv_freq=yarn_inv_freq(cfg) if yarn else None,
+        scale=rope_attention_factor(cfg),
+    )
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -130,7 +190,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
-        self.softmax_scale = qk_head_dim**-0.5  # no rope_scaling, hence no yarn mscale
+        self.softmax_scale = softmax_scale(cfg)  # qk_head_dim**-0.5, times the yarn mscale^2
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -193,8 +253,9 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """Depth-k multi-token prediction: h_k = block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})])).
 
-    Embedding and output head are the main model's; `norm` is this module's own final norm
-    (DeepSeek's shared_head.norm).
+    h_{k-1} is the previous depth's state after its final norm (the main model's `norm` for k = 1,
+    as vLLM and SGLang feed DeepSeek-V3's released MTP layer). Embedding and output head are the
+    main model's; `norm` is this module's own final norm (DeepSeek's shared_head.norm).
     """
 
     def __init__(self, layer_id: int, model: ModelConfig, moe: MoETrainingConfig):
@@ -216,7 +277,7 @@ class LossOutput:
     loss: Tensor  # scalar for backward: main + mtp_weight * mean(mtp) + aux_w * aux + z_w * z
     main_loss: Tensor  # next-token cross-entropy
     mtp_losses: list[Tensor]  # cross-entropy per MTP depth
-    aux_loss: Tensor  # unweighted, mean over MoE layers (0 without MoE layers)
+    aux_loss: Tensor  # unweighted, summed over MoE layers, as DeepSeek does (0 without MoE layers)
     z_loss: Tensor  # unweighted, mean over MoE layers
     mtp_weight: float  # the ramped weight used
 
@@ -232,7 +293,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(
             [MTPModule(model.n_layers + k, model, moe) for k in range(model.mtp_depth)]
         )
-        cos, sin = rotary_tables(model.qk_rope_head_dim, model.max_seq_len, model.rope_theta)
+        cos, sin = model_rotary_tables(model)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -279,10 +340,21 @@ class Transformer(nn.Module):
         return self.head(self.norm(self._trunk(tokens, [])))
 
     def mtp_weight(self, step: int) -> float:
+        """lambda at `step`: mtp_loss_weight (mtp_loss_weight_final from mtp_loss_weight_until on),
+        times the warm-up ramp."""
         if self.config.mtp_depth == 0:
             return 0.0
-        w, warmup = self.mtp_config.mtp_loss_weight, self.mtp_config.warmup_steps
-        return w if warmup == 0 else w * min(1.0, step / warmup)
+        c = self.mtp_config
+        until = c.mtp_loss_weight_until
+        w = c.mtp_loss_weight if until is None or step < until else c.mtp_loss_weight_final
+        return w if c.warmup_steps == 0 else w * min(1.0, step / c.warmup_steps)
+
+    def bias_update_speed(self, step: int) -> float:
+        """gamma at optimizer step `step`: bias_update_speed, then bias_update_speed_final from
+        bias_update_speed_until on."""
+        c = self.moe_config
+        until = c.bias_update_speed_until
+        return c.bias_update_speed if until is None or step < until else c.bias_update_speed_final
 
     def compute_loss(self, window: Tensor, step: int) -> LossOutput:
         """window (B, T + 1 + D): inputs window[:, :T], targets window[:, 1:T+1]; MTP depth k embeds
@@ -292,16 +364,19 @@ class Transformer(nn.Module):
         if T < 1:
             raise ValueError(f"window of {window.shape[1]} tokens is too short for mtp_depth={D}")
         moe_losses: list[tuple[Tensor, Tensor]] = []
-        h = self._trunk(window[:, :T], moe_losses)  # (B, T, C)
-        main_loss = self._ce(self.head(self.norm(h)), window[:, 1 : T + 1])
+        h = self.norm(self._trunk(window[:, :T], moe_losses))  # (B, T, C), after the final norm
+        main_loss = self._ce(self.head(h), window[:, 1 : T + 1])
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
+            # each depth reads the previous one's normed state (what its head reads)
             h, l = module(h, self.embed(window[:, k : T + k]), self.rope_cos, self.rope_sin)
+            h = module.norm(h)
             if l is not None:
                 moe_losses.append(l)
-            mtp_losses.append(self._ce(self.head(module.norm(h)), window[:, k + 1 : T + k + 1]))
+            mtp_losses.append(self._ce(self.head(h), window[:, k + 1 : T + k + 1]))
         zero = main_loss.new_zeros(())
-        aux = torch.stack([a for a, _ in moe_losses]).mean() if moe_losses else zero
+        # balance loss per layer, summed over layers (DeepSeek's alpha); z-loss averaged
+        aux = torch.stack([a for a, _ in moe_losses]).sum() if moe_losses else zero
         z = torch.stack([z for _, z in moe_losses]).mean() if moe_losses else zero
         w = self.mtp_weight(step)
         loss = main_loss + self.moe_config.aux_loss_weight * aux + self.moe_config.z_loss_weight * z
@@ -314,16 +389,18 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     @torch.no_grad()
-    def update_router_biases(self) -> None:
-        """Aux-loss-free balancing step; call once after each optimizer step (on every process).
+    def update_router_biases(self, step: int = 0) -> None:
+        """Aux-loss-free balancing step; call once after each applied optimizer step `step` (on
+        every process); a skipped step calls discard_router_loads() instead.
 
         Uses the loads counted in training-mode forwards since the previous call, summed over
-        processes when torch.distributed is initialised.
+        processes when torch.distributed is initialised, and the speed scheduled for `step`.
         """
         layers = [m for _, m in self.moe_layers()]
         if not layers:
             return
-        if self.moe_config.bias_update_speed > 0:
+        speed = self.bias_update_speed(step)
+        if speed > 0:
             dev = layers[0].gate.e_score_correction_bias.device
             E = self.config.n_routed_experts
             none = torch.zeros(E, device=dev, dtype=torch.long)
@@ -332,8 +409,12 @@ class Transformer(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(loads)
             for m, load in zip(layers, loads):
-                m.update_bias(load)  # a layer that saw no tokens gets sign(0) = no change
-        for m in layers:
+                m.update_bias(load, speed)  # a layer that saw no tokens gets sign(0) = no change
+        self.discard_router_loads()
+
+    def discard_router_loads(self) -> None:
+        """Forget the loads counted since the last bias update (a step that was not applied)."""
+        for _, m in self.moe_layers():
             m.load_counts = None
 
     def moe_stats(self) -> dict[str, float | list[int]]:

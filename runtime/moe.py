@@ -4,7 +4,8 @@ One MoE layer call on x (B, T, C):
   1. router logits (fp32, no autocast) / temperature (+ noise in training), scores = sigmoid|softmax
   2. selection on scores + e_score_correction_bias, group-limited, top-k; the bias never enters the weights
   3. weights = unbiased scores of the chosen experts, optionally renormalised, times route_scale
-  4. optional capacity dropping (lowest score first), then tokens sorted by expert and all experts run
+  4. optional capacity dropping (training only, per sequence in position order, so causal), then
+     tokens sorted by expert and all experts run
      as two grouped matmuls (torch._grouped_mm, or a padded bmm where that kernel is unavailable)
   5. routed output + shared experts; returns the sequence-wise aux loss and the z-loss alongside.
 
@@ -33,6 +34,7 @@ class Routing:
     idx: Tensor  # (N, K) chosen experts
     weights: Tensor  # (N, K) routing weights (renormalised, scaled)
     keep: Tensor | None  # (N, K) bool, False for assignments dropped over capacity; None = dropless
+    max_rows: int | None = None  # with keep: most rows any expert can get (sequences x capacity)
 
 
 class Router(nn.Module):
@@ -93,19 +95,23 @@ def expert_counts(flat_e: Tensor, n_experts: int) -> Tensor:
     return counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))
 
 
-def capacity_keep(idx: Tensor, score: Tensor, n_experts: int, capacity: int) -> Tensor:
-    """(N, K) bool mask of the assignments each expert keeps: its `capacity` highest-scoring ones.
+def capacity_keep(idx: Tensor, n_seqs: int, n_experts: int, capacity: int) -> Tensor:
+    """(N, K) bool mask of the assignments kept: in each sequence, each expert takes its first
+    `capacity` assignments in position order (then slot order, i.e. a token's better-ranked experts
+    first). idx (N, K) holds n_seqs sequences of N / n_seqs tokens each, sequence-major.
 
-    Ties keep the earlier token. Fully vectorised: sort by score, then stably by expert, and rank
-    each assignment within its expert's run.
+    Causal: whether token t keeps an expert depends only on the tokens at or before t of its own
+    sequence. Fully vectorised: a stable sort by (sequence, expert) keeps position order inside each
+    group, and each assignment's rank in its group is its index minus the group's start.
     """
-    flat_e, flat_s = idx.flatten(), score.flatten()
-    order = flat_s.argsort(descending=True, stable=True)
-    # by expert, best score first within an expert
-    order = order[flat_e[order].argsort(stable=True)]
-    counts = expert_counts(flat_e, n_experts)
+    N, K = idx.shape
+    flat_e = idx.flatten()  # (N*K,) position-major
+    seq = torch.arange(N * K, device=idx.device) // (N * K // n_seqs)
+    group = seq * n_experts + flat_e  # (N*K,) one group per (sequence, expert)
+    order = group.argsort(stable=True)
+    counts = expert_counts(group, n_seqs * n_experts)
     starts = counts.cumsum(0) - counts
-    rank_sorted = torch.arange(flat_e.numel(), device=idx.device) - starts[flat_e[order]]
+    rank_sorted = torch.arange(N * K, device=idx.device) - starts[group[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
     return (rank < capacity).view_as(idx)
 
@@ -384,17 +390,18 @@ class MoE(nn.Module):
         self.stat_counts: Tensor | None = None  # (E,) assignments since the last stats reset
         self.stat_dropped: Tensor | None = None  # () dropped assignments since the last stats reset
 
-    def capacity(self, n_tokens: int) -> int:
-        return math.ceil(n_tokens * self.top_k / self.n_experts * self.capacity_factor)
+    def capacity(self, seq_len: int) -> int:
+        """Assignments each expert takes from one sequence of seq_len tokens (drop mode)."""
+        return math.ceil(seq_len * self.top_k / self.n_experts * self.capacity_factor)
 
-    def route(self, x: Tensor) -> Routing:
+    def route(self, x: Tensor, n_seqs: int = 1) -> Routing:
+        """x (N, C), n_seqs sequences of N / n_seqs tokens. Drops only in training mode."""
         logits, scores, idx, weights = self.gate(x)
-        keep = None
-        if self.drop_tokens:
-            keep = capacity_keep(
-                idx, scores.detach().gather(1, idx), self.n_experts, self.capacity(x.shape[0])
-            )
-        return Routing(logits, scores, idx, weights, keep)
+        if not (self.drop_tokens and self.training):
+            return Routing(logits, scores, idx, weights, None)
+        cap = self.capacity(x.shape[0] // n_seqs)
+        keep = capacity_keep(idx, n_seqs, self.n_experts, cap)
+        return Routing(logits, scores, idx, weights, keep, n_seqs * cap)
 
     def forward(self, x: Tensor, reference: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, C) -> (out (B, T, C), seq-wise aux loss (), z-loss ()).
@@ -403,7 +410,7 @@ class MoE(nn.Module):
         """
         B, T, C = x.shape
         xf = x.reshape(B * T, C)
-        r = self.route(xf)
+        r = self.route(xf, B)
         if reference:
             w = r.weights if r.keep is None else r.weights * r.keep
             routed = self.experts.forward_reference(xf, r.idx, w.to(xf.dtype))
@@ -438,7 +445,7 @@ class MoE(nn.Module):
         order = sel[flat_e[sel].argsort(stable=True)]
         counts = expert_counts(flat_e[sel], self.n_experts)
         tok = order // K  # (M,)
-        y = self.experts(x[tok], counts, self.capacity(N), r.weights.flatten()[order])  # (M, C)
+        y = self.experts(x[tok], counts, r.max_rows, r.weights.flatten()[order])  # (M, C)
         return torch.zeros(N, x.shape[1], device=x.device, dtype=torch.float32).index_add(
             0, tok, y.float()
         )
@@ -467,11 +474,13 @@ class MoE(nn.Module):
         self.stat_dropped = dropped if self.stat_dropped is None else self.stat_dropped + dropped
 
     @torch.no_grad()
-    def update_bias(self, load: Tensor) -> None:
-        """bias += speed * sign(mean load - load). load (E,) is already summed over processes."""
+    def update_bias(self, load: Tensor, speed: float | None = None) -> None:
+        """bias += speed * sign(mean load - load). load (E,) is already summed over processes;
+        speed defaults to moe.bias_update_speed (the model passes the scheduled one)."""
+        speed = self.bias_update_speed if speed is None else speed
         load = load.float()
         bias = self.gate.e_score_correction_bias
-        bias += self.bias_update_speed * torch.sign(load.mean() - load).to(bias)
+        bias += speed * torch.sign(load.mean() - load).to(bias)
 
     def reset_stats(self) -> None:
         self.stat_counts = None

@@ -87,6 +87,7 @@ _IMPLEMENTING_MODULES = ("runtime.data", "runtime.schedule", "runtime.distribute
 # Choice fields the code branches on directly, comparing with the generated constants.
 BRANCHING_FIELDS = {
     PATH.model.score_func: "runtime/moe.py (router scoring)",
+    PATH.model.rope_scaling: "runtime/model.py (rotary tables and softmax scale)",
     PATH.training.nonfinite_loss: "runtime/train.py (stop or skip the step)",
     PATH.system.compile.compile_mode: "runtime/distributed.py (passed to torch.compile as is)",
 }

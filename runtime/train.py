@@ -29,6 +29,8 @@ import torch
 
 from generated.parser import (
     ConfigError,
+    Problem,
+    Source,
     adopt_values,
     dump_yaml,
     reconcile_with_checkpoint,
@@ -72,6 +74,26 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def router_noise_seed(seed, rank, step):
+    """Seed of the router noise of one optimizer step on one process: different on every rank
+    (the noise of a data-parallel run must not repeat across processes) and a function of the step,
+    so a resumed run draws the same noise as an uninterrupted one."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
+@contextlib.contextmanager
+def router_noise_rng(moe_cfg, seed, rank, step, device):
+    """Run the step's forwards with the global RNG seeded by router_noise_seed (only when router
+    noise is on; the RNG state outside is left as it was)."""
+    if moe_cfg.router_noise_scale == 0:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(router_noise_seed(seed, rank, step))
+        yield
 
 
 def build_optimizer(model, optimizer):
@@ -239,7 +261,11 @@ class Trainer:
 
             config_json = os.path.join(source, "config.json")
             with open(config_json) as f:
-                fields = model_fields_from_hf_config(json.load(f))
+                try:
+                    fields = model_fields_from_hf_config(json.load(f), config_json)
+                except ValueError as error:  # an unsupported setting, named by its key
+                    problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", config_json, 1))
+                    raise ConfigError([problem]) from None
             resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, config_json)
             return resolved, lambda model: load_hf_weights(model, source)
         if os.path.isfile(source):
@@ -308,17 +334,19 @@ class Trainer:
         depth = cfg.model.mtp_depth
         sums = torch.zeros(4 + depth, dtype=torch.float64, device=self.device)
         mtp_weight = 0.0
-        for j, window in enumerate(micro_batches):
-            window = window.to(self.device, non_blocking=True)
-            last = j == n - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_module.no_sync()
-            with sync:
-                with self._autocast():
-                    out = self.train_module(window, step)
-                self.scaler.scale(out.loss / n).backward()
-            parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
-            sums += torch.stack([p.detach().double() for p in parts])
-            mtp_weight = out.mtp_weight
+        noise = router_noise_rng(cfg.moe, cfg.seed, self.dist.rank, step, self.device)
+        with noise:
+            for j, window in enumerate(micro_batches):
+                window = window.to(self.device, non_blocking=True)
+                last = j == n - 1
+                sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_module.no_sync()
+                with sync:
+                    with self._autocast():
+                        out = self.train_module(window, step)
+                    self.scaler.scale(out.loss / n).backward()
+                parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
+                sums += torch.stack([p.detach().double() for p in parts])
+                mtp_weight = out.mtp_weight
         fault_point("step")
         dist_utils.all_reduce_sum(sums, self.dist)
         means = (sums / (n * self.dist.world_size)).tolist()
@@ -334,6 +362,7 @@ class Trainer:
                     f"{NonfiniteLoss.SKIP} to drop such steps"
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            self.model.discard_router_loads()  # a step not applied moves no bias
             metrics["skipped"] = True
             return metrics
         if self.scaler.is_enabled():
@@ -350,12 +379,19 @@ class Trainer:
                         f"{PATH.training.nonfinite_loss}: {NonfiniteLoss.SKIP} to drop such steps"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
+                self.model.discard_router_loads()
                 metrics["skipped"] = True
                 return metrics
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_router_biases()
+        # the float16 scaler skips a step with inf/NaN gradients and then lowers its scale
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.model.discard_router_loads()
+            metrics["scaler_skipped"] = True
+        else:
+            self.model.update_router_biases(step)
         return metrics
 
     @torch.no_grad()

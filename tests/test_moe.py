@@ -80,20 +80,22 @@ def test_dispatch_matches_reference_loop(model_kw, moe_kw, grouped, monkeypatch)
     assert grads["experts.w13"].abs().sum() > 0 and grads["gate.weight"].abs().sum() > 0
 
 
-def test_capacity_keep_drops_lowest_scores():
-    # 6 tokens, top-1, 2 experts: capacity 2 per expert
-    idx = torch.tensor([[0], [0], [0], [1], [0], [1]])
-    score = torch.tensor([[0.5], [0.9], [0.7], [0.2], [0.7], [0.3]])
-    keep = capacity_keep(idx, score, n_experts=2, capacity=2)
-    # expert 0 has tokens 0,1,2,4 with 0.5, 0.9, 0.7, 0.7: keeps 1 and the earlier 0.7 (token 2)
-    assert keep.squeeze(1).tolist() == [False, True, True, True, False, True]
+def test_capacity_keep_fills_in_position_order_per_sequence():
+    # 2 sequences of 4 tokens, top-1 of 2 experts, capacity 2 per expert per sequence
+    idx = torch.tensor([[0], [0], [0], [1], [1], [0], [1], [1]])
+    keep = capacity_keep(idx, n_seqs=2, n_experts=2, capacity=2)
+    # sequence 0: expert 0 gets tokens 0, 1, 2 -> token 2 is dropped, whatever the scores;
+    # sequence 1 has its own capacity: expert 1 gets tokens 4, 6, 7 -> 7 is dropped
+    assert keep.squeeze(1).tolist() == [True, True, False, True, True, True, True, False]
+    # top-2: within a token, the better-ranked slot comes first
+    idx2 = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    keep2 = capacity_keep(idx2, n_seqs=1, n_experts=2, capacity=2)
+    assert keep2.tolist() == [[True, True], [True, True], [False, False]]
 
 
 def test_capacity_dropping_in_layer():
     # 4 tokens, top-2 of 4 experts, capacity_factor 0.5: capacity = ceil(4*2/4*0.5) = 1
-    layer = make_moe(
-        {"n_routed_experts": 4, "top_k": 2}, drop_tokens=True, capacity_factor=0.5
-    ).eval()
+    layer = make_moe({"n_routed_experts": 4, "top_k": 2}, drop_tokens=True, capacity_factor=0.5)
     assert layer.capacity(4) == 1
     scores = torch.tensor(
         [[0.9, 0.8, 0.1, 0.1], [0.95, 0.1, 0.7, 0.1], [0.1, 0.6, 0.1, 0.2], [0.3, 0.1, 0.1, 0.4]]
@@ -101,11 +103,11 @@ def test_capacity_dropping_in_layer():
     idx = torch.tensor([[0, 1], [0, 2], [1, 3], [3, 0]])
     weights = torch.full((4, 2), 0.5)
     stub_router(layer, scores, idx, weights)
-    # expert 0: tokens 0 (0.9), 1 (0.95), 3 (0.3) -> keeps token 1; expert 1: tokens 0 (0.8), 2 (0.6)
-    # -> keeps 0; expert 2: token 1; expert 3: tokens 2 (0.2), 3 (0.4) -> keeps 3
-    expected_keep = torch.tensor([[False, True], [True, True], [False, False], [True, False]])
+    # first come, first served: expert 0 -> token 0 (1 and 3 dropped although 1 scores higher),
+    # expert 1 -> token 0 (2 dropped), expert 2 -> token 1, expert 3 -> token 2 (3 dropped)
+    expected_keep = torch.tensor([[True, True], [False, True], [False, True], [False, False]])
     r = layer.route(torch.randn(4, DIM))
-    assert torch.equal(r.keep, expected_keep)
+    assert torch.equal(r.keep, expected_keep) and r.max_rows == 1
 
     x = torch.randn(1, 4, DIM)
     out, _, _ = layer(x)
@@ -118,11 +120,38 @@ def test_capacity_dropping_in_layer():
                 g, u = F.linear(xf[t], layer.experts.w13[e]).chunk(2)
                 expected[t] += 0.5 * F.linear(F.silu(g) * u, layer.experts.w2[e])
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
-    # token 2 lost both experts: only the shared experts remain
-    torch.testing.assert_close(out[0, 2], layer.shared_experts(xf[2]), rtol=1e-5, atol=1e-6)
-    layer.train()
-    layer(x)
+    # token 3 lost both experts: only the shared experts remain
+    torch.testing.assert_close(out[0, 3], layer.shared_experts(xf[3]), rtol=1e-5, atol=1e-6)
     assert layer.stat_dropped.item() == 4  # of 8 assignments
+    # eval mode is dropless
+    layer.eval()
+    assert layer.route(torch.randn(4, DIM)).keep is None
+    out_eval, _, _ = layer(x)
+    assert (out_eval[0, 3] - layer.shared_experts(xf[3])).abs().max() > 1e-3
+
+
+def test_token_dropping_is_causal_and_training_only():
+    # a whole model with tight capacity: changing tokens after t never changes outputs at or before t
+    from tiny import debug_model
+
+    model = debug_model(MoETrainingConfig(drop_tokens=True, capacity_factor=0.5), n_layers=3)
+    model.train()
+    T = 16
+    base = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(base)
+        assert model.moe_stats()["moe/dropped_frac"] > 0.2  # dropping is really on
+        for t in (3, 8, 12):
+            other = base.clone()
+            other[:, t + 1 :] = torch.randint(0, 64, (2, T - t - 1))
+            out = model(other)
+            torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=0)
+            assert (out[:, t + 1 :] - ref[:, t + 1 :]).abs().max() > 1e-4
+        # eval (and so sampling) is dropless: same logits as a model that never drops
+        model.eval()
+        dropless = debug_model(n_layers=3).eval()
+        torch.testing.assert_close(model(base), dropless(base))
+        assert (model(base) - ref).abs().max() > 1e-4
 
 
 def test_dropless_keeps_everything():

@@ -71,17 +71,21 @@ def test_depth_inputs_targets_and_embedding_first_concat():
     for h in hooks:
         h.remove()
 
-    # rebuild the chain by hand: h_0 is the main trunk's output before the final norm
+    # rebuild the chain by hand: h_0 is the main trunk's output after the final norm (what vLLM
+    # and SGLang feed DeepSeek-V3's released MTP layer), h_k module k's after its own norm
     with torch.no_grad():
-        h = model._trunk(window[:, :T], [])
-        torch.testing.assert_close(model.head(model.norm(h)), model(window[:, :T]))
+        trunk = model._trunk(window[:, :T], [])
+        h = model.norm(trunk)
+        torch.testing.assert_close(model.head(h), model(window[:, :T]))
+        assert (seen[0][..., 32:] - model.mtp[0].hnorm(trunk)).abs().max() > 1e-4  # not pre-norm
         for k, module in enumerate(model.mtp, start=1):
             emb = model.embed(window[:, k : T + k])
             cat = seen[k - 1]  # (B, T, 2C): [enorm(embedding); hnorm(previous hidden)]
             torch.testing.assert_close(cat[..., :32], module.enorm(emb))
             torch.testing.assert_close(cat[..., 32:], module.hnorm(h))
             h, _ = module.block(module.eh_proj(cat), model.rope_cos, model.rope_sin)
-            logits = model.head(module.norm(h))
+            h = module.norm(h)
+            logits = model.head(h)
             target = window[:, k + 1 : T + k + 1]
             torch.testing.assert_close(
                 out.mtp_losses[k - 1], F.cross_entropy(logits.flatten(0, 1), target.flatten())

@@ -24,9 +24,11 @@ HF_KEYS = {name: path for path, name in HF_NAMES.items()}
 UNRELATED = {
     ("config_cli.py", "default"): "warnings.simplefilter action",
     ("data.py", "stdlib"): "sysconfig.get_paths() key",
-    ("hf.py", "float32"): "torch_dtype written into the exported config.json",
+    ("hf.py", "float32"): "storage dtype of an export (config.json torch_dtype)",
+    ("hf.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",
     ("hf.py", "default"): "Hugging Face rope_type of unscaled rotary embeddings",
     ("wandb_logger.py", "latest"): "wandb artifact alias",
+    ("train.py", "none"): "printed when there is no best validation loss yet",
 }
 
 

@@ -97,3 +97,19 @@ def test_an_incomplete_registry_fails_at_completion():
         registry.complete()
     registry.register(choices[-1], object())
     assert registry.complete() is registry
+
+
+def test_rope_scaling_choices_change_the_model():
+    # model.rope_scaling: the rotary tables and softmax scale branch on it (parity with
+    # transformers in tests/test_hf_release.py)
+    import torch
+
+    from tiny import debug_model
+
+    tokens = torch.arange(24).view(2, 12)
+    outputs = []
+    for choice in CHOICES["model.rope_scaling"]:
+        model = debug_model(rope_scaling=choice, original_seq_len=4, rope_factor=8.0).eval()
+        with torch.no_grad():
+            outputs.append(model(tokens))
+    assert len(outputs) == 2 and (outputs[0] - outputs[1]).abs().max() > 1e-4

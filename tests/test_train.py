@@ -283,3 +283,64 @@ def test_example_config_runs(path, tmp_path, data_dir):
     assert compiled == (os.path.basename(path) == COMPILED_CONFIG)
     assert len(losses(tmp_path, "loss")) == 2
     assert os.path.exists(tmp_path / "ck" / "ckpt_0000002.pt")
+
+
+class FakeFloat16Scaler:
+    """A GradScaler stand-in that finds inf gradients (skip=True): it skips the step and halves
+    its scale, as torch.amp.GradScaler does."""
+
+    def __init__(self, skip):
+        self.skip, self.value = skip, 1024.0
+
+    def is_enabled(self):
+        return True
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        pass
+
+    def get_scale(self):
+        return self.value
+
+    def step(self, optimizer):
+        if not self.skip:
+            optimizer.step()
+
+    def update(self):
+        self.value *= 0.5 if self.skip else 1.0
+
+
+def test_bias_moves_only_on_applied_steps(tmp_path, data_dir):
+    trainer = Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--training.nonfinite_loss", "skip",
+                                            "--moe.bias_update_speed", "0.01")))
+    model = trainer.model
+    layers = [m for _, m in model.moe_layers()]
+    batch = [torch.randint(0, 256, (2, trainer.window), generator=torch.Generator().manual_seed(0))]
+
+    def bias():
+        return torch.stack([m.gate.e_score_correction_bias.clone() for m in layers])
+
+    before = bias()
+    assert "skipped" not in trainer.train_step(0, batch)
+    assert not torch.equal(bias(), before)  # an applied step moves it
+    real = trainer.train_module
+
+    def nan_loss(window, step):
+        out = real(window, step)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer.train_module = nan_loss
+    before = bias()
+    assert trainer.train_step(1, batch)["skipped"]
+    assert torch.equal(bias(), before)
+    assert all(m.load_counts is None for m in layers)  # its loads are not kept for the next update
+    trainer.train_module = real
+    trainer.scaler = FakeFloat16Scaler(skip=True)
+    assert trainer.train_step(2, batch)["scaler_skipped"]
+    assert torch.equal(bias(), before) and all(m.load_counts is None for m in layers)
+    trainer.scaler = FakeFloat16Scaler(skip=False)
+    assert "scaler_skipped" not in trainer.train_step(3, batch)
+    assert not torch.equal(bias(), before)

@@ -144,6 +144,8 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
         "--evaluator.eval_interval", "1", "--checkpointer.save_interval", "1", "--wandb.enabled", "true",
         "--wandb.log_model", "true", "--moe.drop_tokens", "true", "--moe.router_noise_scale", "0.1",
         "--moe.z_loss_weight", "0.01", "--model.q_lora_rank", "8", "--mtp.warmup_steps", "2",
+        "--model.rope_scaling", "yarn", "--model.original_seq_len", "8", "--model.rope_factor", "4",
+        "--moe.bias_update_speed_until", "1", "--mtp.mtp_loss_weight_until", "1",
         "--schedule.schedule_type", "multi_phase", "--schedule.phase_steps", "[1]", "--schedule.phase_names", "[b]",
     ]
     cfg = recorder.wrap(gparser.load_config(argv=argv))

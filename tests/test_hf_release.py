@@ -1,0 +1,299 @@
+"""DeepSeek-V3's released format: its config.json unchanged, YaRN parity with transformers, block
+FP8 weights in sharded safetensors with the MTP layer, and sharded / bf16 export."""
+
+import json
+import math
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from generated.config import ModelConfig
+from generated.parser import ConfigError, load_config, resolved_from_config
+from runtime import hf as hf_mod
+from runtime.model import Transformer
+from runtime.sample import generate
+from runtime.train import Trainer
+
+transformers = pytest.importorskip("transformers")
+from test_hf import load_hf, make_model  # noqa: E402
+
+RELEASED = os.path.join(os.path.dirname(__file__), "data", "deepseek_v3_config.json")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def released():
+    with open(RELEASED) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def test_released_config_loads_unchanged(tmp_path):
+    c = released()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no key is unknown
+        fields = hf_mod.model_fields_from_hf_config(c)
+    cfg = ModelConfig(**fields)
+    assert (cfg.dim, cfg.n_layers, cfg.first_k_dense, cfg.n_heads, cfg.q_lora_rank) == (7168, 61, 3, 128, 1536)
+    assert (cfg.n_routed_experts, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.route_scale) == (256, 8, 8, 4, 2.5)
+    assert (cfg.max_seq_len, cfg.mtp_depth, cfg.vocab_size, cfg.moe_inter_dim) == (163840, 1, 129280, 2048)
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.original_seq_len) == ("yarn", 40.0, 4096)
+    assert (cfg.beta_fast, cfg.beta_slow, cfg.mscale, cfg.mscale_all_dim) == (32.0, 1.0, 1.0, 1.0)
+    # every key is used, checked or ignored
+    known = hf_mod.HF_USED | set(hf_mod.HF_CHECKED) | set(hf_mod.HF_IGNORED)
+    assert set(c) <= known
+    # the trainer's init_from takes the folder (the architecture fills the model section)
+    (tmp_path / "r1").mkdir()
+    shutil.copy(RELEASED, tmp_path / "r1" / "config.json")
+    config = load_config(argv=["--checkpointer.init_from", str(tmp_path / "r1"), "--training.seq_len", "128"])
+    resolved, _ = Trainer._init_from(resolved_from_config(config))
+    assert resolved.config.model == cfg
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("topk_method", "greedy"),
+        ("moe_layer_freq", 2),
+        ("seq_aux", False),
+        ("attention_bias", True),
+        ("hidden_act", "gelu"),
+        ("num_key_value_heads", 8),
+        ("quantization_config", {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
+        ("rope_scaling", {"type": "longrope", "factor": 4}),
+        ("rope_scaling", {**released()["rope_scaling"], "truncate": False}),
+    ],
+)
+def test_unsupported_values_are_config_errors_naming_the_key(tmp_path, key, value):
+    c = released()
+    c[key] = value
+    name = key.split("_config")[0]
+    with pytest.raises(ValueError, match=name):
+        hf_mod.model_fields_from_hf_config(c)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(c))
+    config = load_config(argv=["--checkpointer.init_from", str(folder)])
+    with pytest.raises(ConfigError, match=f"checkpointer.init_from: .*{name}"):
+        Trainer._init_from(resolved_from_config(config))
+
+
+def test_unknown_keys_warn_and_config_md_lists_the_ignored_and_checked_keys():
+    with pytest.warns(UserWarning, match="frobnicate"):
+        hf_mod.model_fields_from_hf_config({**released(), "frobnicate": 1})
+    with open(os.path.join(REPO, "generated", "CONFIG.md")) as f:
+        doc = f.read()
+    model_doc = doc[doc.index("## model"): doc.index("## moe")]
+    for key in [*hf_mod.HF_IGNORED, *hf_mod.HF_CHECKED, "quantization_config", "rope_scaling"]:
+        assert f"`{key}`" in model_doc, key
+
+
+# ----------------------------------------------------------------------------- YaRN
+
+
+YARN = {
+    "released": dict(rope_scaling="yarn", rope_factor=40.0, original_seq_len=16),
+    "mscales": dict(
+        rope_scaling="yarn", rope_factor=4.0, original_seq_len=8, beta_fast=8.0, beta_slow=0.5,
+        mscale=0.707, mscale_all_dim=1.0, q_lora_rank=24,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(YARN))
+def test_yarn_logits_match_transformers(variant, tmp_path):
+    model = make_model(**YARN[variant])
+    hf_mod.export_hf(model, str(tmp_path))
+    ref = load_hf(str(tmp_path))
+    assert ref.config.rope_parameters["rope_type"] == "yarn"
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = ref(tokens).logits
+        assert (model(tokens) - theirs).abs().max().item() < 1e-4
+        # sensitive to each part: plain rope, or yarn without the softmax mscale, is far off
+        plain = make_model(**{k: v for k, v in YARN[variant].items() if k != "rope_scaling"})
+        assert (plain(tokens) - theirs).abs().max().item() > 1e-3
+        for layer in model.layers:
+            layer.attn.softmax_scale = (16 + 8) ** -0.5
+        assert (model(tokens) - theirs).abs().max().item() > 1e-3
+    # and the exported config.json imports back to the same model section
+    fields, _ = hf_mod.load_hf_folder(str(tmp_path))
+    assert ModelConfig(**fields) == model.config
+
+
+# ----------------------------------------------------------------------------- FP8 / shards / MTP
+
+
+def quantize_fp8(w, block=(128, 128)):
+    """DeepSeek's block FP8: per block scale = amax / 448; returns (fp8 weight, weight_scale_inv)."""
+    R, C = w.shape
+    br, bc = block
+    scale = torch.empty(math.ceil(R / br), math.ceil(C / bc))
+    q = torch.empty(R, C, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_loop(q, scale, block=(128, 128)):
+    out = q.float()
+    br, bc = block
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * br : (i + 1) * br, j * bc : (j + 1) * bc] *= scale[i, j]
+    return out
+
+
+def test_dequantize_partial_edge_blocks():
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_fp8(w)
+    assert s.shape == (3, 2)  # 128 + 128 + 44 rows, 128 + 72 columns
+    got = hf_mod.dequantize_fp8(q, s, (128, 128))
+    torch.testing.assert_close(got, dequantize_loop(q, s), rtol=0, atol=0)
+    assert (got - w).abs().max() < 0.07 * w.abs().max()  # e4m3 precision
+    with pytest.raises(ValueError, match="blocks needs"):
+        hf_mod.dequantize_fp8(q, s[:2], (128, 128), "x.weight")
+
+
+TINY_RELEASE = dict(  # the released config's keys with dimensions small enough for CPU
+    hidden_size=144, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=2,
+    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24,
+    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, vocab_size=256,
+    max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+    rope_scaling={**released()["rope_scaling"], "original_max_position_embeddings": 16},
+)
+FP8_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight")  # linear layers, as in the release
+
+
+def write_release_folder(tmp_path):
+    """(fp8 folder, dequantized reference folder, dequantized HF tensors) of a random tiny model,
+    in the released layout: 3 shards + index, FP8 linear weights with 128x128 weight_scale_inv,
+    bf16 elsewhere, fp32 correction bias, MTP layer at index num_hidden_layers."""
+    c = {**released(), **TINY_RELEASE}
+    fields = hf_mod.model_fields_from_hf_config(c)
+    torch.manual_seed(0)
+    from generated.config import MoETrainingConfig, MTPTrainingConfig
+
+    model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        for _, layer in model.moe_layers():
+            layer.gate.e_score_correction_bias.normal_(0, 0.05)
+    sd = hf_mod.to_hf_state_dict(model)
+    stored, dequant = {}, {}
+    for k, v in sd.items():
+        if k.endswith(FP8_SUFFIXES) and "eh_proj" not in k:
+            q, s = quantize_fp8(v)
+            stored[k], stored[k + "_scale_inv"] = q, s
+            dequant[k] = dequantize_loop(q, s)
+        elif k.endswith("e_score_correction_bias"):
+            stored[k] = dequant[k] = v
+        else:
+            stored[k] = v.to(torch.bfloat16)
+            dequant[k] = stored[k].float()
+    from safetensors.torch import save_file
+
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    (fp8 / "config.json").write_text(json.dumps(c, indent=2))
+    keys = sorted(stored)
+    weight_map = {}
+    for i, part in enumerate([keys[0::3], keys[1::3], keys[2::3]], start=1):
+        name = f"model-{i:05d}-of-00003.safetensors"
+        save_file({k: stored[k] for k in part}, str(fp8 / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    ref_config = {k: v for k, v in c.items() if k not in ("quantization_config", "auto_map")}
+    ref_config.update(bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+    (ref / "config.json").write_text(json.dumps(ref_config))
+    save_file(dequant, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    return fp8, ref, dequant
+
+
+def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path):
+    fp8, ref_dir, dequant = write_release_folder(tmp_path)
+    from safetensors.torch import load_file
+
+    stored = {}
+    for shard in sorted(p.name for p in fp8.glob("*.safetensors")):
+        stored.update(load_file(str(fp8 / shard)))
+    kv_a = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    assert stored[kv_a].dtype == torch.float8_e4m3fn and stored[kv_a].shape == (24, 144)
+    assert stored[kv_a + "_scale_inv"].shape == (1, 2)  # partial edge blocks both ways
+    assert stored["model.layers.2.enorm.weight"].dtype == torch.bfloat16
+    assert "model.layers.2.shared_head.head.weight" in stored and "model.layers.2.embed_tokens.weight" in stored
+    ours = hf_mod.load_model_source(str(fp8))
+    assert ours.config.mtp_depth == 1 and ours.config.rope_scaling == "yarn"
+    # the MTP layer (index 2) loads into our MTP module exactly
+    L = 2
+    mtp = ours.mtp[0]
+    pairs = {
+        "enorm.weight": mtp.enorm.weight, "hnorm.weight": mtp.hnorm.weight, "eh_proj.weight": mtp.eh_proj.weight,
+        "shared_head.norm.weight": mtp.norm.weight, "self_attn.kv_a_proj_with_mqa.weight": mtp.block.attn.wkv_a.weight,
+        "self_attn.q_b_proj.weight": mtp.block.attn.wq_b.weight, "mlp.gate.weight": mtp.block.ffn.gate.weight,
+        "mlp.shared_experts.down_proj.weight": mtp.block.ffn.shared_experts.w2.weight,
+        "mlp.gate.e_score_correction_bias": mtp.block.ffn.gate.e_score_correction_bias,
+    }
+    for key, param in pairs.items():
+        assert torch.equal(param, dequant[f"model.layers.{L}.{key}"]), key
+    for j in range(8):
+        gate, up = mtp.block.ffn.experts.w13[j].chunk(2)
+        assert torch.equal(gate, dequant[f"model.layers.{L}.mlp.experts.{j}.gate_proj.weight"])
+        assert torch.equal(up, dequant[f"model.layers.{L}.mlp.experts.{j}.up_proj.weight"])
+    # the main model samples greedily token for token like transformers on the dequantized weights
+    ref = load_hf(str(ref_dir))
+    tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(tokens) - ref(tokens).logits).abs().max().item() < 1e-4
+    prompt = tokens[:, :5]
+    got = generate(ours, prompt, 12, temperature=0.0)
+    want = ref.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert got.tolist() == want.tolist()
+    assert len(set(got[0, 5:].tolist())) > 1
+    # the trainer's init_from path (load_hf_weights into a built model) takes the same folder
+    from generated.config import MoETrainingConfig, MTPTrainingConfig
+
+    fresh = Transformer(ours.config, MoETrainingConfig(), MTPTrainingConfig())
+    hf_mod.load_hf_weights(fresh, str(fp8))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_export_sharded_bf16(tmp_path):
+    model = make_model(q_lora_rank=24, mtp_depth=1)
+    hf_mod.export_hf(model, str(tmp_path / "fp32"))
+    out = tmp_path / "out"
+    args = [str(tmp_path / "fp32"), str(out), "--dtype", "bfloat16", "--max-shard-size", "40KB"]
+    assert hf_mod.export_main(args) == 0
+    with open(out / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    for shard in shards:
+        for k, t in load_file(str(out / shard)).items():
+            assert t.dtype == (torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16), k
+            assert t.numel() * t.element_size() <= 40_000 or len(load_file(str(out / shard))) == 1
+    back = hf_mod.load_model_source(str(out))
+    for k, v in model.state_dict().items():
+        want = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16).float()
+        assert torch.equal(back.state_dict()[k], want), k
+    ref = load_hf(str(out))  # transformers reads the sharded folder
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert (back(tokens) - ref(tokens).logits).abs().max().item() < 1e-4
+    # fp32 under the limit: one file, and the old shards are gone
+    hf_mod.export_hf(model, str(out))
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
