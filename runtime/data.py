@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from runtime.checkpoint import default_file_mode
 from runtime.registry import DATASETS
 
 TRAIN_STREAM = 0
@@ -47,6 +48,7 @@ class Corpus:
     dtype: str  # "uint8" or "uint16"
     length: int
     is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
+    bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
 
     def array(self):
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
@@ -105,6 +107,7 @@ def _atomic_write(path, chunks):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would keep a shared cache private
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
@@ -127,7 +130,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
         with open(meta_path) as f:
             old = json.load(f)
         if {k: old.get(k) for k in meta} == meta and old.get("bytes") == os.path.getsize(bin_path):
-            return Corpus(name, bin_path, "uint8", old["bytes"], True)
+            return Corpus(name, bin_path, "uint8", old["bytes"], True, 1.0)
 
     def chunks():
         for rel in files:
@@ -141,7 +144,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
     _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if meta["bytes"] == 0:
         raise DataError(f"dataset {name!r}: no text found under {root}")
-    return Corpus(name, bin_path, "uint8", meta["bytes"], True)
+    return Corpus(name, bin_path, "uint8", meta["bytes"], True, 1.0)
 
 
 @DATASETS.register("stdlib")

@@ -9,6 +9,7 @@ has no decay and stays at `peak_lr` for ever.
 """
 
 import bisect
+import dataclasses
 import math
 
 from runtime.registry import SCHEDULES
@@ -16,10 +17,46 @@ from runtime.registry import SCHEDULES
 INITIAL_PHASE = "initial"
 
 
+def resolve_schedule(schedule, max_iters):
+    """The schedule with its run-length defaults filled in: `lr_decay_iters: null` becomes
+    `max_iters` (at least 1, and never before the end of warm-up, so max_iters 0 still has one)."""
+    if schedule.lr_decay_iters is not None:
+        return schedule
+    # derived default: spec-declared (lr_decay_iters: null means training.max_iters)
+    return dataclasses.replace(schedule, lr_decay_iters=max(1, max_iters, schedule.warmup_iters))
+
+
+def schedule_warnings(schedule, max_iters):
+    """Plain-text warnings for a (resolved) schedule that does not fit a run of `max_iters` steps."""
+    if max_iters == 0:
+        return []
+    out = []
+    warmup, end = schedule.warmup_iters, schedule.lr_decay_iters
+    if warmup >= max_iters:
+        out.append(
+            f"schedule.warmup_iters ({warmup}) >= training.max_iters ({max_iters}): the run never "
+            f"leaves warm-up and never reaches optimizer.lr"
+        )
+    decays = schedule.decay_lr and schedule.schedule_type != "constant"
+    if decays and end < max_iters:
+        out.append(
+            f"schedule.lr_decay_iters ({end}) < training.max_iters ({max_iters}): the last "
+            f"{max_iters - end} steps run at min_lr (null follows max_iters)"
+        )
+    elif decays and end > max_iters and warmup < max_iters:
+        out.append(
+            f"schedule.lr_decay_iters ({end}) > training.max_iters ({max_iters}): the run ends "
+            f"before the decay reaches min_lr (null follows max_iters)"
+        )
+    return out
+
+
 def lr_at(step, schedule, peak_lr):
-    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig)."""
+    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig, resolved)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if schedule.lr_decay_iters is None:
+        raise ValueError("schedule.lr_decay_iters is null: resolve_schedule(schedule, max_iters) first")
     warmup = schedule.warmup_iters
     if step < warmup:
         return peak_lr * step / warmup

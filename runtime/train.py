@@ -8,6 +8,13 @@ Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (
 signal stops at once); a resumed run truncates metrics.jsonl to its checkpoint's step; see
 runtime/checkpoint.py for checksums, `latest` fallback and test-only fault injection.
 
+Logs (runtime/logs.py): the console and <out_dir>/train.log get the same timestamped lines, one per
+`log_interval` steps (step, loss, lr, tokens/s, ETA) and one per evaluation. A tqdm bar is shown
+only when stderr is a terminal, so a log piped to a file reads line by line.
+
+Run folders (runtime/rundir.py): a fresh run into an out_dir holding another run's files is a
+config error unless `overwrite`; `resume_from latest` takes only the folder's own run's checkpoints.
+
 Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
 are processed across all processes together (each process runs accum / world_size of them, with
 DDP gradient sync on its last one only); every micro-loss is divided by the per-process count and
@@ -37,6 +44,7 @@ from generated.parser import (
     to_saved_dict,
 )
 from runtime import distributed as dist_utils
+from runtime import logs
 from runtime.checkpoint import (
     FORMAT_VERSION,
     Checkpointer,
@@ -50,12 +58,19 @@ from runtime.checkpoint import (
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
+from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.registry import NONFINITE_POLICIES
-from runtime.schedule import lr_at, phase_at
+from runtime.rundir import (
+    SAMPLE_NAME,
+    claim_for_fresh_start,
+    new_run_id,
+    read_run_id,
+    write_run_file,
+)
+from runtime.schedule import lr_at, phase_at, resolve_schedule, schedule_warnings
 from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
 
-SAMPLE_NAME = "sample.txt"
 SAMPLE_PROMPT = "def "
 SAMPLE_NEW_TOKENS = 200
 SAMPLE_TEMPERATURE = 0.8
@@ -139,9 +154,12 @@ class Trainer:
         """`resolved` (from generated.parser.resolve) says which values were set explicitly; the
         checkpoint policies of the spec use it on resume and for init_from."""
         resolved = resolved if resolved is not None else resolved_from_config(cfg)
+        launch_main = dist_utils.launch_world()[1] == 0
+        logs.configure(enabled=launch_main)
         # ---- the config: reconciled with a resumed checkpoint, or with init_from's architecture
         self.checkpointer = Checkpointer(cfg.checkpointer, cfg.out_dir)
-        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn)
+        folder_run = read_run_id(cfg.out_dir) if cfg.checkpointer.resume_from == "latest" else None
+        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn, run_id=folder_run)
         self.resumed_from = resume_path
         init_weights = None
         if self.resume_state is not None:
@@ -152,6 +170,12 @@ class Trainer:
         self.cfg = cfg = resolved.config
         training = cfg.training
         system = cfg.system
+        # ---- the run folder: claimed before anything is written to it
+        self.run_id = self._claim_run_folder(cfg) if launch_main else None
+        self.schedule = resolve_schedule(cfg.schedule, training.max_iters)
+        if not cfg.evaluator.eval_only:
+            for text in schedule_warnings(self.schedule, training.max_iters):
+                self._warn(f"warning: {text}")
         # ---- processes and device
         world, _, local_rank = dist_utils.launch_world()
         dist_utils.check_launch(system.distributed)
@@ -210,7 +234,9 @@ class Trainer:
 
         # ---- outputs
         self.out_dir = cfg.out_dir
-        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main)
+        elapsed = (self.resume_state or {}).get("elapsed_s") or 0.0
+        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id, elapsed_offset=elapsed)
+        self.bytes_per_token = self.data.corpus.bytes_per_token  # None: unknown (a .bin corpus)
         self.config_dict = to_saved_dict(cfg)
         self.wandb = WandbLogger(cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main)
         self.eval_cfg = cfg.evaluator
@@ -225,14 +251,38 @@ class Trainer:
 
     @staticmethod
     def _warn(text):
-        if dist_utils.launch_world()[1] == 0:
-            print(f"train: {text}", file=sys.stderr, flush=True)
+        log.warning(text)  # non-main processes have no handlers
 
     def _say(self, text):
-        if self.is_main:
-            from tqdm import tqdm
+        log.info(text)
 
-            tqdm.write(text)
+    def _claim_run_folder(self, cfg):
+        """The run id, after making sure out_dir holds no other run's files (main process only)."""
+        out_dir, state = cfg.out_dir, self.resume_state
+        folder_run = read_run_id(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        if cfg.evaluator.eval_only:  # writes one metrics row, claims nothing
+            run_id = (state or {}).get("run_id") or folder_run or new_run_id()
+        elif state is not None:
+            run_id = state.get("run_id") or folder_run or new_run_id()
+            if folder_run is not None and folder_run != run_id and not cfg.overwrite:
+                raise ConfigError([
+                    f"out_dir: {out_dir} holds run {folder_run}, but checkpoint {self.resumed_from} is of run "
+                    f"{run_id}; resume into that run's out_dir, or pass --overwrite true"
+                ])
+            write_run_file(out_dir, run_id)
+        else:
+            # resume_from latest with no checkpoint yet: the folder's own run starts over
+            restart = cfg.checkpointer.resume_from is not None and folder_run is not None
+            removed = claim_for_fresh_start(out_dir, self.checkpointer.dir, overwrite=cfg.overwrite,
+                                            restart_same_run=restart)
+            run_id = folder_run if restart else new_run_id()
+            write_run_file(out_dir, run_id)
+            if removed:
+                self._say(f"removed {len(removed)} files of the previous run in {out_dir}")
+        logs.add_file(os.path.join(out_dir, logs.LOG_NAME))
+        self._say(f"run {run_id} in {out_dir}" + (f", resumed from {self.resumed_from}" if state else ""))
+        return run_id
 
     @staticmethod
     def _init_from(resolved):
@@ -298,6 +348,8 @@ class Trainer:
             "last_val_improved": self.last_val_improved,
             "config": self.config_dict,
             "config_sha256": config_digest(self.config_dict),
+            "run_id": self.run_id,
+            "elapsed_s": self.metrics.elapsed(),
         }
 
     # ------------------------------------------------------------------------------------------
@@ -309,7 +361,7 @@ class Trainer:
     def train_step(self, step, micro_batches):
         """One optimizer step over this process's micro-batches; returns its metrics (global means)."""
         cfg = self.cfg
-        lr = lr_at(step, cfg.schedule, cfg.optimizer.lr)
+        lr = lr_at(step, self.schedule, cfg.optimizer.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = len(micro_batches)
@@ -333,7 +385,7 @@ class Trainer:
         metrics = {
             "loss": means[0], "main_loss": means[1], "aux_loss": means[2], "z_loss": means[3],
             **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
-            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, cfg.schedule),
+            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, self.schedule),
         }
         if not math.isfinite(means[0]):
             if self.nonfinite_policy == "stop":
@@ -389,10 +441,15 @@ class Trainer:
         if improved:
             self.best_val_loss = val_loss
         record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
+        bpb = ""
+        if self.bytes_per_token is not None:
+            # nats per token -> bits per byte of text: comparable across tokenizers
+            record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            bpb = f", {record['val_bpb']:.4f} bits/byte"
         self.metrics.write(record)
-        self.wandb.log({"val_loss": val_loss, "best_val_loss": self.best_val_loss}, step=self.step)
+        self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=self.step)
         best = "none" if self.best_val_loss is None else f"{self.best_val_loss:.4f}"
-        self._say(f"step {self.step}: val loss {val_loss:.4f} (best {best})")
+        self._say(f"step {self.step}: val loss {val_loss:.4f}{bpb} (best {best})")
         return improved
 
     # ------------------------------------------------------------------------------------------
@@ -413,28 +470,34 @@ class Trainer:
         finally:
             self.wandb.finish()
         dist_utils.barrier(self.dist)
+        logs.close()
         return 0
 
     def _train(self):
-        from tqdm import tqdm
-
-        if self.resume_state is None:
-            if self.is_main and os.path.exists(self.metrics.path):
-                os.unlink(self.metrics.path)
-        else:
+        # a fresh start found (or made) the folder free of other runs' files: nothing to truncate
+        if self.resume_state is not None:
             self.metrics.truncate_after(self.step)
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
         if self.is_main:
             for path in self.checkpointer.remove_stale_temps():
                 self._say(f"removed {path} (an interrupted checkpoint write)")
         self.resume_state = None  # free the memory
-        bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                   desc="train")
+        bar = None
+        console = logs.console_handler()
+        if self.is_main and sys.stderr.isatty():  # a bar in a file is one long line of \r updates
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, dynamic_ncols=True, desc="train")
+            if console is not None:
+                console.bar = bar
         try:
             with StopSignals() as signals:
                 self._loop(signals, bar)
         finally:
-            bar.close()  # ends the bar's line, so that an error message starts a line of its own
+            if console is not None:
+                console.bar = None
+            if bar is not None:
+                bar.close()  # ends the bar's line, so that an error message starts a line of its own
 
     def _stop_requested(self, signals):
         """Whether any process got SIGTERM / SIGINT (all processes agree, so all stop together)."""
@@ -451,6 +514,8 @@ class Trainer:
         last_eval = None
         window_tokens, window_time = 0, 0.0
         log_interval = cfg.training.log_interval
+        first_step, loop_start = self.step, time.perf_counter()
+        self._say(f"training steps {self.step + 1}-{max_iters} ({self.tokens_per_step:,} tokens per step)")
         while self.step < max_iters:
             step = self.step
             will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
@@ -465,13 +530,20 @@ class Trainer:
             window_tokens += self.tokens_per_step
             self.step = step + 1
             tokens_per_s = window_tokens / max(window_time, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if will_log:
                 record = {"iter": self.step, **metrics, "tokens_per_s": tokens_per_s, **self.model.moe_stats()}
                 self.metrics.write(record)
                 self.wandb.log(record, step=self.step)
                 window_tokens, window_time = 0, 0.0
+                per_step = (time.perf_counter() - loop_start) / (self.step - first_step)
+                skipped = " (skipped)" if metrics.get("skipped") else ""
+                self._say(
+                    f"step {self.step}/{max_iters} | loss {metrics['loss']:.4f}{skipped} | lr {metrics['lr']:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s | eta {logs.format_duration(per_step * (max_iters - self.step))}"
+                )
             final = self.step == max_iters
             if self.step % self.eval_cfg.eval_interval == 0 or final:
                 improved = self._record_eval(self.evaluate())
@@ -489,11 +561,11 @@ class Trainer:
                     if saved is None:
                         saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                         self.wandb.log_checkpoint(saved, self.step)
-                    bar.close()
+                    if bar is not None:
+                        bar.close()
                     self._say(f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
                               f"continue with --checkpointer.resume_from latest")
                 break
-        bar.close()
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
 
@@ -543,6 +615,9 @@ def main(argv=None):
     path = None
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
+    # `--overwrite` alone means `--overwrite true` (the generated parser wants a value for every flag)
+    argv = [a for i, a in enumerate(argv) for a in ([a, "true"] if a == "--overwrite" and (
+        i + 1 == len(argv) or argv[i + 1].startswith("--")) else [a])]
     trainer = None
     try:
         resolved = resolve(path, argv=argv)
@@ -559,4 +634,5 @@ def main(argv=None):
         print("train: interrupted", file=sys.stderr)
         return 130
     finally:
+        logs.close()
         dist_utils.shutdown()
