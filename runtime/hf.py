@@ -7,7 +7,12 @@ on load; fused keys are accepted on import too) and the MTP modules at layer ind
 `num_hidden_layers + k` (embed_tokens, enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and
 the block's usual names). transformers itself is not imported here.
 
-`python -m runtime export CHECKPOINT OUT_DIR` -> export_main.
+With a tokenizer (every checkpoint of a text corpus has one: bytes or the run's BPE) the folder
+also gets tokenizer.json and tokenizer_config.json, so AutoTokenizer.from_pretrained loads it.
+transformers' DeepseekV3ForCausalLM has no MTP module: it reports the MTP layer's weights as
+UNEXPECTED keys on load and ignores them (harmless; `--no-mtp` writes a folder without them).
+
+`python -m runtime export CHECKPOINT OUT_DIR [--no-mtp]` -> export_main.
 """
 
 from __future__ import annotations
@@ -261,20 +266,30 @@ def _read_safetensors(folder: str) -> dict[str, Tensor]:
     return out
 
 
-def export_hf(model: Transformer, out_dir: str) -> None:
-    """Write config.json and model.safetensors (fp32) to out_dir."""
+def export_hf(model: Transformer, out_dir: str, tokenizer=None, mtp: bool = True) -> None:
+    """Write config.json and model.safetensors (fp32) to out_dir, and the tokenizer's files when
+    given (a runtime.tokenizer.TextCodec). `mtp=False` leaves the MTP modules out (and says
+    num_nextn_predict_layers 0), so transformers loads the folder without UNEXPECTED keys."""
     from safetensors.torch import save_file
 
-    config = hf_config(model.config)  # refuses softmax scoring before writing anything
+    model_cfg = model.config if mtp else dataclasses.replace(model.config, mtp_depth=0)
+    config = hf_config(model_cfg)  # refuses softmax scoring before writing anything
+    weights = to_hf_state_dict(model)
+    if not mtp:
+        n = model.config.n_layers
+        weights = {k: v for k, v in weights.items() if not _is_mtp_key(k, n)}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    save_file(
-        to_hf_state_dict(model),
-        os.path.join(out_dir, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_hf(out_dir, model_max_length=model.config.max_seq_len)
+
+
+def _is_mtp_key(name: str, n_layers: int) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return m is not None and int(m[1]) >= n_layers
 
 
 def load_hf_folder(path: str) -> tuple[dict[str, object], dict[str, Tensor]]:
@@ -335,9 +350,20 @@ def load_model_source(source: str, device: str | torch.device = "cpu") -> Transf
     Checkpoint file: one written by the trainer (checksum verified, weights_only unpickling); its
     saved config gives the model, moe and mtp sections.
     """
+    return load_model_and_tokenizer(source, device)[0]
+
+
+def load_model_and_tokenizer(source: str, device: str | torch.device = "cpu"):
+    """(Transformer in eval mode, TextCodec or None) from a checkpoint file or a Hugging Face folder.
+
+    The tokenizer: a folder's tokenizer.json (bytes without one), a checkpoint's stored tokenizer,
+    or bytes for an older checkpoint of a text corpus; None for a pre-tokenized `bin` corpus."""
+    from runtime.tokenizer import TextCodec
+
     if os.path.isdir(source):
         fields, sd = load_hf_folder(source)
         model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
+        codec = TextCodec.from_folder(source)
     else:
         from generated.parser import config_from_dict
         from runtime.checkpoint import load_checkpoint  # verifies the checksum first
@@ -346,8 +372,12 @@ def load_model_source(source: str, device: str | torch.device = "cpu") -> Transf
         config = config_from_dict(ckpt["config"])
         model = Transformer(config.model, config.moe, config.mtp)
         sd = _strip_prefixes(ckpt["model"])
+        if ckpt.get("tokenizer"):
+            codec = TextCodec.from_state(ckpt["tokenizer"])
+        else:
+            codec = TextCodec.bytes() if config.data.dataset != "bin" else None
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model.to(device).eval()
+    return model.to(device).eval(), codec
 
 
 def export_main(argv: list[str]) -> int:
@@ -356,11 +386,15 @@ def export_main(argv: list[str]) -> int:
         description="Write a checkpoint as a Hugging Face DeepseekV3 folder.",
     )
     parser.add_argument("checkpoint", help="trainer checkpoint file (or a Hugging Face folder)")
-    parser.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
+    parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer to")
+    parser.add_argument(
+        "--no-mtp", action="store_true",
+        help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
+    )
     args = parser.parse_args(argv)
     try:
-        model = load_model_source(args.checkpoint)
-        export_hf(model, args.out_dir)
+        model, codec = load_model_and_tokenizer(args.checkpoint)
+        export_hf(model, args.out_dir, tokenizer=codec, mtp=not args.no_mtp)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

@@ -58,6 +58,7 @@ from runtime.checkpoint import (
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
+from runtime.tokenizer import TOKENIZER_FILE, TextCodec
 from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.registry import NONFINITE_POLICIES
@@ -213,7 +214,10 @@ class Trainer:
         self.data = DataModule(
             cfg.data, seed=cfg.seed, window=self.window, batch_size=training.batch_size,
             grad_accum=training.gradient_accumulation_steps, world_size=self.dist.world_size, rank=self.dist.rank,
+            vocab_size=cfg.model.vocab_size,
         )
+        # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
+        self.codec = self.data.corpus.codec or (TextCodec.bytes() if self.data.corpus.is_bytes else None)
         if self.data.corpus.is_bytes and cfg.model.vocab_size < 256:
             raise TrainingError(f"model.vocab_size is {cfg.model.vocab_size} but the {cfg.data.dataset!r} corpus is bytes (needs 256)")
 
@@ -245,6 +249,8 @@ class Trainer:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 f.write(dump_yaml(cfg))
+            if self.codec is not None:
+                self.codec.save(os.path.join(cfg.out_dir, TOKENIZER_FILE))
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -350,6 +356,7 @@ class Trainer:
             "config_sha256": config_digest(self.config_dict),
             "run_id": self.run_id,
             "elapsed_s": self.metrics.elapsed(),
+            "tokenizer": self.codec.state() if self.codec is not None else None,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -574,8 +581,8 @@ class Trainer:
         from runtime.sample import generate
 
         self.model.eval()
-        if self.data.corpus.is_bytes:
-            prompt = list(SAMPLE_PROMPT.encode())
+        if self.codec is not None:
+            prompt = self.codec.encode(SAMPLE_PROMPT)
         else:
             start, _ = self.data.val_set.start, self.data.val_set.end
             prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
@@ -587,8 +594,8 @@ class Trainer:
             min(SAMPLE_NEW_TOKENS, room), SAMPLE_TEMPERATURE, generator,
         )
         ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
-        if self.data.corpus.is_bytes:
-            text = bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+        if self.codec is not None:
+            text = self.codec.decode(ids)
         else:
             text = " ".join(str(int(t)) for t in ids)
         with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
