@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from runtime.checkpoint import default_file_mode
-from runtime.registry import DATASETS
+from runtime.registry import DATASETS, TOKENIZERS
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
@@ -63,14 +63,12 @@ def load_corpus(data, vocab_size=None):
     """The corpus of the `data` section (DataConfig), building its caches if needed; `vocab_size`
     (model.vocab_size) is the size of a `bpe` tokenizer."""
     corpus = DATASETS.get(data.dataset)(data)
-    if data.tokenizer == "bytes":
-        return corpus
-    if not corpus.is_bytes:
-        raise DataError(
-            f"data.tokenizer is {data.tokenizer!r} but the {data.dataset!r} dataset is already tokens; "
-            f"use data.tokenizer: bytes with it"
-        )
-    return bpe_corpus(corpus, data, vocab_size)
+    return TOKENIZERS.get(data.tokenizer)(corpus, data, vocab_size)
+
+
+@TOKENIZERS.register("bytes")
+def _bytes_tokens(corpus, data, vocab_size):
+    return corpus  # byte corpora are bytes already; a `bin` corpus is its own tokens
 
 
 def _text_chunks(raw, start, end, size=1 << 20):
@@ -85,9 +83,16 @@ def _text_chunks(raw, start, end, size=1 << 20):
         a = b
 
 
+@TOKENIZERS.register("bpe")
 def bpe_corpus(byte_corpus, data, vocab_size):
     """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
     from runtime.tokenizer import TextCodec
+
+    if not byte_corpus.is_bytes:
+        raise DataError(
+            f"data.tokenizer is {data.tokenizer!r} but the {data.dataset!r} dataset is already tokens; "
+            f"use data.tokenizer: bytes with it"
+        )
 
     if vocab_size is None or not 256 <= vocab_size <= 65536:
         raise DataError(

@@ -54,6 +54,8 @@ class Registry:
 
 # data.dataset -> corpus builder (runtime/data.py)
 DATASETS = Registry("data.dataset", "dataset")
+# data.tokenizer -> (byte corpus, data, vocab_size) -> corpus of its tokens (runtime/data.py)
+TOKENIZERS = Registry("data.tokenizer", "tokenizer")
 # schedule.schedule_type -> lr multiplier after warm-up (runtime/schedule.py)
 SCHEDULES = Registry("schedule.schedule_type", "schedule type")
 # system.device.dtype -> torch dtype (runtime/distributed.py)
@@ -76,4 +78,4 @@ def all_registries():
     """Every registry, keyed by the spec field it implements, with all implementations loaded."""
     for module in _IMPLEMENTING_MODULES:
         importlib.import_module(module)
-    return {r.field: r for r in (DATASETS, SCHEDULES, DTYPES, COMPILE_MODES, BACKENDS, NONFINITE_POLICIES)}
+    return {r.field: r for r in (DATASETS, TOKENIZERS, SCHEDULES, DTYPES, COMPILE_MODES, BACKENDS, NONFINITE_POLICIES)}
