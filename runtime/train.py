@@ -600,7 +600,9 @@ class Trainer:
             text = " ".join(str(int(t)) for t in ids)
         with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
             f.write(text + "\n")
-        print(f"--- sample ---\n{text}\n--------------", flush=True)
+        # escaped control characters: a stray \r from the model would tear a piped log
+        shown = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+        print(f"--- sample ---\n{shown}\n--------------", flush=True)
         self.model.train()
         return text
 
