@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
 setup: $(STAMP)
 
-# Idempotent: the venv is (re)installed only when requirements.txt changes.
+# Idempotent: the venv is (re)installed only when requirements.txt changes. The editable install
+# adds the `deepseek-moe` command; it fetches nothing (no deps, no build isolation: the setuptools
+# torch pulls in builds it).
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -34,4 +37,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf out data/*.bin .pytest_cache
+	rm -rf out data/*.bin .pytest_cache build *.egg-info

@@ -118,6 +118,12 @@ class SampleConfig:
     temperature: float = 0.8
     """Softmax temperature of sampling; 0 is greedy."""
 
+    top_k: int = 0
+    """Sample only among the `top_k` likeliest tokens; 0 means all."""
+
+    top_p: float = 1.0
+    """Nucleus sampling: only the likeliest tokens whose probabilities together reach `top_p` (the likeliest always stays); 1 means all."""
+
     def __post_init__(self):
         validate_instance(self, SECTIONS["sample"], FIELDS, SECTIONS)
 
@@ -170,7 +176,7 @@ class EvaluatorConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    """Training data. Tokens are bytes (vocab 256) unless a pre-tokenized `.bin` is used."""
+    """Training data. Tokens are bytes (vocab 256), byte-level BPE tokens (`tokenizer: bpe`), or those of a pre-tokenized `.bin`."""
 
     dataset: Literal["stdlib", "text_dir", "bin"] = "stdlib"
     """`stdlib`: the running Python's standard-library source files, in sorted order, as bytes; `text_dir`: every text file under `path`, sorted, as bytes; `bin`: a pre-tokenized uint16 token file at `path`."""
@@ -186,6 +192,9 @@ class DataConfig:
 
     val_split: float = 0.1
     """Fraction of the corpus, from the end, used for validation."""
+
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    """How `stdlib` and `text_dir` text becomes tokens: `bytes` (UTF-8 bytes, ids 0-255) or `bpe` (a byte-level BPE trained with Hugging Face `tokenizers` on the training split, `model.vocab_size` tokens, cached in `data_dir` and saved as `<out_dir>/tokenizer.json`). A `bin` corpus is already tokens and needs `bytes` here."""
 
     num_workers: int = 0
     """DataLoader worker processes."""
@@ -235,8 +244,8 @@ class LRScheduleConfig:
     warmup_iters: int = 50
     """Steps of linear warm-up from 0 to `optimizer.lr`."""
 
-    lr_decay_iters: int = 1000
-    """Step at which the decay reaches `min_lr` (usually `training.max_iters`)."""
+    lr_decay_iters: int | None = None
+    """Step at which the decay reaches `min_lr`; by default the run's length (never before the end of warm-up), so the schedule follows `training.max_iters`. A schedule that ends before or after the run warns."""
 
     min_lr: float = 0.0001
     """Floor of the decay."""
@@ -349,7 +358,7 @@ class ModelConfig:
     """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes. **Hugging Face config.json** (`checkpointer.init_from` and `sample` take a folder; DeepSeek-V3's and R1's released config.json load unchanged). Every key is used, checked or ignored. Used: the aliases below, `q_lora_rank` (null = 0), `rope_theta`, `rope_scaling` / `rope_parameters` (`type`/`rope_type` default or yarn, and the yarn fields below), `num_mtp_layers`, `quantization_config` (`weight_block_size` of the FP8 dequantization). Checked, a config error naming the key unless it holds the one supported value: `model_type` deepseek_v3, `attention_bias` false, `attention_dropout` 0, `hidden_act` silu, `tie_word_embeddings` false, `num_key_value_heads` = `num_attention_heads`, `rope_interleave` true, `topk_method` noaux_tc (bias-corrected selection, weights from the unbiased scores), `moe_layer_freq` 1 (every layer from `first_k_dense` on is MoE), `seq_aux` true (the balance loss is per sequence), `pretraining_tp` 1, `quantization_config` with `quant_method` fp8 and `fmt` e4m3, `rope_scaling` of type default or yarn (with `truncate` true and no `attention_factor`). Ignored: `architectures`, `auto_map` and `transformers_version` (loader metadata), `bos_token_id`, `eos_token_id` and `pad_token_id` (tokenizer; sampling stops at `--max-new-tokens`), `ep_size` (expert-parallel degree of an inference deployment, not the maths), `use_cache` (inference), `torch_dtype` and `dtype` (storage dtype; weights load as float32, FP8 ones dequantized), `quantization_config.activation_scheme` (activations are not quantized here), `head_dim` and `qk_head_dim` (derived by transformers), `output_router_logits` (a transformers output option). Any other key is ignored with a warning naming it."""
 
     vocab_size: int = 256
-    """Vocabulary size. 256 for the byte-level default corpus."""
+    """Vocabulary size: at least 256 for byte tokens (`data.tokenizer: bytes`); the size of the trained vocabulary for `bpe`."""
 
     dim: int = 128
     """Hidden size of the residual stream."""
@@ -456,7 +465,10 @@ class Config:
     """Seeds every random number generator (Python, NumPy, torch, the data order and router noise). The same seed and config give identical losses."""
 
     out_dir: str = "out"
-    """Output folder of the run: metrics.jsonl, the loss plot, the final sample and, unless `checkpointer.save_dir` says otherwise, the checkpoints."""
+    """Output folder of the run: metrics.jsonl, train.log, run.json, the loss plot, the final sample, the tokenizer and, unless `checkpointer.save_dir` says otherwise, the checkpoints."""
+
+    overwrite: bool = False
+    """Let a new run start in an `out_dir` (or checkpoint folder) that holds another run's files, deleting its metrics, log, samples and checkpoints first. Without it that is an error; a resumed run (`checkpointer.resume_from`) continues its own files and needs no flag."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """DeepSeek-V3 architecture: Multi-head Latent Attention, the first `first_k_dense` layers dense SwiGLU, the rest DeepSeekMoE, optional multi-token prediction. Names follow the DeepSeek-V3 reference code; each field's Hugging Face `config.json` name (`hf`) is accepted as an old name and is the key `init_from` reads and `export` writes. **Hugging Face config.json** (`checkpointer.init_from` and `sample` take a folder; DeepSeek-V3's and R1's released config.json load unchanged). Every key is used, checked or ignored. Used: the aliases below, `q_lora_rank` (null = 0), `rope_theta`, `rope_scaling` / `rope_parameters` (`type`/`rope_type` default or yarn, and the yarn fields below), `num_mtp_layers`, `quantization_config` (`weight_block_size` of the FP8 dequantization). Checked, a config error naming the key unless it holds the one supported value: `model_type` deepseek_v3, `attention_bias` false, `attention_dropout` 0, `hidden_act` silu, `tie_word_embeddings` false, `num_key_value_heads` = `num_attention_heads`, `rope_interleave` true, `topk_method` noaux_tc (bias-corrected selection, weights from the unbiased scores), `moe_layer_freq` 1 (every layer from `first_k_dense` on is MoE), `seq_aux` true (the balance loss is per sequence), `pretraining_tp` 1, `quantization_config` with `quant_method` fp8 and `fmt` e4m3, `rope_scaling` of type default or yarn (with `truncate` true and no `attention_factor`). Ignored: `architectures`, `auto_map` and `transformers_version` (loader metadata), `bos_token_id`, `eos_token_id` and `pad_token_id` (tokenizer; sampling stops at `--max-new-tokens`), `ep_size` (expert-parallel degree of an inference deployment, not the maths), `use_cache` (inference), `torch_dtype` and `dtype` (storage dtype; weights load as float32, FP8 ones dequantized), `quantization_config.activation_scheme` (activations are not quantized here), `head_dim` and `qk_head_dim` (derived by transformers), `output_router_logits` (a transformers output option). Any other key is ignored with a warning naming it."""
@@ -477,7 +489,7 @@ class Config:
     """The training loop."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Training data. Tokens are bytes (vocab 256) unless a pre-tokenized `.bin` is used."""
+    """Training data. Tokens are bytes (vocab 256), byte-level BPE tokens (`tokenizer: bpe`), or those of a pre-tokenized `.bin`."""
 
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     """Validation."""
@@ -519,8 +531,22 @@ FIELDS = {
         type="str",
         nullable=False,
         default="out",
-        doc="Output folder of the run: metrics.jsonl, the loss plot, the final sample and, unless `checkpointer.save_dir` says otherwise, the checkpoints.",
+        doc="Output folder of the run: metrics.jsonl, train.log, run.json, the loss plot, the final sample, the tokenizer and, unless `checkpointer.save_dir` says otherwise, the checkpoints.",
         aliases=("wandb.out_dir",),
+        choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "overwrite": FieldSpec(
+        path="overwrite",
+        name="overwrite",
+        type="bool",
+        nullable=False,
+        default=False,
+        doc="Let a new run start in an `out_dir` (or checkpoint folder) that holds another run's files, deleting its metrics, log, samples and checkpoints first. Without it that is an error; a resumed run (`checkpointer.resume_from`) continues its own files and needs no flag.",
+        aliases=(),
         choices=None,
         min=None,
         max=None,
@@ -533,7 +559,7 @@ FIELDS = {
         type="int",
         nullable=False,
         default=256,
-        doc="Vocabulary size. 256 for the byte-level default corpus.",
+        doc="Vocabulary size: at least 256 for byte tokens (`data.tokenizer: bytes`); the size of the trained vocabulary for `bpe`.",
         aliases=(),
         choices=None,
         min=1,
@@ -1304,15 +1330,16 @@ FIELDS = {
         path="schedule.lr_decay_iters",
         name="lr_decay_iters",
         type="int",
-        nullable=False,
-        default=1000,
-        doc="Step at which the decay reaches `min_lr` (usually `training.max_iters`).",
+        nullable=True,
+        default=None,
+        doc="Step at which the decay reaches `min_lr`; by default the run's length (never before the end of warm-up), so the schedule follows `training.max_iters`. A schedule that ends before or after the run warns.",
         aliases=(),
         choices=None,
         min=1,
         max=None,
         gt=None,
         policy="overridable",
+        derived="max(1, training.max_iters, schedule.warmup_iters)",
     ),
     "schedule.min_lr": FieldSpec(
         path="schedule.min_lr",
@@ -1566,6 +1593,20 @@ FIELDS = {
         gt=0,
         policy="from_checkpoint",
     ),
+    "data.tokenizer": FieldSpec(
+        path="data.tokenizer",
+        name="tokenizer",
+        type="str",
+        nullable=False,
+        default="bytes",
+        doc="How `stdlib` and `text_dir` text becomes tokens: `bytes` (UTF-8 bytes, ids 0-255) or `bpe` (a byte-level BPE trained with Hugging Face `tokenizers` on the training split, `model.vocab_size` tokens, cached in `data_dir` and saved as `<out_dir>/tokenizer.json`). A `bin` corpus is already tokens and needs `bytes` here.",
+        aliases=(),
+        choices=("bytes", "bpe"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="from_checkpoint",
+    ),
     "data.num_workers": FieldSpec(
         path="data.num_workers",
         name="num_workers",
@@ -1784,6 +1825,34 @@ FIELDS = {
         gt=None,
         policy="overridable",
     ),
+    "sample.top_k": FieldSpec(
+        path="sample.top_k",
+        name="top_k",
+        type="int",
+        nullable=False,
+        default=0,
+        doc="Sample only among the `top_k` likeliest tokens; 0 means all.",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "sample.top_p": FieldSpec(
+        path="sample.top_p",
+        name="top_p",
+        type="float",
+        nullable=False,
+        default=1.0,
+        doc="Nucleus sampling: only the likeliest tokens whose probabilities together reach `top_p` (the likeliest always stays); 1 means all.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=1,
+        gt=0,
+        policy="overridable",
+    ),
     "wandb.enabled": FieldSpec(
         path="wandb.enabled",
         name="enabled",
@@ -1975,7 +2044,7 @@ SECTIONS = {
         path="",
         cls=Config,
         doc="The whole training run.",
-        fields=("seed", "out_dir"),
+        fields=("seed", "out_dir", "overwrite"),
         sections=(
             "model",
             "moe",
@@ -2116,13 +2185,14 @@ SECTIONS = {
     "data": SectionSpec(
         path="data",
         cls=DataConfig,
-        doc="Training data. Tokens are bytes (vocab 256) unless a pre-tokenized `.bin` is used.",
+        doc="Training data. Tokens are bytes (vocab 256), byte-level BPE tokens (`tokenizer: bpe`), or those of a pre-tokenized `.bin`.",
         fields=(
             "dataset",
             "path",
             "data_dir",
             "train_split",
             "val_split",
+            "tokenizer",
             "num_workers",
             "pin_memory",
         ),
@@ -2160,7 +2230,7 @@ SECTIONS = {
         path="sample",
         cls=SampleConfig,
         doc="The sample the trainer generates at the end of a run (printed and saved as `<out_dir>/sample.txt`); also the defaults of `python -m runtime sample`.",
-        fields=("prompt", "max_new_tokens", "temperature"),
+        fields=("prompt", "max_new_tokens", "temperature", "top_k", "top_p"),
         sections=(),
         shorthand=None,
         aliases=(),

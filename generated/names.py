@@ -15,6 +15,7 @@ class PATH:
     SECTION = ""
     seed = "seed"
     out_dir = "out_dir"
+    overwrite = "overwrite"
 
     class model:
         SECTION = "model"
@@ -108,6 +109,7 @@ class PATH:
         data_dir = "data.data_dir"
         train_split = "data.train_split"
         val_split = "data.val_split"
+        tokenizer = "data.tokenizer"
         num_workers = "data.num_workers"
         pin_memory = "data.pin_memory"
 
@@ -132,6 +134,8 @@ class PATH:
         prompt = "sample.prompt"
         max_new_tokens = "sample.max_new_tokens"
         temperature = "sample.temperature"
+        top_k = "sample.top_k"
+        top_p = "sample.top_p"
 
     class wandb:
         SECTION = "wandb"
@@ -202,6 +206,13 @@ class Dataset(StrEnum):
     BIN = "bin"
 
 
+class Tokenizer(StrEnum):
+    """The choices of `data.tokenizer`."""
+
+    BYTES = "bytes"
+    BPE = "bpe"
+
+
 class ResumeFrom(StrEnum):
     """The special values of `checkpointer.resume_from`."""
 
@@ -251,6 +262,7 @@ CONSTANTS = {
     "schedule.schedule_type": ScheduleType,
     "training.nonfinite_loss": NonfiniteLoss,
     "data.dataset": Dataset,
+    "data.tokenizer": Tokenizer,
     "checkpointer.resume_from": ResumeFrom,
     "checkpointer.init_from": InitFrom,
     "system.device.device": Device,

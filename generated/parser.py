@@ -273,10 +273,31 @@ RULES = (
         holds=lambda c: c.model.vocab_size >= 256,
         applies=lambda c: c.data.dataset != "bin",
     ),
+    Rule(
+        check="data.dataset != 'bin'",
+        when="data.tokenizer == 'bpe'",
+        message="a bin corpus is tokens already; it takes the bytes tokenizer",
+        paths=["data.dataset", "data.tokenizer"],
+        holds=lambda c: c.data.dataset != "bin",
+        applies=lambda c: c.data.tokenizer == "bpe",
+    ),
+    Rule(
+        check="model.vocab_size <= 65536",
+        when="data.tokenizer == 'bpe'",
+        message="BPE tokens are stored as uint16",
+        paths=["model.vocab_size", "data.tokenizer"],
+        holds=lambda c: c.model.vocab_size <= 65536,
+        applies=lambda c: c.data.tokenizer == "bpe",
+    ),
 )
 """Cross-field rules of the spec, checked once every field is valid."""
 
 DERIVED = {
+    "schedule.lr_decay_iters": Derived(
+        expression="max(1, training.max_iters, schedule.warmup_iters)",
+        paths=["training.max_iters", "schedule.warmup_iters"],
+        compute=lambda c: max(1, c.training.max_iters, c.schedule.warmup_iters),
+    ),
     "checkpointer.save_dir": Derived(
         expression="out_dir + '/checkpoints'",
         paths=["out_dir"],

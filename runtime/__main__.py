@@ -1,11 +1,12 @@
-"""`python -m runtime COMMAND ...`: the project's command line.
+"""`deepseek-moe COMMAND ...` (or `python -m runtime COMMAND ...`): the project's command line.
 
-Subcommands import their module lazily so that `config` never imports torch.
+Subcommands import their module lazily so that `config` never imports torch (the core package
+installs without it; train, sample and export need the `train` extra).
 """
 
 import sys
 
-USAGE = """usage: python -m runtime COMMAND [ARGS]
+USAGE = """usage: deepseek-moe COMMAND [ARGS]   (or: python -m runtime COMMAND [ARGS])
 
 commands:
   config   validate | show | migrate config files (no torch needed)
@@ -21,6 +22,9 @@ COMMANDS = {
     "sample": ("runtime.sample", "main"),
 }
 
+# imported by train / sample / export, not by the core (config-only) package
+TRAIN_EXTRA_MODULES = {"torch", "numpy", "tqdm", "matplotlib", "safetensors", "tokenizers"}
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -32,7 +36,14 @@ def main(argv=None):
         print(f"unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
         return 2
     module_name, function_name = COMMANDS[command]
-    module = __import__(module_name, fromlist=[function_name])
+    try:
+        module = __import__(module_name, fromlist=[function_name])
+    except ModuleNotFoundError as error:
+        if error.name not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"{command}: error: needs the train extra (no module {error.name!r}): "
+              f"pip install -e '.[train]' or make setup", file=sys.stderr)
+        return 1
     return getattr(module, function_name)(rest)
 
 

@@ -220,13 +220,40 @@ class _HashingWriter:
         self.out.write(struct.pack("<H", TRAILER_LEN) + TRAILER_MAGIC + self.sha.hexdigest().encode())
 
 
-def atomic_save(obj, path):
-    """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
-    On any failure the temporary file is removed and `path` is left as it was."""
+def default_file_mode():
+    """The mode open() would give a new file under the current umask (mkstemp's is always 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file, fsync and rename; mode follows the umask."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
+    On any failure the temporary file is removed and `path` is left as it was. The file's mode
+    follows the umask, like any file the run writes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w+b") as out:
             fault_at = _tensor_bytes(obj) // 2 if fault_armed("checkpoint_write") else None
             writer = _HashingWriter(out, fault_at)
@@ -438,13 +465,14 @@ class Checkpointer:
             removed.append(path)
         return removed
 
-    def load_resume(self, warn=None):
+    def load_resume(self, warn=None, run_id=None):
         """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run.
 
         A file named by `resume_from` must load. `latest` takes the newest step checkpoint that
-        loads (checksum, weights-only unpickling, config hash, step), calling `warn` with the
-        problem of each newer one it skips; if step checkpoints exist but none loads, that is an
-        error rather than a silent fresh start."""
+        loads (checksum, weights-only unpickling, config hash, step) and, when `run_id` (the out_dir's
+        run) is given, belongs to that run (checkpoints older than run ids are accepted), calling
+        `warn` with the problem of each newer one it skips; if step checkpoints exist but none can
+        be used, that is an error rather than a silent fresh start."""
         warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
         target = self.cfg.resume_from
         if target is None:
@@ -459,6 +487,11 @@ class Checkpointer:
                 state = load_checkpoint(path)
                 if int(state["step"]) != step:
                     raise CheckpointError(f"checkpoint {path}: holds step {state['step']}, not {step}")
+                owner = state.get("run_id")
+                if run_id is not None and owner is not None and owner != run_id:
+                    raise CheckpointError(
+                        f"checkpoint {path}: belongs to run {owner}, not to run {run_id} of this out_dir"
+                    )
             except CheckpointError as error:
                 problems.append(str(error))
                 warn(f"warning: {error}; trying an older checkpoint")

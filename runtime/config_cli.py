@@ -16,6 +16,9 @@ import yaml
 from generated import ALIASES, FIELDS, PATH, ConfigError, dump_yaml, flat_values, migrate_text, nest, resolve
 
 
+MODELINE_PREFIX = "# yaml-language-server:"
+
+
 def _validate(args):
     failed = 0
     for path in args.files:
@@ -51,7 +54,9 @@ def _show(args, extra):
 def _migrate(args):
     with open(args.file, "rb") as config_file:
         text = config_file.read()
-    sys.stdout.write(migrate_text(text, args.file))
+    # keep the editor's schema modeline (a comment, which the YAML round trip drops)
+    modelines = [line for line in text.decode("utf-8", "replace").splitlines() if line.startswith(MODELINE_PREFIX)]
+    sys.stdout.write("".join(line + "\n" for line in modelines[:1]) + migrate_text(text, args.file))
     return 0
 
 

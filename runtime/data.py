@@ -3,7 +3,11 @@
 A corpus is one flat token file, memory-mapped. `stdlib` and `text_dir` are bytes (vocab 256),
 encoded once into `<data_dir>/<dataset>.bin` (uint8) with a `<dataset>.json` fingerprint next to
 it, rebuilt atomically (temporary file + rename) when the sources change. `bin` is a uint16 token
-file used in place.
+file used in place. With `data.tokenizer: bpe` the bytes go further: a byte-level BPE of
+`model.vocab_size` tokens is trained on the training split (the first `train_split` of the bytes)
+and the whole text encoded with it, cached as `<dataset>.bpe<V>.tokenizer.json`, `.bin` (uint16)
+and `.json` (fingerprint, token count, bytes per validation token), rebuilt when the bytes, the
+split or the vocabulary size change. The token split then takes the same fractions of the tokens.
 
 Sampling. Every training window is a pure function of (seed, sample id): its start offset is drawn
 from a counter-based generator seeded with (seed, stream, sample id). Optimizer step `s` consumes
@@ -19,7 +23,7 @@ import json
 import os
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from generated import PATH
 from generated.names import Dataset as DatasetChoice
-from runtime.registry import DATASETS
+from generated.names import Tokenizer as TokenizerKind
+from runtime.checkpoint import default_file_mode
+from runtime.registry import DATASETS, TOKENIZERS
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
@@ -49,14 +55,71 @@ class Corpus:
     dtype: str  # "uint8" or "uint16"
     length: int
     is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
+    bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
+    codec: object = field(default=None, compare=False)  # runtime.tokenizer.TextCodec of a bpe corpus
 
     def array(self):
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
 
 
-def load_corpus(data):
-    """The corpus of the `data` section (DataConfig), building its cache if needed."""
-    return DATASETS.get(data.dataset)(data)
+def load_corpus(data, vocab_size=None):
+    """The corpus of the `data` section (DataConfig), building its caches if needed; `vocab_size`
+    (model.vocab_size) is the size of a `bpe` tokenizer."""
+    corpus = DATASETS.get(data.dataset)(data)
+    return TOKENIZERS.get(data.tokenizer)(corpus, data, vocab_size)
+
+
+@TOKENIZERS.register(TokenizerKind.BYTES)
+def _bytes_tokens(corpus, data, vocab_size):
+    return corpus  # byte corpora are bytes already; a `bin` corpus is its own tokens
+
+
+def _text_chunks(raw, start, end, size=1 << 20):
+    """The bytes raw[start:end] as strings of about `size` bytes, cut after a newline."""
+    a = start
+    while a < end:
+        b = min(end, a + size)
+        if b < end:
+            newline = bytes(raw[b : min(end, b + 65536)]).find(b"\n")
+            b = b + newline + 1 if newline >= 0 else b
+        yield bytes(raw[a:b]).decode("utf-8", errors="replace")
+        a = b
+
+
+@TOKENIZERS.register(TokenizerKind.BPE)
+def bpe_corpus(byte_corpus, data, vocab_size):
+    """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
+    from runtime.tokenizer import TextCodec
+
+    # the spec's rules keep `bin` corpora and vocabularies outside [256, 65536] away from here
+    assert byte_corpus.is_bytes and vocab_size is not None and 256 <= vocab_size <= 65536
+    stem = os.path.join(data.data_dir, f"{byte_corpus.name}.bpe{vocab_size}")
+    bin_path, meta_path, tok_path = stem + ".bin", stem + ".json", stem + ".tokenizer.json"
+    with open(os.path.join(data.data_dir, f"{byte_corpus.name}.json")) as f:
+        source = json.load(f)
+    meta = {
+        "version": CACHE_VERSION, "source_fingerprint": source["fingerprint"], "source_bytes": byte_corpus.length,
+        "train_split": data.train_split, "val_split": data.val_split, "vocab_size": vocab_size,
+    }  # fmt: skip
+    if all(os.path.exists(p) for p in (bin_path, meta_path, tok_path)):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} == meta and old.get("tokens", -1) * 2 == os.path.getsize(bin_path):
+            with open(tok_path, encoding="utf-8") as f:
+                codec = TextCodec.from_json(TokenizerKind.BPE, f.read())
+            return Corpus(byte_corpus.name, bin_path, "uint16", old["tokens"], False, old["bytes_per_token"], codec)
+    raw = byte_corpus.array()
+    train_end = int(byte_corpus.length * data.train_split)
+    codec = TextCodec.train_bpe(_text_chunks(raw, 0, train_end), vocab_size)
+    pieces = codec.encode_batch(list(_text_chunks(raw, 0, byte_corpus.length)))
+    ids = np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces])
+    _, (val_start, val_end) = split_ranges(len(ids), data)
+    bytes_per_token = float(codec.token_bytes()[ids[val_start:val_end]].sum() / max(1, val_end - val_start))
+    _atomic_write(bin_path, [ids.tobytes()])
+    _atomic_write(tok_path, [codec.to_json().encode()])
+    meta.update(tokens=int(len(ids)), bytes_per_token=bytes_per_token)
+    _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    return Corpus(byte_corpus.name, bin_path, "uint16", int(len(ids)), False, bytes_per_token, codec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +170,7 @@ def _atomic_write(path, chunks):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would keep a shared cache private
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
@@ -129,7 +193,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
         with open(meta_path) as f:
             old = json.load(f)
         if {k: old.get(k) for k in meta} == meta and old.get("bytes") == os.path.getsize(bin_path):
-            return Corpus(name, bin_path, "uint8", old["bytes"], True)
+            return Corpus(name, bin_path, "uint8", old["bytes"], True, 1.0)
 
     def chunks():
         for rel in files:
@@ -143,7 +207,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
     _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     if meta["bytes"] == 0:
         raise DataError(f"dataset {name!r}: no text found under {root}")
-    return Corpus(name, bin_path, "uint8", meta["bytes"], True)
+    return Corpus(name, bin_path, "uint8", meta["bytes"], True, 1.0)
 
 
 @DATASETS.register(DatasetChoice.STDLIB)
@@ -176,6 +240,7 @@ def bin_corpus(data):
 
 
 DATASETS.complete()
+TOKENIZERS.complete()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,9 +335,9 @@ class DataModule:
 
     data: DataConfig; window: tokens per sample (seq_len + 1 + mtp_depth)."""
 
-    def __init__(self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0):
+    def __init__(self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0, vocab_size=None):
         self.data = data
-        self.corpus = load_corpus(data)
+        self.corpus = load_corpus(data, vocab_size)
         (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
         self.train_set = WindowDataset(self.corpus, train_start, train_end, window, seed, TRAIN_STREAM)
         self.val_set = WindowDataset(self.corpus, val_start, val_end, window, seed, VAL_STREAM)

@@ -10,7 +10,13 @@ the block's usual names). DeepSeek's released block-FP8 weights (float8_e4m3fn w
 is used, checked against the one value this model implements (ValueError naming it) or ignored
 (HF_IGNORED, also listed in the spec's model section doc). transformers itself is not imported.
 
-`python -m runtime export CHECKPOINT OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB]` -> export_main.
+With a tokenizer (every checkpoint of a text corpus has one: bytes or the run's BPE) the folder
+also gets tokenizer.json and tokenizer_config.json, so AutoTokenizer.from_pretrained loads it.
+transformers' DeepseekV3ForCausalLM has no MTP module: it reports the MTP layer's weights as
+UNEXPECTED keys on load and ignores them (harmless; `--no-mtp` writes a folder without them).
+
+`python -m runtime export CHECKPOINT OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB] [--no-mtp]`
+-> export_main.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor
 
 from generated import HF_NAMES, PATH
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.names import Dataset as DatasetChoice
 from generated.names import RopeScaling, ScoreFunc
 from runtime.model import Transformer
 
@@ -232,7 +239,7 @@ def model_fields_from_hf_config(config_json: dict, source: str = "config.json") 
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == RopeScaling.YARN:
-        fields[_name(PATH.model.rope_scaling)] = RopeScaling.YARN
+        fields[_name(PATH.model.rope_scaling)] = RopeScaling.YARN.value
         if HF_ORIGINAL_POSITIONS not in rope:
             raise ValueError(f"{source}: rope_scaling {RopeScaling.YARN} needs {HF_ORIGINAL_POSITIONS}")
         if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
@@ -423,18 +430,26 @@ def export_hf(
     out_dir: str,
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
+    tokenizer=None,
+    mtp: bool = True,
 ) -> None:
     """Write config.json and the weights to out_dir: model.safetensors, or, above max_shard_size
     bytes, model-0000i-of-0000n.safetensors shards and model.safetensors.index.json. dtype float32
-    or bfloat16 (the router's correction bias stays float32, as in DeepSeek's release)."""
+    or bfloat16 (the router's correction bias stays float32, as in DeepSeek's release). The
+    tokenizer's files too when given (a runtime.tokenizer.TextCodec). `mtp=False` leaves the MTP
+    modules out (and says num_nextn_predict_layers 0), so transformers loads the folder without
+    UNEXPECTED keys."""
     from safetensors.torch import save_file
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"export dtype must be float32 or bfloat16, got {dtype!r}")
     limit = _parse_size(max_shard_size)
-    config = hf_config(model.config)  # refuses softmax scoring before writing anything
+    model_cfg = model.config if mtp else dataclasses.replace(model.config, mtp_depth=0)
+    config = hf_config(model_cfg)  # refuses softmax scoring before writing anything
     config["torch_dtype"] = config["dtype"] = dtype
     sd = to_hf_state_dict(model)
+    if not mtp:
+        sd = {k: v for k, v in sd.items() if not _is_mtp_key(k, model.config.n_layers)}
     if dtype == "bfloat16":
         sd = {
             k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
@@ -456,6 +471,8 @@ def export_hf(
     for stale in os.listdir(out_dir):  # shards of an earlier export would confuse loaders
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
             os.remove(os.path.join(out_dir, stale))
+    if tokenizer is not None:
+        tokenizer.save_hf(out_dir, model_max_length=model.config.max_seq_len)
     if len(shards) == 1:
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return
@@ -468,6 +485,11 @@ def export_hf(
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
+
+
+def _is_mtp_key(name: str, n_layers: int) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return m is not None and int(m[1]) >= n_layers
 
 
 def load_hf_folder(path: str) -> tuple[dict[str, object], dict[str, Tensor]]:
@@ -529,9 +551,20 @@ def load_model_source(source: str, device: str | torch.device = "cpu") -> Transf
     Checkpoint file: one written by the trainer (checksum verified, weights_only unpickling); its
     saved config gives the model, moe and mtp sections.
     """
+    return load_model_and_tokenizer(source, device)[0]
+
+
+def load_model_and_tokenizer(source: str, device: str | torch.device = "cpu"):
+    """(Transformer in eval mode, TextCodec or None) from a checkpoint file or a Hugging Face folder.
+
+    The tokenizer: a folder's tokenizer.json (bytes without one), a checkpoint's stored tokenizer,
+    or bytes for an older checkpoint of a text corpus; None for a pre-tokenized `bin` corpus."""
+    from runtime.tokenizer import TextCodec
+
     if os.path.isdir(source):
         fields, sd = load_hf_folder(source)
         model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
+        codec = TextCodec.from_folder(source)
     else:
         from generated.parser import config_from_dict
         from runtime.checkpoint import load_checkpoint  # verifies the checksum first
@@ -540,8 +573,12 @@ def load_model_source(source: str, device: str | torch.device = "cpu") -> Transf
         config = config_from_dict(ckpt["config"])
         model = Transformer(config.model, config.moe, config.mtp)
         sd = _strip_prefixes(ckpt["model"])
+        if ckpt.get("tokenizer"):
+            codec = TextCodec.from_state(ckpt["tokenizer"])
+        else:
+            codec = TextCodec.bytes() if config.data.dataset != DatasetChoice.BIN else None
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model.to(device).eval()
+    return model.to(device).eval(), codec
 
 
 def export_main(argv: list[str]) -> int:
@@ -550,15 +587,22 @@ def export_main(argv: list[str]) -> int:
         description="Write a checkpoint as a Hugging Face DeepseekV3 folder.",
     )
     parser.add_argument("checkpoint", help="trainer checkpoint file (or a Hugging Face folder)")
-    parser.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
+    parser.add_argument("out_dir", help="folder to write config.json, the weights and the tokenizer to")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="shard above this many bytes (5GB, 200MB, 1000)"
     )
+    parser.add_argument(
+        "--no-mtp", action="store_true",
+        help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
+    )
     args = parser.parse_args(argv)
     try:
-        model = load_model_source(args.checkpoint)
-        export_hf(model, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        model, codec = load_model_and_tokenizer(args.checkpoint)
+        export_hf(
+            model, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            tokenizer=codec, mtp=not args.no_mtp,
+        )
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

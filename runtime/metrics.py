@@ -1,11 +1,15 @@
 """metrics.jsonl (one JSON object per logged step and per evaluation) and the loss plot."""
 
+import datetime
 import json
 import math
 import os
+import time
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
+# keys that differ between two runs of the same config (compare rows without them)
+VOLATILE_KEYS = frozenset({"tokens_per_s", "time", "elapsed_s", "run_id"})
 
 
 def _plain(value):
@@ -22,13 +26,23 @@ def _plain(value):
 
 
 class MetricsWriter:
-    """Appends records to `<out_dir>/metrics.jsonl` (main process only)."""
+    """Appends records to `<out_dir>/metrics.jsonl` (main process only).
 
-    def __init__(self, out_dir, enabled=True):
+    With a `run_id`, every row also carries `run_id`, `time` (wall clock, ISO 8601 with the UTC
+    offset) and `elapsed_s` (seconds of training so far: `elapsed_offset`, the time of the runs
+    before a resume, plus the time since this writer was made)."""
+
+    def __init__(self, out_dir, enabled=True, run_id=None, elapsed_offset=0.0):
         self.path = os.path.join(out_dir, METRICS_NAME)
         self.enabled = enabled
+        self.run_id = run_id
+        self.elapsed_offset = float(elapsed_offset)
+        self._start = time.monotonic()
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
+
+    def elapsed(self):
+        return self.elapsed_offset + time.monotonic() - self._start
 
     def truncate_after(self, step):
         """Drop records with iter > step (left by a run that went on past the checkpoint it is
@@ -45,6 +59,9 @@ class MetricsWriter:
     def write(self, record):
         if not self.enabled:
             return
+        if self.run_id is not None:
+            now = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+            record = {**record, "run_id": self.run_id, "time": now, "elapsed_s": round(self.elapsed(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(_plain(record)) + "\n")
 

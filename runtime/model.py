@@ -165,6 +165,25 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.cat(outs, dim=1).view(B, H, T, -1)
 
 
+class MLACache:
+    """Generation cache of MLA: per layer, the compressed latent c_kv (after kv_norm) and the
+    rotated rope key, (B, T, kv_lora_rank) and (B, T, qk_rope_head_dim); (kv_lora_rank +
+    qk_rope_head_dim) numbers per token and layer instead of n_heads * (qk_head_dim + v_head_dim).
+    Layers append in order during one forward; `pos` is the number of tokens already cached."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+        self.pos = 0  # advanced by Transformer.forward after all layers ran
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's (B, S, r) latent and (B, S, rope) key; returns the whole cache."""
+        old = self.layers[layer]
+        if old is not None:
+            c_kv, k_pe = torch.cat([old[0], c_kv], dim=1), torch.cat([old[1], k_pe], dim=1)
+        self.layers[layer] = (c_kv, k_pe)
+        return c_kv, k_pe
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE."""
 
@@ -192,7 +211,11 @@ class MLA(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)  # qk_head_dim**-0.5, times the yarn mscale^2
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None, layer: int = 0
+    ) -> Tensor:
+        if cache is not None:
+            return self._forward_cached(x, cos, sin, cache, layer)
         B, T, _ = x.shape
         H = self.n_heads
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -207,6 +230,37 @@ class MLA(nn.Module):
         k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2).expand(-1, H, -1, -1)], dim=-1)
         y = causal_attention(q, k, v.transpose(1, 2), self.softmax_scale)  # (B, H, T, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))  # (B, T, C)
+
+    def _forward_cached(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache, layer: int
+    ) -> Tensor:
+        """x (B, S, C): S new tokens at positions cache.pos .. cache.pos + S - 1 (inference only).
+
+        Attention runs against the cached latent directly ("absorbed" wkv_b, as in DeepSeek's
+        reference inference): q_nope goes through wkv_b's key half into the latent space, scores
+        are q_lat . c_kv + q_pe . k_pe, and the weighted latent goes through wkv_b's value half. So
+        each new token costs O(cached tokens * (kv_lora_rank + rope)) per head: linear in length.
+        """
+        B, S, _ = x.shape
+        H, start = self.n_heads, cache.pos
+        cos, sin = cos[start : start + S], sin[start : start + S]
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, S, H, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin)  # (B, S, H, rope)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, S, rope)
+        c_kv, k_pe = cache.update(layer, self.kv_norm(kv), k_pe)  # (B, T, r), (B, T, rope)
+        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+        scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        T = c_kv.shape[1]
+        # new token s sits at position start + s and sees keys 0 .. start + s
+        mask = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        scores = (scores * self.softmax_scale).masked_fill(~mask, float("-inf"))
+        o = torch.einsum("bhst,btr->bshr", torch.softmax(scores.float(), dim=-1).to(c_kv.dtype), c_kv)
+        y = torch.einsum("bshr,hvr->bshv", o, w_uv)  # (B, S, H, v)
+        return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 
 
 class MLP(nn.Module):
@@ -240,10 +294,10 @@ class Block(nn.Module):
             self.ffn = MoE(model, moe, shared)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x (B, T, C) -> (x, (aux loss, z loss) or None for a dense block)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
         if isinstance(self.ffn, MoE):
             y, aux, z = self.ffn(self.ffn_norm(x))
             return x + y, (aux, z)
@@ -329,15 +383,31 @@ class Transformer(nn.Module):
                 losses.append(l)
         return h
 
-    def forward(self, tokens: Tensor, step: int | None = None):
+    def forward(self, tokens: Tensor, step: int | None = None, cache: MLACache | None = None):
         """tokens (B, T) int64 -> logits (B, T, vocab). No MTP, no losses.
 
         With `step` given, tokens is a training window and this returns compute_loss(tokens, step), so
-        the loss can go through a DistributedDataParallel wrapper's forward.
+        the loss can go through a DistributedDataParallel wrapper's forward. With `cache` (from
+        new_cache(), inference only), tokens are the next ones after those already cached.
         """
         if step is not None:
             return self.compute_loss(tokens, step)
+        if cache is not None:
+            return self._forward_cached(tokens, cache)
         return self.head(self.norm(self._trunk(tokens, [])))
+
+    def new_cache(self) -> MLACache:
+        return MLACache(self.config.n_layers)
+
+    def _forward_cached(self, tokens: Tensor, cache: MLACache) -> Tensor:
+        T = cache.pos + tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"cache of {T} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h, _ = layer(h, self.rope_cos, self.rope_sin, cache)
+        cache.pos = T
+        return self.head(self.norm(h))
 
     def mtp_weight(self, step: int) -> float:
         """lambda at `step`: mtp_loss_weight (mtp_loss_weight_final from mtp_loss_weight_until on),

@@ -75,6 +75,8 @@ class Registry:
 
 # data.dataset -> corpus builder (runtime/data.py)
 DATASETS = Registry(PATH.data.dataset, "dataset")
+# data.tokenizer -> (byte corpus, data, vocab_size) -> corpus of its tokens (runtime/data.py)
+TOKENIZERS = Registry(PATH.data.tokenizer, "tokenizer")
 # schedule.schedule_type -> lr multiplier after warm-up (runtime/schedule.py)
 SCHEDULES = Registry(PATH.schedule.schedule_type, "schedule type")
 # system.device.dtype -> torch dtype (runtime/distributed.py)
@@ -97,4 +99,4 @@ def all_registries() -> dict[str, Registry]:
     """Every registry, keyed by the spec field it implements, with all implementations loaded."""
     for module in _IMPLEMENTING_MODULES:
         importlib.import_module(module)
-    return {r.field: r for r in (DATASETS, SCHEDULES, DTYPES, BACKENDS)}
+    return {r.field: r for r in (DATASETS, TOKENIZERS, SCHEDULES, DTYPES, BACKENDS)}

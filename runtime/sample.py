@@ -1,8 +1,16 @@
-"""Text generation with byte-level tokens.
+"""Text generation: temperature, top-k and top-p sampling with an MLA KV cache.
 
-`python -m runtime sample SOURCE --prompt TEXT --max-new-tokens N --temperature T [--json]`
-where SOURCE is a trainer checkpoint file or a Hugging Face folder. Temperature 0 is greedy.
-No KV cache: each step reruns the (cropped) context, which is fine at these model sizes.
+`python -m runtime sample SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+[--top-p P] [--json]` where SOURCE is a trainer checkpoint file or a Hugging Face folder. Temperature
+0 is greedy. The prompt is encoded and the output decoded with the model's tokenizer (runtime/
+tokenizer.py: bytes, or the run's BPE). The cache (runtime/model.py: MLACache) keeps the compressed
+latent and the rope key per layer, so each new token costs time linear in the context; once the
+context passes max_seq_len, every step re-reads the last max_seq_len tokens (a sliding window, the
+same tokens the uncached path sees).
+
+`--json` prints one object: `prompt` (the text given), `prompt_ids` (its token ids), `token_ids`
+(the new tokens' ids, max_new_tokens of them), `text` (the new tokens decoded), `tokenizer`
+(`bytes` or `bpe`) and `settings` (temperature, top_k, top_p, seed, kv_cache).
 """
 
 from __future__ import annotations
@@ -17,6 +25,26 @@ from torch import Tensor, nn
 from generated import FIELDS, PATH
 
 
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """logits (B, V) with everything outside the top_k (0: no limit) and outside the smallest set
+    whose probability reaches top_p (1.0: no limit) set to -inf; the best token always stays."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -24,8 +52,13 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """Extend prompt_ids ((B, T) or (T,) or a list) by max_new_tokens tokens -> (B, T + max_new_tokens).
+    top_k: int = 0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    return_logits: bool = False,
+):
+    """Extend prompt_ids ((B, T) or (T,) or a list) by max_new_tokens tokens -> (B, T + max_new_tokens)
+    (and, with return_logits, the (B, max_new_tokens, V) logits each token was drawn from).
 
     The model runs in eval mode (no router noise) and gets its previous mode back afterwards.
     Sampling draws from `generator` (on the generator's device); temperature 0 takes the argmax.
@@ -38,27 +71,36 @@ def generate(
         raise ValueError("generate needs a non-empty prompt")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    filter_logits(torch.zeros(1, 2), top_k, top_p)  # argument errors before any work
     max_len = model.config.max_seq_len
     was_training = model.training
     model.eval()
+    cache, seen = None, []
     try:
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -max_len:])[:, -1, :].float()  # (B, V)
+            if not use_cache:
+                logits = model(idx[:, -max_len:])[:, -1, :]
+            elif cache is None or cache.pos + 1 > max_len:
+                cache = model.new_cache()  # (re)fill with the last max_len tokens
+                logits = model(idx[:, -max_len:], cache=cache)[:, -1, :]
+            else:
+                logits = model(idx[:, -1:], cache=cache)[:, -1, :]
+            logits = logits.float()  # (B, V)
+            if return_logits:
+                seen.append(logits)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
                 if generator is not None:
                     probs = probs.to(generator.device)
                 nxt = torch.multinomial(probs, 1, generator=generator).to(device)
             idx = torch.cat([idx, nxt], dim=1)
     finally:
         model.train(was_training)
+    if return_logits:
+        return idx, torch.stack(seen, dim=1) if seen else idx.new_zeros(idx.shape[0], 0, 0).float()
     return idx
-
-
-def decode(ids: list[int]) -> str:
-    return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")
 
 
 def main(argv: list[str]) -> int:
@@ -66,40 +108,57 @@ def main(argv: list[str]) -> int:
         prog="python -m runtime sample", description="Generate text from a model."
     )
     parser.add_argument("source", help="trainer checkpoint file or Hugging Face folder")
-    defaults = {name: FIELDS[getattr(PATH.sample, name)].default for name in ("prompt", "max_new_tokens", "temperature")}
-    parser.add_argument("--prompt", default=defaults["prompt"], help="prompt text (UTF-8 bytes are the tokens)")
+    # defaults: the spec's `sample` section (the trainer's final sample uses the same fields)
+    defaults = {
+        name: FIELDS[getattr(PATH.sample, name)].default
+        for name in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p")
+    }
+    parser.add_argument("--prompt", default=defaults["prompt"], help="prompt text (encoded with the model's tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
     parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults["top_k"], help="sample among the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=defaults["top_p"], help="nucleus: the likeliest tokens up to this mass")
     parser.add_argument("--seed", type=int, default=FIELDS[PATH.seed].default)
     parser.add_argument("--device", default=FIELDS[PATH.system.device.device].default)
+    parser.add_argument("--no-kv-cache", action="store_true", help="rerun the whole context every token")
     parser.add_argument(
         "--json",
         action="store_true",
-        help='print {"token_ids": [...], "text": ...} of the new tokens',
+        help="print one JSON object: prompt, prompt_ids, token_ids, text, tokenizer, settings",
     )
     args = parser.parse_args(argv)
 
-    from runtime.hf import load_model_source
+    from runtime.hf import load_model_and_tokenizer
 
-    prompt = args.prompt.encode("utf-8")
     try:
-        model = load_model_source(args.source, device=args.device)
+        model, codec = load_model_and_tokenizer(args.source, device=args.device)
+        if codec is None:  # a pre-tokenized corpus: the prompt is space-separated token ids
+            prompt = [int(t) for t in args.prompt.split()]
+        else:
+            prompt = codec.encode(args.prompt)
         if not prompt:
             raise ValueError("--prompt must not be empty")
-        if model.config.vocab_size < 256 and max(prompt) >= model.config.vocab_size:
+        if max(prompt) >= model.config.vocab_size:
             raise ValueError(
-                f"prompt has bytes outside the model's vocabulary of {model.config.vocab_size}"
+                f"prompt has tokens outside the model's vocabulary of {model.config.vocab_size}"
             )
         if args.max_new_tokens < 0:
             raise ValueError("--max-new-tokens must be >= 0")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        out = generate(model, list(prompt), args.max_new_tokens, args.temperature, generator)
+        out = generate(
+            model, prompt, args.max_new_tokens, args.temperature, generator,
+            top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_kv_cache,
+        )
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
     new_ids = out[0, len(prompt) :].tolist()
+    text = codec.decode(new_ids) if codec is not None else " ".join(map(str, new_ids))
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "token_ids": new_ids, "text": decode(new_ids)}))
+        settings = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                    "seed": args.seed, "kv_cache": not args.no_kv_cache}
+        print(json.dumps({"prompt": args.prompt, "prompt_ids": prompt, "token_ids": new_ids, "text": text,
+                          "tokenizer": codec.kind if codec is not None else None, "settings": settings}))
     else:
-        print(args.prompt + decode(new_ids))
+        print(args.prompt + text if codec is not None else text)
     return 0

@@ -11,16 +11,44 @@ has no decay and stays at `peak_lr` for ever.
 import bisect
 import math
 
+from generated import PATH
 from generated.names import ScheduleType
 from runtime.registry import SCHEDULES
 
 INITIAL_PHASE = "initial"
 
 
+def schedule_warnings(schedule, max_iters):
+    """Plain-text warnings for a (resolved) schedule that does not fit a run of `max_iters` steps."""
+    if max_iters == 0:
+        return []
+    out = []
+    warmup, end = schedule.warmup_iters, schedule.lr_decay_iters
+    if warmup >= max_iters:
+        out.append(
+            f"{PATH.schedule.warmup_iters} ({warmup}) >= {PATH.training.max_iters} ({max_iters}): the run "
+            f"never leaves warm-up and never reaches {PATH.optimizer.lr}"
+        )
+    decays = schedule.decay_lr and schedule.schedule_type != ScheduleType.CONSTANT
+    if decays and end < max_iters:
+        out.append(
+            f"{PATH.schedule.lr_decay_iters} ({end}) < {PATH.training.max_iters} ({max_iters}): the last "
+            f"{max_iters - end} steps run at min_lr (null follows max_iters)"
+        )
+    elif decays and end > max_iters and warmup < max_iters:
+        out.append(
+            f"{PATH.schedule.lr_decay_iters} ({end}) > {PATH.training.max_iters} ({max_iters}): the run "
+            f"ends before the decay reaches min_lr (null follows max_iters)"
+        )
+    return out
+
+
 def lr_at(step, schedule, peak_lr):
-    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig)."""
+    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig, resolved)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if schedule.lr_decay_iters is None:
+        raise ValueError(f"{PATH.schedule.lr_decay_iters} is null: resolve the config first (it is a derived default)")
     warmup = schedule.warmup_iters
     if step < warmup:
         return peak_lr * step / warmup

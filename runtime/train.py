@@ -8,6 +8,13 @@ Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (
 signal stops at once); a resumed run truncates metrics.jsonl to its checkpoint's step; see
 runtime/checkpoint.py for checksums, `latest` fallback and test-only fault injection.
 
+Logs (runtime/logs.py): the console and <out_dir>/train.log get the same timestamped lines, one per
+`log_interval` steps (step, loss, lr, tokens/s, ETA) and one per evaluation. A tqdm bar is shown
+only when stderr is a terminal, so a log piped to a file reads line by line.
+
+Run folders (runtime/rundir.py): a fresh run into an out_dir holding another run's files is a
+config error unless `overwrite`; `resume_from latest` takes only the folder's own run's checkpoints.
+
 Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
 are processed across all processes together (each process runs accum / world_size of them, with
 DDP gradient sync on its last one only); every micro-loss is divided by the per-process count and
@@ -41,6 +48,7 @@ from generated.parser import (
 from generated import PATH
 from generated.names import InitFrom, NonfiniteLoss, ResumeFrom
 from runtime import distributed as dist_utils
+from runtime import logs
 from runtime.checkpoint import (
     FORMAT_VERSION,
     Checkpointer,
@@ -54,11 +62,19 @@ from runtime.checkpoint import (
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
+from runtime.tokenizer import TOKENIZER_FILE, TextCodec
+from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
-from runtime.schedule import lr_at, phase_at
+from runtime.rundir import (
+    SAMPLE_NAME,
+    claim_for_fresh_start,
+    new_run_id,
+    read_run_id,
+    write_run_file,
+)
+from runtime.schedule import lr_at, phase_at, schedule_warnings
 from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
 
-SAMPLE_NAME = "sample.txt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,9 +171,13 @@ class Trainer:
         """`resolved` (from generated.parser.resolve) says which values were set explicitly; the
         checkpoint policies of the spec use it on resume and for init_from."""
         resolved = resolved if resolved is not None else resolved_from_config(cfg)
+        launch_main = dist_utils.launch_world()[1] == 0
+        logs.configure(enabled=launch_main)
         # ---- the config: reconciled with a resumed checkpoint, or with init_from's architecture
         self.checkpointer = Checkpointer(resolved.config.checkpointer)
-        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn)
+        resume_from, out_dir = resolved.config.checkpointer.resume_from, resolved.config.out_dir
+        folder_run = read_run_id(out_dir) if resume_from == ResumeFrom.LATEST else None
+        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn, run_id=folder_run)
         self.resumed_from = resume_path
         init_weights = None
         if self.resume_state is not None:
@@ -168,6 +188,12 @@ class Trainer:
         self.cfg = cfg = resolved.config
         training = cfg.training
         system = cfg.system
+        # ---- the run folder: claimed before anything is written to it
+        self.run_id = self._claim_run_folder(cfg) if launch_main else None
+        self.schedule = cfg.schedule
+        if not cfg.evaluator.eval_only:
+            for text in schedule_warnings(self.schedule, training.max_iters):
+                self._warn(f"warning: {text}")
         # ---- processes and device
         world, _, local_rank = dist_utils.launch_world()
         dist_utils.check_launch(system.distributed)
@@ -205,7 +231,10 @@ class Trainer:
         self.data = DataModule(
             cfg.data, seed=cfg.seed, window=self.window, batch_size=training.batch_size,
             grad_accum=training.gradient_accumulation_steps, world_size=self.dist.world_size, rank=self.dist.rank,
+            vocab_size=cfg.model.vocab_size,
         )
+        # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
+        self.codec = self.data.corpus.codec or (TextCodec.bytes() if self.data.corpus.is_bytes else None)
 
         # ---- state
         self.step = 0
@@ -224,7 +253,9 @@ class Trainer:
 
         # ---- outputs
         self.out_dir = cfg.out_dir
-        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main)
+        elapsed = (self.resume_state or {}).get("elapsed_s") or 0.0
+        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id, elapsed_offset=elapsed)
+        self.bytes_per_token = self.data.corpus.bytes_per_token  # None: unknown (a .bin corpus)
         self.config_dict = to_saved_dict(cfg)
         self.wandb = WandbLogger(cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main)
         self.eval_cfg = cfg.evaluator
@@ -233,20 +264,47 @@ class Trainer:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 f.write(dump_yaml(cfg))
+            if self.codec is not None:
+                self.codec.save(os.path.join(cfg.out_dir, TOKENIZER_FILE))
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
 
     @staticmethod
     def _warn(text):
-        if dist_utils.launch_world()[1] == 0:
-            print(f"train: {text}", file=sys.stderr, flush=True)
+        log.warning(text)  # non-main processes have no handlers
 
     def _say(self, text):
-        if self.is_main:
-            from tqdm import tqdm
+        log.info(text)
 
-            tqdm.write(text)
+    def _claim_run_folder(self, cfg):
+        """The run id, after making sure out_dir holds no other run's files (main process only)."""
+        out_dir, state = cfg.out_dir, self.resume_state
+        folder_run = read_run_id(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        if cfg.evaluator.eval_only:  # writes one metrics row, claims nothing
+            run_id = (state or {}).get("run_id") or folder_run or new_run_id()
+        elif state is not None:
+            run_id = state.get("run_id") or folder_run or new_run_id()
+            if folder_run is not None and folder_run != run_id and not cfg.overwrite:
+                message = (
+                    f"{out_dir} holds run {folder_run}, but checkpoint {self.resumed_from} is of run "
+                    f"{run_id}; resume into that run's {PATH.out_dir}, or pass --{PATH.overwrite} true"
+                )
+                raise ConfigError([Problem(PATH.out_dir, message, Source("file", out_dir, 0), "file")])
+            write_run_file(out_dir, run_id)
+        else:
+            # resume_from latest with no checkpoint yet: the folder's own run starts over
+            restart = cfg.checkpointer.resume_from is not None and folder_run is not None
+            removed = claim_for_fresh_start(out_dir, self.checkpointer.dir, overwrite=cfg.overwrite,
+                                            restart_same_run=restart)
+            run_id = folder_run if restart else new_run_id()
+            write_run_file(out_dir, run_id)
+            if removed:
+                self._say(f"removed {len(removed)} files of the previous run in {out_dir}")
+        logs.add_file(os.path.join(out_dir, logs.LOG_NAME))
+        self._say(f"run {run_id} in {out_dir}" + (f", resumed from {self.resumed_from}" if state else ""))
+        return run_id
 
     @staticmethod
     def _init_from(resolved):
@@ -316,6 +374,9 @@ class Trainer:
             "last_val_improved": self.last_val_improved,
             "config": self.config_dict,
             "config_sha256": config_digest(self.config_dict),
+            "run_id": self.run_id,
+            "elapsed_s": self.metrics.elapsed(),
+            "tokenizer": self.codec.state() if self.codec is not None else None,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -327,7 +388,7 @@ class Trainer:
     def train_step(self, step, micro_batches):
         """One optimizer step over this process's micro-batches; returns its metrics (global means)."""
         cfg = self.cfg
-        lr = lr_at(step, cfg.schedule, cfg.optimizer.lr)
+        lr = lr_at(step, self.schedule, cfg.optimizer.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = len(micro_batches)
@@ -353,7 +414,7 @@ class Trainer:
         metrics = {
             "loss": means[0], "main_loss": means[1], "aux_loss": means[2], "z_loss": means[3],
             **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
-            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, cfg.schedule),
+            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, self.schedule),
         }
         if not math.isfinite(means[0]):
             if self.nonfinite_policy == NonfiniteLoss.STOP:
@@ -418,10 +479,15 @@ class Trainer:
         if improved:
             self.best_val_loss = val_loss
         record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
+        bpb = ""
+        if self.bytes_per_token is not None:
+            # nats per token -> bits per byte of text: comparable across tokenizers
+            record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            bpb = f", {record['val_bpb']:.4f} bits/byte"
         self.metrics.write(record)
-        self.wandb.log({"val_loss": val_loss, "best_val_loss": self.best_val_loss}, step=self.step)
+        self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=self.step)
         best = "none" if self.best_val_loss is None else f"{self.best_val_loss:.4f}"
-        self._say(f"step {self.step}: val loss {val_loss:.4f} (best {best})")
+        self._say(f"step {self.step}: val loss {val_loss:.4f}{bpb} (best {best})")
         return improved
 
     # ------------------------------------------------------------------------------------------
@@ -443,28 +509,34 @@ class Trainer:
         finally:
             self.wandb.finish()
         dist_utils.barrier(self.dist)
+        logs.close()
         return 0
 
     def _train(self):
-        from tqdm import tqdm
-
-        if self.resume_state is None:
-            if self.is_main and os.path.exists(self.metrics.path):
-                os.unlink(self.metrics.path)
-        else:
+        # a fresh start found (or made) the folder free of other runs' files: nothing to truncate
+        if self.resume_state is not None:
             self.metrics.truncate_after(self.step)
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
         if self.is_main:
             for path in self.checkpointer.remove_stale_temps():
                 self._say(f"removed {path} (an interrupted checkpoint write)")
         self.resume_state = None  # free the memory
-        bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                   desc="train")
+        bar = None
+        console = logs.console_handler()
+        if self.is_main and sys.stderr.isatty():  # a bar in a file is one long line of \r updates
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, dynamic_ncols=True, desc="train")
+            if console is not None:
+                console.bar = bar
         try:
             with StopSignals() as signals:
                 self._loop(signals, bar)
         finally:
-            bar.close()  # ends the bar's line, so that an error message starts a line of its own
+            if console is not None:
+                console.bar = None
+            if bar is not None:
+                bar.close()  # ends the bar's line, so that an error message starts a line of its own
 
     def _stop_requested(self, signals):
         """Whether any process got SIGTERM / SIGINT (all processes agree, so all stop together)."""
@@ -481,6 +553,8 @@ class Trainer:
         last_eval = None
         window_tokens, window_time = 0, 0.0
         log_interval = cfg.training.log_interval
+        first_step, loop_start = self.step, time.perf_counter()
+        self._say(f"training steps {self.step + 1}-{max_iters} ({self.tokens_per_step:,} tokens per step)")
         while self.step < max_iters:
             step = self.step
             will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
@@ -495,13 +569,20 @@ class Trainer:
             window_tokens += self.tokens_per_step
             self.step = step + 1
             tokens_per_s = window_tokens / max(window_time, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if will_log:
                 record = {"iter": self.step, **metrics, "tokens_per_s": tokens_per_s, **self.model.moe_stats()}
                 self.metrics.write(record)
                 self.wandb.log(record, step=self.step)
                 window_tokens, window_time = 0, 0.0
+                per_step = (time.perf_counter() - loop_start) / (self.step - first_step)
+                skipped = " (skipped)" if metrics.get("skipped") else ""
+                self._say(
+                    f"step {self.step}/{max_iters} | loss {metrics['loss']:.4f}{skipped} | lr {metrics['lr']:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s | eta {logs.format_duration(per_step * (max_iters - self.step))}"
+                )
             final = self.step == max_iters
             if self.step % self.eval_cfg.eval_interval == 0 or final:
                 improved = self._record_eval(self.evaluate())
@@ -519,11 +600,11 @@ class Trainer:
                     if saved is None:
                         saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                         self.wandb.log_checkpoint(saved, self.step)
-                    bar.close()
+                    if bar is not None:
+                        bar.close()
                     self._say(f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
                               f"continue with --{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}")
                 break
-        bar.close()
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
 
@@ -534,8 +615,8 @@ class Trainer:
 
         settings = self.cfg.sample
         self.model.eval()
-        if self.data.corpus.is_bytes:
-            prompt = list(settings.prompt.encode())
+        if self.codec is not None:
+            prompt = self.codec.encode(settings.prompt)
         else:
             start, _ = self.data.val_set.start, self.data.val_set.end
             prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
@@ -545,15 +626,18 @@ class Trainer:
         ids = generate(
             self.model, torch.tensor(prompt, dtype=torch.long, device=self.device),
             min(settings.max_new_tokens, room), settings.temperature, generator,
+            top_k=settings.top_k, top_p=settings.top_p,
         )
         ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
-        if self.data.corpus.is_bytes:
-            text = bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+        if self.codec is not None:
+            text = self.codec.decode(ids)
         else:
             text = " ".join(str(int(t)) for t in ids)
         with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
             f.write(text + "\n")
-        print(f"--- sample ---\n{text}\n--------------", flush=True)
+        # escaped control characters: a stray \r from the model would tear a piped log
+        shown = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+        print(f"--- sample ---\n{shown}\n--------------", flush=True)
         self.model.train()
         return text
 
@@ -575,6 +659,9 @@ def main(argv=None):
     path = None
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
+    # `--overwrite` alone means `--overwrite true` (the generated parser wants a value for every flag)
+    argv = [a for i, a in enumerate(argv) for a in ([a, "true"] if a == "--overwrite" and (
+        i + 1 == len(argv) or argv[i + 1].startswith("--")) else [a])]
     trainer = None
     try:
         resolved = resolve(path, argv=argv)
@@ -591,4 +678,5 @@ def main(argv=None):
         print("train: interrupted", file=sys.stderr)
         return 130
     finally:
+        logs.close()
         dist_utils.shutdown()

@@ -15,6 +15,7 @@ from runtime.checkpoint import (
     CheckpointError, Checkpointer, atomic_save, capture_rng_state, checkpoint_name, load_checkpoint,
     restore_rng_state, step_checkpoints,
 )
+from runtime.metrics import VOLATILE_KEYS
 from runtime.train import Trainer
 from tiny import TINY_RUN_FLAGS
 
@@ -144,7 +145,7 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
     assert resumed.resumed_from.endswith("ckpt_0000003.pt")
 
     def strip(records):
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+        return [{k: v for k, v in r.items() if k not in VOLATILE_KEYS} for r in records]
 
     full, part = strip(read_metrics(tmp_path / "full")), strip(read_metrics(tmp_path / "part"))
     assert [r["iter"] for r in part if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -152,11 +153,13 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
     a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # resuming from an explicit file
-    again = Trainer(config(tmp_path / "part", data_dir, "--checkpointer.resume_from",
-                           str(tmp_path / "full" / "checkpoints" / "ckpt_0000003.pt"), "--training.max_iters", "6",
-                           *common))
-    assert again.step == 3
+    # resuming from an explicit file, into a folder of its own; not into another run's folder
+    ckpt3 = str(tmp_path / "full" / "checkpoints" / "ckpt_0000003.pt")
+    again = Trainer(config(tmp_path / "again", data_dir, "--checkpointer.resume_from", ckpt3,
+                           "--training.max_iters", "6", *common))
+    assert again.step == 3 and again.run_id == load_checkpoint(ckpt3)["run_id"]
+    with pytest.raises(ConfigError, match="holds run .* but checkpoint .* is of run"):
+        Trainer(config(tmp_path / "part", data_dir, "--checkpointer.resume_from", ckpt3, *common))
 
 
 def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):

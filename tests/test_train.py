@@ -1,9 +1,11 @@
 """The trainer end to end: CLI, outputs, seeding, accumulation, DDP, precision, compile, wandb,
 non-finite losses, and every example config."""
 
+import datetime
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,10 +70,25 @@ def test_cli_run_writes_every_output(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr
     assert "--- sample ---" in proc.stdout
     assert "val loss" in proc.stdout + proc.stderr
-    assert "tok_s" in proc.stderr and "lr=" in proc.stderr  # the progress bar
+    # piped: no progress bar (no carriage returns), one timestamped line per log_interval steps
+    assert "\r" not in proc.stdout + proc.stderr
+    step_lines = [line for line in proc.stdout.splitlines() if re.search(r"step \d+/4 \| loss", line)]
+    assert len(step_lines) == 2
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| eta 0:00",
+                        step_lines[-1]), step_lines[-1]
+    # train.log holds the same lines as the console (stdout and stderr), timestamps included
+    log_lines = (out / "train.log").read_text().splitlines()
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    assert sorted(log_lines) == sorted(console) and step_lines[-1] in log_lines
+    assert any("val loss" in line and "bits/byte" in line for line in log_lines)
     records = metrics(out)
     train_records = [r for r in records if "loss" in r]
     assert [r["iter"] for r in train_records] == [2, 4]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    for r in records:  # every row: the run, wall-clock time and elapsed seconds
+        assert r["run_id"] == run_id and isinstance(r["elapsed_s"], float)
+        assert datetime.datetime.fromisoformat(r["time"]).tzinfo is not None
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
     for r in train_records:
         for key in ("loss", "lr", "tokens_per_s", "main_loss", "aux_loss", "z_loss", "mtp_loss_1", "mtp_weight",
                     "phase", "moe/max_load_ratio", "moe/cv", "moe/dropped_frac"):

@@ -98,6 +98,8 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
 def _coerce_item(type_name: str, value: Any) -> Any:
     if isinstance(value, bool):
         return value
+    if isinstance(value, str) and type(value) is not str:
+        return str.__str__(value)  # a generated constant (StrEnum) is stored as its plain value
     if type_name == "float" and isinstance(value, int):
         try:
             return float(value)

@@ -22,7 +22,7 @@ class Source:
 
     def __str__(self) -> str:
         if self.kind == "file":
-            return f"{self.file}:{self.line}"
+            return f"{self.file}:{self.line}" if self.line else str(self.file)
         if self.kind == "cli":
             return f"command line {self.flag}"
         if self.kind == "derived":

@@ -1,0 +1,84 @@
+"""Run folders: which run an `out_dir` belongs to, and refusing to mix two runs in one.
+
+A run gets a random id when it starts fresh, written to `<out_dir>/run.json` and into every
+metrics row and checkpoint. A fresh start into a folder holding another run's results
+(metrics.jsonl, or step / best checkpoints in the save folder) is a config error unless `overwrite`
+is set, which deletes them and the rest of that run's files (log, run.json, plot, sample,
+tokenizer) first. `resume_from latest` takes only checkpoints of
+the folder's own run (see Checkpointer.load_resume).
+"""
+
+import datetime
+import json
+import os
+import uuid
+
+from generated import PATH
+from generated.names import ResumeFrom
+from generated.parser import ConfigError, Problem, Source
+from runtime.checkpoint import BEST_NAME, atomic_write_bytes, step_checkpoints
+from runtime.logs import LOG_NAME
+from runtime.metrics import METRICS_NAME, PLOT_NAME
+
+RUN_FILE = "run.json"
+SAMPLE_NAME = "sample.txt"
+TOKENIZER_NAME = "tokenizer.json"
+RUN_FILES = (RUN_FILE, METRICS_NAME, LOG_NAME, PLOT_NAME, SAMPLE_NAME, TOKENIZER_NAME)
+
+
+def new_run_id():
+    return uuid.uuid4().hex[:12]
+
+
+def read_run_id(out_dir):
+    """The run id recorded in `<out_dir>/run.json`, or None."""
+    path = os.path.join(out_dir, RUN_FILE)
+    try:
+        with open(path) as f:
+            return str(json.load(f)["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_run_file(out_dir, run_id):
+    record = {"run_id": run_id, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    atomic_write_bytes(os.path.join(out_dir, RUN_FILE), (json.dumps(record) + "\n").encode())
+
+
+def run_results(out_dir, ckpt_dir):
+    """The files that show a run trained in this folder: metrics.jsonl and checkpoints. (run.json
+    and train.log alone are left by a launch that failed before its first step: nothing to lose.)"""
+    found = [os.path.join(out_dir, METRICS_NAME)] if os.path.isfile(os.path.join(out_dir, METRICS_NAME)) else []
+    found += [path for _, path in step_checkpoints(ckpt_dir)]
+    best = os.path.join(ckpt_dir, BEST_NAME)
+    if os.path.isfile(best):
+        found.append(best)
+    return found
+
+
+def run_files(out_dir, ckpt_dir):
+    """Every file a run leaves in `out_dir` and its checkpoint folder."""
+    found = [os.path.join(out_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))]
+    return found + [p for p in run_results(out_dir, ckpt_dir) if p not in found]
+
+
+def claim_for_fresh_start(out_dir, ckpt_dir, *, overwrite, restart_same_run):
+    """Make `out_dir` ready for a run starting at step 0; returns the paths deleted.
+
+    `restart_same_run`: resume_from is set but there was no checkpoint to resume from, and the
+    folder's run.json says it is that run (killed before its first checkpoint): it starts over."""
+    found = run_results(out_dir, ckpt_dir)
+    if found and not (overwrite or restart_same_run):
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        owner = read_run_id(out_dir)
+        owner = f"run {owner}" if owner else "another run"
+        message = (
+            f"{out_dir} holds the files of {owner} ({shown}); a new run would mix with them. "
+            f"Pass --{PATH.checkpointer.resume_from} {ResumeFrom.LATEST} to continue it, "
+            f"--{PATH.overwrite} true to delete them and start over, or choose another --{PATH.out_dir}"
+        )
+        raise ConfigError([Problem(PATH.out_dir, message, Source("file", out_dir, 0), "file")])
+    removed = run_files(out_dir, ckpt_dir)
+    for path in removed:
+        os.unlink(path)
+    return removed
