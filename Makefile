@@ -22,10 +22,14 @@ $(STAMP): requirements.txt
 generate: setup
 	$(PY) -m codegen.generate
 
-# Regenerates in memory; fails with a diff and the fix command if generated/ is stale.
+# Regenerates in memory and fails with a diff and the fix command if generated/ is stale; lints
+# the hand-written code (ruff; black formats generated/) and type-checks the config engine.
 check: setup
 	$(PY) -m codegen.generate --check
 	$(PY) -m runtime config validate configs/*.yaml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: setup
 	$(PY) -m pytest -q

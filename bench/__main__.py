@@ -38,8 +38,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     parser.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's malloc settings alone"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's, one per core)"
+    )
     args = parser.parse_args(argv)
     suites = args.only or SUITES
     import torch
@@ -50,8 +54,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     if load > 0.5:
-        print(f"warning: load average {load:.1f} before the run: other processes skew every figure "
-              "(a thread that loses its core stalls each parallel region)", file=sys.stderr)
+        print(
+            f"warning: load average {load:.1f} before the run: other processes skew every figure "
+            "(a thread that loses its core stalls each parallel region)",
+            file=sys.stderr,
+        )
 
     malloc = None if args.default_malloc else tune_malloc()
     results = {"machine": _machine(malloc), "quick": args.quick, "suites": {}, "targets": []}
@@ -60,16 +67,25 @@ def main(argv=None):
         module = importlib.import_module(f"bench.{name}")
         suite_start = time.perf_counter()
         outcome = module.run(quick=args.quick)
-        results["suites"][name] = {"figures": outcome["figures"], "seconds": time.perf_counter() - suite_start}
+        results["suites"][name] = {
+            "figures": outcome["figures"],
+            "seconds": time.perf_counter() - suite_start,
+        }
         results["targets"] += [{"suite": name, **target.as_dict()} for target in outcome["targets"]]
-        print(f"[{name}] done in {time.perf_counter() - suite_start:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"[{name}] done in {time.perf_counter() - suite_start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     results["seconds"] = time.perf_counter() - started
     results["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
     width = max(len(t["name"]) for t in results["targets"]) if results["targets"] else 10
     print(f"{'target':<{width}}  {'figure':>8}  {'target':>8}  holds  detail")
     for t in results["targets"]:
         bound = (">= " if t["higher_is_better"] else "<= ") + f"{t['target']:g}"
-        print(f"{t['name']:<{width}}  {t['figure']:>8.2f}  {bound:>8}  {'yes' if t['holds'] else 'NO ':<5}  {t['detail']}")
+        print(
+            f"{t['name']:<{width}}  {t['figure']:>8.2f}  {bound:>8}  {'yes' if t['holds'] else 'NO ':<5}  {t['detail']}"
+        )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} ({results['seconds']:.0f} s)")
     return 0

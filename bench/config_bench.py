@@ -16,7 +16,9 @@ def _python(code):
 
 def _imports_torch():
     probe = "import sys, generated; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True
+    )
     return out.stdout.strip() == "True"
 
 
@@ -30,7 +32,9 @@ def run(quick=False):
             "omegaconf": _python("import omegaconf"),
             # PyYAML loads on first use, so also show import plus one full load, beside OmegaConf
             # importing and loading the same file into the same typed structure.
-            "generated_first_load": _python(f"import generated; generated.load_config({str(FULL_CONFIG)!r})"),
+            "generated_first_load": _python(
+                f"import generated; generated.load_config({str(FULL_CONFIG)!r})"
+            ),
             "omegaconf_first_load": _python(
                 "from omegaconf import OmegaConf; import generated; "
                 f"OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(generated.Config), OmegaConf.load({str(FULL_CONFIG)!r})))"
@@ -41,8 +45,9 @@ def run(quick=False):
     ours_import = max(times["generated"] - times["bare"], 1e-4)
     omegaconf_import = max(times["omegaconf"] - times["bare"], 1e-4)
 
-    import generated
     from omegaconf import OmegaConf
+
+    import generated
 
     schema = OmegaConf.structured(generated.Config)
 
@@ -60,16 +65,42 @@ def run(quick=False):
 
     load = interleaved_medians({"ours": ours, "omegaconf": omegaconf}, repeats * 4, warmup=3)
 
-    generate_time = median_time(lambda: subprocess.run([sys.executable, "-m", "codegen.generate", "--out", "/tmp/bench_generated"], cwd=REPO, check=True, capture_output=True), 3 if quick else 5)
-    check_time = median_time(lambda: subprocess.run([sys.executable, "-m", "codegen.generate", "--check"], cwd=REPO, check=False, capture_output=True), 3 if quick else 5)
+    generate_time = median_time(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "codegen.generate", "--out", "/tmp/bench_generated"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        ),
+        3 if quick else 5,
+    )
+    check_time = median_time(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "codegen.generate", "--check"],
+            cwd=REPO,
+            check=False,
+            capture_output=True,
+        ),
+        3 if quick else 5,
+    )
 
     no_torch = not _imports_torch()
     return {
         "targets": [
-            Target("config import vs OmegaConf (speed-up)", omegaconf_import / ours_import, 1.5, True,
-                   detail=f"ours {ours_import * 1e3:.1f} ms, omegaconf {omegaconf_import * 1e3:.1f} ms, imports torch: {not no_torch}"),
-            Target("config load+validate vs OmegaConf (speed-up)", load["omegaconf"] / load["ours"], 5.0, True,
-                   detail=f"ours {load['ours'] * 1e3:.2f} ms, omegaconf {load['omegaconf'] * 1e3:.2f} ms (configs/deepseek_v3.yaml)"),
+            Target(
+                "config import vs OmegaConf (speed-up)",
+                omegaconf_import / ours_import,
+                1.5,
+                True,
+                detail=f"ours {ours_import * 1e3:.1f} ms, omegaconf {omegaconf_import * 1e3:.1f} ms, imports torch: {not no_torch}",
+            ),
+            Target(
+                "config load+validate vs OmegaConf (speed-up)",
+                load["omegaconf"] / load["ours"],
+                5.0,
+                True,
+                detail=f"ours {load['ours'] * 1e3:.2f} ms, omegaconf {load['omegaconf'] * 1e3:.2f} ms (configs/deepseek_v3.yaml)",
+            ),
         ],
         "figures": {
             "generated_imports_torch": not no_torch,
@@ -78,7 +109,10 @@ def run(quick=False):
                 "generated": (times["generated_first_load"] - times["bare"]) * 1e3,
                 "omegaconf": (times["omegaconf_first_load"] - times["bare"]) * 1e3,
             },
-            "load_validate_ms": {"generated": load["ours"] * 1e3, "omegaconf": load["omegaconf"] * 1e3},
+            "load_validate_ms": {
+                "generated": load["ours"] * 1e3,
+                "omegaconf": load["omegaconf"] * 1e3,
+            },
             "generate_s": generate_time,
             "drift_check_s": check_time,
         },

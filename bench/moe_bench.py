@@ -12,8 +12,6 @@ zero_grad does), and all variants run round-robin so machine noise hits them ali
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -12,7 +12,6 @@ config.schema.json carry docs, so a doc-only spec edit changes only those three.
 
 import argparse
 import difflib
-import hashlib
 import json
 import os
 import sys
@@ -79,7 +78,11 @@ def _field_view(f, spec):
     annotation = _literal(f.choices) if f.choices is not None else f.type
     annotation += " | None" if f.nullable else ""
     if f.is_list:
-        default_code = "field(default_factory=list)" if not f.default else f"field(default_factory=lambda: {_pyrepr(list(f.default))})"
+        default_code = (
+            "field(default_factory=list)"
+            if not f.default
+            else f"field(default_factory=lambda: {_pyrepr(list(f.default))})"
+        )
     else:
         default_code = _pyrepr(f.default)
     constraints = []
@@ -122,7 +125,9 @@ def _section_view(section, spec):
     shorthand_example = ""
     if section.shorthand:
         shorthand_field = fields_by_path[f"{section.path}.{section.shorthand}"]
-        shorthand_example = "true" if shorthand_field.type == "bool" else _yaml_scalar(shorthand_field.default)
+        shorthand_example = (
+            "true" if shorthand_field.type == "bool" else _yaml_scalar(shorthand_field.default)
+        )
     return {
         "name": section.name,
         "path": section.path,
@@ -138,7 +143,13 @@ def _section_view(section, spec):
         "field_names": tuple(f.name for f in section.fields),
         "section_names": tuple(child.name for child in section.sections),
         "sections": [
-            {"name": c.name, "path": c.path, "class_name": c.class_name, "doc": c.doc, "anchor": c.path.replace(".", "")}
+            {
+                "name": c.name,
+                "path": c.path,
+                "class_name": c.class_name,
+                "doc": c.doc,
+                "anchor": c.path.replace(".", ""),
+            }
             for c in section.sections
         ],
     }
@@ -155,12 +166,21 @@ def _aliases(spec):
 FLOAT_LIMIT = 1.7976931348623157e308  # the largest finite float: bounds that reject .inf
 JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
 SCHEMA_EXCEPTIONS = (
-    ("cross-field rules", "the `rules` listed below, and derived defaults checked against their field"),
+    (
+        "cross-field rules",
+        "the `rules` listed below, and derived defaults checked against their field",
+    ),
     ("one field under two names", "a canonical key and an old name of it, given different values"),
     ("base files", "`base:` names files; whether they exist and are valid is checked when loading"),
     ("NaN", "`.nan` is a number to JSON Schema; the validator wants finite numbers"),
-    ("removed old names", "an old name removed in a later spec version, in a file declaring an older `spec_version`"),
-    ("documents that are not YAML data", "syntax errors, duplicate keys, non-string keys, tags, numbers with a leading zero"),
+    (
+        "removed old names",
+        "an old name removed in a later spec version, in a file declaring an older `spec_version`",
+    ),
+    (
+        "documents that are not YAML data",
+        "syntax errors, duplicate keys, non-string keys, tags, numbers with a leading zero",
+    ),
 )
 """What the validator rejects and the JSON Schema cannot express (listed in CONFIG.md)."""
 
@@ -188,7 +208,11 @@ def _json_type(f):
 
 
 def _field_schema(f):
-    return {**_json_type(f), "description": f.doc, "default": list(f.default) if f.is_list else f.default}
+    return {
+        **_json_type(f),
+        "description": f.doc,
+        "default": list(f.default) if f.is_list else f.default,
+    }
 
 
 def _schema(spec, header_text):
@@ -209,8 +233,14 @@ def _schema(spec, header_text):
             properties[child.name] = section_schema(child)
         for name, canonical in aliases_by_parent.get(section.path, []):
             target = fields[canonical] if canonical in fields else None
-            canonical_schema = _field_schema(target) if target else section_schema(sections[canonical])
-            properties[name] = {**canonical_schema, "deprecated": True, "description": f"Old name of `{canonical}`."}
+            canonical_schema = (
+                _field_schema(target) if target else section_schema(sections[canonical])
+            )
+            properties[name] = {
+                **canonical_schema,
+                "deprecated": True,
+                "description": f"Old name of `{canonical}`.",
+            }
         if section.path == "":
             properties["base"] = {
                 "description": "Config files this one builds on, relative to it; later ones win.",
@@ -223,10 +253,24 @@ def _schema(spec, header_text):
                 "maximum": spec.version,
             }
         # null: an empty file, or a section key with nothing under it
-        schema = {"type": ["object", "null"], "description": section.doc, "properties": properties, "additionalProperties": False}
+        schema = {
+            "type": ["object", "null"],
+            "description": section.doc,
+            "properties": properties,
+            "additionalProperties": False,
+        }
         if section.shorthand:
             short = next(f for f in section.fields if f.name == section.shorthand)
-            schema = {"description": section.doc, "anyOf": [schema, {**_json_type(short), "description": f"Shorthand for {{{section.shorthand}: ...}}."}]}
+            schema = {
+                "description": section.doc,
+                "anyOf": [
+                    schema,
+                    {
+                        **_json_type(short),
+                        "description": f"Shorthand for {{{section.shorthand}: ...}}.",
+                    },
+                ],
+            }
         return schema
 
     document = {
@@ -254,8 +298,14 @@ def _constant_classes(spec):
         values = list(f.choices or ()) + [value for value, _ in f.sentinels]
         if has_constants(f):
             kind = "choices" if f.choices is not None else "special values"
-            classes.append({"name": enum_class_name(f.name), "path": f.path, "kind": kind,
-                            "members": [(enum_member_name(v), v) for v in values]})
+            classes.append(
+                {
+                    "name": enum_class_name(f.name),
+                    "path": f.path,
+                    "kind": kind,
+                    "members": [(enum_member_name(v), v) for v in values],
+                }
+            )
     return classes
 
 
@@ -274,6 +324,7 @@ def render(spec_path, spec_text=None, spec_name=None):
         autoescape=False,
     )
     env.filters["pyrepr"] = _pyrepr
+    env.filters["pytuple"] = lambda items: _pyrepr(tuple(items))
     env.filters["code"] = _code
     sections = [_section_view(s, spec) for s in spec.sections()]
     context = {
@@ -329,10 +380,17 @@ def stale(files, out_dir):
         target = out_dir / name
         current = target.read_text(encoding="utf-8", errors="replace") if target.exists() else ""
         if current != text:
-            diffs.append("".join(difflib.unified_diff(
-                current.splitlines(keepends=True), text.splitlines(keepends=True),
-                fromfile=f"{out_dir / name} (on disk)", tofile=f"{out_dir / name} (from the spec)",
-            )) or f"{target}: missing\n")
+            diffs.append(
+                "".join(
+                    difflib.unified_diff(
+                        current.splitlines(keepends=True),
+                        text.splitlines(keepends=True),
+                        fromfile=f"{out_dir / name} (on disk)",
+                        tofile=f"{out_dir / name} (from the spec)",
+                    )
+                )
+                or f"{target}: missing\n"
+            )
     if out_dir.exists():
         for path in sorted(out_dir.iterdir()):
             if path.is_file() and path.name not in files:
@@ -341,7 +399,9 @@ def stale(files, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m codegen.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m codegen.generate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--spec", default="spec/config.yaml")
     parser.add_argument("--out", default="generated")
     parser.add_argument("--check", action="store_true", help="fail if generated files are stale")
@@ -355,7 +415,10 @@ def main(argv=None):
         diffs = stale(files, args.out)
         if diffs:
             sys.stdout.write("".join(diffs))
-            print(f"\n{args.out}/ is stale or was edited by hand: run `{FIX_COMMAND}` and commit the result.", file=sys.stderr)
+            print(
+                f"\n{args.out}/ is stale or was edited by hand: run `{FIX_COMMAND}` and commit the result.",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.out}/ is up to date with {args.spec}")
         return 0

@@ -11,8 +11,31 @@ from dataclasses import dataclass, field
 
 from runtime.configlib import FieldSpec, LineDict, YAMLLoadError, check_value, load_yaml
 
-FIELD_ATTRIBUTES = {"name", "type", "default", "doc", "aliases", "choices", "min", "max", "gt", "policy", "hf", "sentinels", "derived"}
-SECTION_ATTRIBUTES = {"name", "class", "doc", "fields", "sections", "shorthand", "aliases", "policy"}
+FIELD_ATTRIBUTES = {
+    "name",
+    "type",
+    "default",
+    "doc",
+    "aliases",
+    "choices",
+    "min",
+    "max",
+    "gt",
+    "policy",
+    "hf",
+    "sentinels",
+    "derived",
+}
+SECTION_ATTRIBUTES = {
+    "name",
+    "class",
+    "doc",
+    "fields",
+    "sections",
+    "shorthand",
+    "aliases",
+    "policy",
+}
 ROOT_ATTRIBUTES = {"class", "doc", "fields", "policy"}
 ALIAS_ATTRIBUTES = {"name", "since", "removed"}
 POLICIES = ("must_match", "from_checkpoint", "overridable")
@@ -110,7 +133,9 @@ class _Reader:
             if key not in allowed:
                 hint = difflib.get_close_matches(key, sorted(allowed), n=1)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                self.error(node.key_lines[key], f"{what}: unknown spec attribute {key!r}{suggestion}")
+                self.error(
+                    node.key_lines[key], f"{what}: unknown spec attribute {key!r}{suggestion}"
+                )
 
     def require(self, node, key, kind, what):
         if key not in node:
@@ -137,16 +162,26 @@ class _Reader:
                 since = item.get("since", since)
                 removed = item.get("removed")
                 for key, value in (("since", since), ("removed", removed)):
-                    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                        self.error(item.key_lines[key], f"{what} alias: {key!r} must be a spec version (int)")
+                    if value is not None and (
+                        isinstance(value, bool) or not isinstance(value, int)
+                    ):
+                        self.error(
+                            item.key_lines[key],
+                            f"{what} alias: {key!r} must be a spec version (int)",
+                        )
                 if isinstance(since, int) and isinstance(removed, int) and removed <= since:
-                    self.error(item.key_lines["removed"], f"{what} alias: 'removed' must come after 'since'")
+                    self.error(
+                        item.key_lines["removed"],
+                        f"{what} alias: 'removed' must come after 'since'",
+                    )
                 if name is None:
                     continue
             elif isinstance(item, str):
                 name = item
             else:
-                self.error(line, f"{what}: each alias must be a name or a mapping with name/since/removed")
+                self.error(
+                    line, f"{what}: each alias must be a name or a mapping with name/since/removed"
+                )
                 continue
             path = name if "." in name else _join(section_path, name)
             self.alias_versions[path] = (since, removed)
@@ -156,7 +191,10 @@ class _Reader:
     def policy(self, node, inherited, what):
         policy = node.get("policy", inherited)
         if policy not in POLICIES:
-            self.error(node.key_lines.get("policy", node.line), f"{what}: policy must be one of {', '.join(POLICIES)}, found {policy!r}")
+            self.error(
+                node.key_lines.get("policy", node.line),
+                f"{what}: policy must be one of {', '.join(POLICIES)}, found {policy!r}",
+            )
             return inherited
         return policy
 
@@ -169,7 +207,10 @@ class _Reader:
 
     def read_field(self, node, section_path, section_policy):
         if not isinstance(node, LineDict):
-            self.error(getattr(node, "line", 0), f"section {section_path or '<root>'}: each field must be a mapping")
+            self.error(
+                getattr(node, "line", 0),
+                f"section {section_path or '<root>'}: each field must be a mapping",
+            )
             return None
         name = self.require(node, "name", str, "field")
         what = f"field {_join(section_path, name or '?')}"
@@ -178,7 +219,10 @@ class _Reader:
         nullable = type_text.endswith("?")
         base = type_text.rstrip("?")
         if base not in BASE_TYPES:
-            self.error(node.key_lines.get("type", node.line), f"{what}: unknown type {type_text!r} (one of {', '.join(sorted(BASE_TYPES))}, optionally with ?)")
+            self.error(
+                node.key_lines.get("type", node.line),
+                f"{what}: unknown type {type_text!r} (one of {', '.join(sorted(BASE_TYPES))}, optionally with ?)",
+            )
             base = "str"
         doc = self.require(node, "doc", str, what) or ""
         if "default" not in node:
@@ -186,11 +230,15 @@ class _Reader:
         bounds = {}
         for key in ("min", "max", "gt"):
             value = node.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
                 self.error(node.key_lines[key], f"{what}: {key!r} must be a number")
                 value = None
             if value is not None and base not in ("int", "float"):
-                self.error(node.key_lines[key], f"{what}: {key!r} only applies to int and float fields")
+                self.error(
+                    node.key_lines[key], f"{what}: {key!r} only applies to int and float fields"
+                )
                 value = None
             bounds[key] = value
         choices = node.get("choices")
@@ -200,42 +248,71 @@ class _Reader:
         aliases = self.aliases(node, section_path, what)
         hf = node.get("hf")
         if hf is not None and (not isinstance(hf, str) or not hf.isidentifier()):
-            self.error(node.key_lines["hf"], f"{what}: 'hf' must be the Hugging Face config.json key (an identifier)")
+            self.error(
+                node.key_lines["hf"],
+                f"{what}: 'hf' must be the Hugging Face config.json key (an identifier)",
+            )
             hf = None
         if hf is not None and hf != name:
             path = _join(section_path, hf)  # the Hugging Face name also loads as an old name
             self.alias_versions[path] = (self.first_version, None)
             aliases.append(path)
         sentinels = node.get("sentinels", {})
-        if not isinstance(sentinels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sentinels.items()):
-            self.error(node.key_lines["sentinels"], f"{what}: 'sentinels' must map each special value to its meaning")
+        if not isinstance(sentinels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sentinels.items()
+        ):
+            self.error(
+                node.key_lines["sentinels"],
+                f"{what}: 'sentinels' must map each special value to its meaning",
+            )
             sentinels = {}
         elif sentinels and base != "str":
             self.error(node.key_lines["sentinels"], f"{what}: 'sentinels' only apply to str fields")
         derived = node.get("derived")
         if derived is not None:
             if not isinstance(derived, str):
-                self.error(node.key_lines["derived"], f"{what}: 'derived' must be an expression over field paths")
+                self.error(
+                    node.key_lines["derived"],
+                    f"{what}: 'derived' must be an expression over field paths",
+                )
                 derived = None
             elif not nullable or node.get("default") is not None:
-                self.error(node.key_lines["derived"], f"{what}: a derived default needs a nullable type and default null (null means derived)")
+                self.error(
+                    node.key_lines["derived"],
+                    f"{what}: a derived default needs a nullable type and default null (null means derived)",
+                )
         result = Field(
             policy=self.policy(node, section_policy, what),
-            name=name or "?", path=_join(section_path, name or "?"), type=base, nullable=nullable,
-            default=node.get("default"), doc=" ".join(doc.split()), aliases=tuple(aliases),
+            name=name or "?",
+            path=_join(section_path, name or "?"),
+            type=base,
+            nullable=nullable,
+            default=node.get("default"),
+            doc=" ".join(doc.split()),
+            aliases=tuple(aliases),
             choices=tuple(choices) if choices is not None else None,
-            min=bounds["min"], max=bounds["max"], gt=bounds["gt"], line=node.line, hf=hf,
-            sentinels=tuple((k, " ".join(v.split())) for k, v in sentinels.items()), derived=derived,
+            min=bounds["min"],
+            max=bounds["max"],
+            gt=bounds["gt"],
+            line=node.line,
+            hf=hf,
+            sentinels=tuple((k, " ".join(v.split())) for k, v in sentinels.items()),
+            derived=derived,
         )
         self.derived_lines[result.path] = node.key_lines.get("derived", node.line)
         if "default" in node:
             problem = check_value(result, result.default)
             if problem:
-                self.error(node.key_lines["default"], f"{what}: default {result.default!r} does not fit: {problem}")
+                self.error(
+                    node.key_lines["default"],
+                    f"{what}: default {result.default!r} does not fit: {problem}",
+                )
         for choice in choices or []:
             problem = check_value(result, choice, check_choices=False)
             if problem:
-                self.error(node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}")
+                self.error(
+                    node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}"
+                )
         return result
 
     def read_section(self, node, parent_path, inherited_policy="overridable", is_root=False):
@@ -248,7 +325,9 @@ class _Reader:
         path = _join(parent_path, name)
         what = f"section {path}" if path else "root"
         section = Section(
-            name=name, path=path, class_name=self.require(node, "class", str, what) or "?",
+            name=name,
+            path=path,
+            class_name=self.require(node, "class", str, what) or "?",
             doc=" ".join((self.require(node, "doc", str, what) or "").split()),
             shorthand=node.get("shorthand"),
             aliases=self.aliases(node, parent_path, what),
@@ -263,8 +342,13 @@ class _Reader:
             parsed = self.read_section(child, path, section.policy)
             if parsed:
                 section.sections.append(parsed)
-        if section.shorthand is not None and section.shorthand not in {f.name for f in section.fields}:
-            self.error(node.key_lines["shorthand"], f"{what}: shorthand {section.shorthand!r} is not a field of the section")
+        if section.shorthand is not None and section.shorthand not in {
+            f.name for f in section.fields
+        }:
+            self.error(
+                node.key_lines["shorthand"],
+                f"{what}: shorthand {section.shorthand!r} is not a field of the section",
+            )
         return section
 
 
@@ -296,13 +380,21 @@ def _compile_expression(reader, text, line, sections, fields, what):
         reader.error(line, f"{what}: not a Python expression: {error.msg}")
         return None, []
     paths = []
-    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    bound = {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id not in RULE_FUNCTIONS:
-                reader.error(line, f"{what}: function {node.func.id!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})")
+                reader.error(
+                    line,
+                    f"{what}: function {node.func.id!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})",
+                )
         elif isinstance(node, ast.Call):  # a method call, e.g. len.__self__.__import__('os')
-            reader.error(line, f"{what}: calling {ast.unparse(node.func)!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})")
+            reader.error(
+                line,
+                f"{what}: calling {ast.unparse(node.func)!r} is not allowed (only {', '.join(sorted(RULE_FUNCTIONS))})",
+            )
         if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
             reader.error(line, f"{what}: private attribute {node.attr!r} is not allowed")
 
@@ -312,7 +404,13 @@ def _compile_expression(reader, text, line, sections, fields, what):
             if dotted in fields:
                 if dotted not in paths:
                     paths.append(dotted)
-                return ast.Attribute(value=ast.parse("c." + dotted.rsplit(".", 1)[0], mode="eval").body if "." in dotted else ast.Name("c", ast.Load()), attr=dotted.rsplit(".", 1)[-1], ctx=ast.Load())
+                return ast.Attribute(
+                    value=ast.parse("c." + dotted.rsplit(".", 1)[0], mode="eval").body
+                    if "." in dotted
+                    else ast.Name("c", ast.Load()),
+                    attr=dotted.rsplit(".", 1)[-1],
+                    ctx=ast.Load(),
+                )
             if dotted.split(".")[0] in sections:
                 reader.error(line, f"{what}: {dotted!r} names no field of the spec")
                 return node
@@ -323,7 +421,11 @@ def _compile_expression(reader, text, line, sections, fields, what):
                 if node.id not in paths:
                     paths.append(node.id)
                 return ast.Attribute(value=ast.Name("c", ast.Load()), attr=node.id, ctx=ast.Load())
-            if node.id not in RULE_FUNCTIONS and node.id not in bound and node.id not in ("None", "True", "False"):
+            if (
+                node.id not in RULE_FUNCTIONS
+                and node.id not in bound
+                and node.id not in ("None", "True", "False")
+            ):
                 reader.error(line, f"{what}: {node.id!r} names no field of the spec")
             return node
 
@@ -344,11 +446,15 @@ def load_spec(path, text=None):
     except YAMLLoadError as error:
         raise SpecError([f"{path}:{error.line}: {error.message}"]) from None
     if not isinstance(document, LineDict):
-        raise SpecError([f"{path}:1: the spec must be a mapping with {', '.join(sorted(TOP_ATTRIBUTES))}"])
+        raise SpecError(
+            [f"{path}:1: the spec must be a mapping with {', '.join(sorted(TOP_ATTRIBUTES))}"]
+        )
     reader.check_attributes(document, TOP_ATTRIBUTES, "spec")
     version = reader.require(document, "version", int, "spec") or 0
     root_node = document.get("root") or LineDict()
-    root = reader.read_section(root_node, "", is_root=True) or Section("", "", "Config", "", None, [], 0)
+    root = reader.read_section(root_node, "", is_root=True) or Section(
+        "", "", "Config", "", None, [], 0
+    )
     for child in document.get("sections", []) or []:
         parsed = reader.read_section(child, "")
         if parsed:
@@ -360,23 +466,39 @@ def load_spec(path, text=None):
         for item in section.fields + section.sections:
             line = item.line
             if item.path in taken:
-                reader.error(line, f"duplicate name {item.path!r} (first declared on line {taken[item.path]})")
+                reader.error(
+                    line,
+                    f"duplicate name {item.path!r} (first declared on line {taken[item.path]})",
+                )
             else:
                 taken[item.path] = line
     for section in root.walk():
         for item in ([section] if section is not root else []) + section.fields:
             for alias in item.aliases:
                 if alias in taken:
-                    reader.error(item.line, f"{item.path}: alias {alias!r} collides with the field or section {alias!r} (line {taken[alias]})")
+                    reader.error(
+                        item.line,
+                        f"{item.path}: alias {alias!r} collides with the field or section {alias!r} (line {taken[alias]})",
+                    )
                 else:
                     taken[alias] = item.line
                 parent = alias.rsplit(".", 1)[0] if "." in alias else ""
-                if parent and parent not in {s.path for s in root.walk()} and parent not in {a for s in root.walk() for a in s.aliases}:
-                    reader.error(item.line, f"{item.path}: alias {alias!r} lives in {parent!r}, which is not a section")
+                if (
+                    parent
+                    and parent not in {s.path for s in root.walk()}
+                    and parent not in {a for s in root.walk() for a in s.aliases}
+                ):
+                    reader.error(
+                        item.line,
+                        f"{item.path}: alias {alias!r} lives in {parent!r}, which is not a section",
+                    )
     class_names = {}
     for section in root.walk():
         if section.class_name in class_names:
-            reader.error(section.line, f"duplicate class name {section.class_name!r} (also line {class_names[section.class_name]})")
+            reader.error(
+                section.line,
+                f"duplicate class name {section.class_name!r} (also line {class_names[section.class_name]})",
+            )
         class_names.setdefault(section.class_name, section.line)
 
     field_paths = {f.path for s in root.walk() for f in s.fields}
@@ -393,10 +515,14 @@ def load_spec(path, text=None):
         if check is None or message is None:
             continue
         what = f"rule {check!r}"
-        check_code, paths = _compile_expression(reader, check, node.key_lines["check"], section_names, field_paths, what)
+        check_code, paths = _compile_expression(
+            reader, check, node.key_lines["check"], section_names, field_paths, what
+        )
         when_code = None
         if when is not None:
-            when_code, when_paths = _compile_expression(reader, when, node.key_lines["when"], section_names, field_paths, what)
+            when_code, when_paths = _compile_expression(
+                reader, when, node.key_lines["when"], section_names, field_paths, what
+            )
             paths += [p for p in when_paths if p not in paths]
         rules.append(Rule(check, when, message, paths, check_code, when_code, node.line))
 
@@ -404,9 +530,19 @@ def load_spec(path, text=None):
     for f in root_fields(root):
         if f.derived is None:
             continue
-        code, paths = _compile_expression(reader, f.derived, reader.derived_lines[f.path], section_names, field_paths, f"field {f.path}: derived")
+        code, paths = _compile_expression(
+            reader,
+            f.derived,
+            reader.derived_lines[f.path],
+            section_names,
+            field_paths,
+            f"field {f.path}: derived",
+        )
         if f.path in paths:
-            reader.error(reader.derived_lines[f.path], f"field {f.path}: a derived default cannot read itself")
+            reader.error(
+                reader.derived_lines[f.path],
+                f"field {f.path}: a derived default cannot read itself",
+            )
         derived.append(DerivedDefault(f.path, f.derived, code, paths))
     enum_names = {}
     for f in root_fields(root):
@@ -414,7 +550,10 @@ def load_spec(path, text=None):
             continue
         name = enum_class_name(f.name)
         if name in enum_names or name in class_names:
-            reader.error(f.line, f"field {f.path}: its constants class {name!r} collides with {enum_names.get(name) or 'a section class'}")
+            reader.error(
+                f.line,
+                f"field {f.path}: its constants class {name!r} collides with {enum_names.get(name) or 'a section class'}",
+            )
         enum_names[name] = f.path
         for value in list(f.choices or ()) + [value for value, _ in f.sentinels]:
             if not isinstance(value, str) or not enum_member_name(value).isidentifier():
@@ -422,9 +561,19 @@ def load_spec(path, text=None):
 
     if reader.problems:
         raise SpecError(reader.problems)
-    for alias, (since, removed) in reader.alias_versions.items():
+    for alias, (since, _removed) in reader.alias_versions.items():
         if isinstance(since, int) and since > version:
-            reader.problems.append(f"{path}: alias {alias!r}: 'since' {since} is newer than the spec version {version}")
+            reader.problems.append(
+                f"{path}: alias {alias!r}: 'since' {since} is newer than the spec version {version}"
+            )
     if reader.problems:
         raise SpecError(reader.problems)
-    return Spec(str(path), hashlib.sha256(text).hexdigest(), version, root, rules, reader.alias_versions, derived)
+    return Spec(
+        str(path),
+        hashlib.sha256(text).hexdigest(),
+        version,
+        root,
+        rules,
+        reader.alias_versions,
+        derived,
+    )

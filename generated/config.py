@@ -31,7 +31,7 @@ class DistributedConfig:
     find_unused_parameters: bool = False
     """DDP find_unused_parameters (needed only if some parameters get no gradient)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system.distributed"], FIELDS, SECTIONS)
 
 
@@ -47,7 +47,7 @@ class TorchCompilationConfig:
     ] = "default"
     """torch.compile mode."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system.compile"], FIELDS, SECTIONS)
 
 
@@ -61,7 +61,7 @@ class DeviceConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Autocast dtype of forward and loss (weights and optimizer stay float32); float16 also turns on gradient scaling."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system.device"], FIELDS, SECTIONS)
 
 
@@ -78,7 +78,7 @@ class SystemConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism (DDP) under torchrun. A boolean given for the whole section sets `enabled`."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system"], FIELDS, SECTIONS)
 
 
@@ -101,7 +101,7 @@ class WandbConfig:
     log_model: bool = False
     """Upload each saved checkpoint as a wandb artifact."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["wandb"], FIELDS, SECTIONS)
 
 
@@ -124,7 +124,7 @@ class SampleConfig:
     top_p: float = 1.0
     """Nucleus sampling: only the likeliest tokens whose probabilities together reach `top_p` (the likeliest always stays); 1 means all."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["sample"], FIELDS, SECTIONS)
 
 
@@ -153,7 +153,7 @@ class CheckpointerConfig:
     init_from: str = "scratch"
     """Initial weights of a new run: a checkpoint file or a Hugging Face folder (config.json + safetensors). The source's architecture fills the model section; a model field this config sets explicitly to a different value is an error."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["checkpointer"], FIELDS, SECTIONS)
 
 
@@ -170,7 +170,7 @@ class EvaluatorConfig:
     eval_only: bool = False
     """Evaluate once, report, and exit without training."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["evaluator"], FIELDS, SECTIONS)
 
 
@@ -202,7 +202,7 @@ class DataConfig:
     pin_memory: bool = False
     """DataLoader pin_memory (faster host-to-GPU copies)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["data"], FIELDS, SECTIONS)
 
 
@@ -228,7 +228,7 @@ class TrainingConfig:
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN or infinite loss: `stop` ends the run with an error naming the step; `skip` drops that step's update and goes on."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["training"], FIELDS, SECTIONS)
 
 
@@ -268,7 +268,7 @@ class LRScheduleConfig:
     phase_decay: float = 0.1
     """Factor lr is multiplied by at each `multi_phase` boundary."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["schedule"], FIELDS, SECTIONS)
 
 
@@ -294,7 +294,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value before each step; 0 disables clipping."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["optimizer"], FIELDS, SECTIONS)
 
 
@@ -314,7 +314,7 @@ class MTPTrainingConfig:
     mtp_loss_weight_final: float = 0.1
     """MTP loss weight from step `mtp_loss_weight_until` on."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["mtp"], FIELDS, SECTIONS)
 
 
@@ -349,7 +349,7 @@ class MoETrainingConfig:
     bias_update_speed_final: float = 0.0
     """Bias update speed from step `bias_update_speed_until` on (0 freezes the bias)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["moe"], FIELDS, SECTIONS)
 
 
@@ -453,7 +453,7 @@ class ModelConfig:
     mtp_depth: int = 1
     """Number of sequential multi-token-prediction modules (D). Module k predicts token t+k+1; 0 turns MTP off. Module 1's hidden input (through its `hnorm`) is the main model's hidden state after the final norm, the vector the output head reads, as the inference engines that serve DeepSeek-V3's released MTP weights do (vLLM's deepseek_mtp takes the target model's returned, final-normed hidden states; SGLang's deepseek_nextn its spec_info.hidden_states, captured after the final norm). Module k > 1 likewise gets module k-1's state after that module's own final norm (`shared_head.norm`)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["model"], FIELDS, SECTIONS)
 
 
@@ -506,7 +506,7 @@ class Config:
     system: SystemConfig = field(default_factory=SystemConfig)
     """Where and how the computation runs."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS[""], FIELDS, SECTIONS)
 
 

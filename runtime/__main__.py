@@ -41,8 +41,11 @@ def main(argv=None):
     except ModuleNotFoundError as error:
         if error.name not in TRAIN_EXTRA_MODULES:
             raise
-        print(f"{command}: error: needs the train extra (no module {error.name!r}): "
-              f"pip install -e '.[train]' or make setup", file=sys.stderr)
+        print(
+            f"{command}: error: needs the train extra (no module {error.name!r}): "
+            f"pip install -e '.[train]' or make setup",
+            file=sys.stderr,
+        )
         return 1
     return getattr(module, function_name)(rest)
 

@@ -72,7 +72,9 @@ def _faults():
         for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
             phase, _, count = item.strip().partition(":")
             if phase not in FAULT_PHASES or not count.isdigit() or int(count) < 1:
-                raise ValueError(f"{FAULT_ENV}: {item!r} is not PHASE:N (N >= 1, PHASE one of {sorted(FAULT_PHASES)})")
+                raise ValueError(
+                    f"{FAULT_ENV}: {item!r} is not PHASE:N (N >= 1, PHASE one of {sorted(FAULT_PHASES)})"
+                )
             _fault_plan[phase] = int(count)
     return _fault_plan
 
@@ -106,7 +108,11 @@ def capture_rng_state():
     version, state, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
     rng = {
-        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+        "python": {
+            "version": version,
+            "state": torch.tensor(state, dtype=torch.int64),
+            "gauss": gauss,
+        },
         "numpy": {
             "bit_generator": np_state["bit_generator"],
             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
@@ -124,12 +130,14 @@ def restore_rng_state(rng):
     py = rng["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     npy = rng["numpy"]
-    np.random.set_state({
-        "bit_generator": npy["bit_generator"],
-        "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
-        "has_gauss": npy["has_gauss"],
-        "gauss": npy["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": npy["bit_generator"],
+            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+            "has_gauss": npy["has_gauss"],
+            "gauss": npy["gauss"],
+        }
+    )
     torch.set_rng_state(rng["torch"].cpu())
     if rng.get("cuda") and torch.cuda.is_available():
         states = list(rng["cuda"])
@@ -215,9 +223,13 @@ class _HashingWriter:
         self.out.seek(-EOCD_LEN, os.SEEK_END)
         eocd = self.out.read(EOCD_LEN)
         if eocd[:4] != EOCD_SIG or eocd[-2:] != b"\x00\x00" or self.tail != b"\x00\x00":
-            raise CheckpointError("torch.save did not write a zip archive without a comment; cannot add the checksum")
+            raise CheckpointError(
+                "torch.save did not write a zip archive without a comment; cannot add the checksum"
+            )
         self.out.seek(-2, os.SEEK_END)
-        self.out.write(struct.pack("<H", TRAILER_LEN) + TRAILER_MAGIC + self.sha.hexdigest().encode())
+        self.out.write(
+            struct.pack("<H", TRAILER_LEN) + TRAILER_MAGIC + self.sha.hexdigest().encode()
+        )
 
 
 def default_file_mode():
@@ -288,13 +300,16 @@ def verify_checksum(path):
                 raise CheckpointError(f"checkpoint {path}: truncated or damaged: only {size} bytes")
             f.seek(size - EOCD_LEN - TRAILER_LEN)
             eocd, comment = f.read(EOCD_LEN), f.read()
-            if (eocd[:4] != EOCD_SIG or struct.unpack("<H", eocd[-2:])[0] != TRAILER_LEN
-                    or not comment.startswith(TRAILER_MAGIC)):
+            if (
+                eocd[:4] != EOCD_SIG
+                or struct.unpack("<H", eocd[-2:])[0] != TRAILER_LEN
+                or not comment.startswith(TRAILER_MAGIC)
+            ):
                 raise CheckpointError(
                     f"checkpoint {path}: no checksum trailer at its end: the file is truncated or damaged, "
                     f"or was not written by this trainer"
                 )
-            recorded = comment[len(TRAILER_MAGIC):].decode("ascii", errors="replace")
+            recorded = comment[len(TRAILER_MAGIC) :].decode("ascii", errors="replace")
             sha = hashlib.sha256()
             f.seek(0)
             left = size - TRAILER_LEN - 2
@@ -305,7 +320,9 @@ def verify_checksum(path):
                 sha.update(block)
                 left -= len(block)
     except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {describe_os_error(error)}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {describe_os_error(error)}"
+        ) from None
     if sha.hexdigest() != recorded:
         raise CheckpointError(
             f"checkpoint {path}: checksum mismatch: the file is damaged (its contents hash to "
@@ -348,7 +365,11 @@ def check_finite(state, path):
     named = [(f"model weight {k}", v) for k, v in (state.get("model") or {}).items()]
     for index, per_param in ((state.get("optimizer") or {}).get("state") or {}).items():
         named += [(f"optimizer {k} of parameter {index}", v) for k, v in per_param.items()]
-    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    named = [
+        (n, t)
+        for n, t in named
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
+    ]
     if not named:
         return
     finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
@@ -370,12 +391,17 @@ def check_weights_fit(model, weights, path):
     shapes = [
         f"{k} is {list(weights[k].shape)} in the checkpoint but {list(v.shape)} in the model"
         for k, v in expected.items()
-        if k in weights and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)
+        if k in weights
+        and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)
     ]
-    problems = shapes + [f"{k} is missing" for k in missing] + [f"{k} is not in the model" for k in extra]
+    problems = (
+        shapes + [f"{k} is missing" for k in missing] + [f"{k} is not in the model" for k in extra]
+    )
     if problems:
         more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
-        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model: {problems[0]}{more}")
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit the model: {problems[0]}{more}"
+        )
 
 
 def step_checkpoints(folder):
@@ -394,7 +420,9 @@ class Checkpointer:
     """Saving policy of the `checkpointer` section (CheckpointerConfig)."""
 
     def __init__(self, checkpointer):
-        assert checkpointer.save_dir is not None, "save_dir is a derived default, filled when the config resolves"
+        assert checkpointer.save_dir is not None, (
+            "save_dir is a derived default, filled when the config resolves"
+        )
         self.cfg = checkpointer
         self.dir = checkpointer.save_dir
         self.save_interval = checkpointer.save_interval
@@ -423,14 +451,18 @@ class Checkpointer:
             os.close(fd)
             os.unlink(probe)
         except OSError as error:
-            raise CheckpointError(f"cannot write checkpoints to {self.dir}: {describe_os_error(error)}") from None
+            raise CheckpointError(
+                f"cannot write checkpoints to {self.dir}: {describe_os_error(error)}"
+            ) from None
 
     def _write(self, state, path):
         check_finite(state, path)
         try:
             atomic_save(state, path)
         except OSError as error:
-            raise CheckpointError(f"cannot write checkpoint {path}: {describe_os_error(error)}") from None
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {describe_os_error(error)}"
+            ) from None
 
     def save(self, state, step):
         path = os.path.join(self.dir, checkpoint_name(step))
@@ -479,14 +511,18 @@ class Checkpointer:
             return None, None
         if target != ResumeFrom.LATEST:
             if not os.path.isfile(target):
-                raise CheckpointError(f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}")
+                raise CheckpointError(
+                    f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}"
+                )
             return target, load_checkpoint(target)
         problems = []
         for step, path in reversed(step_checkpoints(self.dir)):
             try:
                 state = load_checkpoint(path)
                 if int(state["step"]) != step:
-                    raise CheckpointError(f"checkpoint {path}: holds step {state['step']}, not {step}")
+                    raise CheckpointError(
+                        f"checkpoint {path}: holds step {state['step']}, not {step}"
+                    )
                 owner = state.get("run_id")
                 if run_id is not None and owner is not None and owner != run_id:
                     raise CheckpointError(

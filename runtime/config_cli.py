@@ -1,10 +1,10 @@
 """`python -m runtime config ...`: config tools that never import torch.
 
-    validate FILE...              check files; exit 1 on any error
-    show FILE [--changed] [flags] the resolved config as canonical YAML (only non-defaults with --changed)
-    migrate FILE                  the file with every old name rewritten to its canonical key
-    explain FILE [flags] KEY...   each key's value, where it came from, and what it overrode
-    diff A B                      the keys whose resolved values differ, with their sources
+validate FILE...              check files; exit 1 on any error
+show FILE [--changed] [flags] the resolved config as canonical YAML (only non-defaults with --changed)
+migrate FILE                  the file with every old name rewritten to its canonical key
+explain FILE [flags] KEY...   each key's value, where it came from, and what it overrode
+diff A B                      the keys whose resolved values differ, with their sources
 """
 
 import argparse
@@ -13,8 +13,17 @@ import warnings
 
 import yaml
 
-from generated import ALIASES, FIELDS, PATH, ConfigError, dump_yaml, flat_values, migrate_text, nest, resolve
-
+from generated import (
+    ALIASES,
+    FIELDS,
+    PATH,
+    ConfigError,
+    dump_yaml,
+    flat_values,
+    migrate_text,
+    nest,
+    resolve,
+)
 
 MODELINE_PREFIX = "# yaml-language-server:"
 
@@ -55,7 +64,11 @@ def _migrate(args):
     with open(args.file, "rb") as config_file:
         text = config_file.read()
     # keep the editor's schema modeline (a comment, which the YAML round trip drops)
-    modelines = [line for line in text.decode("utf-8", "replace").splitlines() if line.startswith(MODELINE_PREFIX)]
+    modelines = [
+        line
+        for line in text.decode("utf-8", "replace").splitlines()
+        if line.startswith(MODELINE_PREFIX)
+    ]
     sys.stdout.write("".join(line + "\n" for line in modelines[:1]) + migrate_text(text, args.file))
     return 0
 
@@ -85,7 +98,9 @@ def _explain(args, extra):
         for value, source in reversed(resolved.overridden.get(path, [])):
             print(f"  overrides {value!r} from {_describe(source, args.file)}")
     if unknown:
-        print(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}", file=sys.stderr)
+        print(
+            f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -111,20 +126,28 @@ def _diff(args):
     values_a, values_b = flat_values(a.config), flat_values(b.config)
     differing = [path for path in FIELDS if values_a[path] != values_b[path]]
     for path in differing:
-        print(f"{path}: {values_a[path]!r} ({_describe(a.sources[path], args.a)}) -> {values_b[path]!r} ({_describe(b.sources[path], args.b)})")
+        print(
+            f"{path}: {values_a[path]!r} ({_describe(a.sources[path], args.a)}) -> {values_b[path]!r} ({_describe(b.sources[path], args.b)})"
+        )
     if not differing:
         print("no differences")
     return 0
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m runtime config", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime config",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check config files; exit 1 on any error")
     validate.add_argument("files", nargs="+")
     show = commands.add_parser("show", help="print the resolved config as canonical YAML")
     show.add_argument("file")
-    show.add_argument("--changed", action="store_true", help="only values that differ from the spec defaults")
+    show.add_argument(
+        "--changed", action="store_true", help="only values that differ from the spec defaults"
+    )
     migrate = commands.add_parser("migrate", help="print the file with every old name rewritten")
     migrate.add_argument("file")
     explain = commands.add_parser("explain", help="where each key's value came from")

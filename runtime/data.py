@@ -39,7 +39,9 @@ TRAIN_STREAM = 0
 VAL_STREAM = 1
 CACHE_VERSION = 1
 # Directories skipped when collecting the standard library: installed packages and test suites.
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
 
 
 class DataError(RuntimeError):
@@ -56,7 +58,9 @@ class Corpus:
     length: int
     is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
     bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
-    codec: object = field(default=None, compare=False)  # runtime.tokenizer.TextCodec of a bpe corpus
+    codec: object = field(
+        default=None, compare=False
+    )  # runtime.tokenizer.TextCodec of a bpe corpus
 
     def array(self):
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
@@ -104,22 +108,36 @@ def bpe_corpus(byte_corpus, data, vocab_size):
     if all(os.path.exists(p) for p in (bin_path, meta_path, tok_path)):
         with open(meta_path) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in meta} == meta and old.get("tokens", -1) * 2 == os.path.getsize(bin_path):
+        if {k: old.get(k) for k in meta} == meta and old.get("tokens", -1) * 2 == os.path.getsize(
+            bin_path
+        ):
             with open(tok_path, encoding="utf-8") as f:
                 codec = TextCodec.from_json(TokenizerKind.BPE, f.read())
-            return Corpus(byte_corpus.name, bin_path, "uint16", old["tokens"], False, old["bytes_per_token"], codec)
+            return Corpus(
+                byte_corpus.name,
+                bin_path,
+                "uint16",
+                old["tokens"],
+                False,
+                old["bytes_per_token"],
+                codec,
+            )
     raw = byte_corpus.array()
     train_end = int(byte_corpus.length * data.train_split)
     codec = TextCodec.train_bpe(_text_chunks(raw, 0, train_end), vocab_size)
     pieces = codec.encode_batch(list(_text_chunks(raw, 0, byte_corpus.length)))
     ids = np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces])
     _, (val_start, val_end) = split_ranges(len(ids), data)
-    bytes_per_token = float(codec.token_bytes()[ids[val_start:val_end]].sum() / max(1, val_end - val_start))
+    bytes_per_token = float(
+        codec.token_bytes()[ids[val_start:val_end]].sum() / max(1, val_end - val_start)
+    )
     _atomic_write(bin_path, [ids.tobytes()])
     _atomic_write(tok_path, [codec.to_json().encode()])
     meta.update(tokens=int(len(ids)), bytes_per_token=bytes_per_token)
     _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
-    return Corpus(byte_corpus.name, bin_path, "uint16", int(len(ids)), False, bytes_per_token, codec)
+    return Corpus(
+        byte_corpus.name, bin_path, "uint16", int(len(ids)), False, bytes_per_token, codec
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +206,12 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
     the cache when its fingerprint matches."""
     bin_path = os.path.join(data_dir, f"{name}.bin")
     meta_path = os.path.join(data_dir, f"{name}.json")
-    meta = {"version": CACHE_VERSION, "source": root, "files": len(files), "fingerprint": _fingerprint(root, files)}
+    meta = {
+        "version": CACHE_VERSION,
+        "source": root,
+        "files": len(files),
+        "fingerprint": _fingerprint(root, files),
+    }
     if os.path.exists(bin_path) and os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
@@ -223,19 +246,27 @@ def text_dir_corpus(data):
     """Every text file (valid UTF-8 without NUL bytes; hidden entries skipped) under `path`,
     in sorted relative-path order, as bytes."""
     if data.path is None or not os.path.isdir(data.path):
-        raise DataError(f"{PATH.data.path} must be an existing folder for the {DatasetChoice.TEXT_DIR} dataset, got {data.path!r}")
+        raise DataError(
+            f"{PATH.data.path} must be an existing folder for the {DatasetChoice.TEXT_DIR} dataset, got {data.path!r}"
+        )
     root = os.path.realpath(data.path)
-    return _cached_bytes_corpus(DatasetChoice.TEXT_DIR, data.data_dir, root, _text_files(root), select_text=True)
+    return _cached_bytes_corpus(
+        DatasetChoice.TEXT_DIR, data.data_dir, root, _text_files(root), select_text=True
+    )
 
 
 @DATASETS.register(DatasetChoice.BIN)
 def bin_corpus(data):
     """A pre-tokenized uint16 token file at `path`, memory-mapped in place."""
     if data.path is None or not os.path.isfile(data.path):
-        raise DataError(f"{PATH.data.path} must be an existing .bin file for the {DatasetChoice.BIN} dataset, got {data.path!r}")
+        raise DataError(
+            f"{PATH.data.path} must be an existing .bin file for the {DatasetChoice.BIN} dataset, got {data.path!r}"
+        )
     size = os.path.getsize(data.path)
     if size % 2:
-        raise DataError(f"{data.path}: a uint16 token file must have an even size, found {size} bytes")
+        raise DataError(
+            f"{data.path}: a uint16 token file must have an even size, found {size} bytes"
+        )
     return Corpus(DatasetChoice.BIN, os.path.realpath(data.path), "uint16", size // 2, False)
 
 
@@ -295,7 +326,9 @@ class StepBatchSampler(Sampler):
 
     def __init__(self, *, batch_size, grad_accum, world_size, rank, start_step, end_step):
         if grad_accum % world_size:
-            raise DataError(f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})")
+            raise DataError(
+                f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})"
+            )
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.micro_per_rank = grad_accum // world_size
         self.rank, self.start_step, self.end_step = rank, start_step, end_step
@@ -320,7 +353,12 @@ class EvalBatchSampler(Sampler):
     i*batch_size .. (i+1)*batch_size-1; process `r` of `W` takes batches r, r+W, ..."""
 
     def __init__(self, *, batch_size, eval_iters, world_size, rank):
-        self.batch_size, self.eval_iters, self.world_size, self.rank = batch_size, eval_iters, world_size, rank
+        self.batch_size, self.eval_iters, self.world_size, self.rank = (
+            batch_size,
+            eval_iters,
+            world_size,
+            rank,
+        )
 
     def __iter__(self):
         for i in range(self.rank, self.eval_iters, self.world_size):
@@ -335,38 +373,54 @@ class DataModule:
 
     data: DataConfig; window: tokens per sample (seq_len + 1 + mtp_depth)."""
 
-    def __init__(self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0, vocab_size=None):
+    def __init__(
+        self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0, vocab_size=None
+    ):
         self.data = data
         self.corpus = load_corpus(data, vocab_size)
         (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
-        self.train_set = WindowDataset(self.corpus, train_start, train_end, window, seed, TRAIN_STREAM)
+        self.train_set = WindowDataset(
+            self.corpus, train_start, train_end, window, seed, TRAIN_STREAM
+        )
         self.val_set = WindowDataset(self.corpus, val_start, val_end, window, seed, VAL_STREAM)
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank = world_size, rank
         self.num_workers, self.pin_memory = data.num_workers, data.pin_memory
         if grad_accum % world_size:
-            raise DataError(f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})")
+            raise DataError(
+                f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})"
+            )
         self.micro_per_rank = grad_accum // world_size
 
     def _loader(self, dataset, batch_sampler):
         # Windows depend only on their sample ids; the loader's own generator keeps it from drawing
         # its base seed from (and so shifting) the global torch RNG.
         return DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
         )
 
     def train_loader(self, start_step, end_step):
         """Micro-batches (B, window) of steps start_step..end_step-1, `micro_per_rank` per step."""
         sampler = StepBatchSampler(
-            batch_size=self.batch_size, grad_accum=self.grad_accum, world_size=self.world_size,
-            rank=self.rank, start_step=start_step, end_step=end_step,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            world_size=self.world_size,
+            rank=self.rank,
+            start_step=start_step,
+            end_step=end_step,
         )
         return self._loader(self.train_set, sampler)
 
     def val_loader(self, eval_iters):
         sampler = EvalBatchSampler(
-            batch_size=self.batch_size, eval_iters=eval_iters, world_size=self.world_size, rank=self.rank
+            batch_size=self.batch_size,
+            eval_iters=eval_iters,
+            world_size=self.world_size,
+            rank=self.rank,
         )
         return self._loader(self.val_set, sampler)
 

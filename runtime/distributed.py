@@ -21,7 +21,9 @@ DTYPES.register(Dtype.BFLOAT16, torch.bfloat16)
 DTYPES.register(Dtype.FLOAT16, torch.float16)
 DTYPES.complete()
 
-BACKENDS.register(Backend.AUTO, lambda device_type: Backend.NCCL if device_type == "cuda" else Backend.GLOO)
+BACKENDS.register(
+    Backend.AUTO, lambda device_type: Backend.NCCL if device_type == "cuda" else Backend.GLOO
+)
 BACKENDS.register(Backend.NCCL, lambda device_type: Backend.NCCL)
 BACKENDS.register(Backend.GLOO, lambda device_type: Backend.GLOO)
 BACKENDS.complete()
@@ -57,7 +59,9 @@ def resolve_device(device_cfg, local_rank=0, distributed=False):
         raise SystemConfigError(f"{PATH.system.device.device}: {error}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemConfigError(f"{PATH.system.device.device} is {name!r} but CUDA is not available")
+            raise SystemConfigError(
+                f"{PATH.system.device.device} is {name!r} but CUDA is not available"
+            )
         if distributed and device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -111,7 +115,10 @@ def process_group_backend(dist_cfg, device_type):
 
 def ddp_options(dist_cfg):
     """Keyword arguments of DistributedDataParallel from DistributedConfig."""
-    return {"bucket_cap_mb": dist_cfg.ddp_bucket_cap_mb, "find_unused_parameters": dist_cfg.find_unused_parameters}
+    return {
+        "bucket_cap_mb": dist_cfg.ddp_bucket_cap_mb,
+        "find_unused_parameters": dist_cfg.find_unused_parameters,
+    }
 
 
 def wrap_ddp(module, dist_cfg, device):
@@ -125,7 +132,9 @@ def compile_module(module, compile_cfg):
     """torch.compile(module, mode=compile_mode) when TorchCompilationConfig.compile is set."""
     if not compile_cfg.compile:
         return module
-    return torch.compile(module, mode=str(compile_cfg.compile_mode))  # the spec's choices are torch's modes
+    return torch.compile(
+        module, mode=str(compile_cfg.compile_mode)
+    )  # the spec's choices are torch's modes
 
 
 def all_reduce_sum(tensor, info):

@@ -74,6 +74,7 @@ MTP_KEYS = {
 }
 MTP_KEYS_INV = {v: k for k, v in MTP_KEYS.items()}
 
+
 def _name(path: str) -> str:
     """The field name of a dotted path: model.q_lora_rank -> q_lora_rank."""
     return path.rsplit(".", 1)[-1]
@@ -179,7 +180,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     if cfg.norm_eps != 1e-6:
         warnings.warn(
             f"norm_eps={cfg.norm_eps}: transformers' DeepseekV3 uses eps 1e-6 in the q/kv latent norms, "
-            "so its outputs will differ slightly from this model's"
+            "so its outputs will differ slightly from this model's",
+            stacklevel=2,
         )
     out = {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -214,7 +216,9 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return out
 
 
-def model_fields_from_hf_config(config_json: dict, source: str = "config.json") -> dict[str, object]:
+def model_fields_from_hf_config(
+    config_json: dict, source: str = "config.json"
+) -> dict[str, object]:
     """Spec `model` field name -> value, from an HF DeepseekV3 config.json dict.
 
     Keys missing from config_json are left out (the spec defaults then apply). Every key is used,
@@ -230,7 +234,10 @@ def model_fields_from_hf_config(config_json: dict, source: str = "config.json") 
             )
     unknown = sorted(set(c) - HF_USED - set(HF_CHECKED) - set(HF_IGNORED))
     if unknown:
-        warnings.warn(f"{source}: ignoring unknown Hugging Face config keys {', '.join(unknown)}")
+        warnings.warn(
+            f"{source}: ignoring unknown Hugging Face config keys {', '.join(unknown)}",
+            stacklevel=2,
+        )
     fields = {f: c[hf] for f, hf in FIELD_TO_HF.items() if hf in c}
     if HF_MTP_DEPTH not in c and "num_mtp_layers" in c:
         fields[_name(PATH.model.mtp_depth)] = c["num_mtp_layers"]
@@ -241,7 +248,9 @@ def model_fields_from_hf_config(config_json: dict, source: str = "config.json") 
     if rope_type == RopeScaling.YARN:
         fields[_name(PATH.model.rope_scaling)] = RopeScaling.YARN.value
         if HF_ORIGINAL_POSITIONS not in rope:
-            raise ValueError(f"{source}: rope_scaling {RopeScaling.YARN} needs {HF_ORIGINAL_POSITIONS}")
+            raise ValueError(
+                f"{source}: rope_scaling {RopeScaling.YARN} needs {HF_ORIGINAL_POSITIONS}"
+            )
         if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
             raise ValueError(
                 f"{source}: rope_scaling attention_factor / truncate={rope.get('truncate')!r} are not "
@@ -278,7 +287,9 @@ def fp8_block(config_json: dict, source: str = "config.json") -> tuple[int, int]
         )
     block = q.get("weight_block_size") or FP8_BLOCK
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-        raise ValueError(f"{source}: quantization_config.weight_block_size must be two positive ints, got {block!r}")
+        raise ValueError(
+            f"{source}: quantization_config.weight_block_size must be two positive ints, got {block!r}"
+        )
     return tuple(block)
 
 
@@ -338,7 +349,9 @@ def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
                 # copies of the shared embedding / head (DeepSeek's MTP shares them)
                 main = hf.get("model.embed_tokens.weight" if key[0] == "e" else "lm_head.weight")
                 if main is not None and not torch.equal(main, t):
-                    warnings.warn(f"{name} differs from the main model's; the main one is used")
+                    warnings.warn(
+                        f"{name} differs from the main model's; the main one is used", stacklevel=2
+                    )
                 continue
             if key in MTP_KEYS_INV:
                 out[prefix + MTP_KEYS_INV[key]] = t
@@ -504,7 +517,8 @@ def load_hf_folder(path: str) -> tuple[dict[str, object], dict[str, Tensor]]:
     depth = fields.get("mtp_depth", ModelConfig().mtp_depth)
     if depth > len(present):
         warnings.warn(
-            f"{path}: config says {depth} MTP modules but the weights hold {len(present)}; using {len(present)}"
+            f"{path}: config says {depth} MTP modules but the weights hold {len(present)}; using {len(present)}",
+            stacklevel=2,
         )
         fields["mtp_depth"] = depth = len(present)
     sd = {
@@ -521,7 +535,8 @@ def load_hf_weights(model: Transformer, folder: str) -> None:
     if absent and not any(k.startswith(f"mtp.{m}.") for m in absent for k in sd):
         # a folder written by transformers' save_pretrained has no MTP weights: keep the fresh ones
         warnings.warn(
-            f"{folder} has no weights for MTP module(s) {sorted(absent)}; they keep their init"
+            f"{folder} has no weights for MTP module(s) {sorted(absent)}; they keep their init",
+            stacklevel=2,
         )
         missing = {k for k in missing if not k.startswith("mtp.")}
     if missing:
@@ -587,21 +602,28 @@ def export_main(argv: list[str]) -> int:
         description="Write a checkpoint as a Hugging Face DeepseekV3 folder.",
     )
     parser.add_argument("checkpoint", help="trainer checkpoint file (or a Hugging Face folder)")
-    parser.add_argument("out_dir", help="folder to write config.json, the weights and the tokenizer to")
+    parser.add_argument(
+        "out_dir", help="folder to write config.json, the weights and the tokenizer to"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="shard above this many bytes (5GB, 200MB, 1000)"
     )
     parser.add_argument(
-        "--no-mtp", action="store_true",
+        "--no-mtp",
+        action="store_true",
         help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
     )
     args = parser.parse_args(argv)
     try:
         model, codec = load_model_and_tokenizer(args.checkpoint)
         export_hf(
-            model, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            tokenizer=codec, mtp=not args.no_mtp,
+            model,
+            args.out_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            tokenizer=codec,
+            mtp=not args.no_mtp,
         )
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)

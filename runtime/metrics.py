@@ -61,7 +61,12 @@ class MetricsWriter:
             return
         if self.run_id is not None:
             now = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-            record = {**record, "run_id": self.run_id, "time": now, "elapsed_s": round(self.elapsed(), 3)}
+            record = {
+                **record,
+                "run_id": self.run_id,
+                "time": now,
+                "elapsed_s": round(self.elapsed(), 3),
+            }
         with open(self.path, "a") as f:
             f.write(json.dumps(_plain(record)) + "\n")
 
@@ -95,9 +100,15 @@ def plot_losses(out_dir):
     val = [r for r in records if "val_loss" in r and isinstance(r["val_loss"], (int, float))]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
+        ax.plot(
+            [r["iter"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6
+        )
         if any("main_loss" in r for r in train):
-            ax.plot([r["iter"] for r in train], [r.get("main_loss") for r in train], label="train main loss")
+            ax.plot(
+                [r["iter"] for r in train],
+                [r.get("main_loss") for r in train],
+                label="train main loss",
+            )
     if val:
         ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
     ax.set_xlabel("step")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
 from generated.names import RopeScaling
-from runtime.moe import MoE, Experts, Router
+from runtime.moe import Experts, MoE, Router
 
 
 class _RMSNormFP32(torch.autograd.Function):
@@ -102,7 +102,11 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def rotary_tables(
-    rope_dim: int, max_seq_len: int, theta: float, inv_freq: Tensor | None = None, scale: float = 1.0
+    rope_dim: int,
+    max_seq_len: int,
+    theta: float,
+    inv_freq: Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """cos, sin (max_seq_len, rope_dim // 2) for rotating consecutive pairs (x0, x1), (x2, x3), ...,
     both times `scale`; inv_freq (rope_dim // 2,) overrides the plain theta frequencies."""
@@ -253,12 +257,16 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
-        scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum(
+            "bshd,btd->bhst", q_pe, k_pe
+        )
         T = c_kv.shape[1]
         # new token s sits at position start + s and sees keys 0 .. start + s
         mask = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         scores = (scores * self.softmax_scale).masked_fill(~mask, float("-inf"))
-        o = torch.einsum("bhst,btr->bshr", torch.softmax(scores.float(), dim=-1).to(c_kv.dtype), c_kv)
+        o = torch.einsum(
+            "bhst,btr->bshr", torch.softmax(scores.float(), dim=-1).to(c_kv.dtype), c_kv
+        )
         y = torch.einsum("bshr,hvr->bshv", o, w_uv)  # (B, S, H, v)
         return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 
@@ -402,7 +410,9 @@ class Transformer(nn.Module):
     def _forward_cached(self, tokens: Tensor, cache: MLACache) -> Tensor:
         T = cache.pos + tokens.shape[1]
         if T > self.config.max_seq_len:
-            raise ValueError(f"cache of {T} tokens is longer than max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"cache of {T} tokens is longer than max_seq_len={self.config.max_seq_len}"
+            )
         h = self.embed(tokens)
         for layer in self.layers:
             h, _ = layer(h, self.rope_cos, self.rope_sin, cache)

@@ -35,7 +35,7 @@ class Registry:
             self._add(name, obj)
             return obj
 
-        def decorator(fn):
+        def decorator(fn: Any) -> Any:
             self._add(name, fn)
             return fn
 
@@ -43,7 +43,9 @@ class Registry:
 
     def _add(self, name: StrEnum, obj: Any) -> None:
         if not isinstance(name, self.choices):
-            raise RegistryIncomplete(f"{self.what} {name!r} is not one of the generated constants {self.choices.__name__} of {self.field}")
+            raise RegistryIncomplete(
+                f"{self.what} {name!r} is not one of the generated constants {self.choices.__name__} of {self.field}"
+            )
         if name in self._items:
             raise RegistryIncomplete(f"{self.what} {name!r} registered twice")
         self._items[name] = obj
@@ -52,14 +54,18 @@ class Registry:
         """Check that every choice of the spec field has an implementation (call at import)."""
         missing = [choice.value for choice in self.choices if choice not in self._items]
         if missing:
-            raise RegistryIncomplete(f"{self.field}: no {self.what} implementation for the spec choices {', '.join(missing)}")
+            raise RegistryIncomplete(
+                f"{self.field}: no {self.what} implementation for the spec choices {', '.join(missing)}"
+            )
         return self
 
     def get(self, name: str) -> Any:
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.what} {name!r} ({self.field}); one of: {', '.join(self.names())}") from None
+            raise KeyError(
+                f"unknown {self.what} {name!r} ({self.field}); one of: {', '.join(self.names())}"
+            ) from None
 
     __getitem__ = get
 

@@ -41,14 +41,21 @@ def read_run_id(out_dir):
 
 
 def write_run_file(out_dir, run_id):
-    record = {"run_id": run_id, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    record = {
+        "run_id": run_id,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     atomic_write_bytes(os.path.join(out_dir, RUN_FILE), (json.dumps(record) + "\n").encode())
 
 
 def run_results(out_dir, ckpt_dir):
     """The files that show a run trained in this folder: metrics.jsonl and checkpoints. (run.json
     and train.log alone are left by a launch that failed before its first step: nothing to lose.)"""
-    found = [os.path.join(out_dir, METRICS_NAME)] if os.path.isfile(os.path.join(out_dir, METRICS_NAME)) else []
+    found = (
+        [os.path.join(out_dir, METRICS_NAME)]
+        if os.path.isfile(os.path.join(out_dir, METRICS_NAME))
+        else []
+    )
     found += [path for _, path in step_checkpoints(ckpt_dir)]
     best = os.path.join(ckpt_dir, BEST_NAME)
     if os.path.isfile(best):
@@ -58,7 +65,9 @@ def run_results(out_dir, ckpt_dir):
 
 def run_files(out_dir, ckpt_dir):
     """Every file a run leaves in `out_dir` and its checkpoint folder."""
-    found = [os.path.join(out_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))]
+    found = [
+        os.path.join(out_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))
+    ]
     return found + [p for p in run_results(out_dir, ckpt_dir) if p not in found]
 
 

@@ -113,14 +113,32 @@ def main(argv: list[str]) -> int:
         name: FIELDS[getattr(PATH.sample, name)].default
         for name in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p")
     }
-    parser.add_argument("--prompt", default=defaults["prompt"], help="prompt text (encoded with the model's tokenizer)")
+    parser.add_argument(
+        "--prompt",
+        default=defaults["prompt"],
+        help="prompt text (encoded with the model's tokenizer)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
-    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=defaults["top_k"], help="sample among the k likeliest tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=defaults["top_p"], help="nucleus: the likeliest tokens up to this mass")
+    parser.add_argument(
+        "--temperature", type=float, default=defaults["temperature"], help="0 = greedy"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=defaults["top_k"],
+        help="sample among the k likeliest tokens (0: all)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=defaults["top_p"],
+        help="nucleus: the likeliest tokens up to this mass",
+    )
     parser.add_argument("--seed", type=int, default=FIELDS[PATH.seed].default)
     parser.add_argument("--device", default=FIELDS[PATH.system.device.device].default)
-    parser.add_argument("--no-kv-cache", action="store_true", help="rerun the whole context every token")
+    parser.add_argument(
+        "--no-kv-cache", action="store_true", help="rerun the whole context every token"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -146,8 +164,14 @@ def main(argv: list[str]) -> int:
             raise ValueError("--max-new-tokens must be >= 0")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         out = generate(
-            model, prompt, args.max_new_tokens, args.temperature, generator,
-            top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_kv_cache,
+            model,
+            prompt,
+            args.max_new_tokens,
+            args.temperature,
+            generator,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            use_cache=not args.no_kv_cache,
         )
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
@@ -155,10 +179,25 @@ def main(argv: list[str]) -> int:
     new_ids = out[0, len(prompt) :].tolist()
     text = codec.decode(new_ids) if codec is not None else " ".join(map(str, new_ids))
     if args.json:
-        settings = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                    "seed": args.seed, "kv_cache": not args.no_kv_cache}
-        print(json.dumps({"prompt": args.prompt, "prompt_ids": prompt, "token_ids": new_ids, "text": text,
-                          "tokenizer": codec.kind if codec is not None else None, "settings": settings}))
+        settings = {
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "kv_cache": not args.no_kv_cache,
+        }
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "prompt_ids": prompt,
+                    "token_ids": new_ids,
+                    "text": text,
+                    "tokenizer": codec.kind if codec is not None else None,
+                    "settings": settings,
+                }
+            )
+        )
     else:
         print(args.prompt + text if codec is not None else text)
     return 0

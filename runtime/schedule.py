@@ -48,7 +48,9 @@ def lr_at(step, schedule, peak_lr):
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if schedule.lr_decay_iters is None:
-        raise ValueError(f"{PATH.schedule.lr_decay_iters} is null: resolve the config first (it is a derived default)")
+        raise ValueError(
+            f"{PATH.schedule.lr_decay_iters} is null: resolve the config first (it is a derived default)"
+        )
     warmup = schedule.warmup_iters
     if step < warmup:
         return peak_lr * step / warmup
@@ -118,7 +120,9 @@ def _cosine_restarts(step, schedule, peak_lr):
     start = schedule.warmup_iters
     cycle = (end - start) / schedule.num_cycles
     position = ((step - start) % cycle) / cycle
-    return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * position)) * (peak_lr - schedule.min_lr)
+    return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * position)) * (
+        peak_lr - schedule.min_lr
+    )
 
 
 @SCHEDULES.register(ScheduleType.MULTI_PHASE)

@@ -25,7 +25,11 @@ KINDS = tuple(TokenizerKind)
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (what ByteLevel pre-tokenizers use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     extra = 0
     for b in range(256):
@@ -50,7 +54,10 @@ class TextCodec:
     def __init__(self, kind: str, tokenizer):
         if kind not in KINDS:
             raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
-        self.kind, self.tokenizer = TokenizerKind(kind).value, tokenizer  # plain str: checkpoints hold no enums
+        self.kind, self.tokenizer = (
+            TokenizerKind(kind).value,
+            tokenizer,
+        )  # plain str: checkpoints hold no enums
 
     @classmethod
     def bytes(cls) -> TextCodec:
@@ -66,10 +73,14 @@ class TextCodec:
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
         if vocab_size < 256:
-            raise ValueError(f"a byte-level BPE needs {PATH.model.vocab_size} >= 256 (one token per byte), got {vocab_size}")
+            raise ValueError(
+                f"a byte-level BPE needs {PATH.model.vocab_size} >= 256 (one token per byte), got {vocab_size}"
+            )
         tokenizer = _byte_level(Tokenizer(models.BPE()), use_regex=True)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tokenizer.train_from_iterator(texts, trainer)
         return cls(TokenizerKind.BPE, tokenizer)

@@ -34,6 +34,8 @@ import time
 import numpy as np
 import torch
 
+from generated import PATH
+from generated.names import InitFrom, NonfiniteLoss, ResumeFrom
 from generated.parser import (
     ConfigError,
     Problem,
@@ -45,8 +47,6 @@ from generated.parser import (
     resolved_from_config,
     to_saved_dict,
 )
-from generated import PATH
-from generated.names import InitFrom, NonfiniteLoss, ResumeFrom
 from runtime import distributed as dist_utils
 from runtime import logs
 from runtime.checkpoint import (
@@ -62,7 +62,6 @@ from runtime.checkpoint import (
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
-from runtime.tokenizer import TOKENIZER_FILE, TextCodec
 from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.rundir import (
@@ -73,8 +72,8 @@ from runtime.rundir import (
     write_run_file,
 )
 from runtime.schedule import lr_at, phase_at, schedule_warnings
+from runtime.tokenizer import TOKENIZER_FILE, TextCodec
 from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,7 +124,11 @@ def build_optimizer(model, optimizer):
     # The fused kernel (one pass over all tensors) exists on CPU and CUDA and is much faster than
     # the per-tensor loop; it is deterministic, so resumed runs stay bit-exact.
     return torch.optim.AdamW(
-        groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps, fused=True
+        groups,
+        lr=optimizer.lr,
+        betas=(optimizer.beta1, optimizer.beta2),
+        eps=optimizer.eps,
+        fused=True,
     )
 
 
@@ -177,11 +180,15 @@ class Trainer:
         self.checkpointer = Checkpointer(resolved.config.checkpointer)
         resume_from, out_dir = resolved.config.checkpointer.resume_from, resolved.config.out_dir
         folder_run = read_run_id(out_dir) if resume_from == ResumeFrom.LATEST else None
-        resume_path, self.resume_state = self.checkpointer.load_resume(warn=self._warn, run_id=folder_run)
+        resume_path, self.resume_state = self.checkpointer.load_resume(
+            warn=self._warn, run_id=folder_run
+        )
         self.resumed_from = resume_path
         init_weights = None
         if self.resume_state is not None:
-            resolved, self.config_notes = reconcile_with_checkpoint(resolved, self.resume_state["config"], resume_path)
+            resolved, self.config_notes = reconcile_with_checkpoint(
+                resolved, self.resume_state["config"], resume_path
+            )
         else:
             resolved, init_weights = self._init_from(resolved)
             self.config_notes = []
@@ -229,12 +236,19 @@ class Trainer:
         # ---- data
         self.window = training.seq_len + 1 + cfg.model.mtp_depth
         self.data = DataModule(
-            cfg.data, seed=cfg.seed, window=self.window, batch_size=training.batch_size,
-            grad_accum=training.gradient_accumulation_steps, world_size=self.dist.world_size, rank=self.dist.rank,
+            cfg.data,
+            seed=cfg.seed,
+            window=self.window,
+            batch_size=training.batch_size,
+            grad_accum=training.gradient_accumulation_steps,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
             vocab_size=cfg.model.vocab_size,
         )
         # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
-        self.codec = self.data.corpus.codec or (TextCodec.bytes() if self.data.corpus.is_bytes else None)
+        self.codec = self.data.corpus.codec or (
+            TextCodec.bytes() if self.data.corpus.is_bytes else None
+        )
 
         # ---- state
         self.step = 0
@@ -249,17 +263,25 @@ class Trainer:
         # ---- wrappers for training: compile, then DDP (forward(window, step) is compute_loss)
         self.train_module = dist_utils.compile_module(self.model, system.compile)
         if self.dist.enabled:
-            self.train_module = dist_utils.wrap_ddp(self.train_module, system.distributed, self.device)
+            self.train_module = dist_utils.wrap_ddp(
+                self.train_module, system.distributed, self.device
+            )
 
         # ---- outputs
         self.out_dir = cfg.out_dir
         elapsed = (self.resume_state or {}).get("elapsed_s") or 0.0
-        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id, elapsed_offset=elapsed)
+        self.metrics = MetricsWriter(
+            cfg.out_dir, enabled=self.is_main, run_id=self.run_id, elapsed_offset=elapsed
+        )
         self.bytes_per_token = self.data.corpus.bytes_per_token  # None: unknown (a .bin corpus)
         self.config_dict = to_saved_dict(cfg)
-        self.wandb = WandbLogger(cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main)
+        self.wandb = WandbLogger(
+            cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main
+        )
         self.eval_cfg = cfg.evaluator
-        self.tokens_per_step = training.batch_size * training.seq_len * training.gradient_accumulation_steps
+        self.tokens_per_step = (
+            training.batch_size * training.seq_len * training.gradient_accumulation_steps
+        )
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
@@ -291,19 +313,24 @@ class Trainer:
                     f"{out_dir} holds run {folder_run}, but checkpoint {self.resumed_from} is of run "
                     f"{run_id}; resume into that run's {PATH.out_dir}, or pass --{PATH.overwrite} true"
                 )
-                raise ConfigError([Problem(PATH.out_dir, message, Source("file", out_dir, 0), "file")])
+                raise ConfigError(
+                    [Problem(PATH.out_dir, message, Source("file", out_dir, 0), "file")]
+                )
             write_run_file(out_dir, run_id)
         else:
             # resume_from latest with no checkpoint yet: the folder's own run starts over
             restart = cfg.checkpointer.resume_from is not None and folder_run is not None
-            removed = claim_for_fresh_start(out_dir, self.checkpointer.dir, overwrite=cfg.overwrite,
-                                            restart_same_run=restart)
+            removed = claim_for_fresh_start(
+                out_dir, self.checkpointer.dir, overwrite=cfg.overwrite, restart_same_run=restart
+            )
             run_id = folder_run if restart else new_run_id()
             write_run_file(out_dir, run_id)
             if removed:
                 self._say(f"removed {len(removed)} files of the previous run in {out_dir}")
         logs.add_file(os.path.join(out_dir, logs.LOG_NAME))
-        self._say(f"run {run_id} in {out_dir}" + (f", resumed from {self.resumed_from}" if state else ""))
+        self._say(
+            f"run {run_id} in {out_dir}" + (f", resumed from {self.resumed_from}" if state else "")
+        )
         return run_id
 
     @staticmethod
@@ -322,9 +349,13 @@ class Trainer:
                 try:
                     fields = model_fields_from_hf_config(json.load(f), config_json)
                 except ValueError as error:  # an unsupported setting, named by its key
-                    problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", config_json, 1))
+                    problem = Problem(
+                        PATH.checkpointer.init_from, str(error), Source("file", config_json, 1)
+                    )
                     raise ConfigError([problem]) from None
-            resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, config_json)
+            resolved = adopt_values(
+                resolved, {f"model.{k}": v for k, v in fields.items()}, config_json
+            )
             return resolved, lambda model: load_hf_weights(model, source)
         if os.path.isfile(source):
             state = load_checkpoint(source)
@@ -400,7 +431,11 @@ class Trainer:
             for j, window in enumerate(micro_batches):
                 window = window.to(self.device, non_blocking=True)
                 last = j == n - 1
-                sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_module.no_sync()
+                sync = (
+                    contextlib.nullcontext()
+                    if (last or not self.dist.enabled)
+                    else self.train_module.no_sync()
+                )
                 with sync:
                     with self._autocast():
                         out = self.train_module(window, step)
@@ -412,9 +447,14 @@ class Trainer:
         dist_utils.all_reduce_sum(sums, self.dist)
         means = (sums / (n * self.dist.world_size)).tolist()
         metrics = {
-            "loss": means[0], "main_loss": means[1], "aux_loss": means[2], "z_loss": means[3],
+            "loss": means[0],
+            "main_loss": means[1],
+            "aux_loss": means[2],
+            "z_loss": means[3],
             **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
-            "mtp_weight": float(mtp_weight), "lr": lr, "phase": phase_at(step, self.schedule),
+            "mtp_weight": float(mtp_weight),
+            "lr": lr,
+            "phase": phase_at(step, self.schedule),
         }
         if not math.isfinite(means[0]):
             if self.nonfinite_policy == NonfiniteLoss.STOP:
@@ -473,7 +513,9 @@ class Trainer:
 
     def _record_eval(self, val_loss):
         # a NaN/inf validation loss never counts as the best (it would stay "best" for ever)
-        improved = math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss)
+        improved = math.isfinite(val_loss) and (
+            self.best_val_loss is None or val_loss < self.best_val_loss
+        )
         self.last_val_loss = val_loss
         self.last_val_improved = improved
         if improved:
@@ -526,7 +568,12 @@ class Trainer:
         if self.is_main and sys.stderr.isatty():  # a bar in a file is one long line of \r updates
             from tqdm import tqdm
 
-            bar = tqdm(total=self.cfg.training.max_iters, initial=self.step, dynamic_ncols=True, desc="train")
+            bar = tqdm(
+                total=self.cfg.training.max_iters,
+                initial=self.step,
+                dynamic_ncols=True,
+                desc="train",
+            )
             if console is not None:
                 console.bar = bar
         try:
@@ -554,7 +601,9 @@ class Trainer:
         window_tokens, window_time = 0, 0.0
         log_interval = cfg.training.log_interval
         first_step, loop_start = self.step, time.perf_counter()
-        self._say(f"training steps {self.step + 1}-{max_iters} ({self.tokens_per_step:,} tokens per step)")
+        self._say(
+            f"training steps {self.step + 1}-{max_iters} ({self.tokens_per_step:,} tokens per step)"
+        )
         while self.step < max_iters:
             step = self.step
             will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
@@ -571,9 +620,18 @@ class Trainer:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    lr=f"{metrics['lr']:.2e}",
+                    tok_s=f"{tokens_per_s:,.0f}",
+                )
             if will_log:
-                record = {"iter": self.step, **metrics, "tokens_per_s": tokens_per_s, **self.model.moe_stats()}
+                record = {
+                    "iter": self.step,
+                    **metrics,
+                    "tokens_per_s": tokens_per_s,
+                    **self.model.moe_stats(),
+                }
                 self.metrics.write(record)
                 self.wandb.log(record, step=self.step)
                 window_tokens, window_time = 0, 0.0
@@ -591,7 +649,12 @@ class Trainer:
                     path = self.checkpointer.save_best(self.checkpoint_state())
                     self.wandb.log_checkpoint(path, self.step, alias="best")
             saved = None
-            if self.checkpointer.should_save(self.step, final=final, improved=self.last_val_improved) and self.is_main:
+            if (
+                self.checkpointer.should_save(
+                    self.step, final=final, improved=self.last_val_improved
+                )
+                and self.is_main
+            ):
                 path = saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                 self.wandb.log_checkpoint(path, self.step)
             if not final and self._stop_requested(signals):
@@ -602,8 +665,10 @@ class Trainer:
                         self.wandb.log_checkpoint(saved, self.step)
                     if bar is not None:
                         bar.close()
-                    self._say(f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
-                              f"continue with --{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}")
+                    self._say(
+                        f"{self.stopped_by}: stopped after step {self.step}, saved {saved}; "
+                        f"continue with --{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}"
+                    )
                 break
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
@@ -624,9 +689,13 @@ class Trainer:
         room = max(1, self.cfg.model.max_seq_len - len(prompt))
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         ids = generate(
-            self.model, torch.tensor(prompt, dtype=torch.long, device=self.device),
-            min(settings.max_new_tokens, room), settings.temperature, generator,
-            top_k=settings.top_k, top_p=settings.top_p,
+            self.model,
+            torch.tensor(prompt, dtype=torch.long, device=self.device),
+            min(settings.max_new_tokens, room),
+            settings.temperature,
+            generator,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
         )
         ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
         if self.codec is not None:
@@ -643,7 +712,12 @@ class Trainer:
 
 
 USER_ERRORS = (
-    ConfigError, TrainingError, DataError, CheckpointError, NonFiniteLossError, WandbUnavailable,
+    ConfigError,
+    TrainingError,
+    DataError,
+    CheckpointError,
+    NonFiniteLossError,
+    WandbUnavailable,
     dist_utils.SystemConfigError,
 )
 
@@ -660,8 +734,15 @@ def main(argv=None):
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
     # `--overwrite` alone means `--overwrite true` (the generated parser wants a value for every flag)
-    argv = [a for i, a in enumerate(argv) for a in ([a, "true"] if a == "--overwrite" and (
-        i + 1 == len(argv) or argv[i + 1].startswith("--")) else [a])]
+    argv = [
+        a
+        for i, a in enumerate(argv)
+        for a in (
+            [a, "true"]
+            if a == "--overwrite" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            else [a]
+        )
+    ]
     trainer = None
     try:
         resolved = resolve(path, argv=argv)

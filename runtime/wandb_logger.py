@@ -58,7 +58,9 @@ class WandbLogger:
         tagged `step-N` and `alias` (`latest` for step checkpoints, `best` for best.pt)."""
         if self.run is None or not self.log_model:
             return
-        artifact = self._wandb.Artifact(name=f"model-{self.run.id}", type="model", metadata={"step": step})
+        artifact = self._wandb.Artifact(
+            name=f"model-{self.run.id}", type="model", metadata={"step": step}
+        )
         artifact.add_file(path, name=os.path.basename(path))
         self.run.log_artifact(artifact, aliases=[f"step-{step}", alias])
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
-from runtime.moe import MoE
 from runtime.train import router_noise_rng
 from tiny import debug_model
 
@@ -26,7 +25,9 @@ def test_balance_loss_is_summed_over_moe_layers():
 
 
 def test_bias_update_speed_schedule():
-    moe = MoETrainingConfig(bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.0)
+    moe = MoETrainingConfig(
+        bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.0
+    )
     model = debug_model(moe).train()
     assert [model.bias_update_speed(s) for s in (0, 4, 5, 100)] == [0.01, 0.01, 0.0, 0.0]
     assert debug_model().bias_update_speed(10**9) == MoETrainingConfig().bias_update_speed
@@ -41,25 +42,35 @@ def test_bias_update_speed_schedule():
     assert step(4).abs().max().item() == pytest.approx(0.01)
     assert step(5).abs().max().item() == 0.0  # frozen from step 5 on
     assert all(m.load_counts is None for m in layers)  # and the loads are consumed
-    moe = MoETrainingConfig(bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.002)
+    moe = MoETrainingConfig(
+        bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.002
+    )
     model = debug_model(moe).train()
     layers = [m for _, m in model.moe_layers()]
     assert step(7).abs().max().item() == pytest.approx(0.002)
 
 
 def test_mtp_loss_weight_schedule():
-    mtp = MTPTrainingConfig(mtp_loss_weight=0.3, mtp_loss_weight_until=10, mtp_loss_weight_final=0.1)
+    mtp = MTPTrainingConfig(
+        mtp_loss_weight=0.3, mtp_loss_weight_until=10, mtp_loss_weight_final=0.1
+    )
     model = debug_model(mtp=mtp, mtp_depth=1)
     assert [model.mtp_weight(s) for s in (0, 9, 10, 50)] == [0.3, 0.3, 0.1, 0.1]
-    ramped = debug_model(mtp=MTPTrainingConfig(warmup_steps=4, mtp_loss_weight_until=10), mtp_depth=1)
-    assert ramped.mtp_weight(2) == pytest.approx(0.15) and ramped.mtp_weight(12) == pytest.approx(0.1)
+    ramped = debug_model(
+        mtp=MTPTrainingConfig(warmup_steps=4, mtp_loss_weight_until=10), mtp_depth=1
+    )
+    assert ramped.mtp_weight(2) == pytest.approx(0.15) and ramped.mtp_weight(12) == pytest.approx(
+        0.1
+    )
     window = torch.randint(0, 64, (2, 12))
     out = model.eval().compute_loss(window, 20)
     assert out.mtp_weight == 0.1
     torch.testing.assert_close(
         out.loss, out.main_loss + 0.1 * out.mtp_losses[0] + 1e-4 * out.aux_loss
     )
-    assert debug_model(mtp_depth=1).mtp_weight(10**9) == pytest.approx(0.3)  # no schedule by default
+    assert debug_model(mtp_depth=1).mtp_weight(10**9) == pytest.approx(
+        0.3
+    )  # no schedule by default
 
 
 def test_router_noise_differs_per_rank_and_repeats_per_step():

@@ -8,19 +8,29 @@ import numpy as np
 import pytest
 import torch
 
-from generated.config import CheckpointerConfig
 from generated.parser import ConfigError, load_config, to_saved_dict
 from runtime import checkpoint as ckpt_mod
 from runtime.checkpoint import (
-    CheckpointError, Checkpointer, atomic_save, capture_rng_state, checkpoint_name, load_checkpoint,
-    restore_rng_state, step_checkpoints,
+    Checkpointer,
+    CheckpointError,
+    atomic_save,
+    capture_rng_state,
+    checkpoint_name,
+    load_checkpoint,
+    restore_rng_state,
+    step_checkpoints,
 )
 from runtime.metrics import VOLATILE_KEYS
 from runtime.train import Trainer
 from tiny import TINY_RUN_FLAGS
 
 TINY = TINY_RUN_FLAGS + [
-    "--evaluator.eval_iters", "2", "--schedule.warmup_iters", "2", "--schedule.lr_decay_iters", "20",
+    "--evaluator.eval_iters",
+    "2",
+    "--schedule.warmup_iters",
+    "2",
+    "--schedule.lr_decay_iters",
+    "20",
 ]
 
 
@@ -79,7 +89,9 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 def _checkpointer(tmp_path, **fields):
     """A Checkpointer of a resolved config (save_dir is derived from out_dir when left null)."""
-    config = load_config(argv=["--out_dir", str(tmp_path), *[f"--checkpointer.{k}={v}" for k, v in fields.items()]])
+    config = load_config(
+        argv=["--out_dir", str(tmp_path), *[f"--checkpointer.{k}={v}" for k, v in fields.items()]]
+    )
     return Checkpointer(config.checkpointer)
 
 
@@ -103,45 +115,113 @@ def test_checkpointer_policy_and_retention(tmp_path):
 
 
 def test_checkpoint_contents(tmp_path, data_dir):
-    trainer = train(tmp_path / "out", data_dir, "--training.max_iters", "2", "--checkpointer.save_interval", "1",
-                    "--evaluator.eval_interval", "1")
+    trainer = train(
+        tmp_path / "out",
+        data_dir,
+        "--training.max_iters",
+        "2",
+        "--checkpointer.save_interval",
+        "1",
+        "--evaluator.eval_interval",
+        "1",
+    )
     folder = tmp_path / "out" / "checkpoints"
     assert sorted(os.listdir(folder)) == ["best.pt", "ckpt_0000001.pt", "ckpt_0000002.pt"]
     state = torch.load(folder / "ckpt_0000002.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "rng", "data", "best_val_loss", "config", "scaler"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "step",
+        "rng",
+        "data",
+        "best_val_loss",
+        "config",
+        "scaler",
+    } <= set(state)
     assert state["step"] == 2 and state["data"] == {"next_step": 2}
     assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert state["config"] == to_saved_dict(trainer.cfg)
-    assert any(k.endswith("e_score_correction_bias") for k in state["model"])  # router biases are saved
+    assert any(
+        k.endswith("e_score_correction_bias") for k in state["model"]
+    )  # router biases are saved
     assert state["optimizer"]["state"]  # AdamW moments
     assert isinstance(state["best_val_loss"], float)
     best = torch.load(folder / "best.pt", weights_only=True)
-    assert best["best_val_loss"] == min(r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r)
+    assert best["best_val_loss"] == min(
+        r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r
+    )
 
 
 def test_keep_last_n_and_save_best(tmp_path, data_dir):
-    train(tmp_path / "a", data_dir, "--training.max_iters", "4", "--checkpointer.save_interval", "1",
-          "--checkpointer.keep_last_n", "2", "--checkpointer.save_best", "false", "--evaluator.eval_interval", "2")
-    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    train(
+        tmp_path / "a",
+        data_dir,
+        "--training.max_iters",
+        "4",
+        "--checkpointer.save_interval",
+        "1",
+        "--checkpointer.keep_last_n",
+        "2",
+        "--checkpointer.save_best",
+        "false",
+        "--evaluator.eval_interval",
+        "2",
+    )
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == [
+        "ckpt_0000003.pt",
+        "ckpt_0000004.pt",
+    ]
     # always_save_checkpoint false: interval saves only after an improving evaluation; the last one always
-    train(tmp_path / "b", data_dir, "--training.max_iters", "4", "--checkpointer.save_interval", "1",
-          "--checkpointer.keep_last_n", "0", "--checkpointer.always_save_checkpoint", "false",
-          "--evaluator.eval_interval", "2", "--checkpointer.save_dir", str(tmp_path / "b_ck"))
+    train(
+        tmp_path / "b",
+        data_dir,
+        "--training.max_iters",
+        "4",
+        "--checkpointer.save_interval",
+        "1",
+        "--checkpointer.keep_last_n",
+        "0",
+        "--checkpointer.always_save_checkpoint",
+        "false",
+        "--evaluator.eval_interval",
+        "2",
+        "--checkpointer.save_dir",
+        str(tmp_path / "b_ck"),
+    )
     names = sorted(os.listdir(tmp_path / "b_ck"))
     assert names == ["best.pt", "ckpt_0000002.pt", "ckpt_0000003.pt", "ckpt_0000004.pt"]
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
 
 
 def test_resume_is_bit_exact(tmp_path, data_dir):
-    common = ["--training.log_interval", "1", "--evaluator.eval_interval", "3", "--checkpointer.save_interval", "3",
-              "--moe.router_noise_scale", "0.05", "--moe.z_loss_weight", "0.001", "--mtp.warmup_steps", "4"]
+    common = [
+        "--training.log_interval",
+        "1",
+        "--evaluator.eval_interval",
+        "3",
+        "--checkpointer.save_interval",
+        "3",
+        "--moe.router_noise_scale",
+        "0.05",
+        "--moe.z_loss_weight",
+        "0.001",
+        "--mtp.warmup_steps",
+        "4",
+    ]
     train(tmp_path / "full", data_dir, "--training.max_iters", "6", *common)
     train(tmp_path / "part", data_dir, "--training.max_iters", "3", *common)
     # a stale line past the checkpoint (as if the first run had gone on and crashed) is dropped
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 4, "loss": 0.0}) + "\n")
-    resumed = train(tmp_path / "part", data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest",
-                    *common)
+    resumed = train(
+        tmp_path / "part",
+        data_dir,
+        "--training.max_iters",
+        "6",
+        "--checkpointer.resume_from",
+        "latest",
+        *common,
+    )
     assert resumed.resumed_from.endswith("ckpt_0000003.pt")
 
     def strip(records):
@@ -150,13 +230,26 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
     full, part = strip(read_metrics(tmp_path / "full")), strip(read_metrics(tmp_path / "part"))
     assert [r["iter"] for r in part if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert part == full  # losses, MoE stats and val losses, exactly
-    a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "part" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)["model"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)[
+        "model"
+    ]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)[
+        "model"
+    ]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # resuming from an explicit file, into a folder of its own; not into another run's folder
     ckpt3 = str(tmp_path / "full" / "checkpoints" / "ckpt_0000003.pt")
-    again = Trainer(config(tmp_path / "again", data_dir, "--checkpointer.resume_from", ckpt3,
-                           "--training.max_iters", "6", *common))
+    again = Trainer(
+        config(
+            tmp_path / "again",
+            data_dir,
+            "--checkpointer.resume_from",
+            ckpt3,
+            "--training.max_iters",
+            "6",
+            *common,
+        )
+    )
     assert again.step == 3 and again.run_id == load_checkpoint(ckpt3)["run_id"]
     with pytest.raises(ConfigError, match="holds run .* but checkpoint .* is of run"):
         Trainer(config(tmp_path / "part", data_dir, "--checkpointer.resume_from", ckpt3, *common))
@@ -171,15 +264,38 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
     saved = load_checkpoint(path)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items())
     with pytest.raises(ConfigError, match="model.dim: this run sets 48"):
-        Trainer(config(tmp_path / "second", data_dir, "--checkpointer.init_from", path, "--model.dim", "48"))
+        Trainer(
+            config(
+                tmp_path / "second", data_dir, "--checkpointer.init_from", path, "--model.dim", "48"
+            )
+        )
 
     from runtime.hf import export_hf
 
     export_hf(first.model, str(tmp_path / "hf"))
-    trainer = Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf")))
+    trainer = Trainer(
+        config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf"))
+    )
     assert trainer.cfg.model.n_layers == 2
-    assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
-    with pytest.raises(ConfigError, match="model.n_layers: this run sets 3 but .*config.json has 2"):
-        Trainer(config(tmp_path / "third", data_dir, "--checkpointer.init_from", str(tmp_path / "hf"), "--model.n_layers", "3"))
+    assert all(
+        torch.equal(v, first.model.state_dict()[k]) for k, v in trainer.model.state_dict().items()
+    )
+    with pytest.raises(
+        ConfigError, match="model.n_layers: this run sets 3 but .*config.json has 2"
+    ):
+        Trainer(
+            config(
+                tmp_path / "third",
+                data_dir,
+                "--checkpointer.init_from",
+                str(tmp_path / "hf"),
+                "--model.n_layers",
+                "3",
+            )
+        )
     with pytest.raises(CheckpointError):
-        Trainer(config(tmp_path / "fourth", data_dir, "--checkpointer.init_from", str(tmp_path / "nothing")))
+        Trainer(
+            config(
+                tmp_path / "fourth", data_dir, "--checkpointer.init_from", str(tmp_path / "nothing")
+            )
+        )

@@ -122,7 +122,9 @@ def test_features_case_behaviour(tmp_path, monkeypatch):
             m.load_config(text="loop:\n  steps: 0\n  milestones: []\n")
         assert m.load_config(text="net:\n  hidden_size: 16\n").net.width == 16  # the hf name loads
         assert m.HF_NAMES == {"net.width": "hidden_size"}
-        assert m.PATH.loop.decay_steps == "loop.decay_steps" and m.PATH.sys.dist.SECTION == "sys.dist"
+        assert (
+            m.PATH.loop.decay_steps == "loop.decay_steps" and m.PATH.sys.dist.SECTION == "sys.dist"
+        )
         assert m.CONSTANTS["loop.resume"].LATEST == "latest"
         assert "net.heads" not in m.CONSTANTS  # int choices get no string constants
         assert m.FIELDS["net.heads"].policy == "must_match"
@@ -147,7 +149,14 @@ def test_render_does_not_depend_on_the_spec_path(tmp_path):
     assert render(copy, spec_name="spec/config.yaml") == render_repo_spec()
 
 
-GENERATED_FILES = {"__init__.py", "config.py", "names.py", "parser.py", "CONFIG.md", "config.schema.json"}
+GENERATED_FILES = {
+    "__init__.py",
+    "config.py",
+    "names.py",
+    "parser.py",
+    "CONFIG.md",
+    "config.schema.json",
+}
 DOC_FILES = {"config.py", "CONFIG.md", "config.schema.json"}
 
 

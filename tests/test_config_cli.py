@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import generated.parser as parser_module
 from generated import ConfigAliasWarning, load_config
 from runtime import config_cli
 

@@ -33,13 +33,23 @@ def assert_golden(name, text):
     if UPDATE:
         path.write_text(text)
     assert path.exists(), f"missing golden {path}; run with UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from its golden; if intended, rerun with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), (
+        f"{name} differs from its golden; if intended, rerun with UPDATE_GOLDEN=1"
+    )
 
 
 def test_explain_golden(capsys):
     code, out, _ = run_cli(
-        capsys, "explain", str(FEATURES / "child.yaml"), "training.max_iters", "training.batch_size",
-        "evaluator.eval_iters", "training.eval_iters", "--training.max_iters", "40", "seed",
+        capsys,
+        "explain",
+        str(FEATURES / "child.yaml"),
+        "training.max_iters",
+        "training.batch_size",
+        "evaluator.eval_iters",
+        "training.eval_iters",
+        "--training.max_iters",
+        "40",
+        "seed",
     )
     assert code == 0
     assert_golden("explain.txt", out)
@@ -104,7 +114,11 @@ def test_policy_must_match_names_field_and_both_values():
     with pytest.raises(g.ConfigError) as error:
         g.reconcile_with_checkpoint(resolved, saved, "ckpt_0000010.pt")
     message = str(error.value)
-    assert "model.n_routed_experts" in message and "it has 8" in message and "this run has 4" in message
+    assert (
+        "model.n_routed_experts" in message
+        and "it has 8" in message
+        and "this run has 4" in message
+    )
     assert "ckpt_0000010.pt" in message
 
 

@@ -121,7 +121,10 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
 def errors_of(document):
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(document)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in VALIDATOR.iter_errors(document)
+    ]
 
 
 def test_the_schema_is_a_valid_draft_2020_12_schema():
@@ -209,7 +212,10 @@ def test_schema_accepts_every_example_as_written_and_migrated(path):
         (lambda d: d["wandb"].update(tags=[1]), "1 is not of type 'string'"),
         (lambda d: d["data"].update(nope=1), "'nope' was unexpected"),
         (lambda d: d.update(nope=1), "'nope' was unexpected"),
-        (lambda d: d["system"].update(distributed=[True]), "is not valid under any of the given schemas"),
+        (
+            lambda d: d["system"].update(distributed=[True]),
+            "is not valid under any of the given schemas",
+        ),
         (lambda d: d.update(spec_version=99), "greater than the maximum"),
         (lambda d: d["optimizer"].update(lr=float("inf")), "greater than the maximum"),
         (lambda d: d["model"].update(n_heads=4.5), "is not of type 'integer'"),

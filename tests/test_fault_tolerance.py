@@ -18,10 +18,10 @@ import time
 
 import pytest
 import torch
+from test_train import args
 
 from generated.parser import ConfigError, load_config
 from runtime import checkpoint as ckpt_mod
-from runtime import train as train_mod
 from runtime.checkpoint import (
     FAULT_ENV,
     FAULT_PHASES,
@@ -35,8 +35,6 @@ from runtime.checkpoint import (
 )
 from runtime.metrics import VOLATILE_KEYS, MetricsWriter, read_metrics
 from runtime.train import Trainer, main
-
-from test_train import args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
@@ -100,9 +98,9 @@ class Launch:
                 if TRAINING.search(f.read()):
                     return
             time.sleep(0.01)
-        assert (
-            self.proc.poll() is None
-        ), f"exited {self.proc.returncode} before training: {self.stderr()[-2000:]}"
+        assert self.proc.poll() is None, (
+            f"exited {self.proc.returncode} before training: {self.stderr()[-2000:]}"
+        )
         raise AssertionError("training did not start")
 
     def resumed_step(self):
@@ -158,18 +156,18 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(
         before = complete_checkpoints(out)
         launch = Launch(out, data_dir, fault=f"{phase}:{count}")
         rc = launch.wait()
-        assert (
-            rc == -signal.SIGKILL
-        ), f"{phase}:{count}: exit {rc}, not killed\n{launch.stderr()[-2000:]}"
+        assert rc == -signal.SIGKILL, (
+            f"{phase}:{count}: exit {rc}, not killed\n{launch.stderr()[-2000:]}"
+        )
         # it resumed from the newest complete checkpoint (none: a fresh start)
         assert launch.resumed_step() == (before[-1] if before else None), (phase, count, before)
         assert not temp_files(out) or phase.startswith(
             "checkpoint"
         )  # earlier leftovers were removed
         if phase.startswith("checkpoint"):
-            assert temp_files(
-                out
-            ), f"{phase}:{count} left no partial file: the kill was not mid-write"
+            assert temp_files(out), (
+                f"{phase}:{count} left no partial file: the kill was not mid-write"
+            )
     # and a few kills from outside, at whatever moment the clock says
     for _ in range(3):
         before = complete_checkpoints(out)
@@ -323,7 +321,9 @@ def test_latest_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, dat
         out, data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest", *SMALL
     )
     assert resumed.resumed_from.endswith(checkpoint_name(1))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: checkpoint" in line]
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if "warning: checkpoint" in line
+    ]
     assert len(warnings) == 3
     for step, problem in ((4, "checksum mismatch"), (3, "truncated"), (2, "recorded hash")):
         assert any(checkpoint_name(step) in w and problem in w for w in warnings), (step, warnings)
@@ -512,7 +512,9 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, 
         )
         == 1
     )
-    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if "warning: schedule" not in line)
+    err = "".join(
+        line for line in capsys.readouterr().err.splitlines(True) if "warning: schedule" not in line
+    )
     assert err.count("\n") == 1 and "Traceback" not in err
     assert (
         err.startswith("train: error: cannot write checkpoints to")

@@ -217,7 +217,15 @@ def test_softmax_export_refused(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out" / "config.json")
     ckpt = tmp_path / "ckpt.pt"
     atomic_save(
-        {"step": 0, "model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config), "training": {"seq_len": model.config.max_seq_len}}}, str(ckpt)
+        {
+            "step": 0,
+            "model": model.state_dict(),
+            "config": {
+                "model": dataclasses.asdict(model.config),
+                "training": {"seq_len": model.config.max_seq_len},
+            },
+        },
+        str(ckpt),
     )
     assert hf_mod.export_main([str(ckpt), str(tmp_path / "out")]) == 1
     assert "sigmoid" in capsys.readouterr().err

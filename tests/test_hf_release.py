@@ -38,9 +38,26 @@ def test_released_config_loads_unchanged(tmp_path):
         warnings.simplefilter("error")  # no key is unknown
         fields = hf_mod.model_fields_from_hf_config(c)
     cfg = ModelConfig(**fields)
-    assert (cfg.dim, cfg.n_layers, cfg.first_k_dense, cfg.n_heads, cfg.q_lora_rank) == (7168, 61, 3, 128, 1536)
-    assert (cfg.n_routed_experts, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.route_scale) == (256, 8, 8, 4, 2.5)
-    assert (cfg.max_seq_len, cfg.mtp_depth, cfg.vocab_size, cfg.moe_inter_dim) == (163840, 1, 129280, 2048)
+    assert (cfg.dim, cfg.n_layers, cfg.first_k_dense, cfg.n_heads, cfg.q_lora_rank) == (
+        7168,
+        61,
+        3,
+        128,
+        1536,
+    )
+    assert (cfg.n_routed_experts, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.route_scale) == (
+        256,
+        8,
+        8,
+        4,
+        2.5,
+    )
+    assert (cfg.max_seq_len, cfg.mtp_depth, cfg.vocab_size, cfg.moe_inter_dim) == (
+        163840,
+        1,
+        129280,
+        2048,
+    )
     assert (cfg.rope_scaling, cfg.rope_factor, cfg.original_seq_len) == ("yarn", 40.0, 4096)
     assert (cfg.beta_fast, cfg.beta_slow, cfg.mscale, cfg.mscale_all_dim) == (32.0, 1.0, 1.0, 1.0)
     # every key is used, checked or ignored
@@ -49,7 +66,9 @@ def test_released_config_loads_unchanged(tmp_path):
     # the trainer's init_from takes the folder (the architecture fills the model section)
     (tmp_path / "r1").mkdir()
     shutil.copy(RELEASED, tmp_path / "r1" / "config.json")
-    config = load_config(argv=["--checkpointer.init_from", str(tmp_path / "r1"), "--training.seq_len", "128"])
+    config = load_config(
+        argv=["--checkpointer.init_from", str(tmp_path / "r1"), "--training.seq_len", "128"]
+    )
     resolved, _ = Trainer._init_from(resolved_from_config(config))
     assert resolved.config.model == cfg
 
@@ -63,7 +82,10 @@ def test_released_config_loads_unchanged(tmp_path):
         ("attention_bias", True),
         ("hidden_act", "gelu"),
         ("num_key_value_heads", 8),
-        ("quantization_config", {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
+        (
+            "quantization_config",
+            {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]},
+        ),
         ("rope_scaling", {"type": "longrope", "factor": 4}),
         ("rope_scaling", {**released()["rope_scaling"], "truncate": False}),
     ],
@@ -87,7 +109,7 @@ def test_unknown_keys_warn_and_config_md_lists_the_ignored_and_checked_keys():
         hf_mod.model_fields_from_hf_config({**released(), "frobnicate": 1})
     with open(os.path.join(REPO, "generated", "CONFIG.md")) as f:
         doc = f.read()
-    model_doc = doc[doc.index("## model"): doc.index("## moe")]
+    model_doc = doc[doc.index("## model") : doc.index("## moe")]
     for key in [*hf_mod.HF_IGNORED, *hf_mod.HF_CHECKED, "quantization_config", "rope_scaling"]:
         assert f"`{key}`" in model_doc, key
 
@@ -98,8 +120,14 @@ def test_unknown_keys_warn_and_config_md_lists_the_ignored_and_checked_keys():
 YARN = {
     "released": dict(rope_scaling="yarn", rope_factor=40.0, original_seq_len=16),
     "mscales": dict(
-        rope_scaling="yarn", rope_factor=4.0, original_seq_len=8, beta_fast=8.0, beta_slow=0.5,
-        mscale=0.707, mscale_all_dim=1.0, q_lora_rank=24,
+        rope_scaling="yarn",
+        rope_factor=4.0,
+        original_seq_len=8,
+        beta_fast=8.0,
+        beta_slow=0.5,
+        mscale=0.707,
+        mscale_all_dim=1.0,
+        q_lora_rank=24,
     ),
 }
 
@@ -164,10 +192,24 @@ def test_dequantize_partial_edge_blocks():
 
 
 TINY_RELEASE = dict(  # the released config's keys with dimensions small enough for CPU
-    hidden_size=144, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=2,
-    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24,
-    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, vocab_size=256,
-    max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+    hidden_size=144,
+    intermediate_size=160,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    first_k_dense_replace=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    vocab_size=256,
+    max_position_embeddings=64,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
     rope_scaling={**released()["rope_scaling"], "original_max_position_embeddings": 16},
 )
 FP8_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight")  # linear layers, as in the release
@@ -211,7 +253,9 @@ def write_release_folder(tmp_path):
         name = f"model-{i:05d}-of-00003.safetensors"
         save_file({k: stored[k] for k in part}, str(fp8 / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
-    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (fp8 / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     ref = tmp_path / "ref"
     ref.mkdir()
     ref_config = {k: v for k, v in c.items() if k not in ("quantization_config", "auto_map")}
@@ -232,16 +276,23 @@ def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path)
     assert stored[kv_a].dtype == torch.float8_e4m3fn and stored[kv_a].shape == (24, 144)
     assert stored[kv_a + "_scale_inv"].shape == (1, 2)  # partial edge blocks both ways
     assert stored["model.layers.2.enorm.weight"].dtype == torch.bfloat16
-    assert "model.layers.2.shared_head.head.weight" in stored and "model.layers.2.embed_tokens.weight" in stored
+    assert (
+        "model.layers.2.shared_head.head.weight" in stored
+        and "model.layers.2.embed_tokens.weight" in stored
+    )
     ours = hf_mod.load_model_source(str(fp8))
     assert ours.config.mtp_depth == 1 and ours.config.rope_scaling == "yarn"
     # the MTP layer (index 2) loads into our MTP module exactly
     L = 2
     mtp = ours.mtp[0]
     pairs = {
-        "enorm.weight": mtp.enorm.weight, "hnorm.weight": mtp.hnorm.weight, "eh_proj.weight": mtp.eh_proj.weight,
-        "shared_head.norm.weight": mtp.norm.weight, "self_attn.kv_a_proj_with_mqa.weight": mtp.block.attn.wkv_a.weight,
-        "self_attn.q_b_proj.weight": mtp.block.attn.wq_b.weight, "mlp.gate.weight": mtp.block.ffn.gate.weight,
+        "enorm.weight": mtp.enorm.weight,
+        "hnorm.weight": mtp.hnorm.weight,
+        "eh_proj.weight": mtp.eh_proj.weight,
+        "shared_head.norm.weight": mtp.norm.weight,
+        "self_attn.kv_a_proj_with_mqa.weight": mtp.block.attn.wkv_a.weight,
+        "self_attn.q_b_proj.weight": mtp.block.attn.wq_b.weight,
+        "mlp.gate.weight": mtp.block.ffn.gate.weight,
         "mlp.shared_experts.down_proj.weight": mtp.block.ffn.shared_experts.w2.weight,
         "mlp.gate.e_score_correction_bias": mtp.block.ffn.gate.e_score_correction_bias,
     }
@@ -284,7 +335,9 @@ def test_export_sharded_bf16(tmp_path):
 
     for shard in shards:
         for k, t in load_file(str(out / shard)).items():
-            assert t.dtype == (torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16), k
+            assert t.dtype == (
+                torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+            ), k
             assert t.numel() * t.element_size() <= 40_000 or len(load_file(str(out / shard))) == 1
     back = hf_mod.load_model_source(str(out))
     for k, v in model.state_dict().items():

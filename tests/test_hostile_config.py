@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 import generated as g
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = [yaml.safe_load((REPO / "configs" / name).read_text()) for name in ("tiny.yaml", "deepseek_v3.yaml", "legacy_deepseek3.yaml")]
+EXAMPLES = [
+    yaml.safe_load((REPO / "configs" / name).read_text())
+    for name in ("tiny.yaml", "deepseek_v3.yaml", "legacy_deepseek3.yaml")
+]
 KEYS = sorted({path.rsplit(".", 1)[-1] for path in list(g.FIELDS) + list(g.ALIASES)})
 CANARY = "/tmp/deepseek_moe_hostile_canary"
 
@@ -24,7 +27,13 @@ scalars = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["6e-4", "1e999", "nan", "-inf", "yes", "~", "[", "0x1F", "1_000"]),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def misspell(draw, key):
@@ -48,7 +57,11 @@ def mutated_document(draw):
         sections = [document] + [v for v in document.values() if isinstance(v, dict)]
         target = draw(st.sampled_from(sections))
         keys = list(target)
-        action = draw(st.sampled_from(["retype", "unknown", "misspell", "delete", "nest", "alias_conflict", "move"]))
+        action = draw(
+            st.sampled_from(
+                ["retype", "unknown", "misspell", "delete", "nest", "alias_conflict", "move"]
+            )
+        )
         if action == "retype" and keys:
             target[draw(st.sampled_from(keys))] = draw(values)
         elif action == "unknown":
@@ -66,7 +79,12 @@ def mutated_document(draw):
             target[draw(st.sampled_from(KEYS))] = nested
         elif action == "alias_conflict":
             section = draw(st.sampled_from(["data", "wandb", "moe", "system"]))
-            pairs = {"data": ("dataset", "dataset_name"), "wandb": ("enabled", "use_wandb"), "moe": ("aux_loss_weight", "load_balancing_loss_weight"), "system": ("torch_dtype", "dtype")}
+            pairs = {
+                "data": ("dataset", "dataset_name"),
+                "wandb": ("enabled", "use_wandb"),
+                "moe": ("aux_loss_weight", "load_balancing_loss_weight"),
+                "system": ("torch_dtype", "dtype"),
+            }
             canonical, alias = pairs[section]
             document.setdefault(section, {})
             if isinstance(document[section], dict):
@@ -80,21 +98,33 @@ def mutated_document(draw):
 
 @st.composite
 def hostile_text(draw):
-    kind = draw(st.sampled_from(["mutated"] * 6 + ["empty", "bytes", "tag", "truncated", "anchors", "deep_flow"]))
+    kind = draw(
+        st.sampled_from(
+            ["mutated"] * 6 + ["empty", "bytes", "tag", "truncated", "anchors", "deep_flow"]
+        )
+    )
     if kind == "empty":
         return draw(st.sampled_from(["", "\n", "---\n", "# only a comment\n", "~\n"]))
     if kind == "bytes":
-        return draw(st.binary(max_size=200)) + draw(st.sampled_from([b"\xff\xfe", b"\xc3\x28", b""]))
+        return draw(st.binary(max_size=200)) + draw(
+            st.sampled_from([b"\xff\xfe", b"\xc3\x28", b""])
+        )
     if kind == "tag":
-        tag = draw(st.sampled_from([
-            f"!!python/object/apply:os.system ['touch {CANARY}']",
-            f"!!python/object/new:os.system ['touch {CANARY}']",
-            "!!python/name:os.system",
-            "!custom 3",
-            "!!binary aGVsbG8=",
-            "!!set {a, b}",
-        ]))
-        section = draw(st.sampled_from(["seed", "training:\n  max_iters", "model:\n  dim", "wandb"]))
+        tag = draw(
+            st.sampled_from(
+                [
+                    f"!!python/object/apply:os.system ['touch {CANARY}']",
+                    f"!!python/object/new:os.system ['touch {CANARY}']",
+                    "!!python/name:os.system",
+                    "!custom 3",
+                    "!!binary aGVsbG8=",
+                    "!!set {a, b}",
+                ]
+            )
+        )
+        section = draw(
+            st.sampled_from(["seed", "training:\n  max_iters", "model:\n  dim", "wandb"])
+        )
         return f"{section}: {tag}\n"
     if kind == "truncated":
         text = draw(mutated_document())
@@ -108,7 +138,9 @@ def hostile_text(draw):
     return draw(mutated_document())
 
 
-@settings(max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(
+    max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
 @given(hostile_text())
 def test_hostile_documents_are_accepted_or_rejected_cleanly(text):
     try:
@@ -118,7 +150,9 @@ def test_hostile_documents_are_accepted_or_rejected_cleanly(text):
         for problem in error.problems:
             assert isinstance(problem.path, str)
             assert problem.source is not None, f"problem without a location: {problem}"
-            assert problem.source.kind != "file" or (problem.source.file == "hostile.yaml" and problem.source.line >= 1)
+            assert problem.source.kind != "file" or (
+                problem.source.file == "hostile.yaml" and problem.source.line >= 1
+            )
             assert len(str(problem)) < 2000, "error messages stay readable"
     else:
         assert isinstance(config, g.Config)
@@ -132,4 +166,7 @@ def test_hostile_flags_are_rejected_cleanly(argv):
     try:
         g.load_config(argv=argv)
     except g.ConfigError as error:
-        assert all(problem.source is not None and problem.source.kind == "cli" for problem in error.problems)
+        assert all(
+            problem.source is not None and problem.source.kind == "cli"
+            for problem in error.problems
+        )

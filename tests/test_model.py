@@ -8,7 +8,6 @@ from runtime.model import (
     MLA,
     MLP,
     RMSNorm,
-    Transformer,
     apply_rotary,
     causal_attention,
     rotary_tables,

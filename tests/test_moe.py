@@ -1,7 +1,6 @@
 """DeepSeekMoE layer: dispatch vs reference loop, capacity dropping, losses, noise, bias balancing."""
 
 import math
-import os
 
 import pytest
 import torch

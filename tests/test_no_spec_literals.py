@@ -48,7 +48,11 @@ def _literal_strings(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     docstrings = _docstring_ids(tree)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
             yield node.lineno, node.value
 
 
@@ -57,9 +61,13 @@ def _violations(path):
     for line, text in _literal_strings(path):
         where = f"{path.relative_to(RUNTIME.parent)}:{line}"
         if text in VALUES and (path.name, text) not in UNRELATED:
-            found.append(f"{where}: {text!r} is a value of {VALUES[text]}; use its generated constant")
+            found.append(
+                f"{where}: {text!r} is a value of {VALUES[text]}; use its generated constant"
+            )
         if text in HF_KEYS and (path.name, text) not in UNRELATED:
-            found.append(f"{where}: {text!r} is the Hugging Face name of {HF_KEYS[text]}; use HF_NAMES")
+            found.append(
+                f"{where}: {text!r} is the Hugging Face name of {HF_KEYS[text]}; use HF_NAMES"
+            )
         for token in DOTTED.findall(text):
             if token in PATHS:
                 found.append(f"{where}: field path {token!r} written literally; use generated.PATH")

@@ -16,11 +16,20 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 def test_pyproject_declares_packages_extras_and_script():
     project = PYPROJECT["project"]
-    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["runtime", "generated", "codegen"]
+    assert PYPROJECT["tool"]["setuptools"]["packages"] == [
+        "runtime",
+        "runtime.configlib",
+        "generated",
+        "codegen",
+    ]
     assert {"train", "hf", "wandb", "test", "bench"} <= set(project["optional-dependencies"])
     train = project["optional-dependencies"]["train"]
-    assert any(r.startswith("torch~=2.13.0") for r in train), "torch must stay within its minor release"
-    assert not any(r.startswith("torch") for r in project["dependencies"]), "the config core needs no torch"
+    assert any(r.startswith("torch~=2.13.0") for r in train), (
+        "torch must stay within its minor release"
+    )
+    assert not any(r.startswith("torch") for r in project["dependencies"]), (
+        "the config core needs no torch"
+    )
     assert project["scripts"]["deepseek-moe"] == "runtime.__main__:main"
     assert (REPO / "LICENSE").read_text().startswith("MIT License")
     # make setup installs the tree itself without fetching anything
@@ -48,14 +57,27 @@ def test_wheel_builds_offline_with_entry_point(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, tree / name)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(tmp_path / "dist"), str(tree)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("deepseek_moe_trainer-0.1.0-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "runtime/__main__.py" in names and "generated/config.schema.json" in names
+    assert "runtime/configlib/engine.py" in names  # the engine generated/ imports
     assert "codegen/templates/config.py.j2" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))

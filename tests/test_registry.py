@@ -3,8 +3,7 @@ incomplete registry fails when its module is imported."""
 
 import pytest
 
-from generated import FIELDS
-from generated import PATH
+from generated import FIELDS, PATH
 from runtime.registry import BRANCHING_FIELDS, Registry, RegistryIncomplete, all_registries
 
 CHOICES = {path: list(spec.choices) for path, spec in FIELDS.items() if spec.choices is not None}
@@ -27,12 +26,12 @@ def test_every_registry_implements_a_spec_choice_field():
 def test_registry_names_equal_spec_choices(field):
     registry = REGISTRIES[field]
     names, choices = set(registry.names()), set(CHOICES[field])
-    assert (
-        not choices - names
-    ), f"{field}: spec choices without an implementation: {sorted(choices - names)}"
-    assert (
-        not names - choices
-    ), f"{field}: implementations the spec does not list: {sorted(names - choices)}"
+    assert not choices - names, (
+        f"{field}: spec choices without an implementation: {sorted(choices - names)}"
+    )
+    assert not names - choices, (
+        f"{field}: implementations the spec does not list: {sorted(names - choices)}"
+    )
 
 
 def test_branching_choice_fields_are_handled_by_the_model():

@@ -11,20 +11,34 @@ import pytest
 
 from generated.config import LRScheduleConfig
 from generated.parser import ConfigError, load_config
-from runtime import train as train_mod
 from runtime.checkpoint import load_checkpoint
 from runtime.data import DataError
 from runtime.schedule import lr_at, schedule_warnings
 from runtime.train import Trainer, main
 from tiny import TINY_RUN_FLAGS
 
-TINY = TINY_RUN_FLAGS + ["--evaluator.eval_iters", "1", "--schedule.warmup_iters", "1", "--training.log_interval", "1"]
+TINY = TINY_RUN_FLAGS + [
+    "--evaluator.eval_iters",
+    "1",
+    "--schedule.warmup_iters",
+    "1",
+    "--training.log_interval",
+    "1",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(out_dir, data_dir, *extra):
-    return TINY + ["--out_dir", str(out_dir), "--data.data_dir", data_dir, "--training.max_iters", "2", *extra]
+    return TINY + [
+        "--out_dir",
+        str(out_dir),
+        "--data.data_dir",
+        data_dir,
+        "--training.max_iters",
+        "2",
+        *extra,
+    ]
 
 
 def run(out_dir, data_dir, *extra):
@@ -50,8 +64,20 @@ def test_second_run_into_a_used_folder_is_a_config_error(tmp_path, data_dir, cap
     assert (out / "metrics.jsonl").read_bytes() == before  # untouched
     assert sorted(os.listdir(out / "checkpoints")) == ["best.pt", "ckpt_0000002.pt"]
     # --overwrite (bare, as a switch) deletes the old run's files and starts a new run
-    assert main(args(out, data_dir, "--training.max_iters", "1", "--checkpointer.save_best", "false",
-                     "--overwrite")) == 0
+    assert (
+        main(
+            args(
+                out,
+                data_dir,
+                "--training.max_iters",
+                "1",
+                "--checkpointer.save_best",
+                "false",
+                "--overwrite",
+            )
+        )
+        == 0
+    )
     second = json.loads((out / "run.json").read_text())["run_id"]
     assert second != first.run_id
     assert {r["run_id"] for r in rows(out)} == {second} and max(r["iter"] for r in rows(out)) == 1
@@ -63,14 +89,25 @@ def test_a_failed_launch_does_not_claim_the_folder(tmp_path, data_dir):
     out = tmp_path / "o"
     missing = str(tmp_path / "missing")
     with pytest.raises(DataError, match="existing folder"):  # after run.json and train.log
-        Trainer(load_config(argv=args(out, data_dir, "--data.dataset", "text_dir", "--data.path", missing)))
+        Trainer(
+            load_config(
+                argv=args(out, data_dir, "--data.dataset", "text_dir", "--data.path", missing)
+            )
+        )
     assert (out / "run.json").exists()
     run(out, data_dir)  # no metrics or checkpoints were left: the fixed launch may start
 
 
 def test_latest_resumes_only_the_folders_run(tmp_path, data_dir, capsys):
     shared = str(tmp_path / "ckpts")  # two out_dirs sharing one checkpoint folder
-    a = run(tmp_path / "a", data_dir, "--checkpointer.save_dir", shared, "--checkpointer.save_best", "false")
+    a = run(
+        tmp_path / "a",
+        data_dir,
+        "--checkpointer.save_dir",
+        shared,
+        "--checkpointer.save_best",
+        "false",
+    )
     assert load_checkpoint(os.path.join(shared, "ckpt_0000002.pt"))["run_id"] == a.run_id
     # b starting fresh would mix with a's checkpoints
     with pytest.raises(ConfigError, match="holds the files of"):
@@ -80,15 +117,35 @@ def test_latest_resumes_only_the_folders_run(tmp_path, data_dir, capsys):
     (tmp_path / "b" / "run.json").write_text('{"run_id": "someoneelse"}')
     capsys.readouterr()
     with pytest.raises(Exception, match="none of the 1 step checkpoints") as error:
-        Trainer(load_config(argv=args(tmp_path / "b", data_dir, "--checkpointer.save_dir", shared,
-                                      "--checkpointer.resume_from", "latest")))
+        Trainer(
+            load_config(
+                argv=args(
+                    tmp_path / "b",
+                    data_dir,
+                    "--checkpointer.save_dir",
+                    shared,
+                    "--checkpointer.resume_from",
+                    "latest",
+                )
+            )
+        )
     assert f"belongs to run {a.run_id}, not to run someoneelse" in str(error.value)
     # a's own folder resumes it, keeps its id and its metrics continue
-    resumed = run(tmp_path / "a", data_dir, "--checkpointer.save_dir", shared, "--checkpointer.resume_from", "latest",
-                  "--training.max_iters", "3")
+    resumed = run(
+        tmp_path / "a",
+        data_dir,
+        "--checkpointer.save_dir",
+        shared,
+        "--checkpointer.resume_from",
+        "latest",
+        "--training.max_iters",
+        "3",
+    )
     assert resumed.step == 3 and resumed.run_id == a.run_id
     assert {r["run_id"] for r in rows(tmp_path / "a")} == {a.run_id}
-    assert [r["elapsed_s"] for r in rows(tmp_path / "a")] == sorted(r["elapsed_s"] for r in rows(tmp_path / "a"))
+    assert [r["elapsed_s"] for r in rows(tmp_path / "a")] == sorted(
+        r["elapsed_s"] for r in rows(tmp_path / "a")
+    )
 
 
 def test_resume_latest_before_the_first_checkpoint_restarts_the_same_run(tmp_path, data_dir):
@@ -109,8 +166,12 @@ def test_written_files_follow_the_umask(tmp_path, data_dir, umask):
     finally:
         os.umask(old)
     expected = 0o666 & ~umask
-    for path in [tmp_path / "o" / "checkpoints" / "ckpt_0000002.pt", tmp_path / "o" / "checkpoints" / "best.pt",
-                 tmp_path / "o" / "run.json", tmp_path / "o" / "metrics.jsonl"]:
+    for path in [
+        tmp_path / "o" / "checkpoints" / "ckpt_0000002.pt",
+        tmp_path / "o" / "checkpoints" / "best.pt",
+        tmp_path / "o" / "run.json",
+        tmp_path / "o" / "metrics.jsonl",
+    ]:
         assert stat.S_IMODE(os.stat(path).st_mode) == expected, path
 
 
@@ -141,11 +202,18 @@ def schedule(*argv):
 
 def test_lr_decay_iters_follows_max_iters(tmp_path, data_dir):
     assert LRScheduleConfig().lr_decay_iters is None  # spec default: null, derived when resolved
-    resolved = schedule("--schedule.warmup_iters", "2", "--schedule.min_lr", "0", "--training.max_iters", "30")
+    resolved = schedule(
+        "--schedule.warmup_iters", "2", "--schedule.min_lr", "0", "--training.max_iters", "30"
+    )
     assert resolved.lr_decay_iters == 30
     assert lr_at(29, resolved, 1.0) > 0 and lr_at(30, resolved, 1.0) == 0.0
-    assert schedule("--schedule.lr_decay_iters", "7", "--schedule.warmup_iters", "2").lr_decay_iters == 7  # explicit wins
-    assert schedule("--training.max_iters", "0", "--schedule.warmup_iters", "3").lr_decay_iters == 3  # never before warm-up ends
+    assert (
+        schedule("--schedule.lr_decay_iters", "7", "--schedule.warmup_iters", "2").lr_decay_iters
+        == 7
+    )  # explicit wins
+    assert (
+        schedule("--training.max_iters", "0", "--schedule.warmup_iters", "3").lr_decay_iters == 3
+    )  # never before warm-up ends
     with pytest.raises(ValueError, match="derived default"):
         lr_at(3, LRScheduleConfig(), 1.0)
     trainer = Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--training.max_iters", "5")))
@@ -160,8 +228,18 @@ def test_schedule_that_does_not_fit_the_run_warns(tmp_path, data_dir, capsys):
     assert len(ends_early) == 1 and "the last 10 steps run at min_lr" in ends_early[0]
     ends_late = schedule_warnings(LRScheduleConfig(warmup_iters=5, lr_decay_iters=100), 30)
     assert len(ends_late) == 1 and "ends before the decay reaches min_lr" in ends_late[0]
-    assert schedule_warnings(schedule("--schedule.warmup_iters", "5", "--training.max_iters", "30"), 30) == []
-    assert schedule_warnings(LRScheduleConfig(warmup_iters=5, lr_decay_iters=100, schedule_type="constant"), 30) == []
+    assert (
+        schedule_warnings(
+            schedule("--schedule.warmup_iters", "5", "--training.max_iters", "30"), 30
+        )
+        == []
+    )
+    assert (
+        schedule_warnings(
+            LRScheduleConfig(warmup_iters=5, lr_decay_iters=100, schedule_type="constant"), 30
+        )
+        == []
+    )
     # the trainer says so on stderr and in train.log
     Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--schedule.warmup_iters", "50")))
     err = capsys.readouterr().err

@@ -23,7 +23,9 @@ def lr(step, **kw):
     return lr_at(step, sched(**kw), PEAK)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"])
+@pytest.mark.parametrize(
+    "kind", ["cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"]
+)
 def test_warmup_is_linear_from_zero_to_peak(kind):
     extra = {"phase_steps": [50], "phase_names": ["b"]} if kind == "multi_phase" else {}
     assert lr(0, schedule_type=kind, **extra) == 0.0
@@ -43,7 +45,9 @@ def test_decaying_types_end_at_min_lr(kind):
 
 def test_cosine():
     assert lr(60, schedule_type="cosine") == pytest.approx(MIN + 0.5 * (PEAK - MIN))
-    assert lr(35, schedule_type="cosine") == pytest.approx(MIN + 0.5 * (1 + math.cos(math.pi / 4)) * (PEAK - MIN))
+    assert lr(35, schedule_type="cosine") == pytest.approx(
+        MIN + 0.5 * (1 + math.cos(math.pi / 4)) * (PEAK - MIN)
+    )
     assert lr(109, schedule_type="cosine") > MIN
 
 
@@ -82,11 +86,18 @@ def test_cosine_restarts():
     assert lr(110, **kw) == pytest.approx(MIN)
     # one cycle is plain cosine
     for step in (10, 33, 60, 100):
-        assert lr(step, schedule_type="cosine_restarts", num_cycles=1) == pytest.approx(lr(step, schedule_type="cosine"))
+        assert lr(step, schedule_type="cosine_restarts", num_cycles=1) == pytest.approx(
+            lr(step, schedule_type="cosine")
+        )
 
 
 def test_multi_phase():
-    kw = dict(schedule_type="multi_phase", phase_steps=[40, 70, 100], phase_names=["a", "b", "c"], phase_decay=0.1)
+    kw = dict(
+        schedule_type="multi_phase",
+        phase_steps=[40, 70, 100],
+        phase_names=["a", "b", "c"],
+        phase_decay=0.1,
+    )
     assert lr(39, **kw) == pytest.approx(PEAK)
     assert lr(40, **kw) == pytest.approx(PEAK * 0.1)
     assert lr(69, **kw) == pytest.approx(PEAK * 0.1)
@@ -95,7 +106,9 @@ def test_multi_phase():
     assert lr(110, **kw) == pytest.approx(MIN)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"])
+@pytest.mark.parametrize(
+    "kind", ["cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"]
+)
 def test_decay_lr_false_is_constant_after_warmup(kind):
     extra = {"phase_steps": [50], "phase_names": ["b"]} if kind == "multi_phase" else {}
     assert lr(5, schedule_type=kind, decay_lr=False, **extra) == pytest.approx(PEAK / 2)
@@ -110,7 +123,14 @@ def test_no_warmup_starts_at_peak():
 
 def test_phase_names():
     s = sched(schedule_type="multi_phase", phase_steps=[40, 70], phase_names=["mid", "late"])
-    assert [phase_at(t, s) for t in (0, 39, 40, 69, 70, 500)] == ["initial", "initial", "mid", "mid", "late", "late"]
+    assert [phase_at(t, s) for t in (0, 39, 40, 69, 70, 500)] == [
+        "initial",
+        "initial",
+        "mid",
+        "mid",
+        "late",
+        "late",
+    ]
     assert phase_at(5, sched()) == "initial"
     # reported for any schedule type
     s = sched(schedule_type="cosine", phase_steps=[3], phase_names=["x"])
@@ -126,8 +146,14 @@ def test_phase_names():
     cycles=st.integers(1, 5),
 )
 def test_lr_is_bounded(kind, warmup, extra, step, cycles):
-    s = sched(schedule_type=kind, warmup_iters=warmup, lr_decay_iters=warmup + extra, num_cycles=cycles,
-              phase_steps=[warmup + 1], phase_names=["p"])
+    s = sched(
+        schedule_type=kind,
+        warmup_iters=warmup,
+        lr_decay_iters=warmup + extra,
+        num_cycles=cycles,
+        phase_steps=[warmup + 1],
+        phase_names=["p"],
+    )
     value = lr_at(step, s, PEAK)
     assert 0.0 <= value <= PEAK * (1 + 1e-12)
     if step >= warmup:

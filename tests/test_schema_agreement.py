@@ -22,7 +22,9 @@ from generated import ALIASES, FIELDS, SECTIONS, ConfigError, resolve
 from runtime.configlib import YAMLLoadError, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VALIDATOR = jsonschema.Draft202012Validator(json.loads((REPO / "generated" / "config.schema.json").read_text()))
+VALIDATOR = jsonschema.Draft202012Validator(
+    json.loads((REPO / "generated" / "config.schema.json").read_text())
+)
 MARKDOWN = (REPO / "generated" / "CONFIG.md").read_text()
 
 # What the validator may reject although the schema accepts it (problem kind or cause -> the
@@ -105,8 +107,34 @@ HAND_WRITTEN = [
     "training: 5\n",
 ]
 
-BASE_VALUES = [None, True, False, 0, 1, -1, 7, 2**40, 10**400, 4.0, 4.5, -0.5, 1e-9, math.inf, -math.inf,
-               "x", "", "6e-4", "1", "yes", [], [1], [1.5], ["a"], [None], {"a": 1}]
+BASE_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    7,
+    2**40,
+    10**400,
+    4.0,
+    4.5,
+    -0.5,
+    1e-9,
+    math.inf,
+    -math.inf,
+    "x",
+    "",
+    "6e-4",
+    "1",
+    "yes",
+    [],
+    [1],
+    [1.5],
+    ["a"],
+    [None],
+    {"a": 1},
+]
 
 
 def candidate_values(spec):
@@ -141,7 +169,10 @@ def field_documents():
 def mutated_documents(count, seed=0):
     """Example configs with random fields, sections and keys broken or replaced."""
     rng = random.Random(seed)
-    examples = [load_yaml((REPO / "configs" / name).read_bytes()) for name in ("tiny.yaml", "deepseek_v3.yaml")]
+    examples = [
+        load_yaml((REPO / "configs" / name).read_bytes())
+        for name in ("tiny.yaml", "deepseek_v3.yaml")
+    ]
     paths = list(FIELDS)
     for _ in range(count):
         document = json.loads(json.dumps(rng.choice(examples)))
@@ -168,7 +199,11 @@ def mutated_documents(count, seed=0):
                 node[leaf] = FIELDS[path].default
                 target = document
                 for part in alias.split(".")[:-1]:
-                    target = target.setdefault(part, {}) if isinstance(target.get(part, {}), dict) else {}
+                    target = (
+                        target.setdefault(part, {})
+                        if isinstance(target.get(part, {}), dict)
+                        else {}
+                    )
                 target[alias.split(".")[-1]] = rng.choice(candidate_values(FIELDS[path]))
             else:
                 node.pop(leaf, None)
@@ -210,11 +245,19 @@ def verdict(text):
 
 
 def as_text(document):
-    return document if isinstance(document, str) else yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    return (
+        document
+        if isinstance(document, str)
+        else yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    )
 
 
 def corpus():
-    return HAND_WRITTEN + [as_text(d) for d in field_documents()] + [as_text(d) for d in mutated_documents(400)]
+    return (
+        HAND_WRITTEN
+        + [as_text(d) for d in field_documents()]
+        + [as_text(d) for d in mutated_documents(400)]
+    )
 
 
 def test_schema_and_validator_agree_on_the_corpus():
@@ -233,10 +276,16 @@ def test_schema_and_validator_agree_on_the_corpus():
         if schema_accepts and not accepted and causes and causes <= set(EXCEPTIONS):
             excepted += 1
             continue
-        side = "schema accepts, validator rejects" if schema_accepts else "validator accepts, schema rejects"
+        side = (
+            "schema accepts, validator rejects"
+            if schema_accepts
+            else "validator accepts, schema rejects"
+        )
         disagreements.append(f"{side}: {text!r}")
     assert compared >= 300, f"only {compared} documents compared"
-    assert not disagreements, f"{len(disagreements)} of {compared} documents disagree:\n" + "\n".join(disagreements[:30])
+    assert not disagreements, (
+        f"{len(disagreements)} of {compared} documents disagree:\n" + "\n".join(disagreements[:30])
+    )
     assert excepted > 0  # the exceptions are exercised, not just listed
 
 
@@ -250,9 +299,16 @@ def test_the_exceptions_are_the_ones_config_md_lists():
 
 def test_the_formerly_disagreeing_documents_are_now_judged_alike():
     # rejected by both now
-    for text in ('optimizer:\n  lr: "-1"\n', "optimizer:\n  lr: .inf\n", "model:\n  rope_theta: 1.0e+400\n",
-                 "training:\n  seed: abc\n", "model:\n  hidden_size: -5\n", "system:\n  torch_dtype: fp8\n",
-                 "moe_training: 5\n", 'optimizer:\n  lr: " 6e-4 "\n'):
+    for text in (
+        'optimizer:\n  lr: "-1"\n',
+        "optimizer:\n  lr: .inf\n",
+        "model:\n  rope_theta: 1.0e+400\n",
+        "training:\n  seed: abc\n",
+        "model:\n  hidden_size: -5\n",
+        "system:\n  torch_dtype: fp8\n",
+        "moe_training: 5\n",
+        'optimizer:\n  lr: " 6e-4 "\n',
+    ):
         document, accepted, _ = verdict(text)
         assert not accepted and not VALIDATOR.is_valid(document), text
     # accepted by both now

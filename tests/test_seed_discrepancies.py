@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import generated.parser as parser_module
 from generated import (
     CheckpointerConfig,
     Config,

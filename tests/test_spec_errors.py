@@ -159,9 +159,9 @@ def test_spec_error_names_file_and_line(case, tmp_path):
     line = marked_line(text)
     matching = [p for p in raised.value.problems if expected in p]
     assert matching, f"no problem mentions {expected!r}: {raised.value.problems}"
-    assert any(
-        p.startswith(f"{path}:{line}: ") for p in matching
-    ), f"expected {path}:{line}: ...; got {matching}"
+    assert any(p.startswith(f"{path}:{line}: ") for p in matching), (
+        f"expected {path}:{line}: ...; got {matching}"
+    )
     assert str(raised.value).count(str(path)) == len(raised.value.problems)
 
 

@@ -13,7 +13,6 @@ import torch
 from generated.parser import ConfigError, load_config
 from runtime import hf as hf_mod
 from runtime import sample as sample_mod
-from runtime import train as train_mod
 from runtime.data import load_corpus
 from runtime.sample import filter_logits, generate
 from runtime.tokenizer import TextCodec
@@ -49,8 +48,15 @@ def test_cache_keeps_the_latent_and_feeds_one_token_per_step():
     logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
     logits = model(torch.tensor([[4]]), cache=cache)
     assert cache.pos == 4
-    for c_kv, k_pe in cache.layers:  # the compressed latent and the shared rope key, not per-head K/V
-        assert c_kv.shape == (1, 4, model.config.kv_lora_rank) and k_pe.shape == (1, 4, model.config.qk_rope_head_dim)
+    for (
+        c_kv,
+        k_pe,
+    ) in cache.layers:  # the compressed latent and the shared rope key, not per-head K/V
+        assert c_kv.shape == (1, 4, model.config.kv_lora_rank) and k_pe.shape == (
+            1,
+            4,
+            model.config.qk_rope_head_dim,
+        )
     full = model(torch.tensor([[1, 2, 3, 4]]))
     torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
     seen = []
@@ -68,9 +74,19 @@ def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
-    assert kept(filter_logits(logits, top_p=0.8)) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(filter_logits(logits, top_p=0.8)) == [
+        True,
+        True,
+        False,
+        False,
+    ]  # 0.5 + 0.3 reaches 0.8
     assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
-    assert kept(filter_logits(logits, top_p=0.1)) == [True, False, False, False]  # the best always stays
+    assert kept(filter_logits(logits, top_p=0.1)) == [
+        True,
+        False,
+        False,
+        False,
+    ]  # the best always stays
     assert kept(filter_logits(logits[:, [3, 1, 0, 2]], top_k=1)) == [False, False, True, False]
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(logits, top_p=0.0)
@@ -78,7 +94,9 @@ def test_top_k_and_top_p_filters():
     greedy = generate(model, [1, 2], 8, 0.0)
     g = torch.Generator().manual_seed(3)
     assert torch.equal(generate(model, [1, 2], 8, 1.5, g, top_k=1), greedy)
-    assert torch.equal(generate(model, [1, 2], 8, 1.5, torch.Generator().manual_seed(3), top_p=1e-6), greedy)
+    assert torch.equal(
+        generate(model, [1, 2], 8, 1.5, torch.Generator().manual_seed(3), top_p=1e-6), greedy
+    )
 
 
 # --- tokenizers ----------------------------------------------------------------------------------
@@ -108,23 +126,31 @@ def bpe_args(out, text_corpus, data_dir, *extra):
     ]  # fmt: skip
 
 
-def test_bpe_trains_caches_and_goes_through_training_and_export(tmp_path, text_corpus, data_dir, monkeypatch, capsys):
+def test_bpe_trains_caches_and_goes_through_training_and_export(
+    tmp_path, text_corpus, data_dir, monkeypatch, capsys
+):
     trainer = Trainer(load_config(argv=bpe_args(tmp_path / "o", text_corpus, data_dir)))
     corpus = trainer.data.corpus
     assert corpus.dtype == "uint16" and not corpus.is_bytes and trainer.codec.kind == "bpe"
     assert 256 < trainer.codec.vocab_size <= 320
-    assert corpus.length < 0.8 * os.path.getsize(os.path.join(data_dir, "text_dir.bin"))  # 64 merges compress
+    assert corpus.length < 0.8 * os.path.getsize(
+        os.path.join(data_dir, "text_dir.bin")
+    )  # 64 merges compress
     assert 1.2 < corpus.bytes_per_token < 6
     assert trainer.codec.decode(trainer.codec.encode(TEXT)) == TEXT
     # cached: a second load reuses tokenizer and tokens
     mtime = os.path.getmtime(corpus.path)
     again = load_corpus(trainer.cfg.data, 320)
-    assert os.path.getmtime(again.path) == mtime and again.codec.to_json() == trainer.codec.to_json()
+    assert (
+        os.path.getmtime(again.path) == mtime and again.codec.to_json() == trainer.codec.to_json()
+    )
     assert trainer.run() == 0
     saved = TextCodec.from_json("bpe", (tmp_path / "o" / "tokenizer.json").read_text())
     assert saved.encode(TEXT) == trainer.codec.encode(TEXT)
     # bits per byte next to val loss
-    val = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if "val_loss" in line][-1]
+    val = [
+        json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if "val_loss" in line
+    ][-1]
     assert val["val_bpb"] == pytest.approx(val["val_loss"] / math.log(2) / corpus.bytes_per_token)
     assert "bits/byte" in (tmp_path / "o" / "train.log").read_text()
     # export writes the tokenizer: AutoTokenizer round-trips text with our ids
@@ -133,18 +159,37 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(tmp_path, text_c
     ckpt = str(tmp_path / "o" / "checkpoints" / "ckpt_0000002.pt")
     assert hf_mod.export_main([ckpt, str(tmp_path / "hf")]) == 0
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert hf_tok.encode(TEXT) == trainer.codec.encode(TEXT) and hf_tok.decode(hf_tok.encode(TEXT)) == TEXT
+    assert (
+        hf_tok.encode(TEXT) == trainer.codec.encode(TEXT)
+        and hf_tok.decode(hf_tok.encode(TEXT)) == TEXT
+    )
     # the MTP layer is what transformers calls UNEXPECTED; --no-mtp leaves it out
     _, info = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
     assert info["unexpected_keys"] and all(".layers.2." in k for k in info["unexpected_keys"])
     assert hf_mod.export_main([ckpt, str(tmp_path / "hf_nomtp"), "--no-mtp"]) == 0
-    _, info = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "hf_nomtp"), output_loading_info=True)
+    _, info = DeepseekV3ForCausalLM.from_pretrained(
+        str(tmp_path / "hf_nomtp"), output_loading_info=True
+    )
     assert not info["unexpected_keys"] and not info["missing_keys"]
     # sample decodes with the tokenizer, from the checkpoint and from the folder alike
     capsys.readouterr()
     outs = []
     for source in (ckpt, str(tmp_path / "hf_nomtp")):
-        assert sample_mod.main([source, "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+        assert (
+            sample_mod.main(
+                [
+                    source,
+                    "--prompt",
+                    "def ",
+                    "--max-new-tokens",
+                    "5",
+                    "--temperature",
+                    "0",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["token_ids"] == outs[1]["token_ids"]
     assert set(outs[0]) == {"prompt", "prompt_ids", "token_ids", "text", "tokenizer", "settings"}
@@ -154,8 +199,18 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(tmp_path, text_c
 
 
 def test_byte_runs_export_a_byte_tokenizer(tmp_path, data_dir):
-    args = TINY_RUN_FLAGS + ["--out_dir", str(tmp_path / "o"), "--data.data_dir", data_dir, "--training.max_iters", "1",
-                             "--evaluator.eval_iters", "1", "--schedule.warmup_iters", "0"]
+    args = TINY_RUN_FLAGS + [
+        "--out_dir",
+        str(tmp_path / "o"),
+        "--data.data_dir",
+        data_dir,
+        "--training.max_iters",
+        "1",
+        "--evaluator.eval_iters",
+        "1",
+        "--schedule.warmup_iters",
+        "0",
+    ]
     trainer = Trainer(load_config(argv=args))
     assert trainer.codec.kind == "bytes"
     hf_mod.export_hf(trainer.model, str(tmp_path / "hf"), tokenizer=trainer.codec)
@@ -172,4 +227,6 @@ def test_bpe_errors(tmp_path, data_dir, text_corpus):
     with pytest.raises(ConfigError, match="uint16"):
         load_config(argv=bpe_args(tmp_path, text_corpus, data_dir, "--model.vocab_size", "70000"))
     with pytest.raises(ConfigError, match="a bin corpus is tokens already"):
-        load_config(argv=["--data.dataset", "bin", "--data.path", "t.bin", "--data.tokenizer", "bpe"])
+        load_config(
+            argv=["--data.dataset", "bin", "--data.path", "t.bin", "--data.tokenizer", "bpe"]
+        )

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from generated.parser import load_config
-from runtime import train as train_mod
 from runtime.distributed import SystemConfigError
 from runtime.train import NonFiniteLossError, Trainer, TrainingError, main
 from tiny import TINY_RUN_FLAGS
@@ -25,8 +24,14 @@ PYTHON = sys.executable
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 TINY = TINY_RUN_FLAGS + [
-    "--evaluator.eval_iters", "2", "--schedule.warmup_iters", "1", "--schedule.lr_decay_iters", "20",
-    "--training.log_interval", "1",
+    "--evaluator.eval_iters",
+    "2",
+    "--schedule.warmup_iters",
+    "1",
+    "--schedule.lr_decay_iters",
+    "20",
+    "--training.log_interval",
+    "1",
 ]
 
 
@@ -63,22 +68,43 @@ def free_port():
 
 def test_cli_run_writes_every_output(tmp_path, data_dir):
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "runtime", "train", os.path.join(REPO, "configs", "tiny.yaml"), *args(out, data_dir),
-           "--training.max_iters", "4", "--evaluator.eval_interval", "2", "--training.log_interval", "2",
-           "--checkpointer.save_interval", "2"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "runtime",
+        "train",
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        *args(out, data_dir),
+        "--training.max_iters",
+        "4",
+        "--evaluator.eval_interval",
+        "2",
+        "--training.log_interval",
+        "2",
+        "--checkpointer.save_interval",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert "--- sample ---" in proc.stdout
     assert "val loss" in proc.stdout + proc.stderr
     # piped: no progress bar (no carriage returns), one timestamped line per log_interval steps
     assert "\r" not in proc.stdout + proc.stderr
-    step_lines = [line for line in proc.stdout.splitlines() if re.search(r"step \d+/4 \| loss", line)]
+    step_lines = [
+        line for line in proc.stdout.splitlines() if re.search(r"step \d+/4 \| loss", line)
+    ]
     assert len(step_lines) == 2
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| eta 0:00",
-                        step_lines[-1]), step_lines[-1]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| eta 0:00",
+        step_lines[-1],
+    ), step_lines[-1]
     # train.log holds the same lines as the console (stdout and stderr), timestamps included
     log_lines = (out / "train.log").read_text().splitlines()
-    console = [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    console = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if re.match(r"\d{4}-\d\d-\d\d ", line)
+    ]
     assert sorted(log_lines) == sorted(console) and step_lines[-1] in log_lines
     assert any("val loss" in line and "bits/byte" in line for line in log_lines)
     records = metrics(out)
@@ -90,15 +116,31 @@ def test_cli_run_writes_every_output(tmp_path, data_dir):
         assert datetime.datetime.fromisoformat(r["time"]).tzinfo is not None
     assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
     for r in train_records:
-        for key in ("loss", "lr", "tokens_per_s", "main_loss", "aux_loss", "z_loss", "mtp_loss_1", "mtp_weight",
-                    "phase", "moe/max_load_ratio", "moe/cv", "moe/dropped_frac"):
+        for key in (
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "main_loss",
+            "aux_loss",
+            "z_loss",
+            "mtp_loss_1",
+            "mtp_weight",
+            "phase",
+            "moe/max_load_ratio",
+            "moe/cv",
+            "moe/dropped_frac",
+        ):
             assert key in r, key
         assert any(k.endswith("tokens_per_expert") for k in r)
     assert [r["iter"] for r in records if "val_loss" in r] == [2, 4]
     with open(out / "loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "sample.txt").read_text().startswith("def ")
-    assert sorted(os.listdir(out / "checkpoints")) == ["best.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"]
+    assert sorted(os.listdir(out / "checkpoints")) == [
+        "best.pt",
+        "ckpt_0000002.pt",
+        "ckpt_0000004.pt",
+    ]
     assert load_config(out / "config.yaml").training.max_iters == 4
 
 
@@ -108,7 +150,14 @@ def test_config_errors_exit_2(tmp_path, capsys):
 
 
 def test_same_seed_same_losses(tmp_path, data_dir):
-    extra = ("--training.max_iters", "3", "--moe.router_noise_scale", "0.1", "--evaluator.eval_interval", "3")
+    extra = (
+        "--training.max_iters",
+        "3",
+        "--moe.router_noise_scale",
+        "0.1",
+        "--evaluator.eval_interval",
+        "3",
+    )
     run(tmp_path / "a", data_dir, *extra)
     run(tmp_path / "b", data_dir, *extra)
     run(tmp_path / "c", data_dir, *extra, "--seed", "7")
@@ -119,12 +168,32 @@ def test_same_seed_same_losses(tmp_path, data_dir):
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
     # accum 2 x batch 1 reads the same windows as accum 1 x batch 2
-    run(tmp_path / "acc", data_dir, "--training.max_iters", "3", "--training.batch_size", "1",
-        "--training.gradient_accumulation_steps", "2", "--evaluator.eval_interval", "3")
-    run(tmp_path / "big", data_dir, "--training.max_iters", "3", "--training.batch_size", "2",
-        "--evaluator.eval_interval", "3")
+    run(
+        tmp_path / "acc",
+        data_dir,
+        "--training.max_iters",
+        "3",
+        "--training.batch_size",
+        "1",
+        "--training.gradient_accumulation_steps",
+        "2",
+        "--evaluator.eval_interval",
+        "3",
+    )
+    run(
+        tmp_path / "big",
+        data_dir,
+        "--training.max_iters",
+        "3",
+        "--training.batch_size",
+        "2",
+        "--evaluator.eval_interval",
+        "3",
+    )
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), rel=1e-5)
-    assert losses(tmp_path / "acc", "grad_norm") == pytest.approx(losses(tmp_path / "big", "grad_norm"), rel=1e-4)
+    assert losses(tmp_path / "acc", "grad_norm") == pytest.approx(
+        losses(tmp_path / "big", "grad_norm"), rel=1e-4
+    )
 
 
 def test_grad_clip_zero_disables_clipping(tmp_path, data_dir):
@@ -140,14 +209,30 @@ def test_eval_only(tmp_path, data_dir, capsys):
 
 
 def test_multi_phase_reports_phases(tmp_path, data_dir):
-    run(tmp_path / "o", data_dir, "--training.max_iters", "3", "--schedule.schedule_type", "multi_phase",
-        "--schedule.phase_steps", "[1, 2]", "--schedule.phase_names", "[mid, late]")
-    assert [r["phase"] for r in metrics(tmp_path / "o") if "phase" in r] == ["initial", "mid", "late"]
+    run(
+        tmp_path / "o",
+        data_dir,
+        "--training.max_iters",
+        "3",
+        "--schedule.schedule_type",
+        "multi_phase",
+        "--schedule.phase_steps",
+        "[1, 2]",
+        "--schedule.phase_names",
+        "[mid, late]",
+    )
+    assert [r["phase"] for r in metrics(tmp_path / "o") if "phase" in r] == [
+        "initial",
+        "mid",
+        "late",
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_autocast_dtypes(tmp_path, data_dir, dtype):
-    trainer = run(tmp_path / "o", data_dir, "--training.max_iters", "2", "--system.device.dtype", dtype)
+    trainer = run(
+        tmp_path / "o", data_dir, "--training.max_iters", "2", "--system.device.dtype", dtype
+    )
     assert trainer.scaler.is_enabled() == (dtype == "float16")
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "o"))))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -166,11 +251,25 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
         trainer.train_module = forward
         return trainer
 
-    trainer = poisoned(Trainer(load_config(argv=args(tmp_path / "stop", data_dir, "--training.max_iters", "3"))))
+    trainer = poisoned(
+        Trainer(load_config(argv=args(tmp_path / "stop", data_dir, "--training.max_iters", "3")))
+    )
     with pytest.raises(NonFiniteLossError, match="step 2"):
         trainer.run()
-    trainer = poisoned(Trainer(load_config(argv=args(tmp_path / "skip", data_dir, "--training.max_iters", "3",
-                                                     "--training.nonfinite_loss", "skip"))))
+    trainer = poisoned(
+        Trainer(
+            load_config(
+                argv=args(
+                    tmp_path / "skip",
+                    data_dir,
+                    "--training.max_iters",
+                    "3",
+                    "--training.nonfinite_loss",
+                    "skip",
+                )
+            )
+        )
+    )
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert trainer.run() == 0
     records = [r for r in metrics(tmp_path / "skip") if "loss" in r]
@@ -180,7 +279,8 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
 
 def test_device_resolution():
     from generated.config import DeviceConfig
-    from runtime.distributed import SystemConfigError as Err, resolve_device
+    from runtime.distributed import SystemConfigError as Err
+    from runtime.distributed import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(DeviceConfig(device="auto")).type == expected
@@ -196,22 +296,61 @@ def test_launch_errors(tmp_path, data_dir, monkeypatch):
     with pytest.raises(SystemConfigError, match="system.distributed.enabled"):
         Trainer(load_config(argv=args(tmp_path / "o", data_dir)))
     with pytest.raises(TrainingError, match="gradient_accumulation_steps"):
-        Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--system.distributed.enabled", "true",
-                                      "--training.gradient_accumulation_steps", "3")))
+        Trainer(
+            load_config(
+                argv=args(
+                    tmp_path / "o",
+                    data_dir,
+                    "--system.distributed.enabled",
+                    "true",
+                    "--training.gradient_accumulation_steps",
+                    "3",
+                )
+            )
+        )
 
 
 def test_ddp_two_processes_match_one(tmp_path, data_dir):
-    common = ("--training.max_iters", "3", "--training.gradient_accumulation_steps", "2",
-              "--evaluator.eval_interval", "3", "--checkpointer.save_interval", "0")
+    common = (
+        "--training.max_iters",
+        "3",
+        "--training.gradient_accumulation_steps",
+        "2",
+        "--evaluator.eval_interval",
+        "3",
+        "--checkpointer.save_interval",
+        "0",
+    )
     run(tmp_path / "one", data_dir, *common)
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "runtime", "train",
-           *args(tmp_path / "two", data_dir, *common, "--system.distributed.enabled", "true",
-                 "--system.distributed.backend", "gloo")]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "runtime",
+        "train",
+        *args(
+            tmp_path / "two",
+            data_dir,
+            *common,
+            "--system.distributed.enabled",
+            "true",
+            "--system.distributed.backend",
+            "gloo",
+        ),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for key in ("loss", "main_loss", "mtp_loss_1", "grad_norm", "val_loss"):
-        assert losses(tmp_path / "two", key) == pytest.approx(losses(tmp_path / "one", key), rel=1e-4, abs=1e-6), key
+        assert losses(tmp_path / "two", key) == pytest.approx(
+            losses(tmp_path / "one", key), rel=1e-4, abs=1e-6
+        ), key
     # one set of outputs, written by rank 0
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["best.pt", "ckpt_0000003.pt"]
     a = torch.load(tmp_path / "one" / "checkpoints" / "ckpt_0000003.pt", weights_only=True)["model"]
@@ -221,21 +360,49 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir):
 
 
 def test_wandb_offline(tmp_path, data_dir, monkeypatch):
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "wdata"),
-                     ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for var, sub in (
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_DATA_DIR", "wdata"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     out = tmp_path / "o"
-    run(out, data_dir, "--training.max_iters", "2", "--wandb.enabled", "true", "--wandb.project", "proj-x",
-        "--wandb.run_name", "run-y", "--wandb.tags", "[t1, t2]", "--wandb.log_model", "true",
-        "--evaluator.eval_interval", "2")
+    run(
+        out,
+        data_dir,
+        "--training.max_iters",
+        "2",
+        "--wandb.enabled",
+        "true",
+        "--wandb.project",
+        "proj-x",
+        "--wandb.run_name",
+        "run-y",
+        "--wandb.tags",
+        "[t1, t2]",
+        "--wandb.log_model",
+        "true",
+        "--evaluator.eval_interval",
+        "2",
+    )
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     logs = glob.glob(os.path.join(runs[0], "*.wandb"))
     assert len(logs) == 1
-    needles = (b"proj-x", b"run-y", b"t1", b"max_iters", b"main_loss", b"val_loss", b"mtp_loss_1", b"ckpt_0000002.pt")
+    needles = (
+        b"proj-x",
+        b"run-y",
+        b"t1",
+        b"max_iters",
+        b"main_loss",
+        b"val_loss",
+        b"mtp_loss_1",
+        b"ckpt_0000002.pt",
+    )
     deadline = time.time() + 60  # wandb-core may still be writing the run file after finish()
     while True:
         with open(logs[0], "rb") as f:
@@ -255,10 +422,28 @@ def test_wandb_missing_is_a_clear_error_before_training(tmp_path, data_dir, monk
 
 
 def test_val_loss_falls(tmp_path, data_dir):
-    run(tmp_path / "o", data_dir, "--training.max_iters", "150", "--training.batch_size", "8",
-        "--optimizer.lr", "5e-3", "--schedule.warmup_iters", "5", "--schedule.lr_decay_iters", "150",
-        "--evaluator.eval_interval", "150", "--evaluator.eval_iters", "4", "--training.log_interval", "50",
-        "--checkpointer.save_interval", "0")
+    run(
+        tmp_path / "o",
+        data_dir,
+        "--training.max_iters",
+        "150",
+        "--training.batch_size",
+        "8",
+        "--optimizer.lr",
+        "5e-3",
+        "--schedule.warmup_iters",
+        "5",
+        "--schedule.lr_decay_iters",
+        "150",
+        "--evaluator.eval_interval",
+        "150",
+        "--evaluator.eval_iters",
+        "4",
+        "--training.log_interval",
+        "50",
+        "--checkpointer.save_interval",
+        "0",
+    )
     assert losses(tmp_path / "o", "val_loss")[-1] < 3.0  # ln 256 = 5.55
 
 
@@ -268,13 +453,40 @@ def test_val_loss_falls(tmp_path, data_dir):
 
 def shrink_flags(path, out_dir, data_dir):
     cfg = load_config(path)
-    flags = args(out_dir, data_dir, "--model.vocab_size", "256", "--model.first_k_dense", "1", "--model.n_group", "1",
-                 "--model.topk_group", "1", "--model.top_k", "2", "--data.dataset", "stdlib",
-                 "--system.device.device", "cpu", "--training.max_iters", "2", "--evaluator.eval_interval", "2",
-                 "--evaluator.eval_iters", "1", "--checkpointer.save_interval", "2",
-                 "--checkpointer.save_dir", str(out_dir / "ck"), "--wandb.enabled", "false",
-                 "--training.gradient_accumulation_steps", str(min(cfg.training.gradient_accumulation_steps, 2)),
-                 "--mtp.warmup_steps", "0")
+    flags = args(
+        out_dir,
+        data_dir,
+        "--model.vocab_size",
+        "256",
+        "--model.first_k_dense",
+        "1",
+        "--model.n_group",
+        "1",
+        "--model.topk_group",
+        "1",
+        "--model.top_k",
+        "2",
+        "--data.dataset",
+        "stdlib",
+        "--system.device.device",
+        "cpu",
+        "--training.max_iters",
+        "2",
+        "--evaluator.eval_interval",
+        "2",
+        "--evaluator.eval_iters",
+        "1",
+        "--checkpointer.save_interval",
+        "2",
+        "--checkpointer.save_dir",
+        str(out_dir / "ck"),
+        "--wandb.enabled",
+        "false",
+        "--training.gradient_accumulation_steps",
+        str(min(cfg.training.gradient_accumulation_steps, 2)),
+        "--mtp.warmup_steps",
+        "0",
+    )
     if cfg.model.q_lora_rank:
         flags += ["--model.q_lora_rank", "16"]
     if os.path.basename(path) != COMPILED_CONFIG:  # compiling takes long on CPU: one config does it
@@ -330,8 +542,18 @@ class FakeFloat16Scaler:
 
 
 def test_bias_moves_only_on_applied_steps(tmp_path, data_dir):
-    trainer = Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--training.nonfinite_loss", "skip",
-                                            "--moe.bias_update_speed", "0.01")))
+    trainer = Trainer(
+        load_config(
+            argv=args(
+                tmp_path / "o",
+                data_dir,
+                "--training.nonfinite_loss",
+                "skip",
+                "--moe.bias_update_speed",
+                "0.01",
+            )
+        )
+    )
     model = trainer.model
     layers = [m for _, m in model.moe_layers()]
     batch = [torch.randint(0, 256, (2, trainer.window), generator=torch.Generator().manual_seed(0))]

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
+from test_train import args, metrics
 
 from generated.parser import ConfigError, resolve
-from runtime import train as train_mod
 from runtime.train import Trainer
-
-from test_train import args, metrics
 
 
 @pytest.fixture(autouse=True)

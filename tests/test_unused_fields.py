@@ -23,9 +23,13 @@ from runtime import train as train_mod
 from runtime.schedule import lr_at, phase_at
 from tiny import TINY_RUN_FLAGS
 
-
 TINY = TINY_RUN_FLAGS + [
-    "--evaluator.eval_iters", "1", "--schedule.warmup_iters", "1", "--schedule.lr_decay_iters", "20",
+    "--evaluator.eval_iters",
+    "1",
+    "--schedule.warmup_iters",
+    "1",
+    "--schedule.lr_decay_iters",
+    "20",
 ]
 
 
@@ -60,9 +64,15 @@ class Recorder:
                 with recorder.pause():
                     cls.__init__(obj, **kwargs)
 
-            self._classes[key] = type(cls.__name__, (cls,), {
-                "__slots__": (), "__getattribute__": __getattribute__, "__init__": __init__,
-            })
+            self._classes[key] = type(
+                cls.__name__,
+                (cls,),
+                {
+                    "__slots__": (),
+                    "__getattribute__": __getattribute__,
+                    "__init__": __init__,
+                },
+            )
         return self._classes[key]
 
     def wrap(self, obj, path=""):
@@ -139,25 +149,82 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
         (text / f"f{i}.txt").write_text("def function(argument):\n    return argument * 2\n" * 40)
     out = tmp_path / "out"
     argv = TINY + [
-        "--out_dir", str(out), "--data.data_dir", str(tmp_path / "data"), "--data.dataset", "text_dir",
-        "--data.path", str(text), "--data.num_workers", "1", "--training.max_iters", "2",
-        "--evaluator.eval_interval", "1", "--checkpointer.save_interval", "1", "--wandb.enabled", "true",
-        "--wandb.log_model", "true", "--moe.drop_tokens", "true", "--moe.router_noise_scale", "0.1",
-        "--moe.z_loss_weight", "0.01", "--model.q_lora_rank", "8", "--mtp.warmup_steps", "2",
-        "--model.rope_scaling", "yarn", "--model.original_seq_len", "8", "--model.rope_factor", "4",
-        "--moe.bias_update_speed_until", "1", "--mtp.mtp_loss_weight_until", "1",
-        "--schedule.schedule_type", "multi_phase", "--schedule.phase_steps", "[1]", "--schedule.phase_names", "[b]",
+        "--out_dir",
+        str(out),
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--data.dataset",
+        "text_dir",
+        "--data.path",
+        str(text),
+        "--data.num_workers",
+        "1",
+        "--training.max_iters",
+        "2",
+        "--evaluator.eval_interval",
+        "1",
+        "--checkpointer.save_interval",
+        "1",
+        "--wandb.enabled",
+        "true",
+        "--wandb.log_model",
+        "true",
+        "--moe.drop_tokens",
+        "true",
+        "--moe.router_noise_scale",
+        "0.1",
+        "--moe.z_loss_weight",
+        "0.01",
+        "--model.q_lora_rank",
+        "8",
+        "--mtp.warmup_steps",
+        "2",
+        "--model.rope_scaling",
+        "yarn",
+        "--model.original_seq_len",
+        "8",
+        "--model.rope_factor",
+        "4",
+        "--moe.bias_update_speed_until",
+        "1",
+        "--mtp.mtp_loss_weight_until",
+        "1",
+        "--schedule.schedule_type",
+        "multi_phase",
+        "--schedule.phase_steps",
+        "[1]",
+        "--schedule.phase_names",
+        "[b]",
     ]
     cfg = recorder.wrap(gparser.load_config(argv=argv))
     assert train_mod.Trainer(cfg).run() == 0
     # resume and eval_only paths
-    cfg = recorder.wrap(gparser.load_config(argv=argv + ["--checkpointer.resume_from", "latest",
-                                                         "--evaluator.eval_only", "true", "--wandb.enabled", "false"]))
+    cfg = recorder.wrap(
+        gparser.load_config(
+            argv=argv
+            + [
+                "--checkpointer.resume_from",
+                "latest",
+                "--evaluator.eval_only",
+                "true",
+                "--wandb.enabled",
+                "false",
+            ]
+        )
+    )
     assert train_mod.Trainer(cfg).run() == 0
     # every schedule type
     for kind in ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"):
-        schedule = recorder.wrap(LRScheduleConfig(schedule_type=kind, warmup_iters=2, lr_decay_iters=10,
-                                                  phase_steps=[4], phase_names=["x"]), "schedule")
+        schedule = recorder.wrap(
+            LRScheduleConfig(
+                schedule_type=kind,
+                warmup_iters=2,
+                lr_decay_iters=10,
+                phase_steps=[4],
+                phase_names=["x"],
+            ),
+            "schedule",
+        )
         for step in range(12):
             lr_at(step, schedule, 1e-3)
             phase_at(step, schedule)

@@ -6,7 +6,16 @@ Generated code records the ENGINE_VERSION it was made for and calls `require_eng
 so a generated/ folder from another version of this package fails at once with the fix.
 """
 
-from .engine import BASE_KEY, RESERVED_KEYS, VERSION_KEY, ConfigSpec, Resolved, coerce, get_path, validate_instance
+from .engine import (
+    BASE_KEY,
+    RESERVED_KEYS,
+    VERSION_KEY,
+    ConfigSpec,
+    Resolved,
+    coerce,
+    get_path,
+    validate_instance,
+)
 from .errors import ConfigAliasWarning, ConfigError, Problem, Source
 from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
@@ -53,4 +62,5 @@ __all__ = [
     "load_yaml",
     "require_engine",
     "shown",
+    "validate_instance",
 ]

@@ -10,6 +10,7 @@ as one `ConfigError`, each naming the key path and the file and line (or flag) i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -160,7 +161,9 @@ class ConfigSpec:
             return f"unknown key {key!r} in {where}; did you mean {close[0]!r}?"
         return f"unknown key {key!r} in {where}; expected one of {', '.join(candidates)}"
 
-    def _walk_mapping(self, mapping: LineDict, section_path: str, file: str, layer: Layer, problems: list) -> None:
+    def _walk_mapping(
+        self, mapping: LineDict, section_path: str, file: str, layer: Layer, problems: list
+    ) -> None:
         """Turn one YAML mapping into assignments to canonical field paths."""
         for key, value in mapping.items():
             line = mapping.key_lines.get(key, mapping.line)
@@ -177,53 +180,104 @@ class ConfigSpec:
                 if isinstance(value, dict):
                     type_text = self.fields[canonical].type_text
                     found = ", ".join(shown(k, 30) for k in list(value)[:5])
-                    problems.append(Problem(canonical, f"is a single {type_text} value, not a section; found a mapping with keys {found}", source, "key"))
+                    problems.append(
+                        Problem(
+                            canonical,
+                            f"is a single {type_text} value, not a section; found a mapping with keys {found}",
+                            source,
+                            "key",
+                        )
+                    )
                 else:
                     layer.assignments.append(Assignment(canonical, value, source, written))
             else:
-                problems.append(Problem(written, self._unknown_key_message(key, section_path), source, "key"))
+                problems.append(
+                    Problem(written, self._unknown_key_message(key, section_path), source, "key")
+                )
 
-    def _assign_section(self, section_path: str, value: Any, source: Source, written: str, layer: Layer, problems: list, file: str) -> None:
+    def _assign_section(
+        self,
+        section_path: str,
+        value: Any,
+        source: Source,
+        written: str,
+        layer: Layer,
+        problems: list,
+        file: str,
+    ) -> None:
         section = self.sections[section_path]
         if isinstance(value, LineDict):
             self._walk_mapping(value, section_path, file, layer, problems)
         elif value is None:
             return  # `model:` with nothing under it
         elif section.shorthand is not None and not isinstance(value, (dict, list)):
-            layer.assignments.append(Assignment(_join(section_path, section.shorthand), value, source, written))
+            layer.assignments.append(
+                Assignment(_join(section_path, section.shorthand), value, source, written)
+            )
         else:
             hint = ""
             if section.shorthand:
                 hint = f" (or a {self.fields[_join(section_path, section.shorthand)].type_text} for {section.shorthand!r})"
             example = ", ".join((section.fields + section.sections)[:3])
-            problems.append(Problem(section_path, f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {shown(value)}", source, "key"))
+            problems.append(
+                Problem(
+                    section_path,
+                    f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {shown(value)}",
+                    source,
+                    "key",
+                )
+            )
 
     def _read_file_layers(self, path: str, problems: list, stack: list[str]) -> list[Layer]:
         """Layers of a file and of its bases, base files first."""
         absolute = os.path.abspath(path)
         if absolute in stack:
-            chain = " -> ".join(os.path.relpath(p) for p in stack[stack.index(absolute) :] + [absolute])
-            problems.append(Problem(BASE_KEY, f"base files form a cycle: {chain}", Source("file", path, 1), "file"))
+            chain = " -> ".join(
+                os.path.relpath(p) for p in stack[stack.index(absolute) :] + [absolute]
+            )
+            problems.append(
+                Problem(
+                    BASE_KEY, f"base files form a cycle: {chain}", Source("file", path, 1), "file"
+                )
+            )
             return []
         try:
             with open(path, "rb") as config_file:
                 data = config_file.read()
         except OSError as error:
-            problems.append(Problem("", f"cannot read config file: {error.strerror or error}", Source("file", path, 1), "file"))
+            problems.append(
+                Problem(
+                    "",
+                    f"cannot read config file: {error.strerror or error}",
+                    Source("file", path, 1),
+                    "file",
+                )
+            )
             return []
         return self._read_text_layers(data, path, problems, stack + [absolute])
 
-    def _read_text_layers(self, text: str | bytes, filename: str, problems: list, stack: list[str]) -> list[Layer]:
+    def _read_text_layers(
+        self, text: str | bytes, filename: str, problems: list, stack: list[str]
+    ) -> list[Layer]:
         try:
             document = load_yaml(text)
         except YAMLLoadError as error:
-            problems.append(Problem("", error.message, Source("file", filename, error.line), "file"))
+            problems.append(
+                Problem("", error.message, Source("file", filename, error.line), "file")
+            )
             return []
         if document is None:
             return []
         if not isinstance(document, LineDict):
             where = Source("file", filename, getattr(document, "line", 1))
-            problems.append(Problem("", f"a config file must be a mapping of sections, found {type(document).__name__}", where, "key"))
+            problems.append(
+                Problem(
+                    "",
+                    f"a config file must be a mapping of sections, found {type(document).__name__}",
+                    where,
+                    "key",
+                )
+            )
             return []
         layers = []
         if BASE_KEY in document:
@@ -232,20 +286,36 @@ class ConfigSpec:
         self._walk_mapping(document, "", filename, layer, problems)
         return layers + [layer]
 
-    def _read_bases(self, document: LineDict, filename: str, problems: list, stack: list[str]) -> list[Layer]:
+    def _read_bases(
+        self, document: LineDict, filename: str, problems: list, stack: list[str]
+    ) -> list[Layer]:
         bases = document[BASE_KEY]
         source = Source("file", filename, document.key_lines[BASE_KEY])
         if isinstance(bases, str):
             bases = [bases]
         if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-            problems.append(Problem(BASE_KEY, f"expected a file name or a list of file names, found {shown(bases)}", source, "value"))
+            problems.append(
+                Problem(
+                    BASE_KEY,
+                    f"expected a file name or a list of file names, found {shown(bases)}",
+                    source,
+                    "value",
+                )
+            )
             return []
         layers = []
         folder = os.path.dirname(filename) if stack else os.getcwd()
         for base in bases:
             base_path = os.path.join(folder, base)
             if not os.path.isfile(base_path):
-                problems.append(Problem(BASE_KEY, f"base file {base!r} not found (looked for {base_path})", source, "file"))
+                problems.append(
+                    Problem(
+                        BASE_KEY,
+                        f"base file {base!r} not found (looked for {base_path})",
+                        source,
+                        "file",
+                    )
+                )
                 continue
             layers += self._read_file_layers(base_path, problems, stack)
         return layers
@@ -256,10 +326,24 @@ class ConfigSpec:
         version = mapping[VERSION_KEY]
         source = Source("file", filename, getattr(mapping, "key_lines", {}).get(VERSION_KEY, 0))
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            problems.append(Problem(VERSION_KEY, f"expected a spec version (a positive integer), found {shown(version)}", source, "value"))
+            problems.append(
+                Problem(
+                    VERSION_KEY,
+                    f"expected a spec version (a positive integer), found {shown(version)}",
+                    source,
+                    "value",
+                )
+            )
             return None
         if version > self.version:
-            problems.append(Problem(VERSION_KEY, f"written for spec version {version}, newer than this code's version {self.version}; update the code", source, "value"))
+            problems.append(
+                Problem(
+                    VERSION_KEY,
+                    f"written for spec version {version}, newer than this code's version {self.version}; update the code",
+                    source,
+                    "value",
+                )
+            )
             return None
         return version
 
@@ -292,12 +376,21 @@ class ConfigSpec:
             token = items[index]
             index += 1
             if not token.startswith("--") or len(token) == 2:
-                problems.append(Problem("", f"unexpected argument {token!r}; flags look like --section.field VALUE", Source("cli", flag=token), "key"))
+                problems.append(
+                    Problem(
+                        "",
+                        f"unexpected argument {token!r}; flags look like --section.field VALUE",
+                        Source("cli", flag=token),
+                        "key",
+                    )
+                )
                 continue
             name, has_value, value = token[2:].partition("=")
             if not has_value:
                 if index >= len(items):
-                    problems.append(Problem(name, "flag needs a value", Source("cli", flag=token), "value"))
+                    problems.append(
+                        Problem(name, "flag needs a value", Source("cli", flag=token), "value")
+                    )
                     continue
                 value = items[index]
                 index += 1
@@ -312,12 +405,18 @@ class ConfigSpec:
             canonical = self.flags[name]
             if name in self.aliases:
                 layer.renames.append(Rename(name, canonical, source))
-            layer.assignments.append(Assignment(canonical, self._parse_flag_value(self.fields[canonical], value), source, name))
+            layer.assignments.append(
+                Assignment(
+                    canonical, self._parse_flag_value(self.fields[canonical], value), source, name
+                )
+            )
         return layer
 
     # ----- merging and checking ----------------------------------------------------------------
 
-    def _merge(self, layers: list[Layer], problems: list, notes: list[str]):
+    def _merge(
+        self, layers: list[Layer], problems: list, notes: list[str]
+    ) -> tuple[dict[str, Any], dict[str, Source], dict[str, list]]:
         """Apply layers in order; the same key twice within one file must agree (later flags win)."""
         values = {path: spec.default for path, spec in self.fields.items()}
         sources = {path: DEFAULT_SOURCE for path in self.fields}
@@ -326,10 +425,14 @@ class ConfigSpec:
             self._apply_renames(layer, problems, notes)
             seen: dict[str, Assignment] = {}
             for item in layer.assignments:
-                if item.path in seen and item.source.kind != "cli":  # on the command line, later flags win
+                if (
+                    item.path in seen and item.source.kind != "cli"
+                ):  # on the command line, later flags win
                     first = seen[item.path]
                     spec = self.fields[item.path]
-                    if coerce(spec, first.value) != coerce(spec, item.value):  # 1e-3 and 0.001 agree
+                    if coerce(spec, first.value) != coerce(
+                        spec, item.value
+                    ):  # 1e-3 and 0.001 agree
                         message = f"given twice with different values: {first.written!r} = {shown(first.value)} ({first.source}) and {item.written!r} = {shown(item.value)}"
                         problems.append(Problem(item.path, message, item.source, "duplicate"))
                     continue
@@ -350,7 +453,9 @@ class ConfigSpec:
                     )
                     problems.append(Problem(rename.written, message, rename.source, "key"))
                     continue
-                notes.append(f"{rename.source}: upgraded {rename.written!r} to {rename.canonical!r} (written for spec version {layer.spec_version})")
+                notes.append(
+                    f"{rename.source}: upgraded {rename.written!r} to {rename.canonical!r} (written for spec version {layer.spec_version})"
+                )
                 continue
             note = f"{rename.source}: {rename.written!r} is an old name of {rename.canonical!r}; it still works, but write {rename.canonical!r}"
             notes.append(note)
@@ -372,7 +477,9 @@ class ConfigSpec:
     def _build(self, section_path: str, values: Mapping[str, Any]) -> Any:
         section = self.sections[section_path]
         kwargs = {name: values[_join(section_path, name)] for name in section.fields}
-        kwargs.update({name: self._build(_join(section_path, name), values) for name in section.sections})
+        kwargs.update(
+            {name: self._build(_join(section_path, name), values) for name in section.sections}
+        )
         return section.cls(**kwargs)
 
     def _fill_derived(self, values: dict, sources: dict, bad: set[str], problems: list) -> None:
@@ -387,13 +494,22 @@ class ConfigSpec:
             source = Source("derived", expression=derived.expression)
             problem = check_value(self.fields[path], value)
             if problem:
-                problems.append(Problem(path, f"{problem} (its default is derived: {derived.expression})", source, "value"))
+                problems.append(
+                    Problem(
+                        path,
+                        f"{problem} (its default is derived: {derived.expression})",
+                        source,
+                        "value",
+                    )
+                )
                 bad.add(path)
                 continue
             values[path] = value
             sources[path] = source
 
-    def _check_rules(self, config: Any, bad: set[str], sources: Mapping[str, Source], problems: list) -> None:
+    def _check_rules(
+        self, config: Any, bad: set[str], sources: Mapping[str, Source], problems: list
+    ) -> None:
         for rule in self.rules:
             if any(path in bad for path in rule.paths):
                 continue
@@ -404,14 +520,23 @@ class ConfigSpec:
             given = [p for p in rule.paths if sources[p].explicit]
             blamed = given[-1] if given else rule.paths[0]
             detail = ", ".join(f"{p} = {get_path(config, p)!r} ({sources[p]})" for p in rule.paths)
-            problems.append(Problem(blamed, f"{rule.message}: `{rule.check}` does not hold ({detail})", sources[blamed], "rule"))
+            problems.append(
+                Problem(
+                    blamed,
+                    f"{rule.message}: `{rule.check}` does not hold ({detail})",
+                    sources[blamed],
+                    "rule",
+                )
+            )
 
     def _resolve_layers(self, layers: list[Layer], problems: list) -> Resolved:
         notes: list[str] = []
         values, sources, overridden = self._merge(layers, problems, notes)
         bad = self._check_values(values, sources, problems)
         for path in bad:
-            values[path] = self.fields[path].default  # keep building so rules over other fields still run
+            values[path] = self.fields[
+                path
+            ].default  # keep building so rules over other fields still run
         self._fill_derived(values, sources, bad, problems)
         config = self._build("", values)
         self._check_rules(config, bad, sources, problems)
@@ -421,7 +546,14 @@ class ConfigSpec:
 
     # ----- public operations -------------------------------------------------------------------
 
-    def resolve(self, path: str | os.PathLike | None = None, *, text: str | bytes | None = None, argv: Iterable[str] = (), filename: str | None = None) -> Resolved:
+    def resolve(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        text: str | bytes | None = None,
+        argv: Iterable[str] = (),
+        filename: str | None = None,
+    ) -> Resolved:
         """Resolve a config file (or YAML text) plus flags, with the source of every value."""
         problems: list[Problem] = []
         layers: list[Layer] = []
@@ -432,7 +564,14 @@ class ConfigSpec:
         layers.append(self._read_argv(argv, problems))
         return self._resolve_layers(layers, problems)
 
-    def load_config(self, path: str | os.PathLike | None = None, *, text: str | bytes | None = None, argv: Iterable[str] = (), filename: str | None = None) -> Any:
+    def load_config(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        text: str | bytes | None = None,
+        argv: Iterable[str] = (),
+        filename: str | None = None,
+    ) -> Any:
         """The root config of a YAML file (or text) and `--section.field VALUE` flags."""
         return self.resolve(path, text=text, argv=argv, filename=filename).config
 
@@ -470,7 +609,9 @@ class ConfigSpec:
         """The dict to store with a checkpoint: the config plus the spec version it was written for."""
         return {VERSION_KEY: self.version, **self.config_to_dict(config)}
 
-    def _finish(self, values: dict, sources: dict, resolved: Resolved, notes: list[str]) -> Resolved:
+    def _finish(
+        self, values: dict, sources: dict, resolved: Resolved, notes: list[str]
+    ) -> Resolved:
         """Rebuild a config from flat values, checking derived defaults and rules again."""
         problems: list[Problem] = []
         self._fill_derived(values, sources, set(), problems)
@@ -482,7 +623,9 @@ class ConfigSpec:
             raise ConfigError(problems)
         return Resolved(config, sources, resolved.overridden, resolved.warnings + notes)
 
-    def reconcile_with_checkpoint(self, resolved: Resolved, saved: Mapping, checkpoint: str = "checkpoint") -> tuple[Resolved, list[str]]:
+    def reconcile_with_checkpoint(
+        self, resolved: Resolved, saved: Mapping, checkpoint: str = "checkpoint"
+    ) -> tuple[Resolved, list[str]]:
         """The config of a resumed run, applying each field's checkpoint policy.
 
         `must_match` fields must equal the checkpoint's (an error names the field and both values);
@@ -498,13 +641,22 @@ class ConfigSpec:
             if new == old:
                 continue
             if spec.policy == "must_match":
-                problems.append(Problem(path, f"must match the checkpoint {checkpoint}: it has {old!r}, this run has {new!r}", sources[path], "value"))
+                problems.append(
+                    Problem(
+                        path,
+                        f"must match the checkpoint {checkpoint}: it has {old!r}, this run has {new!r}",
+                        sources[path],
+                        "value",
+                    )
+                )
             elif spec.policy == "from_checkpoint" and not sources[path].explicit:
                 values[path] = old
                 sources[path] = Source("file", checkpoint, 0)
                 notes.append(f"{path} = {old!r} taken from the checkpoint (spec default {new!r})")
             else:
-                notes.append(f"{path}: this run's {new!r} overrides the checkpoint's {old!r} ({sources[path]})")
+                notes.append(
+                    f"{path}: this run's {new!r} overrides the checkpoint's {old!r} ({sources[path]})"
+                )
         if problems:
             raise ConfigError(problems)
         return self._finish(values, sources, resolved, notes), notes
@@ -521,7 +673,14 @@ class ConfigSpec:
             if value == current[path]:
                 continue
             if sources[path].explicit:
-                problems.append(Problem(path, f"this run sets {shown(current[path])} but {origin} has {shown(value)}; remove the key or make them agree", sources[path], "value"))
+                problems.append(
+                    Problem(
+                        path,
+                        f"this run sets {shown(current[path])} but {origin} has {shown(value)}; remove the key or make them agree",
+                        sources[path],
+                        "value",
+                    )
+                )
                 continue
             current[path] = value
             sources[path] = Source("file", origin, 0)
@@ -538,7 +697,9 @@ class ConfigSpec:
         as set explicitly (source `<config object>`); derived defaults left null are computed."""
         values = self.flat_values(config)
         sources = {
-            path: DEFAULT_SOURCE if value == self.fields[path].default else Source("file", "<config object>", 0)
+            path: DEFAULT_SOURCE
+            if value == self.fields[path].default
+            else Source("file", "<config object>", 0)
             for path, value in values.items()
         }
         return self._finish(values, sources, Resolved(config, sources, {}, []), [])
@@ -551,7 +712,12 @@ class ConfigSpec:
         """Canonical YAML of a resolved config; loading it gives an equal config."""
         import yaml
 
-        return yaml.safe_dump(self.to_saved_dict(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        return yaml.safe_dump(
+            self.to_saved_dict(config),
+            sort_keys=False,
+            default_flow_style=False,
+            allow_unicode=True,
+        )
 
     def nest(self, values: Mapping[str, Any]) -> dict:
         """A nested dict, sections in spec order, of {dotted field path: value}."""
@@ -570,11 +736,22 @@ class ConfigSpec:
         try:
             document = load_yaml(text)
         except YAMLLoadError as error:
-            raise ConfigError([Problem("", error.message, Source("file", filename, error.line), "file")]) from None
+            raise ConfigError(
+                [Problem("", error.message, Source("file", filename, error.line), "file")]
+            ) from None
         if document is None:
             return ""
         if not isinstance(document, LineDict):
-            raise ConfigError([Problem("", "a config file must be a mapping of sections", Source("file", filename, 1), "key")])
+            raise ConfigError(
+                [
+                    Problem(
+                        "",
+                        "a config file must be a mapping of sections",
+                        Source("file", filename, 1),
+                        "key",
+                    )
+                ]
+            )
         layer = Layer()
         self._walk_mapping(document, "", filename, layer, problems)
         if problems:
@@ -594,18 +771,23 @@ class ConfigSpec:
             assignments.append(item)
         if problems:
             raise ConfigError(problems)
-        tree = {VERSION_KEY: self.version, **self.nest({item.path: item.value for item in assignments})}
+        tree = {
+            VERSION_KEY: self.version,
+            **self.nest({item.path: item.value for item in assignments}),
+        }
         if BASE_KEY in document:
             tree = {BASE_KEY: document[BASE_KEY], **tree}
         import yaml
 
         return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
-    def build_arg_parser(self, prog: str = "python -m runtime train"):
+    def build_arg_parser(self, prog: str = "python -m runtime train") -> argparse.ArgumentParser:
         """An argparse parser with one --section.field flag per field, for --help text."""
-        import argparse
-
-        parser = argparse.ArgumentParser(prog=prog, description="Flags override the config file; later flags win.", allow_abbrev=False)
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description="Flags override the config file; later flags win.",
+            allow_abbrev=False,
+        )
         parser.add_argument("config", nargs="?", help="YAML config file")
         for path, section in self.sections.items():
             if not path:
@@ -619,15 +801,22 @@ class ConfigSpec:
         return parser
 
     @staticmethod
-    def _add_flag(group, spec: FieldSpec) -> None:
+    def _add_flag(group: argparse._ArgumentGroup, spec: FieldSpec) -> None:
         aliases = [f"--{alias}" for alias in spec.aliases]
         extra = f" Old names: {', '.join(aliases)}." if aliases else ""
         choices = f" One of: {', '.join(map(str, spec.choices))}." if spec.choices else ""
         help_text = f"{spec.doc}{choices} Default: {spec.default!r}.{extra}"
-        group.add_argument(f"--{spec.path}", metavar=spec.type_text.upper(), help=help_text.replace("%", "%%"))
+        group.add_argument(
+            f"--{spec.path}", metavar=spec.type_text.upper(), help=help_text.replace("%", "%%")
+        )
 
 
-def validate_instance(instance: Any, section: SectionSpec, fields: Mapping[str, FieldSpec], sections: Mapping[str, SectionSpec]) -> None:
+def validate_instance(
+    instance: Any,
+    section: SectionSpec,
+    fields: Mapping[str, FieldSpec],
+    sections: Mapping[str, SectionSpec],
+) -> None:
     """Check a dataclass built in code (called from its __post_init__); ValueError on bad values."""
     problems = []
     for name in section.fields:

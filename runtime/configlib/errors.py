@@ -49,7 +49,9 @@ class Problem:
     kind: str = "value"
 
     def __str__(self) -> str:
-        where = f"{self.source}: " if self.source is not None and self.source.kind != "default" else ""
+        where = (
+            f"{self.source}: " if self.source is not None and self.source.kind != "default" else ""
+        )
         return f"{where}{self.path or '<root>'}: {self.message}"
 
 

@@ -8,9 +8,12 @@ is a number, `yes` and `1:00` are strings, `0o17` and `0x1F` are integers. `017`
 importing the config package stays cheap.
 """
 
+from __future__ import annotations
+
 import functools
 import math
 import re
+from typing import Any, NoReturn
 
 
 class LineDict(dict):
@@ -18,9 +21,9 @@ class LineDict(dict):
 
     line = 0
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.key_lines = {}
+        self.key_lines: dict[str, int] = {}
 
 
 class LineList(list):
@@ -28,21 +31,21 @@ class LineList(list):
 
     line = 0
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.item_lines = []
+        self.item_lines: list[int] = []
 
 
 class YAMLLoadError(Exception):
     """A YAML document that could not be read: syntax, an unsafe tag or a duplicate key."""
 
-    def __init__(self, message, line):
+    def __init__(self, message: str, line: int) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
 
 
-def _construct_mapping(loader, node):
+def _construct_mapping(loader: Any, node: Any) -> LineDict:
     loader.flatten_mapping(node)
     mapping = LineDict()
     mapping.line = node.start_mark.line + 1
@@ -59,7 +62,7 @@ def _construct_mapping(loader, node):
     return mapping
 
 
-def _construct_sequence(loader, node):
+def _construct_sequence(loader: Any, node: Any) -> LineList:
     items = LineList()
     items.line = node.start_mark.line + 1
     for item_node in node.value:
@@ -68,7 +71,7 @@ def _construct_sequence(loader, node):
     return items
 
 
-def _reject_tag(loader, tag_suffix, node):
+def _reject_tag(loader: Any, tag_suffix: str, node: Any) -> NoReturn:
     raise YAMLLoadError(
         f"unsafe or unknown YAML tag {node.tag!r} rejected; only plain YAML values are allowed",
         node.start_mark.line + 1,
@@ -77,21 +80,23 @@ def _reject_tag(loader, tag_suffix, node):
 
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 _LEADING_ZERO = re.compile(r"^[-+]?0[0-9]+$")
 _AMBIGUOUS_TAG = "tag:deepseek-moe,2026:leading-zero"
 _CORE_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
-def _construct_bool(loader, node):
+def _construct_bool(loader: Any, node: Any) -> bool:
     return loader.construct_scalar(node).lower() == "true"
 
 
-def _construct_int(loader, node):
+def _construct_int(loader: Any, node: Any) -> int:
     return int(loader.construct_scalar(node), 0)
 
 
-def _construct_float(loader, node):
+def _construct_float(loader: Any, node: Any) -> float:
     text = loader.construct_scalar(node).lower()
     if text.endswith(".inf"):
         return float(text.replace(".inf", "inf"))
@@ -100,7 +105,7 @@ def _construct_float(loader, node):
     return float(text)
 
 
-def _reject_leading_zero(loader, node):
+def _reject_leading_zero(loader: Any, node: Any) -> NoReturn:
     text = loader.construct_scalar(node)
     raise YAMLLoadError(
         f"{text!r}: a number with a leading zero is ambiguous (YAML 1.1 reads it as octal); "
@@ -110,11 +115,13 @@ def _reject_leading_zero(loader, node):
 
 
 @functools.cache
-def _loader():
+def _loader() -> Any:
     import yaml
 
     # libyaml's parser when PyYAML has it (several times faster); same constructors either way.
-    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class Loader(base):
         pass
 
     # YAML 1.2 core schema for booleans and numbers instead of PyYAML's YAML 1.1 resolvers.
@@ -137,13 +144,15 @@ def _loader():
     return Loader
 
 
-def load_yaml(text):
+def load_yaml(text: str | bytes) -> Any:
     """Parse one YAML document into LineDict/LineList/scalars; None for an empty document."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise YAMLLoadError(f"file is not valid UTF-8 ({error.reason} at byte {error.start})", 1)
+            raise YAMLLoadError(
+                f"file is not valid UTF-8 ({error.reason} at byte {error.start})", 1
+            ) from None
     import yaml
 
     try:

@@ -25,7 +25,7 @@ class DistConfig:
     backend: Literal["gloo", "nccl"] = "gloo"
     """Backend."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["sys.dist"], FIELDS, SECTIONS)
 
 
@@ -36,7 +36,7 @@ class SysConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     """Data parallel; a boolean sets `enabled`."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["sys"], FIELDS, SECTIONS)
 
 
@@ -65,7 +65,7 @@ class LoopConfig:
     temperature: float | None = None
     """Optional temperature."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["loop"], FIELDS, SECTIONS)
 
 
@@ -85,7 +85,7 @@ class NetConfig:
     dropout: float = 0.0
     """Dropout probability."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["net"], FIELDS, SECTIONS)
 
 
@@ -108,7 +108,7 @@ class RunConfig:
     sys: SysConfig = field(default_factory=SysConfig)
     """System."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS[""], FIELDS, SECTIONS)
 
 

@@ -52,7 +52,7 @@ RULES = (
         check="all(m <= loop.steps for m in loop.milestones)",
         when=None,
         message="milestones must fall inside the run",
-        paths=["loop.steps", "loop.milestones"],
+        paths=("loop.steps", "loop.milestones"),
         holds=lambda c: all((m <= c.loop.steps for m in c.loop.milestones)),
         applies=None,
     ),
@@ -60,7 +60,7 @@ RULES = (
         check="loop.temperature is not None",
         when="net.act == 'relu'",
         message="relu needs a temperature (a test rule)",
-        paths=["loop.temperature", "net.act"],
+        paths=("loop.temperature", "net.act"),
         holds=lambda c: c.loop.temperature is not None,
         applies=lambda c: c.net.act == "relu",
     ),
@@ -68,7 +68,7 @@ RULES = (
         check="len(loop.ratios) <= max(1, len(loop.milestones))",
         when=None,
         message="at most one ratio per milestone",
-        paths=["loop.ratios", "loop.milestones"],
+        paths=("loop.ratios", "loop.milestones"),
         holds=lambda c: len(c.loop.ratios) <= max(1, len(c.loop.milestones)),
         applies=None,
     ),
@@ -78,7 +78,7 @@ RULES = (
 DERIVED = {
     "loop.decay_steps": Derived(
         expression="loop.steps * 2",
-        paths=["loop.steps"],
+        paths=("loop.steps",),
         compute=lambda c: c.loop.steps * 2,
     ),
 }

@@ -25,7 +25,7 @@ class TrainConfig:
     lr: float = 0.001
     """Learning rate."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["train"], FIELDS, SECTIONS)
 
 
@@ -39,7 +39,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_instance(self, SECTIONS[""], FIELDS, SECTIONS)
 
 

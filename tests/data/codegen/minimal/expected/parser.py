@@ -36,7 +36,7 @@ RULES = (
         check="train.steps >= seed",
         when=None,
         message="more steps than the seed, for no reason but a test",
-        paths=["train.steps", "seed"],
+        paths=("train.steps", "seed"),
         holds=lambda c: c.train.steps >= c.seed,
         applies=None,
     ),
