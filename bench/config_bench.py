@@ -1,9 +1,12 @@
-"""Config layer against OmegaConf: import cost, load + validate, generator and drift-check time."""
+"""Config layer against OmegaConf: import cost, load + validate, generator and drift-check time;
+the worst case of validating hostile documents (bench/hostile_configs.py)."""
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from . import hostile_configs
 from .common import Target, interleaved_medians, median_time
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +88,8 @@ def run(quick=False):
     )
 
     no_torch = not _imports_torch()
+    with tempfile.TemporaryDirectory() as folder:
+        hostile, worst_s, worst_mb = hostile_configs.worst_case(folder)
     return {
         "targets": [
             Target(
@@ -101,6 +106,22 @@ def run(quick=False):
                 True,
                 detail=f"ours {load['ours'] * 1e3:.2f} ms, omegaconf {load['omegaconf'] * 1e3:.2f} ms (configs/deepseek_v3.yaml)",
             ),
+            Target(
+                "hostile config worst case: validate time",
+                worst_s,
+                hostile_configs.TIME_LIMIT_S,
+                False,
+                unit="s",
+                detail="worst of " + ", ".join(f"{n}: {t:.3f} s" for n, (t, _) in hostile.items()),
+            ),
+            Target(
+                "hostile config worst case: peak memory",
+                worst_mb,
+                hostile_configs.MEMORY_LIMIT_MB,
+                False,
+                unit="MB",
+                detail="peak RSS of the validating process, imports included",
+            ),
         ],
         "figures": {
             "generated_imports_torch": not no_torch,
@@ -113,6 +134,7 @@ def run(quick=False):
                 "generated": load["ours"] * 1e3,
                 "omegaconf": load["omegaconf"] * 1e3,
             },
+            "hostile_configs": {n: {"seconds": t, "peak_mb": mb} for n, (t, mb) in hostile.items()},
             "generate_s": generate_time,
             "drift_check_s": check_time,
         },

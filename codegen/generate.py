@@ -14,6 +14,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import black
 import jinja2
 
 from runtime.configlib import ENGINE_VERSION
+from runtime.configlib.fields import NULL_LOOKALIKES
 
 from .spec import SpecError, enum_class_name, enum_member_name, has_constants, load_spec
 
@@ -91,7 +93,9 @@ def _field_view(f, spec):
     for key, symbol in (("min", ">="), ("gt", ">"), ("max", "<=")):
         bound = getattr(f, key)
         if bound is not None:
-            constraints.append(f"{symbol} {bound}")
+            constraints.append(("each item " if f.is_list else "") + f"{symbol} {bound}")
+    if f.pattern is not None:
+        constraints.append(f.pattern_doc or f"matches `{f.pattern}`")
     return {
         "name": f.name,
         "path": f.path,
@@ -117,6 +121,8 @@ def _field_view(f, spec):
         "sentinels": f.sentinels,
         "sentinel_text": "; ".join(f"`{value}`: {meaning}" for value, meaning in f.sentinels),
         "derived": f.derived,
+        "pattern": f.pattern,
+        "pattern_doc": f.pattern_doc,
     }
 
 
@@ -186,9 +192,18 @@ SCHEMA_EXCEPTIONS = (
 
 
 def _item_schema(type_name, f):
+    """Schema of one value (of each item, for a list field): type, bounds, pattern."""
     schema = {"type": JSON_TYPES[type_name]}
     if type_name == "float":
         schema["minimum"], schema["maximum"] = -FLOAT_LIMIT, FLOAT_LIMIT
+    for key, name in (("min", "minimum"), ("max", "maximum"), ("gt", "exclusiveMinimum")):
+        if getattr(f, key) is not None:
+            schema[name] = getattr(f, key)
+    if f.pattern is not None:
+        specials = [re.escape(value) for value, _ in f.sentinels]
+        schema["pattern"] = "^(?:" + "|".join(specials + [f"(?:{f.pattern})"]) + ")$"
+    if type_name == "str" and f.nullable:
+        schema["not"] = {"enum": list(NULL_LOOKALIKES)}  # the validator wants null, not "None"
     return schema
 
 
@@ -199,9 +214,6 @@ def _json_type(f):
         schema = _item_schema(f.type, f)
     if f.choices is not None:
         schema["enum"] = list(f.choices)
-    for key, name in (("min", "minimum"), ("max", "maximum"), ("gt", "exclusiveMinimum")):
-        if getattr(f, key) is not None and not f.is_list:
-            schema[name] = getattr(f, key)
     if f.nullable:
         schema = {"anyOf": [schema, {"type": "null"}]}
     return schema

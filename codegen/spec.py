@@ -7,11 +7,14 @@ generated.
 import ast
 import difflib
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from runtime.configlib import FieldSpec, LineDict, YAMLLoadError, check_value, load_yaml
 
 FIELD_ATTRIBUTES = {
+    "pattern",
+    "pattern_doc",
     "name",
     "type",
     "default",
@@ -235,9 +238,10 @@ class _Reader:
             ):
                 self.error(node.key_lines[key], f"{what}: {key!r} must be a number")
                 value = None
-            if value is not None and base not in ("int", "float"):
+            if value is not None and base.removeprefix("list[").rstrip("]") not in ("int", "float"):
                 self.error(
-                    node.key_lines[key], f"{what}: {key!r} only applies to int and float fields"
+                    node.key_lines[key],
+                    f"{what}: {key!r} only applies to int and float fields (and their lists)",
                 )
                 value = None
             bounds[key] = value
@@ -268,6 +272,29 @@ class _Reader:
             sentinels = {}
         elif sentinels and base != "str":
             self.error(node.key_lines["sentinels"], f"{what}: 'sentinels' only apply to str fields")
+        pattern, pattern_doc = node.get("pattern"), node.get("pattern_doc")
+        if pattern is not None:
+            if base.removeprefix("list[").rstrip("]") != "str" or not isinstance(pattern, str):
+                self.error(
+                    node.key_lines["pattern"],
+                    f"{what}: 'pattern' is a regular expression for str fields",
+                )
+                pattern = None
+            else:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    self.error(
+                        node.key_lines["pattern"],
+                        f"{what}: 'pattern' is not a regular expression: {error}",
+                    )
+                    pattern = None
+        if pattern_doc is not None and (pattern is None or not isinstance(pattern_doc, str)):
+            self.error(
+                node.key_lines["pattern_doc"],
+                f"{what}: 'pattern_doc' describes a 'pattern' in words",
+            )
+            pattern_doc = None
         derived = node.get("derived")
         if derived is not None:
             if not isinstance(derived, str):
@@ -298,6 +325,8 @@ class _Reader:
             hf=hf,
             sentinels=tuple((k, " ".join(v.split())) for k, v in sentinels.items()),
             derived=derived,
+            pattern=pattern,
+            pattern_doc=pattern_doc,
         )
         self.derived_lines[result.path] = node.key_lines.get("derived", node.line)
         if "default" in node:

@@ -56,7 +56,7 @@ class DeviceConfig:
     """Device and precision. A string given for the whole section sets `device`."""
 
     device: str = "cpu"
-    """`cpu`, `cuda` or `cuda:N`."""
+    """`cpu`, `cuda` or `cuda:N` (N: the GPU index)."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Autocast dtype of forward and loss (weights and optimizer stay float32); float16 also turns on gradient scaling."""
@@ -1406,7 +1406,7 @@ FIELDS = {
         doc="Steps at which each `multi_phase` phase after the first begins, increasing.",
         aliases=(),
         choices=None,
-        min=None,
+        min=1,
         max=None,
         gt=None,
         policy="overridable",
@@ -1929,7 +1929,7 @@ FIELDS = {
         type="str",
         nullable=False,
         default="cpu",
-        doc="`cpu`, `cuda` or `cuda:N`.",
+        doc="`cpu`, `cuda` or `cuda:N` (N: the GPU index).",
         aliases=("system.device_type",),
         choices=None,
         min=None,
@@ -1937,6 +1937,8 @@ FIELDS = {
         gt=None,
         policy="overridable",
         sentinels=(("auto", "cuda when available, else cpu"),),
+        pattern="cpu|cuda(:[0-9]+)?",
+        pattern_doc="`cpu`, `cuda` or `cuda:N`",
     ),
     "system.device.dtype": FieldSpec(
         path="system.device.dtype",

@@ -6,14 +6,18 @@ installs without it; train, sample and export need the `train` extra).
 
 import sys
 
-USAGE = """usage: deepseek-moe COMMAND [ARGS]   (or: python -m runtime COMMAND [ARGS])
+from runtime import console
+
+USAGE = f"""usage: deepseek-moe COMMAND [ARGS]   (or: python -m runtime COMMAND [ARGS])
 
 commands:
-  config   validate | show | migrate config files (no torch needed)
-  train    train from a config: train CONFIG [--section.field VALUE ...]
+  config   validate | show | migrate | explain | diff config files (no torch needed)
+  train    train from a config: train [CONFIG] [--section.field VALUE ...]
   export   write a checkpoint as a Hugging Face folder: export CHECKPOINT OUT_DIR
   sample   generate text: sample SOURCE --prompt TEXT --max-new-tokens N --temperature T [--json]
-"""
+
+`COMMAND --help` describes a command; `train --help` lists every config flag.
+{console.__doc__.split("Exit codes", 1)[1].replace(", the same for every command:", "Exit codes:", 1)}"""
 
 COMMANDS = {
     "config": ("runtime.config_cli", "main"),
@@ -30,24 +34,26 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
-        return 0 if argv else 2
+        return console.EXIT_OK if argv else console.EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
-        return 2
+        console.error("deepseek-moe", f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
+        print(USAGE, end="", file=sys.stderr)
+        return console.EXIT_USAGE
     module_name, function_name = COMMANDS[command]
     try:
         module = __import__(module_name, fromlist=[function_name])
     except ModuleNotFoundError as error:
         if error.name not in TRAIN_EXTRA_MODULES:
             raise
-        print(
-            f"{command}: error: needs the train extra (no module {error.name!r}): "
-            f"pip install -e '.[train]' or make setup",
-            file=sys.stderr,
+        console.error(
+            command,
+            f"needs the train extra (no module {error.name!r}): pip install -e '.[train]' or make setup",
         )
-        return 1
-    return getattr(module, function_name)(rest)
+        return console.EXIT_FAILURE
+    # a user's mistake that escapes the command becomes one message and an exit code
+    user_errors = getattr(module, "USER_ERRORS", ())
+    return console.run_command(command, lambda: getattr(module, function_name)(rest), user_errors)
 
 
 if __name__ == "__main__":

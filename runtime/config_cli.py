@@ -1,15 +1,16 @@
 """`python -m runtime config ...`: config tools that never import torch.
 
-validate FILE...              check files; exit 1 on any error
-show FILE [--changed] [flags] the resolved config as canonical YAML (only non-defaults with --changed)
-migrate FILE                  the file with every old name rewritten to its canonical key
-explain FILE [flags] KEY...   each key's value, where it came from, and what it overrode
-diff A B                      the keys whose resolved values differ, with their sources
+    validate FILE...              check files
+    show FILE [--changed] [flags] the resolved config as canonical YAML (only non-defaults with --changed)
+    migrate FILE                  the file with every old name rewritten to its canonical key
+    explain FILE [flags] KEY...   each key's value, where it came from, and what it overrode
+    diff A B                      the keys whose resolved values differ, with their sources
+
+Config flags (`--section.field VALUE`) may come before or after the file. Messages and exit codes
+are those of every command (runtime/console.py): 0 ok, 2 a config problem or a bad argument.
 """
 
-import argparse
 import sys
-import warnings
 
 import yaml
 
@@ -17,6 +18,7 @@ from generated import (
     ALIASES,
     FIELDS,
     PATH,
+    SPEC,
     ConfigError,
     dump_yaml,
     flat_values,
@@ -24,32 +26,45 @@ from generated import (
     nest,
     resolve,
 )
+from runtime import console
 
+PROG = "config"
 MODELINE_PREFIX = "# yaml-language-server:"
+COMMANDS = {  # name -> (positional arguments, tool options, what it does)
+    "validate": ("FILE...", (), "check config files"),
+    "show": ("FILE", ("--changed",), "print the resolved config as canonical YAML"),
+    "migrate": ("FILE", (), "print the file with every old name rewritten"),
+    "explain": ("FILE KEY...", (), "where each key's value came from"),
+    "diff": ("A B", (), "keys whose resolved values differ between two configs"),
+}
+USAGE = (
+    "usage: python -m runtime config COMMAND ARGS [--section.field VALUE ...]\n\ncommands:\n"
+    + "".join(f"  {name:<9}{args:<13}{what}\n" for name, (args, _, what) in COMMANDS.items())
+)
 
 
-def _validate(args):
+class UsageError(Exception):
+    """Wrong arguments to a config command."""
+
+
+def _validate(files, flags):
     failed = 0
-    for path in args.files:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                resolve(path)
-            except ConfigError as error:
-                failed += 1
-                print(f"{path}: {error}", file=sys.stderr)
-                continue
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+    for path in files:
+        try:
+            resolve(path, argv=flags)
+        except ConfigError as error:
+            failed += 1
+            console.error(PROG, f"{path}: {error}")
+            continue
         print(f"{path}: ok")
-    return 1 if failed else 0
+    return console.EXIT_USAGE if failed else console.EXIT_OK
 
 
-def _show(args, extra):
-    resolved = resolve(args.file, argv=extra)
-    if not args.changed:
+def _show(path, flags, changed_only):
+    resolved = resolve(path, argv=flags)
+    if not changed_only:
         sys.stdout.write(dump_yaml(resolved.config))
-        return 0
+        return console.EXIT_OK
     changed = {
         path: value
         for path, value in flat_values(resolved.config).items()
@@ -57,11 +72,11 @@ def _show(args, extra):
     }
     if changed:
         sys.stdout.write(yaml.safe_dump(nest(changed), sort_keys=False, default_flow_style=False))
-    return 0
+    return console.EXIT_OK
 
 
-def _migrate(args):
-    with open(args.file, "rb") as config_file:
+def _migrate(path):
+    with open(path, "rb") as config_file:
         text = config_file.read()
     # keep the editor's schema modeline (a comment, which the YAML round trip drops)
     modelines = [
@@ -69,8 +84,8 @@ def _migrate(args):
         for line in text.decode("utf-8", "replace").splitlines()
         if line.startswith(MODELINE_PREFIX)
     ]
-    sys.stdout.write("".join(line + "\n" for line in modelines[:1]) + migrate_text(text, args.file))
-    return 0
+    sys.stdout.write("".join(line + "\n" for line in modelines[:1]) + migrate_text(text, path))
+    return console.EXIT_OK
 
 
 def _describe(source, main_file):
@@ -80,95 +95,80 @@ def _describe(source, main_file):
     return text
 
 
-def _explain(args, extra):
-    flags, keys = _split_flags(extra)
+def _explain(path, keys, flags):
     if not keys:
-        raise SystemExit(f"explain needs at least one KEY, e.g. {PATH.training.batch_size}")
-    resolved = resolve(args.file, argv=flags)
+        raise UsageError(f"explain needs at least one KEY, e.g. {PATH.training.batch_size}")
+    resolved = resolve(path, argv=flags)
     values = flat_values(resolved.config)
     unknown = []
     for key in keys:
-        path = ALIASES.get(key, key)
-        if path not in FIELDS:
+        canonical = ALIASES.get(key, key)
+        if canonical not in FIELDS:
             unknown.append(key)
             continue
-        note = f" ({key!r} is an old name of it)" if path != key else ""
-        print(f"{path} = {values[path]!r}{note}")
-        print(f"  from {_describe(resolved.sources[path], args.file)}")
-        for value, source in reversed(resolved.overridden.get(path, [])):
-            print(f"  overrides {value!r} from {_describe(source, args.file)}")
+        note = f" ({key!r} is an old name of it)" if canonical != key else ""
+        print(f"{canonical} = {values[canonical]!r}{note}")
+        print(f"  from {_describe(resolved.sources[canonical], path)}")
+        for value, source in reversed(resolved.overridden.get(canonical, [])):
+            print(f"  overrides {value!r} from {_describe(source, path)}")
     if unknown:
-        print(
-            f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}", file=sys.stderr
-        )
-        return 1
-    return 0
+        raise UsageError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    return console.EXIT_OK
 
 
-def _split_flags(extra):
-    """Split explain's arguments into --flag VALUE pairs and the KEY words."""
-    flags, keys, index = [], [], 0
-    while index < len(extra):
-        token = extra[index]
-        if token.startswith("--"):
-            flags.append(token)
-            if "=" not in token and index + 1 < len(extra):
-                flags.append(extra[index + 1])
-                index += 1
-        else:
-            keys.append(token)
-        index += 1
-    return flags, keys
-
-
-def _diff(args):
-    a, b = resolve(args.a), resolve(args.b)
+def _diff(path_a, path_b, flags):
+    a, b = resolve(path_a, argv=flags), resolve(path_b, argv=flags)
     values_a, values_b = flat_values(a.config), flat_values(b.config)
     differing = [path for path in FIELDS if values_a[path] != values_b[path]]
     for path in differing:
         print(
-            f"{path}: {values_a[path]!r} ({_describe(a.sources[path], args.a)}) -> {values_b[path]!r} ({_describe(b.sources[path], args.b)})"
+            f"{path}: {values_a[path]!r} ({_describe(a.sources[path], path_a)}) -> "
+            f"{values_b[path]!r} ({_describe(b.sources[path], path_b)})"
         )
     if not differing:
         print("no differences")
-    return 0
+    return console.EXIT_OK
+
+
+def _dispatch(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return console.EXIT_OK if argv else console.EXIT_USAGE
+    command, rest = argv[0], list(argv[1:])
+    if command not in COMMANDS:
+        raise UsageError(f"unknown config command {command!r}; one of {', '.join(COMMANDS)}")
+    arguments, options, _ = COMMANDS[command]
+    given = {option for option in options if option in rest}
+    rest = [token for token in rest if token not in options]
+    positionals, flags, wants_help = SPEC.split_command_line(rest)
+    if wants_help:
+        print(
+            f"usage: python -m runtime config {command} {arguments} {' '.join(f'[{o}]' for o in options)}"
+        )
+        return console.EXIT_OK
+    needed = len(arguments.split())
+    if len(positionals) < needed if arguments.endswith("...") else len(positionals) != needed:
+        if command != "explain" or not positionals:
+            raise UsageError(f"usage: python -m runtime config {command} {arguments}")
+    if flags and command == "migrate":
+        raise UsageError("migrate rewrites a file as written; it takes no flags")
+    if command == "validate":
+        return _validate(positionals, flags)
+    if command == "show":
+        return _show(positionals[0], flags, "--changed" in given)
+    if command == "migrate":
+        return _migrate(positionals[0])
+    if command == "explain":
+        return _explain(positionals[0], positionals[1:], flags)
+    return _diff(positionals[0], positionals[1], flags)
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime config",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", help="check config files; exit 1 on any error")
-    validate.add_argument("files", nargs="+")
-    show = commands.add_parser("show", help="print the resolved config as canonical YAML")
-    show.add_argument("file")
-    show.add_argument(
-        "--changed", action="store_true", help="only values that differ from the spec defaults"
-    )
-    migrate = commands.add_parser("migrate", help="print the file with every old name rewritten")
-    migrate.add_argument("file")
-    explain = commands.add_parser("explain", help="where each key's value came from")
-    explain.add_argument("file")
-    diff = commands.add_parser("diff", help="keys whose resolved values differ between two configs")
-    diff.add_argument("a")
-    diff.add_argument("b")
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("show", "explain"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    warnings.simplefilter("default")
-    try:
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "show":
-            return _show(args, extra)
-        if args.command == "explain":
-            return _explain(args, extra)
-        if args.command == "diff":
-            return _diff(args)
-        return _migrate(args)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 1
+    def body():
+        try:
+            return _dispatch(list(argv))
+        except UsageError as error:
+            console.error(PROG, error)
+            return console.EXIT_USAGE
+
+    return console.run_command(PROG, body)

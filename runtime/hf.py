@@ -596,6 +596,16 @@ def load_model_and_tokenizer(source: str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), codec
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from runtime.checkpoint import CheckpointError
+
+    return (ValueError, KeyError, CheckpointError)
+
+
+# mistakes `python -m runtime export` reports as one line (runtime/console.py)
+USER_ERRORS = _user_errors()
+
+
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime export",

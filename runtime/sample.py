@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from generated import FIELDS, PATH
+from runtime.checkpoint import CheckpointError
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -101,6 +102,10 @@ def generate(
     if return_logits:
         return idx, torch.stack(seen, dim=1) if seen else idx.new_zeros(idx.shape[0], 0, 0).float()
     return idx
+
+
+# mistakes `python -m runtime` reports as one line (runtime/console.py)
+USER_ERRORS = (ValueError, KeyError, CheckpointError)
 
 
 def main(argv: list[str]) -> int:

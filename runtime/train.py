@@ -47,8 +47,8 @@ from generated.parser import (
     resolved_from_config,
     to_saved_dict,
 )
+from runtime import console, logs
 from runtime import distributed as dist_utils
-from runtime import logs
 from runtime.checkpoint import (
     FORMAT_VERSION,
     Checkpointer,
@@ -725,39 +725,31 @@ USER_ERRORS = (
 def main(argv=None):
     """`python -m runtime train CONFIG [--section.field VALUE ...]`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        from generated.parser import build_arg_parser
+    from generated.parser import SPEC, build_arg_parser
 
+    positionals, argv, wants_help = SPEC.split_command_line(argv)  # flags before or after CONFIG
+    if wants_help:
         build_arg_parser().print_help()
-        return 0
-    path = None
-    if argv and not argv[0].startswith("--"):
-        path, argv = argv[0], argv[1:]
-    # `--overwrite` alone means `--overwrite true` (the generated parser wants a value for every flag)
-    argv = [
-        a
-        for i, a in enumerate(argv)
-        for a in (
-            [a, "true"]
-            if a == "--overwrite" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
-            else [a]
-        )
-    ]
+        return console.EXIT_OK
+    if len(positionals) > 1:
+        console.error("train", f"one config file at most, got {' '.join(positionals)}")
+        return console.EXIT_USAGE
+    path = positionals[0] if positionals else None
     trainer = None
     try:
         resolved = resolve(path, argv=argv)
         trainer = Trainer(resolved.config, resolved)
         return trainer.run()
     except USER_ERRORS as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        console.error("train", error)
+        return console.EXIT_USAGE if isinstance(error, ConfigError) else console.EXIT_FAILURE
     except OSError as error:  # disk full, unwritable output folder...: one line, no traceback
         where = f" ({error.filename})" if error.filename else ""
-        print(f"train: error: {describe_os_error(error)}{where}", file=sys.stderr)
-        return 1
+        console.error("train", f"{describe_os_error(error)}{where}")
+        return console.EXIT_FAILURE
     except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
-        print("train: interrupted", file=sys.stderr)
-        return 130
+        console.error("train", "interrupted")
+        return console.EXIT_INTERRUPTED
     finally:
         logs.close()
         dist_utils.shutdown()

@@ -10,7 +10,7 @@ from generated import PATH
 
 
 class WandbUnavailable(RuntimeError):
-    """wandb.enabled is true but the wandb package cannot be imported."""
+    """wandb.enabled is true but wandb cannot be imported or cannot start a run."""
 
 
 def import_wandb():
@@ -39,13 +39,22 @@ class WandbLogger:
             return
         self._wandb = wandb
         os.makedirs(out_dir, exist_ok=True)
-        self.run = wandb.init(
-            project=wandb_cfg.project,
-            name=wandb_cfg.run_name,
-            tags=list(wandb_cfg.tags),
-            config=config_dict,
-            dir=out_dir,
-        )
+        try:
+            self.run = wandb.init(
+                project=wandb_cfg.project,
+                name=wandb_cfg.run_name,
+                tags=list(wandb_cfg.tags),
+                config=config_dict,
+                dir=out_dir,
+            )
+        except Exception as error:  # noqa: BLE001 - no API key, no network, a bad project...
+            first_line = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
+            raise WandbUnavailable(
+                f"wandb could not start a run ({first_line}); log in (wandb login / WANDB_API_KEY), "
+                f"set WANDB_MODE=offline, or pass --{PATH.wandb.enabled} false"
+            ) from None
 
     def log(self, metrics, step):
         if self.run is None:

@@ -50,19 +50,19 @@ def test_validate_every_example_config_exits_0():
     assert "warning:" in result.stderr and "'data.dataset_name'" in result.stderr
 
 
-def test_validate_bad_file_exits_1_with_file_and_line(tmp_path):
+def test_validate_bad_file_exits_2_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: 1\ntraining:\n  batch_size: 0\n  nope: 3\n")
     result = run_module("validate", REPO / "configs" / "tiny.yaml", bad)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{bad}:3: training.batch_size: must be >= 1" in result.stderr
     assert f"{bad}:4: training.nope: unknown key" in result.stderr
     assert "tiny.yaml: ok" in result.stdout
 
 
-def test_validate_missing_file_exits_1(tmp_path, capsys):
+def test_validate_missing_file_exits_2(tmp_path, capsys):
     code, _, err = run_main(capsys, "validate", tmp_path / "missing.yaml")
-    assert code == 1 and "missing.yaml" in err and "cannot read" in err
+    assert code == 2 and "missing.yaml" in err and "cannot read" in err
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
@@ -109,9 +109,9 @@ def test_show_via_the_module_matches(tmp_path):
     )
 
 
-def test_show_bad_flag_exits_1(capsys):
+def test_show_bad_flag_exits_2(capsys):
     code, _, err = run_main(capsys, "show", "configs/tiny.yaml", "--training.batch_sise", "3")
-    assert code == 1 and "did you mean --training.batch_size?" in err
+    assert code == 2 and "did you mean --training.batch_size?" in err
 
 
 def test_migrate_legacy_file(capsys, tmp_path):
@@ -166,11 +166,11 @@ def test_migrate_via_the_module():
     assert "dataset_name" not in result.stdout and "dataset: stdlib" in result.stdout
 
 
-def test_migrate_bad_file_exits_1(tmp_path, capsys):
+def test_migrate_bad_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  nope: 1\n")
     code, _, err = run_main(capsys, "migrate", bad)
-    assert code == 1 and f"{bad}:2" in err
+    assert code == 2 and f"{bad}:2" in err
 
 
 def test_config_cli_does_not_import_torch():

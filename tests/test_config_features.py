@@ -61,7 +61,7 @@ def test_explain_golden(capsys):
 
 def test_explain_unknown_key_fails(capsys):
     code, _, err = run_cli(capsys, "explain", str(FEATURES / "child.yaml"), "training.nope")
-    assert code == 1 and "training.nope" in err
+    assert code == 2 and "training.nope" in err
 
 
 def test_composition_later_files_and_flags_win():
@@ -104,7 +104,7 @@ def test_show_changed_lists_only_non_defaults(capsys):
 
 def test_shape_aware_messages_golden(capsys):
     code, _, err = run_cli(capsys, "validate", str(FEATURES / "shapes.yaml"))
-    assert code == 1
+    assert code == 2
     assert_golden("shapes_messages.txt", err)
 
 

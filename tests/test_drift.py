@@ -29,6 +29,7 @@ COPIED = [
     "runtime/registry.py",
     "runtime/__main__.py",
     "runtime/config_cli.py",
+    "runtime/console.py",
     "runtime/configlib",
 ]
 GENERATED = ["__init__.py", "config.py", "names.py", "parser.py", "CONFIG.md", "config.schema.json"]

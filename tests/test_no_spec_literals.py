@@ -22,7 +22,7 @@ VALUES = {
 HF_KEYS = {name: path for path, name in HF_NAMES.items()}
 # The same word meaning something other than the config value; each entry says what it is.
 UNRELATED = {
-    ("config_cli.py", "default"): "warnings.simplefilter action",
+    ("console.py", "default"): "warnings.simplefilter action",
     ("data.py", "stdlib"): "sysconfig.get_paths() key",
     ("data.py", "bytes"): "byte count in the corpus cache metadata",
     ("data.py", "vocab_size"): "key of the BPE cache metadata",

@@ -16,7 +16,7 @@ from .engine import (
     get_path,
     validate_instance,
 )
-from .errors import ConfigAliasWarning, ConfigError, Problem, Source
+from .errors import MAX_SHOWN_PROBLEMS, ConfigAliasWarning, ConfigError, Problem, Problems, Source
 from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
@@ -50,7 +50,9 @@ __all__ = [
     "FieldSpec",
     "LineDict",
     "LineList",
+    "MAX_SHOWN_PROBLEMS",
     "Problem",
+    "Problems",
     "Resolved",
     "Rule",
     "SectionSpec",

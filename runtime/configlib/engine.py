@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DEFAULT_SOURCE, ConfigAliasWarning, ConfigError, Problem, Source
+from .errors import DEFAULT_SOURCE, ConfigAliasWarning, ConfigError, Problem, Problems, Source
 from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
-from .yamllines import LineDict, YAMLLoadError, load_yaml
+from .yamllines import MAX_DOCUMENT_BYTES, LineDict, YAMLLoadError, load_yaml
 
 BASE_KEY = "base"
 """Root key naming the files a config file builds on (paths relative to the file)."""
@@ -54,6 +54,7 @@ class Layer:
     assignments: list[Assignment] = field(default_factory=list)
     renames: list[Rename] = field(default_factory=list)
     spec_version: int | None = None  # as declared by the source, if it did
+    origin: str | None = None  # absolute path of a base file
 
 
 @dataclass
@@ -76,6 +77,30 @@ def _parent(path: str) -> str:
 
 def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
+
+
+def _last_of_each(layers: list[Layer]) -> list[Layer]:
+    """The layers with each file's layer kept at its last place only (a base reached twice
+    applies once, where it wins; the result is the same, without exponential repetition)."""
+    last = {id(layer): index for index, layer in enumerate(layers)}
+    return [layer for index, layer in enumerate(layers) if last[id(layer)] == index]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same kind: 1e-3 == 0.001, but true != 1."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+_ITEM = {
+    name: FieldSpec(path="", name="", type=name, nullable=False, default=None, doc="")
+    for name in ("int", "float", "bool", "str")
+}
 
 
 def get_path(config: Any, path: str) -> Any:
@@ -146,9 +171,9 @@ class ConfigSpec:
             names.update(RESERVED_KEYS)
         return names
 
-    def _unknown_key_message(self, key: str, section_path: str) -> str:
+    def _unknown_key_message(self, key: str, section_path: str, cheap: bool = False) -> str:
         where = f"section {section_path!r}" if section_path else "the root"
-        if len(key) > 64:  # no field name is this long; don't spend quadratic time on it
+        if cheap or len(key) > 64:  # past the shown problems, or no field name is this long
             return f"unknown key {shown(key)} in {where}"
         import difflib  # only on errors
 
@@ -162,7 +187,7 @@ class ConfigSpec:
         return f"unknown key {key!r} in {where}; expected one of {', '.join(candidates)}"
 
     def _walk_mapping(
-        self, mapping: LineDict, section_path: str, file: str, layer: Layer, problems: list
+        self, mapping: LineDict, section_path: str, file: str, layer: Layer, problems: Problems
     ) -> None:
         """Turn one YAML mapping into assignments to canonical field paths."""
         for key, value in mapping.items():
@@ -180,20 +205,13 @@ class ConfigSpec:
                 if isinstance(value, dict):
                     type_text = self.fields[canonical].type_text
                     found = ", ".join(shown(k, 30) for k in list(value)[:5])
-                    problems.append(
-                        Problem(
-                            canonical,
-                            f"is a single {type_text} value, not a section; found a mapping with keys {found}",
-                            source,
-                            "key",
-                        )
-                    )
+                    message = f"is a single {type_text} value, not a section; found a mapping with keys {found}"
+                    problems.append(Problem(canonical, message, source, "key"))
                 else:
                     layer.assignments.append(Assignment(canonical, value, source, written))
             else:
-                problems.append(
-                    Problem(written, self._unknown_key_message(key, section_path), source, "key")
-                )
+                message = self._unknown_key_message(key, section_path, cheap=problems.full)
+                problems.append(Problem(written, message, source, "key"))
 
     def _assign_section(
         self,
@@ -202,7 +220,7 @@ class ConfigSpec:
         source: Source,
         written: str,
         layer: Layer,
-        problems: list,
+        problems: Problems,
         file: str,
     ) -> None:
         section = self.sections[section_path]
@@ -217,19 +235,17 @@ class ConfigSpec:
         else:
             hint = ""
             if section.shorthand:
-                hint = f" (or a {self.fields[_join(section_path, section.shorthand)].type_text} for {section.shorthand!r})"
+                shorthand = self.fields[_join(section_path, section.shorthand)]
+                hint = f" (or a {shorthand.type_text} for {section.shorthand!r})"
             example = ", ".join((section.fields + section.sections)[:3])
-            problems.append(
-                Problem(
-                    section_path,
-                    f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {shown(value)}",
-                    source,
-                    "key",
-                )
-            )
+            message = f"is a section: expected a mapping of its keys ({example}, ...){hint}, found {shown(value)}"
+            problems.append(Problem(section_path, message, source, "key"))
 
-    def _read_file_layers(self, path: str, problems: list, stack: list[str]) -> list[Layer]:
-        """Layers of a file and of its bases, base files first."""
+    def _read_file_layers(
+        self, path: str, problems: Problems, stack: list[str], cache: dict[str, list[Layer]]
+    ) -> list[Layer]:
+        """Layers of a file and of its bases, base files first. Each file is read once per
+        resolve (`cache`), and a file reached twice keeps only its last place in the order."""
         absolute = os.path.abspath(path)
         if absolute in stack:
             chain = " -> ".join(
@@ -241,114 +257,111 @@ class ConfigSpec:
                 )
             )
             return []
+        if absolute in cache:
+            return cache[absolute]
         try:
+            if os.path.getsize(path) > MAX_DOCUMENT_BYTES:  # checked before reading it all
+                size = os.path.getsize(path)
+                message = f"the file has {size:,} bytes; config files are limited to {MAX_DOCUMENT_BYTES:,} bytes ({MAX_DOCUMENT_BYTES >> 10} KiB)"
+                problems.append(Problem("", message, Source("file", path, 1), "file"))
+                cache[absolute] = []
+                return []
             with open(path, "rb") as config_file:
                 data = config_file.read()
         except OSError as error:
-            problems.append(
-                Problem(
-                    "",
-                    f"cannot read config file: {error.strerror or error}",
-                    Source("file", path, 1),
-                    "file",
-                )
+            what = (
+                "a folder, not a config file"
+                if os.path.isdir(path)
+                else error.strerror or str(error)
             )
+            problems.append(
+                Problem("", f"cannot read config file: {what}", Source("file", path, 1), "file")
+            )
+            cache[absolute] = []
             return []
-        return self._read_text_layers(data, path, problems, stack + [absolute])
+        layers = self._read_text_layers(data, path, problems, stack + [absolute], cache)
+        for layer in layers:
+            layer.origin = layer.origin or absolute
+        cache[absolute] = layers
+        return layers
 
     def _read_text_layers(
-        self, text: str | bytes, filename: str, problems: list, stack: list[str]
+        self,
+        text: str | bytes,
+        filename: str,
+        problems: Problems,
+        stack: list[str],
+        cache: dict[str, list[Layer]],
     ) -> list[Layer]:
         try:
             document = load_yaml(text)
         except YAMLLoadError as error:
             problems.append(
-                Problem("", error.message, Source("file", filename, error.line), "file")
+                Problem(error.path, error.message, Source("file", filename, error.line), "file")
             )
             return []
         if document is None:
             return []
         if not isinstance(document, LineDict):
             where = Source("file", filename, getattr(document, "line", 1))
-            problems.append(
-                Problem(
-                    "",
-                    f"a config file must be a mapping of sections, found {type(document).__name__}",
-                    where,
-                    "key",
-                )
+            message = (
+                f"a config file must be a mapping of sections, found {type(document).__name__}"
             )
+            problems.append(Problem("", message, where, "key"))
             return []
         layers = []
         if BASE_KEY in document:
-            layers += self._read_bases(document, filename, problems, stack)
+            layers += self._read_bases(document, filename, problems, stack, cache)
         layer = Layer(spec_version=self._declared_version(document, filename, problems))
+        layer.origin = os.path.abspath(filename) if stack else None
         self._walk_mapping(document, "", filename, layer, problems)
-        return layers + [layer]
+        return _last_of_each(layers + [layer])
 
     def _read_bases(
-        self, document: LineDict, filename: str, problems: list, stack: list[str]
+        self,
+        document: LineDict,
+        filename: str,
+        problems: Problems,
+        stack: list[str],
+        cache: dict[str, list[Layer]],
     ) -> list[Layer]:
         bases = document[BASE_KEY]
         source = Source("file", filename, document.key_lines[BASE_KEY])
         if isinstance(bases, str):
             bases = [bases]
         if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-            problems.append(
-                Problem(
-                    BASE_KEY,
-                    f"expected a file name or a list of file names, found {shown(bases)}",
-                    source,
-                    "value",
-                )
-            )
+            message = f"expected a file name or a list of file names, found {shown(bases)}"
+            problems.append(Problem(BASE_KEY, message, source, "value"))
             return []
         layers = []
         folder = os.path.dirname(filename) if stack else os.getcwd()
-        for base in bases:
+        for base in list(dict.fromkeys(reversed(bases)))[::-1]:  # listed twice: the last place wins
             base_path = os.path.join(folder, base)
             if not os.path.isfile(base_path):
-                problems.append(
-                    Problem(
-                        BASE_KEY,
-                        f"base file {base!r} not found (looked for {base_path})",
-                        source,
-                        "file",
-                    )
-                )
+                message = f"base file {base!r} not found (looked for {base_path})"
+                problems.append(Problem(BASE_KEY, message, source, "file"))
                 continue
-            layers += self._read_file_layers(base_path, problems, stack)
-        return layers
+            layers += self._read_file_layers(base_path, problems, stack, cache)
+        return _last_of_each(layers)
 
-    def _declared_version(self, mapping: Mapping, filename: str, problems: list) -> int | None:
+    def _declared_version(self, mapping: Mapping, filename: str, problems: Problems) -> int | None:
         if VERSION_KEY not in mapping:
             return None
         version = mapping[VERSION_KEY]
         source = Source("file", filename, getattr(mapping, "key_lines", {}).get(VERSION_KEY, 0))
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            problems.append(
-                Problem(
-                    VERSION_KEY,
-                    f"expected a spec version (a positive integer), found {shown(version)}",
-                    source,
-                    "value",
-                )
-            )
+            message = f"expected a spec version (a positive integer), found {shown(version)}"
+            problems.append(Problem(VERSION_KEY, message, source, "value"))
             return None
         if version > self.version:
-            problems.append(
-                Problem(
-                    VERSION_KEY,
-                    f"written for spec version {version}, newer than this code's version {self.version}; update the code",
-                    source,
-                    "value",
-                )
-            )
+            message = f"written for spec version {version}, newer than this code's version {self.version}; update the code"
+            problems.append(Problem(VERSION_KEY, message, source, "value"))
             return None
         return version
 
     def _flag_paths(self) -> dict[str, str]:
-        """Command-line flag (without --) -> canonical path: fields, their aliases, shorthands."""
+        """Command-line flag (without --) -> canonical field path: every field, its old names,
+        section shorthands, and all of these under an old section name (`lr_schedule.min_lr`)."""
         flags = {path: path for path in self.fields}
         for alias, canonical in self.aliases.items():
             if canonical in self.fields:
@@ -356,19 +369,83 @@ class ConfigSpec:
         for path, section in self.sections.items():
             if section.shorthand is not None:
                 flags[path] = _join(path, section.shorthand)
+        for alias, canonical in self.aliases.items():
+            if canonical in self.sections:
+                prefix = canonical + "."
+                for flag, target in list(flags.items()):
+                    if flag.startswith(prefix):
+                        flags.setdefault(alias + "." + flag[len(prefix) :], target)
+                    elif flag == canonical:  # the shorthand
+                        flags.setdefault(alias, target)
         return flags
 
     def _parse_flag_value(self, spec: FieldSpec, text: str) -> Any:
+        """A flag's text as the value YAML would give it. A str field takes the text as is (null
+        and ~ are null, as in a file); a list field also takes `a,b` for `[a, b]`."""
+        if spec.is_list and not text.lstrip().startswith("["):
+            items = [item.strip() for item in text.split(",")] if text.strip() else []
+            return [
+                item
+                if spec.item_type == "str"
+                else self._parse_flag_value(_ITEM[spec.item_type], item)
+                for item in items
+            ]
         if spec.type == "str":
-            if spec.nullable and text in ("null", "~", "None"):
-                return None
-            return text
+            return None if text in ("null", "~") else text
         try:
             return load_yaml(text)
         except YAMLLoadError as error:
             return f"<unparsable: {error.message}>"
 
-    def _read_argv(self, argv: Iterable[str], problems: list) -> Layer:
+    def split_command_line(self, argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
+        """(positional arguments, config flags, whether help was asked for) of a command line
+        whose flags may come before, between or after its positional arguments. A bool flag
+        without a value (`--overwrite`) means true."""
+        positionals: list[str] = []
+        flags: list[str] = []
+        wants_help = False
+        index = 0
+        while index < len(argv):
+            token = argv[index]
+            index += 1
+            if token in ("-h", "--help"):
+                wants_help = True
+            elif token.startswith("--") and len(token) > 2:
+                name, has_value, _ = token[2:].partition("=")
+                if has_value:
+                    flags.append(token)
+                elif self._is_bool_flag(name) and (
+                    index == len(argv) or argv[index].startswith("--")
+                ):
+                    flags += [token, "true"]
+                elif index < len(argv):
+                    flags += [token, argv[index]]
+                    index += 1
+                else:
+                    flags.append(token)  # reported as "flag needs a value"
+            else:
+                positionals.append(token)
+        return positionals, flags, wants_help
+
+    def _old_names_in(self, flag: str) -> list[tuple[str, str]]:
+        """(old name, canonical) pairs a flag uses: an old section name, an old field name."""
+        found = []
+        parts = flag.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if self.aliases.get(prefix) in self.sections:
+                found.append((prefix, self.aliases[prefix]))
+                flag = _join(self.aliases[prefix], ".".join(parts[cut:]))
+                break
+        if flag in self.aliases:
+            found.append((flag, self.aliases[flag]))
+        return found
+
+    def _is_bool_flag(self, name: str) -> bool:
+        path = self.flags.get(name)
+        return path is not None and self.fields[path].type == "bool"
+
+    def _read_argv(self, argv: Iterable[str], problems: Problems) -> Layer:
         layer = Layer()
         items = list(argv)
         index = 0
@@ -376,48 +453,48 @@ class ConfigSpec:
             token = items[index]
             index += 1
             if not token.startswith("--") or len(token) == 2:
-                problems.append(
-                    Problem(
-                        "",
-                        f"unexpected argument {token!r}; flags look like --section.field VALUE",
-                        Source("cli", flag=token),
-                        "key",
-                    )
-                )
+                message = f"unexpected argument {token!r}; flags look like --section.field VALUE"
+                problems.append(Problem("", message, Source("cli", flag=token), "key"))
                 continue
             name, has_value, value = token[2:].partition("=")
             if not has_value:
-                if index >= len(items):
+                if index < len(items) and not (
+                    items[index].startswith("--") and self._is_bool_flag(name)
+                ):
+                    value = items[index]
+                    index += 1
+                elif self._is_bool_flag(name):
+                    value = "true"  # `--overwrite` alone
+                else:
                     problems.append(
                         Problem(name, "flag needs a value", Source("cli", flag=token), "value")
                     )
                     continue
-                value = items[index]
-                index += 1
             source = Source("cli", flag=f"--{name}")
             if name not in self.flags:
-                import difflib  # only on errors
+                hint = ""
+                if not problems.full:
+                    import difflib  # only on errors
 
-                close = difflib.get_close_matches(name, list(self.flags), n=1, cutoff=0.6)
-                hint = f"; did you mean --{close[0]}?" if close else ""
+                    close = difflib.get_close_matches(name, list(self.flags), n=1, cutoff=0.6)
+                    hint = f"; did you mean --{close[0]}?" if close else ""
                 problems.append(Problem(name, f"unknown flag --{name}{hint}", source, "key"))
                 continue
             canonical = self.flags[name]
-            if name in self.aliases:
-                layer.renames.append(Rename(name, canonical, source))
+            layer.renames += [Rename(old, new, source) for old, new in self._old_names_in(name)]
+            spec = self.fields[canonical]
             layer.assignments.append(
-                Assignment(
-                    canonical, self._parse_flag_value(self.fields[canonical], value), source, name
-                )
+                Assignment(canonical, self._parse_flag_value(spec, value), source, name)
             )
         return layer
 
     # ----- merging and checking ----------------------------------------------------------------
 
     def _merge(
-        self, layers: list[Layer], problems: list, notes: list[str]
+        self, layers: list[Layer], problems: Problems, notes: list[str]
     ) -> tuple[dict[str, Any], dict[str, Source], dict[str, list]]:
-        """Apply layers in order; the same key twice within one file must agree (later flags win)."""
+        """Apply layers in order; later flags win. Within one file the same field may be given
+        twice (under its name and an old name) only with the same value, and each is checked."""
         values = {path: spec.default for path, spec in self.fields.items()}
         sources = {path: DEFAULT_SOURCE for path in self.fields}
         overridden: dict[str, list] = {}
@@ -425,16 +502,8 @@ class ConfigSpec:
             self._apply_renames(layer, problems, notes)
             seen: dict[str, Assignment] = {}
             for item in layer.assignments:
-                if (
-                    item.path in seen and item.source.kind != "cli"
-                ):  # on the command line, later flags win
-                    first = seen[item.path]
-                    spec = self.fields[item.path]
-                    if coerce(spec, first.value) != coerce(
-                        spec, item.value
-                    ):  # 1e-3 and 0.001 agree
-                        message = f"given twice with different values: {first.written!r} = {shown(first.value)} ({first.source}) and {item.written!r} = {shown(item.value)}"
-                        problems.append(Problem(item.path, message, item.source, "duplicate"))
+                if item.path in seen and item.source.kind != "cli":
+                    self._check_repeat(seen[item.path], item, problems)
                     continue
                 seen[item.path] = item
                 overridden.setdefault(item.path, []).append((values[item.path], sources[item.path]))
@@ -442,7 +511,28 @@ class ConfigSpec:
                 sources[item.path] = item.source
         return values, sources, overridden
 
-    def _apply_renames(self, layer: Layer, problems: list, notes: list[str]) -> None:
+    def _check_repeat(self, first: Assignment, again: Assignment, problems: Problems) -> None:
+        """A field given a second time in one file: its value is checked as if it came first
+        (so the order of a canonical key and its old name does not matter), then compared."""
+        spec = self.fields[again.path]
+        value = coerce(spec, again.value)
+        problem = check_value(spec, _plain(value))
+        if problem:
+            problems.append(
+                Problem(
+                    again.path, f"{problem} (given as {again.written!r})", again.source, "value"
+                )
+            )
+        elif check_value(spec, _plain(coerce(spec, first.value))) is None and not _same(
+            coerce(spec, first.value), value
+        ):  # 1e-3 and 0.001 agree; true and 1 do not (a bad first value is reported on its own)
+            message = (
+                f"given twice with different values: {first.written!r} = {shown(first.value)} "
+                f"({first.source}) and {again.written!r} = {shown(again.value)}"
+            )
+            problems.append(Problem(again.path, message, again.source, "duplicate"))
+
+    def _apply_renames(self, layer: Layer, problems: Problems, notes: list[str]) -> None:
         for rename in layer.renames:
             since, removed = self.alias_versions[rename.written]
             if removed is not None and removed <= self.version:
@@ -461,7 +551,7 @@ class ConfigSpec:
             notes.append(note)
             warnings.warn(note, ConfigAliasWarning, stacklevel=5)
 
-    def _check_values(self, values: dict, sources: dict, problems: list) -> set[str]:
+    def _check_values(self, values: dict, sources: dict, problems: Problems) -> set[str]:
         bad = set()
         for path, spec in self.fields.items():
             value = coerce(spec, values[path])
@@ -482,7 +572,7 @@ class ConfigSpec:
         )
         return section.cls(**kwargs)
 
-    def _fill_derived(self, values: dict, sources: dict, bad: set[str], problems: list) -> None:
+    def _fill_derived(self, values: dict, sources: dict, bad: set[str], problems: Problems) -> None:
         """Compute each derived default left null, from the fields it reads."""
         for path, derived in self.derived.items():
             if values[path] is not None or path in bad:
@@ -508,7 +598,7 @@ class ConfigSpec:
             sources[path] = source
 
     def _check_rules(
-        self, config: Any, bad: set[str], sources: Mapping[str, Source], problems: list
+        self, config: Any, bad: set[str], sources: Mapping[str, Source], problems: Problems
     ) -> None:
         for rule in self.rules:
             if any(path in bad for path in rule.paths):
@@ -529,7 +619,7 @@ class ConfigSpec:
                 )
             )
 
-    def _resolve_layers(self, layers: list[Layer], problems: list) -> Resolved:
+    def _resolve_layers(self, layers: list[Layer], problems: Problems) -> Resolved:
         notes: list[str] = []
         values, sources, overridden = self._merge(layers, problems, notes)
         bad = self._check_values(values, sources, problems)
@@ -555,12 +645,12 @@ class ConfigSpec:
         filename: str | None = None,
     ) -> Resolved:
         """Resolve a config file (or YAML text) plus flags, with the source of every value."""
-        problems: list[Problem] = []
+        problems = Problems()
         layers: list[Layer] = []
         if path is not None:
-            layers += self._read_file_layers(os.fspath(path), problems, [])
+            layers += self._read_file_layers(os.fspath(path), problems, [], {})
         elif text is not None:
-            layers += self._read_text_layers(text, filename or "<text>", problems, [])
+            layers += self._read_text_layers(text, filename or "<text>", problems, [], {})
         layers.append(self._read_argv(argv, problems))
         return self._resolve_layers(layers, problems)
 
@@ -579,7 +669,7 @@ class ConfigSpec:
         """A plain nested dict of a config, canonical names, spec order."""
         return dataclasses.asdict(config)
 
-    def _flatten(self, mapping: Mapping, prefix: str, layer: Layer, problems: list) -> None:
+    def _flatten(self, mapping: Mapping, prefix: str, layer: Layer, problems: Problems) -> None:
         source = Source("file", "<dict>", 0)
         for key, value in mapping.items():
             if not prefix and key in RESERVED_KEYS:
@@ -600,7 +690,7 @@ class ConfigSpec:
         return self._resolve_dict(mapping).config
 
     def _resolve_dict(self, mapping: Mapping) -> Resolved:
-        problems: list[Problem] = []
+        problems = Problems()
         layer = Layer(spec_version=self._declared_version(mapping, "<dict>", problems))
         self._flatten(mapping, "", layer, problems)
         return self._resolve_layers([layer], problems)
@@ -613,7 +703,7 @@ class ConfigSpec:
         self, values: dict, sources: dict, resolved: Resolved, notes: list[str]
     ) -> Resolved:
         """Rebuild a config from flat values, checking derived defaults and rules again."""
-        problems: list[Problem] = []
+        problems = Problems()
         self._fill_derived(values, sources, set(), problems)
         if problems:
             raise ConfigError(problems)
@@ -635,7 +725,7 @@ class ConfigSpec:
         saved_values = self.flat_values(self._resolve_dict(saved).config)
         values = self.flat_values(resolved.config)
         sources = dict(resolved.sources)
-        problems, notes = [], []
+        problems, notes = Problems(), []
         for path, spec in self.fields.items():
             new, old = values[path], saved_values[path]
             if new == old:
@@ -667,7 +757,7 @@ class ConfigSpec:
         explicitly to something else is an error naming both."""
         current = self.flat_values(resolved.config)
         sources = dict(resolved.sources)
-        problems = []
+        problems = Problems()
         for path, value in values.items():
             value = coerce(self.fields[path], value)
             if value == current[path]:
@@ -732,7 +822,7 @@ class ConfigSpec:
 
     def migrate_text(self, text: str | bytes, filename: str = "<text>") -> str:
         """The same config with every old name rewritten to its canonical key; values unchanged."""
-        problems: list[Problem] = []
+        problems = Problems()
         try:
             document = load_yaml(text)
         except YAMLLoadError as error:

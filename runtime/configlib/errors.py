@@ -55,14 +55,46 @@ class Problem:
         return f"{where}{self.path or '<root>'}: {self.message}"
 
 
+MAX_SHOWN_PROBLEMS = 50
+"""Problems listed in a ConfigError's message; the rest are counted ("and N more")."""
+
+
+class Problems(list):
+    """The problems found so far. Past MAX_SHOWN_PROBLEMS it only counts, so a file of a
+    million bad keys costs a count, not a million messages (`full` tells callers to skip
+    expensive hints such as "did you mean")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = 0  # problems counted but not kept
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= MAX_SHOWN_PROBLEMS
+
+    def append(self, problem: Problem) -> None:
+        if self.full:
+            self.extra += 1
+        else:
+            super().append(problem)
+
+    @property
+    def total(self) -> int:
+        return len(self) + self.extra
+
+
 class ConfigError(ValueError):
-    """Every problem found in a config, reported together."""
+    """Every problem found in a config, reported together (the first MAX_SHOWN_PROBLEMS of them)."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        self.problems = list(problems)
-        count = len(self.problems)
+        self.problems = list(problems)[:MAX_SHOWN_PROBLEMS]
+        count = getattr(problems, "total", len(problems))
+        self.count = count
         lines = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(f"{count} config problem{'s' if count != 1 else ''}:\n{lines}")
+        more = (
+            f"\n  ... and {count - len(self.problems)} more" if count > len(self.problems) else ""
+        )
+        super().__init__(f"{count} config problem{'s' if count != 1 else ''}:\n{lines}{more}")
 
 
 class ConfigAliasWarning(UserWarning):

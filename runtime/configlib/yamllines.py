@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any, NoReturn
 
+from .fields import shown
+
 
 class LineDict(dict):
     """A dict that knows the 1-based line of itself and of each of its keys."""
@@ -39,25 +41,49 @@ class LineList(list):
 class YAMLLoadError(Exception):
     """A YAML document that could not be read: syntax, an unsafe tag or a duplicate key."""
 
-    def __init__(self, message: str, line: int) -> None:
+    def __init__(self, message: str, line: int, path: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.line = line
+        self.path = path  # the key path where the problem is, when known
+
+
+def _path_of(loader: Any, key: object = None) -> str:
+    parts = list(getattr(loader, "key_path", []))
+    if key is not None:
+        parts.append(str(key))
+    return ".".join(parts)
 
 
 def _construct_mapping(loader: Any, node: Any) -> LineDict:
+    # `<<: *base` (YAML merge keys): flatten_mapping puts the merged pairs first, later merges
+    # before earlier ones; then the mapping's own keys, which override merged ones.
+    explicit = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
+    merged = len(node.value) - explicit
     mapping = LineDict()
     mapping.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
+    own: set[str] = set()
+    path = loader.__dict__.setdefault("key_path", [])
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
-            raise YAMLLoadError(f"keys must be strings, found {key!r}", line)
-        if key in mapping:
-            first = mapping.key_lines[key]
-            raise YAMLLoadError(f"duplicate key {key!r} (first given on line {first})", line)
-        mapping[key] = loader.construct_object(value_node, deep=True)
+            raise YAMLLoadError(f"keys must be strings, found {shown(key)}", line, _path_of(loader))
+        if index >= merged:
+            if key in own:
+                first = mapping.key_lines[key]
+                raise YAMLLoadError(
+                    f"duplicate key {key!r} (first given on line {first})",
+                    line,
+                    _path_of(loader, key),
+                )
+            own.add(key)
+        path.append(key)
+        try:
+            mapping[key] = loader.construct_object(value_node, deep=True)
+        finally:
+            path.pop()
         mapping.key_lines[key] = line
     return mapping
 
@@ -144,8 +170,41 @@ def _loader() -> Any:
     return Loader
 
 
+MAX_DOCUMENT_BYTES = 256 << 10
+"""Largest config document read (256 KiB; a full config is a few KiB): bigger input is an error."""
+
+MAX_DOCUMENT_VALUES = 100_000
+"""Most values a document may expand to. YAML aliases let a few hundred bytes stand for billions
+of values (an "alias bomb"); the expansion is counted, never built."""
+
+
+def _check_expansion(document: Any) -> None:
+    count, stack = 0, [document]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_DOCUMENT_VALUES:
+            raise YAMLLoadError(
+                f"the document expands to more than {MAX_DOCUMENT_VALUES} values (through YAML "
+                f"aliases?); a config has a few hundred",
+                getattr(document, "line", 1) or 1,
+            )
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
 def load_yaml(text: str | bytes) -> Any:
-    """Parse one YAML document into LineDict/LineList/scalars; None for an empty document."""
+    """Parse one YAML document into LineDict/LineList/scalars; None for an empty document.
+
+    Bounded: at most MAX_DOCUMENT_BYTES of input, expanding to at most MAX_DOCUMENT_VALUES values."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise YAMLLoadError(
+            f"the document has {len(text):,} bytes; config documents are limited to "
+            f"{MAX_DOCUMENT_BYTES:,} bytes ({MAX_DOCUMENT_BYTES >> 10} KiB)",
+            1,
+        )
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -156,7 +215,9 @@ def load_yaml(text: str | bytes) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())
+        document = yaml.load(text, Loader=_loader())
+        _check_expansion(document)
+        return document
     except YAMLLoadError:
         raise
     except yaml.MarkedYAMLError as error:
