@@ -79,12 +79,12 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(idx[:, -max_len:])[:, -1, :]
+                logits = model(idx[:, -max_len:]).logits[:, -1, :]
             elif cache is None or cache.pos + 1 > max_len:
                 cache = model.new_cache()  # (re)fill with the last max_len tokens
-                logits = model(idx[:, -max_len:], cache=cache)[:, -1, :]
+                logits = model(idx[:, -max_len:], cache=cache).logits[:, -1, :]
             else:
-                logits = model(idx[:, -1:], cache=cache)[:, -1, :]
+                logits = model(idx[:, -1:], cache=cache).logits[:, -1, :]
             logits = logits.float()  # (B, V)
             if return_logits:
                 seen.append(logits)
@@ -146,10 +146,12 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from runtime.hf import load_model_and_tokenizer
+    from runtime.checkpoint import CheckpointError
+    from runtime.sources import load_source
 
     try:
-        model, codec = load_model_and_tokenizer(args.source, device=args.device)
+        source = load_source(args.source)
+        model, codec = source.build_model(args.device), source.tokenizer
         if codec is None:  # a pre-tokenized corpus: the prompt is space-separated token ids
             prompt = [int(t) for t in args.prompt.split()]
         else:
@@ -173,7 +175,7 @@ def main(argv: list[str]) -> int:
             top_p=args.top_p,
             use_cache=not args.no_kv_cache,
         )
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
     new_ids = out[0, len(prompt) :].tolist()

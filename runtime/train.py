@@ -1,7 +1,7 @@
 """`python -m runtime train CONFIG [--section.field VALUE ...]`: the training loop.
 
 Step numbering: `Trainer.step` counts optimizer steps done. Optimizer step `s` (0-based) uses
-lr_at(s) and compute_loss(window, s); once it is done the run is at `iter = s + 1`, which is what
+lr_at(s) and the loss of step s (runtime/loss.py); once it is done the run is at `iter = s + 1`, which is what
 metrics.jsonl, evaluations and checkpoint names (`ckpt_{iter:07d}.pt`) refer to.
 
 Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (exit 0; a second
@@ -22,7 +22,6 @@ DDP averages over processes, so the update equals the single-process one with th
 """
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -58,7 +57,6 @@ from runtime.checkpoint import (
     config_digest,
     describe_os_error,
     fault_point,
-    load_checkpoint,
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
@@ -163,10 +161,6 @@ class StopSignals:
         self._previous = {}
 
 
-def _is_hf_folder(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
 class Trainer:
     """Builds everything from the root Config and runs training (`run()` returns an exit code)."""
 
@@ -224,12 +218,17 @@ class Trainer:
 
         for note in self.config_notes:
             self._say(f"config: {note}")
+        from runtime.balancer import MoEBalancer
+        from runtime.loss import TrainingLoss
         from runtime.model import Transformer
+        from runtime.moe import RoutingKnobs
 
-        self.model = Transformer(cfg.model, cfg.moe, cfg.mtp)
+        self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
         if init_weights is not None:
             init_weights(self.model)
         self.model.to(self.device)
+        self.loss = TrainingLoss(cfg.moe, cfg.mtp)
+        self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
 
@@ -260,7 +259,7 @@ class Trainer:
         if self.resume_state is not None:
             self._load_state(self.resume_state)
 
-        # ---- wrappers for training: compile, then DDP (forward(window, step) is compute_loss)
+        # ---- wrappers for training: compile, then DDP
         self.train_module = dist_utils.compile_module(self.model, system.compile)
         if self.dist.enabled:
             self.train_module = dist_utils.wrap_ddp(
@@ -335,43 +334,25 @@ class Trainer:
 
     @staticmethod
     def _init_from(resolved):
-        """(resolved config, weight loader or None) for checkpointer.init_from: scratch, a
-        checkpoint file or a Hugging Face folder. The source's architecture fills the model
-        section; a model field this run sets explicitly to another value is a config error."""
-        source = resolved.config.checkpointer.init_from
-        if source == InitFrom.SCRATCH:
+        """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
+        source runtime/sources.py recognises. The source's architecture fills the model section; a
+        model field this run sets explicitly to another value is a config error."""
+        path = resolved.config.checkpointer.init_from
+        if path == InitFrom.SCRATCH:
             return resolved, None
-        if _is_hf_folder(source):
-            from runtime.hf import load_hf_weights, model_fields_from_hf_config
+        from runtime.sources import UnknownSource, load_source
 
-            config_json = os.path.join(source, "config.json")
-            with open(config_json) as f:
-                try:
-                    fields = model_fields_from_hf_config(json.load(f), config_json)
-                except ValueError as error:  # an unsupported setting, named by its key
-                    problem = Problem(
-                        PATH.checkpointer.init_from, str(error), Source("file", config_json, 1)
-                    )
-                    raise ConfigError([problem]) from None
-            resolved = adopt_values(
-                resolved, {f"model.{k}": v for k, v in fields.items()}, config_json
-            )
-            return resolved, lambda model: load_hf_weights(model, source)
-        if os.path.isfile(source):
-            state = load_checkpoint(source)
-            fields = state["config"]["model"]
-            resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, source)
-            weights = state["model"]
-
-            def load_weights(model):
-                check_weights_fit(model, weights, source)
-                model.load_state_dict(weights, strict=True)
-
-            return resolved, load_weights
-        raise CheckpointError(
-            f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r}, a checkpoint file or a Hugging Face folder "
-            f"(config.json + safetensors); {source!r} is none of these"
-        )
+        try:
+            source = load_source(path)
+        except UnknownSource as error:
+            raise CheckpointError(
+                f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r} or a model source; {error}"
+            ) from None
+        except ValueError as error:  # an unsupported Hugging Face setting, named by its key
+            problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", path, 1))
+            raise ConfigError([problem]) from None
+        fields = {f"{PATH.model.SECTION}.{k}": v for k, v in source.model_fields.items()}
+        return adopt_values(resolved, fields, source.config_file), source.load_weights
 
     def _load_state(self, state):
         check_weights_fit(self.model, state["model"], self.resumed_from)
@@ -438,7 +419,7 @@ class Trainer:
                 )
                 with sync:
                     with self._autocast():
-                        out = self.train_module(window, step)
+                        out = self.loss(self.train_module, window, step)
                     self.scaler.scale(out.loss / n).backward()
                 parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
                 sums += torch.stack([p.detach().double() for p in parts])
@@ -463,7 +444,7 @@ class Trainer:
                     f"{NonfiniteLoss.SKIP} to drop such steps"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            self.model.discard_router_loads()  # a step not applied moves no bias
+            self.balancer.discard()  # a step not applied moves no bias
             metrics["skipped"] = True
             return metrics
         if self.scaler.is_enabled():
@@ -480,7 +461,7 @@ class Trainer:
                         f"{PATH.training.nonfinite_loss}: {NonfiniteLoss.SKIP} to drop such steps"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                self.model.discard_router_loads()
+                self.balancer.discard()
                 metrics["skipped"] = True
                 return metrics
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -489,10 +470,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # the float16 scaler skips a step with inf/NaN gradients and then lowers its scale
         if scale is not None and self.scaler.get_scale() < scale:
-            self.model.discard_router_loads()
+            self.balancer.discard()
             metrics["scaler_skipped"] = True
         else:
-            self.model.update_router_biases(step)
+            self.balancer.update(step)
         return metrics
 
     @torch.no_grad()
@@ -504,7 +485,7 @@ class Trainer:
         for window in self.data.val_loader(self.eval_cfg.eval_iters):
             window = window.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model.compute_loss(window, self.step)
+                out = self.loss(self.model, window, self.step)
             totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
             fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
@@ -608,7 +589,7 @@ class Trainer:
             step = self.step
             will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
             if will_log:
-                self.model.reset_moe_stats()
+                self.balancer.reset_stats()
             start = time.perf_counter()
             micro = [next(loader) for _ in range(self.data.micro_per_rank)]
             metrics = self.train_step(step, micro)
@@ -630,7 +611,7 @@ class Trainer:
                     "iter": self.step,
                     **metrics,
                     "tokens_per_s": tokens_per_s,
-                    **self.model.moe_stats(),
+                    **self.balancer.stats(),
                 }
                 self.metrics.write(record)
                 self.wandb.log(record, step=self.step)
