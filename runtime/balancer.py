@@ -25,7 +25,6 @@ class MoEBalancer:
 
     def __init__(self, model: Transformer, moe: MoETrainingConfig):
         self.layers: list[tuple[int, MoE]] = model.moe_layers()
-        self.n_experts = model.config.n_routed_experts
         self.speed = moe.bias_update_speed
         self.speed_until = moe.bias_update_speed_until
         self.speed_final = moe.bias_update_speed_final
@@ -50,7 +49,7 @@ class MoEBalancer:
         if speed > 0:
             layers = [m for _, m in self.layers]
             dev = layers[0].gate.e_score_correction_bias.device
-            none = torch.zeros(self.n_experts, device=dev, dtype=torch.long)
+            none = torch.zeros(layers[0].n_experts, device=dev, dtype=torch.long)
             counts = [none if m.load_counts is None else m.load_counts.to(dev) for m in layers]
             loads = torch.stack(counts).float()  # (L, E)
             if dist.is_available() and dist.is_initialized():

@@ -103,6 +103,30 @@ def generate(
     return idx
 
 
+def complete(model: nn.Module, prompt: list[int], settings, generator=None) -> list[int]:
+    """prompt ids and their continuation under `settings` (the `sample` section, SampleConfig), as
+    the trainer's end-of-run sample does it: prompt tokens outside the vocabulary are dropped ([0]
+    if none is left) and at most max_seq_len - len(prompt) tokens (at least one) are added."""
+    prompt = [t for t in prompt if t < model.config.vocab_size] or [0]
+    room = max(1, model.config.max_seq_len - len(prompt))
+    ids = generate(
+        model,
+        prompt,
+        min(settings.max_new_tokens, room),
+        settings.temperature,
+        generator,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+    )
+    return ids[0].tolist()
+
+
+def decode(codec, ids: list[int]) -> str:
+    """Text of token ids with the model's tokenizer; space-separated ids without one (a
+    pre-tokenized corpus)."""
+    return codec.decode(ids) if codec is not None else " ".join(str(int(t)) for t in ids)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime sample", description="Generate text from a model."
@@ -179,7 +203,7 @@ def main(argv: list[str]) -> int:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
     new_ids = out[0, len(prompt) :].tolist()
-    text = codec.decode(new_ids) if codec is not None else " ".join(map(str, new_ids))
+    text = decode(codec, new_ids)
     if args.json:
         settings = {
             "temperature": args.temperature,

@@ -25,27 +25,34 @@ def import_wandb():
 
 
 class WandbLogger:
-    """No-op unless `wandb_cfg.enabled` (and this is the main process)."""
+    """No-op unless `wandb_cfg.enabled` (and this is the main process). Construction checks that
+    wandb imports (on every rank: fail before anything is built); start() opens the run."""
 
     def __init__(self, wandb_cfg, *, out_dir, config_dict, is_main=True):
         self.enabled = wandb_cfg.enabled and is_main
         self.log_model = wandb_cfg.log_model
         self.run = None
         self._wandb = None
+        self._init_args = None
         if not wandb_cfg.enabled:
             return
-        wandb = import_wandb()  # checked on every rank: fail early everywhere
+        wandb = import_wandb()
         if not is_main:
             return
         self._wandb = wandb
-        os.makedirs(out_dir, exist_ok=True)
-        self.run = wandb.init(
+        self._init_args = dict(
             project=wandb_cfg.project,
             name=wandb_cfg.run_name,
             tags=list(wandb_cfg.tags),
             config=config_dict,
             dir=out_dir,
         )
+
+    def start(self):
+        if self._init_args is None or self.run is not None:
+            return
+        os.makedirs(self._init_args["dir"], exist_ok=True)
+        self.run = self._wandb.init(**self._init_args)
 
     def log(self, metrics, step):
         if self.run is None:

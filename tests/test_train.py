@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from generated.parser import load_config
+from runtime.data import DataError
 from runtime.distributed import SystemConfigError
-from runtime.train import NonFiniteLossError, Trainer, TrainingError, main
+from runtime.train import NonFiniteLossError, Trainer, main
 from tiny import TINY_RUN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,7 +296,7 @@ def test_launch_errors(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemConfigError, match="system.distributed.enabled"):
         Trainer(load_config(argv=args(tmp_path / "o", data_dir)))
-    with pytest.raises(TrainingError, match="gradient_accumulation_steps"):
+    with pytest.raises(DataError, match="gradient_accumulation_steps"):
         Trainer(
             load_config(
                 argv=args(
