@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from generated.config import ModelConfig, MoETrainingConfig
+from generated.config import ModelConfig
 from runtime.model import MLP
-from runtime.moe import MoE
+from runtime.moe import MoE, RoutingKnobs
 
 from .common import Target, interleaved_medians, profile_summary, spread
 
@@ -45,7 +45,7 @@ def _moe(n_experts: int) -> MoE:
     cfg = ModelConfig(
         dim=DIM, moe_inter_dim=INTER, n_routed_experts=n_experts, top_k=TOP_K, n_shared_experts=0
     )
-    layer = MoE(cfg, MoETrainingConfig(), None)
+    layer = MoE(cfg, RoutingKnobs(), None)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return layer.train()

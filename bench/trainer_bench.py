@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.balancer import MoEBalancer
 from runtime.hf import BLOCK_KEYS, TOP_KEYS, hf_config
+from runtime.loss import TrainingLoss
 from runtime.model import MLA, Transformer
 from runtime.moe import MoE
 
@@ -110,14 +112,17 @@ def _optimizer(module):
 
 
 def _our_step(model, forward, window, counter):
+    """One trainer step of `model` (`forward`: the model or a compiled wrapper of it)."""
     opt = _optimizer(model)
+    loss = TrainingLoss(MoETrainingConfig(), MTPTrainingConfig())
+    balancer = MoEBalancer(model, MoETrainingConfig())
 
     def step():
-        out = forward(window, counter[0])
+        out = loss(forward, window, counter[0])
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_router_biases()
+        balancer.update()
         counter[0] += 1
 
     return step
@@ -152,31 +157,34 @@ def _dynamo_stats(since=None):
 def _suite(n_experts, batch, seq, repeats, compile_step, profile):
     torch.manual_seed(0)
     cfg = ModelConfig(**BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=0)
-    ours = Transformer(cfg, MoETrainingConfig(), MTPTrainingConfig()).train()
+    ours = Transformer(cfg).train()
     torch.manual_seed(0)
     cfg_mtp = ModelConfig(
         **BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=1
     )
-    ours_mtp = Transformer(cfg_mtp, MoETrainingConfig(), MTPTrainingConfig()).train()
+    ours_mtp = Transformer(cfg_mtp).train()
     peer = _hf_peer(ours)
     window = torch.randint(
         0, cfg.vocab_size, (batch, seq + 2), generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():  # the peer computes what we compute
         logits_diff = (
-            (ours(window[:, :seq]) - peer(input_ids=window[:, :seq]).logits).abs().max().item()
+            (ours(window[:, :seq]).logits - peer(input_ids=window[:, :seq]).logits)
+            .abs()
+            .max()
+            .item()
         )
 
     counter = [0]
     steps = {
-        "ours": _our_step(ours, ours.compute_loss, window[:, : seq + 1], counter),
-        "ours_mtp": _our_step(ours_mtp, ours_mtp.compute_loss, window, counter),
+        "ours": _our_step(ours, ours, window[:, : seq + 1], counter),
+        "ours_mtp": _our_step(ours_mtp, ours_mtp, window, counter),
         "hf": _hf_step(peer, window, seq),
     }
     compile_info = None
     if compile_step:
         torch._dynamo.reset()
-        ours_c = Transformer(cfg, MoETrainingConfig(), MTPTrainingConfig()).train()
+        ours_c = Transformer(cfg).train()
         ours_c.load_state_dict(ours.state_dict())
         compiled = _our_step(ours_c, torch.compile(ours_c), window[:, : seq + 1], counter)
         before = _dynamo_stats()

@@ -1,12 +1,15 @@
 """Checkpoints: atomic writes, RNG state capture, retention, `latest` / `best.pt`.
 
-A checkpoint is a dict loadable with `torch.load(weights_only=True)`:
-  format_version, step (optimizer steps done = the next step to run), model (state_dict, router-bias
-  buffers included), optimizer, scaler (GradScaler state, {} when unused), rng (python, numpy,
-  torch, cuda), data (the loader position, see DataModule.state), best_val_loss (float or None),
-  val_loss (the last evaluation's, or None), config (the resolved config as a plain dict).
-Step checkpoints are `ckpt_{step:07d}.pt`; the best one is also kept apart as `best.pt`.
-Format 2 adds config_sha256 (sha256 of the config as canonical JSON, checked on load).
+A checkpoint is a dict loadable with `torch.load(weights_only=True)`: the union of the run's
+Stateful components' state_dict()s, one key each (the trainer's inventory: model (router-bias
+buffers included), optimizer, scaler (float16 only), schedule ({step}), data ({next_step}), rng
+(python, numpy, torch, cuda), balancer (pending MoE load counts), metrics (best_val_loss, val_loss,
+last_val_improved, elapsed_s)), plus the run's metadata: format_version, step (optimizer steps
+done), run_id, tokenizer, config (the resolved config as a plain dict) and config_sha256 (sha256 of
+the config as canonical JSON, checked on load). `checkpoint_dict` builds it, `load_components`
+restores it. Step checkpoints are `ckpt_{step:07d}.pt`; the best one is also kept apart as `best.pt`.
+Format 3 is this layout; formats 1-2 (validation record and elapsed time at the top level, no
+schedule / balancer keys) are upgraded on load.
 
 Integrity: the file is torch.save's zip archive whose zip comment (the last bytes of the file, which
 zip readers and torch.load ignore) is a trailer `deepseek-moe sha256 <hex>`: the sha256 of every
@@ -37,7 +40,7 @@ import torch
 from generated import PATH
 from generated.names import ResumeFrom
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STEP_FILE = re.compile(r"^ckpt_(\d+)\.pt$")
 TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\..*\.tmp$")  # atomic_save's temporary files
 BEST_NAME = "best.pt"
@@ -146,6 +149,73 @@ def restore_rng_state(rng):
         else:  # another GPU count: give every device the first saved state
             for index in range(torch.cuda.device_count()):
                 torch.cuda.set_rng_state(states[0], index)
+
+
+class RNGState:
+    """The process's random generators as a Stateful component (python, numpy, torch, cuda)."""
+
+    def state_dict(self):
+        return capture_rng_state()
+
+    def load_state_dict(self, state):
+        restore_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint: a union of Stateful components
+
+OPTIONAL_COMPONENTS = frozenset({"scaler"})  # absent (or {}) in a checkpoint: keep the fresh state
+
+
+def checkpoint_dict(components, meta):
+    """The checkpoint of `components` (name -> object with state_dict()) and `meta` (run metadata:
+    step, run_id, tokenizer, config)."""
+    state = {"format_version": FORMAT_VERSION, **meta}
+    if "config" in meta:
+        state["config_sha256"] = config_digest(meta["config"])
+    for name, component in components.items():
+        state[name] = component.state_dict()
+    return state
+
+
+def load_components(components, state, path):
+    """Load every component from its key of checkpoint `state` (CheckpointError naming the part
+    that does not fit), in the order given (put `rng` last: loading it restores the generators)."""
+    for name, component in components.items():
+        part = state.get(name)
+        if not part and name in OPTIONAL_COMPONENTS:
+            continue
+        try:
+            if part is None:
+                raise KeyError(f"no {name!r} state")
+            if name == "model":
+                check_weights_fit(component, part, path)
+            component.load_state_dict(part)
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"checkpoint {path}: its {name} state does not fit this run: "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+
+def _upgrade(state):
+    """A format 1-2 checkpoint in format 3's layout (same tensors, regrouped)."""
+    if int(state.get("format_version", 1)) >= 3:
+        return state
+    state = dict(state)
+    step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
+    state.setdefault("data", {"next_step": step})
+    state["schedule"] = {"step": step}
+    state["balancer"] = {}
+    state["metrics"] = {
+        "best_val_loss": state.pop("best_val_loss", None),
+        "val_loss": state.pop("val_loss", None),
+        "last_val_improved": bool(state.pop("last_val_improved", False)),
+        "elapsed_s": state.pop("elapsed_s", None) or 0.0,
+    }
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +427,12 @@ def load_checkpoint(path, map_location="cpu"):
                 f"checkpoint {path}: its stored config does not match its recorded hash config_sha256 "
                 f"(the config was altered or damaged)"
             )
-    return state
+    version = int(state.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format {version} is newer than this trainer's ({FORMAT_VERSION})"
+        )
+    return _upgrade(state)
 
 
 def check_finite(state, path):

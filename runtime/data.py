@@ -319,18 +319,24 @@ class WindowDataset(Dataset):
         return state
 
 
+def micro_batches_per_rank(grad_accum, world_size):
+    """Micro-batches each of `world_size` processes runs per optimizer step."""
+    if grad_accum % world_size:
+        raise DataError(
+            f"{PATH.training.gradient_accumulation_steps} ({grad_accum}) must divide by the number of "
+            f"processes ({world_size})"
+        )
+    return grad_accum // world_size
+
+
 class StepBatchSampler(Sampler):
     """Yields this process's micro-batches (lists of sample ids) for steps start_step..end_step-1.
 
     Its whole state is `start_step`: resuming builds a new sampler at the resumed step."""
 
     def __init__(self, *, batch_size, grad_accum, world_size, rank, start_step, end_step):
-        if grad_accum % world_size:
-            raise DataError(
-                f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})"
-            )
         self.batch_size, self.grad_accum = batch_size, grad_accum
-        self.micro_per_rank = grad_accum // world_size
+        self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
         self.rank, self.start_step, self.end_step = rank, start_step, end_step
 
     def micro_batch_ids(self, step, micro):
@@ -386,11 +392,8 @@ class DataModule:
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank = world_size, rank
         self.num_workers, self.pin_memory = data.num_workers, data.pin_memory
-        if grad_accum % world_size:
-            raise DataError(
-                f"gradient_accumulation_steps ({grad_accum}) must divide by the number of processes ({world_size})"
-            )
-        self.micro_per_rank = grad_accum // world_size
+        self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
+        self.next_step = 0  # the data position: the next optimizer step's batches come next
 
     def _loader(self, dataset, batch_sampler):
         # Windows depend only on their sample ids; the loader's own generator keeps it from drawing
@@ -424,7 +427,18 @@ class DataModule:
         )
         return self._loader(self.val_set, sampler)
 
-    @staticmethod
-    def state(next_step):
-        """The data position stored in a checkpoint (the next optimizer step to run)."""
-        return {"next_step": int(next_step)}
+    def train_steps(self, end_step):
+        """This process's micro-batches (a list of `micro_per_rank`) of each optimizer step from
+        next_step to end_step - 1; next_step advances as each step's batches are handed out."""
+        loader = iter(self.train_loader(self.next_step, end_step))
+        while self.next_step < end_step:
+            micro = [next(loader) for _ in range(self.micro_per_rank)]
+            self.next_step += 1
+            yield micro
+
+    # Stateful: the data position is the next step (windows are a function of the step)
+    def state_dict(self):
+        return {"next_step": int(self.next_step)}
+
+    def load_state_dict(self, state):
+        self.next_step = int(state["next_step"])

@@ -84,29 +84,27 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def init_distributed(dist_cfg, device_type):
-    """Initialise the process group when launched with WORLD_SIZE > 1 (DistributedConfig).
-
-    A multi-process launch with `enabled: false` is an error; `enabled: true` in a single process
-    runs without DDP."""
-    world, rank, local_rank = launch_world()
-    check_launch(dist_cfg)
-    if world <= 1:
+def init_distributed(launch, dist_cfg, device_type):
+    """Initialise the process group of a checked multi-process `launch` (from check_launch);
+    `enabled: true` in a single process runs without DDP."""
+    if launch.world_size <= 1:
         return DistInfo(1, 0, 0, False)
     backend = process_group_backend(dist_cfg, device_type)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return DistInfo(world, rank, local_rank, True)
+    return launch
 
 
 def check_launch(dist_cfg):
-    """A multi-process launch (WORLD_SIZE > 1) needs `system.distributed.enabled`."""
-    world = launch_world()[0]
+    """The launch (DistInfo from the torchrun environment, no process group yet); a multi-process
+    launch (WORLD_SIZE > 1) needs `system.distributed.enabled`."""
+    world, rank, local_rank = launch_world()
     if world > 1 and not dist_cfg.enabled:
         raise SystemConfigError(
             f"launched with WORLD_SIZE={world} but {PATH.system.distributed.enabled} is false; "
             f"set --{PATH.system.distributed.enabled} true (or launch a single process)"
         )
+    return DistInfo(world, rank, local_rank, world > 1)
 
 
 def process_group_backend(dist_cfg, device_type):

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from generated import HF_NAMES, PATH
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from generated.names import Dataset as DatasetChoice
+from generated.config import ModelConfig
 from generated.names import RopeScaling, ScoreFunc
 from runtime.model import Transformer
 
@@ -397,7 +396,7 @@ def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: tuple[int, int], name: s
     return w.float() * s
 
 
-def _read_safetensors(folder: str) -> dict[str, Tensor]:
+def read_safetensors(folder: str) -> dict[str, Tensor]:
     """Every tensor of a folder (model.safetensors, or the shards model.safetensors.index.json
     names), FP8 weights dequantized with their `weight_scale_inv` to float32."""
     from safetensors.torch import load_file
@@ -505,97 +504,6 @@ def _is_mtp_key(name: str, n_layers: int) -> bool:
     return m is not None and int(m[1]) >= n_layers
 
 
-def load_hf_folder(path: str) -> tuple[dict[str, object], dict[str, Tensor]]:
-    """(spec model fields, our state dict) from an HF DeepseekV3 folder."""
-    config_path = os.path.join(path, "config.json")
-    with open(config_path) as f:
-        fields = model_fields_from_hf_config(json.load(f), config_path)
-    n_layers = fields.get("n_layers", ModelConfig().n_layers)
-    sd = from_hf_state_dict(_read_safetensors(path), n_layers)
-    # transformers' save_pretrained drops the MTP layers (it has no module for them)
-    present = {int(k.split(".")[1]) for k in sd if k.startswith("mtp.")}
-    depth = fields.get("mtp_depth", ModelConfig().mtp_depth)
-    if depth > len(present):
-        warnings.warn(
-            f"{path}: config says {depth} MTP modules but the weights hold {len(present)}; using {len(present)}",
-            stacklevel=2,
-        )
-        fields["mtp_depth"] = depth = len(present)
-    sd = {
-        k: v for k, v in sd.items() if not (k.startswith("mtp.") and int(k.split(".")[1]) >= depth)
-    }
-    return fields, sd
-
-
-def load_hf_weights(model: Transformer, folder: str) -> None:
-    """Load an HF folder's weights into an already built model of the same architecture."""
-    sd = from_hf_state_dict(_read_safetensors(folder), model.config.n_layers)
-    missing = set(model.state_dict()) - set(sd)
-    absent = {k.split(".")[1] for k in missing if k.startswith("mtp.")}
-    if absent and not any(k.startswith(f"mtp.{m}.") for m in absent for k in sd):
-        # a folder written by transformers' save_pretrained has no MTP weights: keep the fresh ones
-        warnings.warn(
-            f"{folder} has no weights for MTP module(s) {sorted(absent)}; they keep their init",
-            stacklevel=2,
-        )
-        missing = {k for k in missing if not k.startswith("mtp.")}
-    if missing:
-        raise KeyError(f"{folder} lacks weights for {sorted(missing)[:5]} ...")
-    result = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"{folder} has weights this model lacks: {result.unexpected_keys[:5]} ...")
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    # torch.compile and DDP wrappers prefix the names
-    out = {}
-    for k, v in sd.items():
-        for p in ("_orig_mod.", "module."):
-            while k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
-
-
-def load_model_source(source: str, device: str | torch.device = "cpu") -> Transformer:
-    """A Transformer (eval mode) from a trainer checkpoint file or a Hugging Face folder.
-
-    Checkpoint file: one written by the trainer (checksum verified, weights_only unpickling); its
-    saved config gives the model, moe and mtp sections.
-    """
-    return load_model_and_tokenizer(source, device)[0]
-
-
-def load_model_and_tokenizer(source: str, device: str | torch.device = "cpu"):
-    """(Transformer in eval mode, TextCodec or None) from a checkpoint file or a Hugging Face folder.
-
-    The tokenizer: a folder's tokenizer.json (bytes without one), a checkpoint's stored tokenizer,
-    or bytes for an older checkpoint of a text corpus; None for a pre-tokenized `bin` corpus."""
-    from runtime.tokenizer import TextCodec
-
-    if os.path.isdir(source):
-        fields, sd = load_hf_folder(source)
-        model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
-        codec = TextCodec.from_folder(source)
-    else:
-        from generated.parser import config_from_dict
-        from runtime.checkpoint import load_checkpoint  # verifies the checksum first
-
-        ckpt = load_checkpoint(source)
-        config = config_from_dict(ckpt["config"])
-        model = Transformer(config.model, config.moe, config.mtp)
-        sd = _strip_prefixes(ckpt["model"])
-        if ckpt.get("tokenizer"):
-            codec = TextCodec.from_state(ckpt["tokenizer"])
-        else:
-            codec = TextCodec.bytes() if config.data.dataset != DatasetChoice.BIN else None
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model.to(device).eval(), codec
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from runtime.checkpoint import CheckpointError
 
@@ -625,17 +533,21 @@ def export_main(argv: list[str]) -> int:
         help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
     )
     args = parser.parse_args(argv)
+    from runtime.checkpoint import CheckpointError
+    from runtime.sources import load_source
+
     try:
-        model, codec = load_model_and_tokenizer(args.checkpoint)
+        source = load_source(args.checkpoint)
+        model = source.build_model()
         export_hf(
             model,
             args.out_dir,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
-            tokenizer=codec,
+            tokenizer=source.tokenizer,
             mtp=not args.no_mtp,
         )
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out_dir} ({model.num_params():,} parameters)")

@@ -38,11 +38,42 @@ class MetricsWriter:
         self.run_id = run_id
         self.elapsed_offset = float(elapsed_offset)
         self._start = time.monotonic()
+        self.best_val_loss = None
+        self.last_val_loss = None
+        self.last_val_improved = False
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
 
     def elapsed(self):
         return self.elapsed_offset + time.monotonic() - self._start
+
+    def note_val_loss(self, val_loss):
+        """Track an evaluation's loss; returns whether it improved on the best so far (a NaN/inf
+        loss never counts as the best: it would stay "best" for ever)."""
+        improved = math.isfinite(val_loss) and (
+            self.best_val_loss is None or val_loss < self.best_val_loss
+        )
+        self.last_val_loss = val_loss
+        self.last_val_improved = improved
+        if improved:
+            self.best_val_loss = val_loss
+        return improved
+
+    # Stateful: the validation record and the training time so far
+    def state_dict(self):
+        return {
+            "best_val_loss": self.best_val_loss,
+            "val_loss": self.last_val_loss,
+            "last_val_improved": self.last_val_improved,
+            "elapsed_s": self.elapsed(),
+        }
+
+    def load_state_dict(self, state):
+        self.best_val_loss = state.get("best_val_loss")
+        self.last_val_loss = state.get("val_loss")
+        self.last_val_improved = bool(state.get("last_val_improved", False))
+        self.elapsed_offset = float(state.get("elapsed_s") or 0.0)
+        self._start = time.monotonic()
 
     def truncate_after(self, step):
         """Drop records with iter > step (left by a run that went on past the checkpoint it is

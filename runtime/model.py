@@ -11,13 +11,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from generated.config import ModelConfig
 from generated.names import RopeScaling
-from runtime.moe import Experts, MoE, Router
+from runtime.moe import Experts, MoE, Router, RoutingKnobs
 
 
 class _RMSNormFP32(torch.autograd.Function):
@@ -287,29 +286,31 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; layer_id < first_k_dense gets a dense MLP, the rest (and MTP blocks) MoE."""
 
-    def __init__(self, layer_id: int, model: ModelConfig, moe: MoETrainingConfig):
+    def __init__(self, layer_id: int, model: ModelConfig, knobs: RoutingKnobs):
         super().__init__()
         self.layer_id = layer_id
+        self.is_moe = layer_id >= model.first_k_dense
         self.attn_norm = RMSNorm(model.dim, model.norm_eps)
         self.attn = MLA(model)
         self.ffn_norm = RMSNorm(model.dim, model.norm_eps)
-        if layer_id < model.first_k_dense:
+        self.ffn: nn.Module
+        if not self.is_moe:
             self.ffn = MLP(model.dim, model.inter_dim)
         else:
             shared = None
             if model.n_shared_experts > 0:
                 shared = MLP(model.dim, model.n_shared_experts * model.moe_inter_dim)
-            self.ffn = MoE(model, moe, shared)
+            self.ffn = MoE(model, knobs, shared)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """x (B, T, C) -> (x, (aux loss, z loss) or None for a dense block)."""
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """x (B, T, C) -> (x, [(aux term, z term)] of its MoE layer; [] for a dense block)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
-        if isinstance(self.ffn, MoE):
-            y, aux, z = self.ffn(self.ffn_norm(x))
-            return x + y, (aux, z)
-        return x + self.ffn(self.ffn_norm(x)), None
+        if not self.is_moe:
+            return x + self.ffn(self.ffn_norm(x)), []
+        y, aux, z = self.ffn(self.ffn_norm(x))
+        return x + y, [(aux, z)]
 
 
 class MTPModule(nn.Module):
@@ -320,12 +321,12 @@ class MTPModule(nn.Module):
     main model's; `norm` is this module's own final norm (DeepSeek's shared_head.norm).
     """
 
-    def __init__(self, layer_id: int, model: ModelConfig, moe: MoETrainingConfig):
+    def __init__(self, layer_id: int, model: ModelConfig, knobs: RoutingKnobs):
         super().__init__()
         self.enorm = RMSNorm(model.dim, model.norm_eps)
         self.hnorm = RMSNorm(model.dim, model.norm_eps)
         self.eh_proj = nn.Linear(2 * model.dim, model.dim, bias=False)
-        self.block = Block(layer_id, model, moe)
+        self.block = Block(layer_id, model, knobs)
         self.norm = RMSNorm(model.dim, model.norm_eps)
 
     def forward(self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor):
@@ -335,25 +336,30 @@ class MTPModule(nn.Module):
 
 
 @dataclass
-class LossOutput:
-    loss: Tensor  # scalar for backward: main + mtp_weight * mean(mtp) + aux_w * aux + z_w * z
-    main_loss: Tensor  # next-token cross-entropy
-    mtp_losses: list[Tensor]  # cross-entropy per MTP depth
-    aux_loss: Tensor  # unweighted, summed over MoE layers, as DeepSeek does (0 without MoE layers)
-    z_loss: Tensor  # unweighted, mean over MoE layers
-    mtp_weight: float  # the ramped weight used
+class ModelOutput:
+    """What forward computes; weighing it into a loss is runtime/loss.py's job."""
+
+    logits: Tensor  # (B, T, vocab) next-token logits
+    mtp_logits: list[Tensor]  # per MTP depth k: (B, T, vocab) logits of token t + k + 1
+    aux: list[Tensor]  # per MoE layer (main blocks, then MTP blocks): sequence-wise balance term ()
+    z: list[Tensor]  # per MoE layer, same order: router z-loss term ()
 
 
 class Transformer(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoETrainingConfig, mtp: MTPTrainingConfig):
+    """The DeepSeek-V3 network, built from the model section alone; `knobs` are the MoE layers'
+    routing settings from the moe section (temperature, noise, capacity, dropping), spec defaults
+    when not given (export, sampling and HF parity need no training config)."""
+
+    def __init__(self, model: ModelConfig, knobs: RoutingKnobs | None = None):
         super().__init__()
-        self.config, self.moe_config, self.mtp_config = model, moe, mtp
+        knobs = knobs or RoutingKnobs()
+        self.config = model
         self.embed = nn.Embedding(model.vocab_size, model.dim)
-        self.layers = nn.ModuleList([Block(i, model, moe) for i in range(model.n_layers)])
+        self.layers = nn.ModuleList([Block(i, model, knobs) for i in range(model.n_layers)])
         self.norm = RMSNorm(model.dim, model.norm_eps)
         self.head = nn.Linear(model.dim, model.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
-            [MTPModule(model.n_layers + k, model, moe) for k in range(model.mtp_depth)]
+            [MTPModule(model.n_layers + k, model, knobs) for k in range(model.mtp_depth)]
         )
         cos, sin = model_rotary_tables(model)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -377,156 +383,43 @@ class Transformer(nn.Module):
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return [(b.layer_id, b.ffn) for b in blocks if isinstance(b.ffn, MoE)]
 
-    def _trunk(self, tokens: Tensor, losses: list) -> Tensor:
-        # tokens (B, T) -> hidden states before the final norm (B, T, C)
-        T = tokens.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {T} tokens is longer than max_seq_len={self.config.max_seq_len}"
-            )
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h, l = layer(h, self.rope_cos, self.rope_sin)
-            if l is not None:
-                losses.append(l)
-        return h
+    def forward(
+        self, tokens: Tensor, cache: MLACache | None = None, mtp: bool = False
+    ) -> ModelOutput:
+        """tokens (B, T) int64 -> ModelOutput with logits (B, T, vocab).
 
-    def forward(self, tokens: Tensor, step: int | None = None, cache: MLACache | None = None):
-        """tokens (B, T) int64 -> logits (B, T, vocab). No MTP, no losses.
-
-        With `step` given, tokens is a training window and this returns compute_loss(tokens, step), so
-        the loss can go through a DistributedDataParallel wrapper's forward. With `cache` (from
-        new_cache(), inference only), tokens are the next ones after those already cached.
+        mtp=True (training and evaluation): tokens is (B, T + mtp_depth); the main model reads the
+        first T and MTP depth k embeds tokens[:, k : T + k], so logits[:, t] and mtp_logits[k-1][:, t]
+        predict tokens t + 1 and t + k + 1 of the full sequence. With `cache` (from new_cache(),
+        inference only), tokens are the next ones after those already cached; no MTP.
         """
-        if step is not None:
-            return self.compute_loss(tokens, step)
+        D = self.config.mtp_depth if mtp else 0
+        T = tokens.shape[1] - D
+        if T < 1:
+            raise ValueError(f"{tokens.shape[1]} tokens are too few for mtp_depth={D}")
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            what = "cache" if cache is not None else "sequence"
+            raise ValueError(
+                f"{what} of {start + T} tokens is longer than max_seq_len={self.config.max_seq_len}"
+            )
+        terms: list[tuple[Tensor, Tensor]] = []
+        h = self.embed(tokens[:, :T])  # (B, T, C)
+        for layer in self.layers:
+            h, t = layer(h, self.rope_cos, self.rope_sin, cache)
+            terms += t
         if cache is not None:
-            return self._forward_cached(tokens, cache)
-        return self.head(self.norm(self._trunk(tokens, [])))
+            cache.pos = start + T
+        h = self.norm(h)  # (B, T, C)
+        logits = self.head(h)
+        mtp_logits = []
+        for k, module in enumerate(self.mtp[:D], start=1):
+            # each depth reads the previous one's normed state (what its head reads)
+            h, t = module(h, self.embed(tokens[:, k : T + k]), self.rope_cos, self.rope_sin)
+            terms += t
+            h = module.norm(h)
+            mtp_logits.append(self.head(h))
+        return ModelOutput(logits, mtp_logits, [a for a, _ in terms], [z for _, z in terms])
 
     def new_cache(self) -> MLACache:
         return MLACache(self.config.n_layers)
-
-    def _forward_cached(self, tokens: Tensor, cache: MLACache) -> Tensor:
-        T = cache.pos + tokens.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(
-                f"cache of {T} tokens is longer than max_seq_len={self.config.max_seq_len}"
-            )
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h, _ = layer(h, self.rope_cos, self.rope_sin, cache)
-        cache.pos = T
-        return self.head(self.norm(h))
-
-    def mtp_weight(self, step: int) -> float:
-        """lambda at `step`: mtp_loss_weight (mtp_loss_weight_final from mtp_loss_weight_until on),
-        times the warm-up ramp."""
-        if self.config.mtp_depth == 0:
-            return 0.0
-        c = self.mtp_config
-        until = c.mtp_loss_weight_until
-        w = c.mtp_loss_weight if until is None or step < until else c.mtp_loss_weight_final
-        return w if c.warmup_steps == 0 else w * min(1.0, step / c.warmup_steps)
-
-    def bias_update_speed(self, step: int) -> float:
-        """gamma at optimizer step `step`: bias_update_speed, then bias_update_speed_final from
-        bias_update_speed_until on."""
-        c = self.moe_config
-        until = c.bias_update_speed_until
-        return c.bias_update_speed if until is None or step < until else c.bias_update_speed_final
-
-    def compute_loss(self, window: Tensor, step: int) -> LossOutput:
-        """window (B, T + 1 + D): inputs window[:, :T], targets window[:, 1:T+1]; MTP depth k embeds
-        window[:, k:T+k] and predicts window[:, k+1:T+k+1]."""
-        D = self.config.mtp_depth
-        T = window.shape[1] - 1 - D
-        if T < 1:
-            raise ValueError(f"window of {window.shape[1]} tokens is too short for mtp_depth={D}")
-        moe_losses: list[tuple[Tensor, Tensor]] = []
-        h = self.norm(self._trunk(window[:, :T], moe_losses))  # (B, T, C), after the final norm
-        main_loss = self._ce(self.head(h), window[:, 1 : T + 1])
-        mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            # each depth reads the previous one's normed state (what its head reads)
-            h, l = module(h, self.embed(window[:, k : T + k]), self.rope_cos, self.rope_sin)
-            h = module.norm(h)
-            if l is not None:
-                moe_losses.append(l)
-            mtp_losses.append(self._ce(self.head(h), window[:, k + 1 : T + k + 1]))
-        zero = main_loss.new_zeros(())
-        # balance loss per layer, summed over layers (DeepSeek's alpha); z-loss averaged
-        aux = torch.stack([a for a, _ in moe_losses]).sum() if moe_losses else zero
-        z = torch.stack([z for _, z in moe_losses]).mean() if moe_losses else zero
-        w = self.mtp_weight(step)
-        loss = main_loss + self.moe_config.aux_loss_weight * aux + self.moe_config.z_loss_weight * z
-        if mtp_losses:
-            loss = loss + w * torch.stack(mtp_losses).mean()
-        return LossOutput(loss, main_loss, mtp_losses, aux, z, w)
-
-    @staticmethod
-    def _ce(logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    @torch.no_grad()
-    def update_router_biases(self, step: int = 0) -> None:
-        """Aux-loss-free balancing step; call once after each applied optimizer step `step` (on
-        every process); a skipped step calls discard_router_loads() instead.
-
-        Uses the loads counted in training-mode forwards since the previous call, summed over
-        processes when torch.distributed is initialised, and the speed scheduled for `step`.
-        """
-        layers = [m for _, m in self.moe_layers()]
-        if not layers:
-            return
-        speed = self.bias_update_speed(step)
-        if speed > 0:
-            dev = layers[0].gate.e_score_correction_bias.device
-            E = self.config.n_routed_experts
-            none = torch.zeros(E, device=dev, dtype=torch.long)
-            counts = [none if m.load_counts is None else m.load_counts.to(dev) for m in layers]
-            loads = torch.stack(counts).float()  # (L, E)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(loads)
-            for m, load in zip(layers, loads):
-                m.update_bias(load, speed)  # a layer that saw no tokens gets sign(0) = no change
-        self.discard_router_loads()
-
-    def discard_router_loads(self) -> None:
-        """Forget the loads counted since the last bias update (a step that was not applied)."""
-        for _, m in self.moe_layers():
-            m.load_counts = None
-
-    def moe_stats(self) -> dict[str, float | list[int]]:
-        """Routing statistics of the training-mode forwards since the last reset_moe_stats(),
-        on this process only. Keys moe/layer{i}/... per MoE layer (MTP blocks included) and
-        moe/max_load_ratio, moe/cv, moe/dropped_frac over all of them."""
-        layers = [(i, m) for i, m in self.moe_layers() if m.stat_counts is not None]
-        if not layers:
-            return {}
-        counts = torch.stack([m.stat_counts for _, m in layers]).cpu()  # (L, E), one sync
-        dropped = torch.stack([m.stat_dropped for _, m in layers]).cpu().tolist()
-        out: dict[str, float | list[int]] = {}
-        ratios, cvs = [], []
-        for (i, _), c, d in zip(layers, counts, dropped):
-            cf = c.double()
-            mean = cf.mean().item()
-            ratio = cf.max().item() / mean if mean > 0 else 0.0
-            cv = cf.std(unbiased=False).item() / mean if mean > 0 else 0.0
-            p = f"moe/layer{i}/"
-            out[p + "tokens_per_expert"] = c.tolist()
-            out[p + "max_load"] = float(cf.max().item())
-            out[p + "mean_load"] = mean
-            out[p + "max_load_ratio"] = ratio
-            out[p + "cv"] = cv
-            out[p + "dropped_frac"] = d / max(cf.sum().item(), 1.0)
-            ratios.append(ratio)
-            cvs.append(cv)
-        out["moe/max_load_ratio"] = max(ratios)
-        out["moe/cv"] = sum(cvs) / len(cvs)
-        out["moe/dropped_frac"] = sum(dropped) / max(counts.sum().item(), 1)
-        return out
-
-    def reset_moe_stats(self) -> None:
-        for _, m in self.moe_layers():
-            m.reset_stats()

@@ -10,7 +10,7 @@ One MoE layer call on x (B, T, C):
   5. routed output + shared experts; returns the sequence-wise aux loss and the z-loss alongside.
 
 Load counts for the bias update and the logging statistics are accumulated as tensors (no host sync)
-and only turned into Python numbers by the model's moe_stats().
+and only turned into Python numbers by MoEBalancer.stats() (runtime/balancer.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generated import FIELDS, PATH
 from generated.config import ModelConfig, MoETrainingConfig
 from generated.names import ScoreFunc
+
+
+def _default(path: str):
+    return FIELDS[path].default
+
+
+@dataclass(frozen=True)
+class RoutingKnobs:
+    """The moe section's layer-level settings (spec defaults unless given): the rest of that section
+    is the loss's (runtime/loss.py) and the balancer's (runtime/balancer.py)."""
+
+    router_temperature: float = _default(PATH.moe.router_temperature)
+    router_noise_scale: float = _default(PATH.moe.router_noise_scale)
+    capacity_factor: float = _default(PATH.moe.capacity_factor)
+    drop_tokens: bool = _default(PATH.moe.drop_tokens)
+
+    @classmethod
+    def from_config(cls, moe: MoETrainingConfig) -> RoutingKnobs:
+        return cls(
+            router_temperature=moe.router_temperature,
+            router_noise_scale=moe.router_noise_scale,
+            capacity_factor=moe.capacity_factor,
+            drop_tokens=moe.drop_tokens,
+        )
 
 
 @dataclass
@@ -40,7 +65,7 @@ class Routing:
 class Router(nn.Module):
     """Scores tokens against experts and picks each token's top-k (DeepSeek-V3 gate)."""
 
-    def __init__(self, model: ModelConfig, moe: MoETrainingConfig):
+    def __init__(self, model: ModelConfig, knobs: RoutingKnobs):
         super().__init__()
         self.n_experts = model.n_routed_experts
         self.top_k = model.top_k
@@ -49,8 +74,8 @@ class Router(nn.Module):
         self.score_func = model.score_func
         self.route_scale = model.route_scale
         self.norm_topk_prob = model.norm_topk_prob
-        self.temperature = moe.router_temperature
-        self.noise_scale = moe.router_noise_scale
+        self.temperature = knobs.router_temperature
+        self.noise_scale = knobs.router_noise_scale
         self.weight = nn.Parameter(torch.empty(self.n_experts, model.dim))
         # selection-only bias of aux-loss-free balancing; moved by MoE.update_bias, not by the optimizer
         self.register_buffer(
@@ -373,16 +398,13 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE layer. `shared_experts` is the dense SwiGLU run on every token (None for none)."""
 
-    def __init__(
-        self, model: ModelConfig, moe: MoETrainingConfig, shared_experts: nn.Module | None
-    ):
+    def __init__(self, model: ModelConfig, knobs: RoutingKnobs, shared_experts: nn.Module | None):
         super().__init__()
         self.n_experts = model.n_routed_experts
         self.top_k = model.top_k
-        self.capacity_factor = moe.capacity_factor
-        self.drop_tokens = moe.drop_tokens
-        self.bias_update_speed = moe.bias_update_speed
-        self.gate = Router(model, moe)
+        self.capacity_factor = knobs.capacity_factor
+        self.drop_tokens = knobs.drop_tokens
+        self.gate = Router(model, knobs)
         self.experts = Experts(model.n_routed_experts, model.dim, model.moe_inter_dim)
         self.shared_experts = shared_experts
         # plain attributes, not buffers: DDP would broadcast rank 0's buffers over every rank's counts
@@ -474,10 +496,9 @@ class MoE(nn.Module):
         self.stat_dropped = dropped if self.stat_dropped is None else self.stat_dropped + dropped
 
     @torch.no_grad()
-    def update_bias(self, load: Tensor, speed: float | None = None) -> None:
+    def update_bias(self, load: Tensor, speed: float) -> None:
         """bias += speed * sign(mean load - load). load (E,) is already summed over processes;
-        speed defaults to moe.bias_update_speed (the model passes the scheduled one)."""
-        speed = self.bias_update_speed if speed is None else speed
+        speed is the scheduled one (runtime/balancer.py)."""
         load = load.float()
         bias = self.gate.e_score_correction_bias
         bias += speed * torch.sign(load.mean() - load).to(bias)

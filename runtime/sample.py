@@ -80,12 +80,12 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(idx[:, -max_len:])[:, -1, :]
+                logits = model(idx[:, -max_len:]).logits[:, -1, :]
             elif cache is None or cache.pos + 1 > max_len:
                 cache = model.new_cache()  # (re)fill with the last max_len tokens
-                logits = model(idx[:, -max_len:], cache=cache)[:, -1, :]
+                logits = model(idx[:, -max_len:], cache=cache).logits[:, -1, :]
             else:
-                logits = model(idx[:, -1:], cache=cache)[:, -1, :]
+                logits = model(idx[:, -1:], cache=cache).logits[:, -1, :]
             logits = logits.float()  # (B, V)
             if return_logits:
                 seen.append(logits)
@@ -106,6 +106,30 @@ def generate(
 
 # mistakes `python -m runtime` reports as one line (runtime/console.py)
 USER_ERRORS = (ValueError, KeyError, CheckpointError)
+
+
+def complete(model: nn.Module, prompt: list[int], settings, generator=None) -> list[int]:
+    """prompt ids and their continuation under `settings` (the `sample` section, SampleConfig), as
+    the trainer's end-of-run sample does it: prompt tokens outside the vocabulary are dropped ([0]
+    if none is left) and at most max_seq_len - len(prompt) tokens (at least one) are added."""
+    prompt = [t for t in prompt if t < model.config.vocab_size] or [0]
+    room = max(1, model.config.max_seq_len - len(prompt))
+    ids = generate(
+        model,
+        prompt,
+        min(settings.max_new_tokens, room),
+        settings.temperature,
+        generator,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+    )
+    return ids[0].tolist()
+
+
+def decode(codec, ids: list[int]) -> str:
+    """Text of token ids with the model's tokenizer; space-separated ids without one (a
+    pre-tokenized corpus)."""
+    return codec.decode(ids) if codec is not None else " ".join(str(int(t)) for t in ids)
 
 
 def main(argv: list[str]) -> int:
@@ -151,10 +175,12 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from runtime.hf import load_model_and_tokenizer
+    from runtime.checkpoint import CheckpointError
+    from runtime.sources import load_source
 
     try:
-        model, codec = load_model_and_tokenizer(args.source, device=args.device)
+        source = load_source(args.source)
+        model, codec = source.build_model(args.device), source.tokenizer
         if codec is None:  # a pre-tokenized corpus: the prompt is space-separated token ids
             prompt = [int(t) for t in args.prompt.split()]
         else:
@@ -178,11 +204,11 @@ def main(argv: list[str]) -> int:
             top_p=args.top_p,
             use_cache=not args.no_kv_cache,
         )
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
     new_ids = out[0, len(prompt) :].tolist()
-    text = codec.decode(new_ids) if codec is not None else " ".join(map(str, new_ids))
+    text = decode(codec, new_ids)
     if args.json:
         settings = {
             "temperature": args.temperature,

@@ -135,3 +135,25 @@ def _multi_phase(step, schedule, peak_lr):
 
 
 SCHEDULES.complete()
+
+
+class LRSchedule:
+    """The run's position on its schedule (Stateful: state_dict / load_state_dict): `step` is the
+    number of optimizer steps done, so lr() is the learning rate of the next one."""
+
+    def __init__(self, schedule, peak_lr):
+        self.schedule = schedule  # LRScheduleConfig, resolved
+        self.peak_lr = peak_lr
+        self.step = 0
+
+    def lr(self, step=None):
+        return lr_at(self.step if step is None else step, self.schedule, self.peak_lr)
+
+    def phase(self, step=None):
+        return phase_at(self.step if step is None else step, self.schedule)
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])

@@ -1,7 +1,7 @@
 """`python -m runtime train CONFIG [--section.field VALUE ...]`: the training loop.
 
 Step numbering: `Trainer.step` counts optimizer steps done. Optimizer step `s` (0-based) uses
-lr_at(s) and compute_loss(window, s); once it is done the run is at `iter = s + 1`, which is what
+lr_at(s) and the loss of step s (runtime/loss.py); once it is done the run is at `iter = s + 1`, which is what
 metrics.jsonl, evaluations and checkpoint names (`ckpt_{iter:07d}.pt`) refer to.
 
 Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (exit 0; a second
@@ -22,7 +22,6 @@ DDP averages over processes, so the update equals the single-process one with th
 """
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -50,16 +49,13 @@ from generated.parser import (
 from runtime import console, logs
 from runtime import distributed as dist_utils
 from runtime.checkpoint import (
-    FORMAT_VERSION,
     Checkpointer,
     CheckpointError,
-    capture_rng_state,
-    check_weights_fit,
-    config_digest,
+    RNGState,
+    checkpoint_dict,
     describe_os_error,
     fault_point,
-    load_checkpoint,
-    restore_rng_state,
+    load_components,
 )
 from runtime.data import DataError, DataModule
 from runtime.logs import log
@@ -71,17 +67,13 @@ from runtime.rundir import (
     read_run_id,
     write_run_file,
 )
-from runtime.schedule import lr_at, phase_at, schedule_warnings
+from runtime.schedule import LRSchedule, schedule_warnings
 from runtime.tokenizer import TOKENIZER_FILE, TextCodec
-from runtime.wandb_logger import WandbLogger, WandbUnavailable, import_wandb
+from runtime.wandb_logger import WandbLogger, WandbUnavailable
 
 
 class NonFiniteLossError(RuntimeError):
     """training.nonfinite_loss is `stop` and a step's loss was NaN or infinite."""
-
-
-class TrainingError(RuntimeError):
-    """A configuration that cannot train (reported without a traceback)."""
 
 
 def seed_everything(seed):
@@ -163,10 +155,6 @@ class StopSignals:
         self._previous = {}
 
 
-def _is_hf_folder(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
 class Trainer:
     """Builds everything from the root Config and runs training (`run()` returns an exit code)."""
 
@@ -197,24 +185,36 @@ class Trainer:
         system = cfg.system
         # ---- the run folder: claimed before anything is written to it
         self.run_id = self._claim_run_folder(cfg) if launch_main else None
-        self.schedule = cfg.schedule
         if not cfg.evaluator.eval_only:
-            for text in schedule_warnings(self.schedule, training.max_iters):
+            for text in schedule_warnings(cfg.schedule, training.max_iters):
                 self._warn(f"warning: {text}")
-        # ---- processes and device
-        world, _, local_rank = dist_utils.launch_world()
-        dist_utils.check_launch(system.distributed)
-        if cfg.wandb.enabled:
-            import_wandb()  # fail before anything is built
-        if training.gradient_accumulation_steps % world:
-            raise TrainingError(
-                f"{PATH.training.gradient_accumulation_steps} ({training.gradient_accumulation_steps}) must divide by the "
-                f"number of processes ({world})"
-            )
-        self.device = dist_utils.resolve_device(system.device, local_rank, distributed=world > 1)
+        # ---- processes (checked once, here), the wandb package, data (checks its layout), device
+        launch = dist_utils.check_launch(system.distributed)
+        self.config_dict = to_saved_dict(cfg)
+        self.wandb = WandbLogger(
+            cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=launch.is_main
+        )
+        self.window = training.seq_len + 1 + cfg.model.mtp_depth
+        self.data = DataModule(
+            cfg.data,
+            seed=cfg.seed,
+            window=self.window,
+            batch_size=training.batch_size,
+            grad_accum=training.gradient_accumulation_steps,
+            world_size=launch.world_size,
+            rank=launch.rank,
+            vocab_size=cfg.model.vocab_size,
+        )
+        # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
+        self.codec = self.data.corpus.codec or (
+            TextCodec.bytes() if self.data.corpus.is_bytes else None
+        )
+        self.device = dist_utils.resolve_device(
+            system.device, launch.local_rank, distributed=launch.world_size > 1
+        )
         if self.device.type == "cpu":
             dist_utils.tune_malloc()  # reuse freed blocks: fresh pages are slow to fault in here
-        self.dist = dist_utils.init_distributed(system.distributed, self.device.type)
+        self.dist = dist_utils.init_distributed(launch, system.distributed, self.device.type)
         self.is_main = self.dist.is_main
         if self.is_main and not cfg.evaluator.eval_only:
             self.checkpointer.check_writable()
@@ -224,43 +224,25 @@ class Trainer:
 
         for note in self.config_notes:
             self._say(f"config: {note}")
+        from runtime.balancer import MoEBalancer
+        from runtime.loss import TrainingLoss
         from runtime.model import Transformer
+        from runtime.moe import RoutingKnobs
 
-        self.model = Transformer(cfg.model, cfg.moe, cfg.mtp)
+        # ---- the components: each owns its part of the run's state
+        self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
         if init_weights is not None:
             init_weights(self.model)
         self.model.to(self.device)
+        self.loss = TrainingLoss(cfg.moe, cfg.mtp)
+        self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
-
-        # ---- data
-        self.window = training.seq_len + 1 + cfg.model.mtp_depth
-        self.data = DataModule(
-            cfg.data,
-            seed=cfg.seed,
-            window=self.window,
-            batch_size=training.batch_size,
-            grad_accum=training.gradient_accumulation_steps,
-            world_size=self.dist.world_size,
-            rank=self.dist.rank,
-            vocab_size=cfg.model.vocab_size,
-        )
-        # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
-        self.codec = self.data.corpus.codec or (
-            TextCodec.bytes() if self.data.corpus.is_bytes else None
-        )
-
-        # ---- state
-        self.step = 0
-        self._rng_to_restore = None
-        self.best_val_loss = None
-        self.last_val_loss = None
-        self.last_val_improved = False
+        self.lr_schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr)
+        self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id)
         self.stopped_by = None  # the signal's name when SIGTERM / SIGINT ended the run early
-        if self.resume_state is not None:
-            self._load_state(self.resume_state)
 
-        # ---- wrappers for training: compile, then DDP (forward(window, step) is compute_loss)
+        # ---- wrappers for training: compile, then DDP
         self.train_module = dist_utils.compile_module(self.model, system.compile)
         if self.dist.enabled:
             self.train_module = dist_utils.wrap_ddp(
@@ -269,15 +251,8 @@ class Trainer:
 
         # ---- outputs
         self.out_dir = cfg.out_dir
-        elapsed = (self.resume_state or {}).get("elapsed_s") or 0.0
-        self.metrics = MetricsWriter(
-            cfg.out_dir, enabled=self.is_main, run_id=self.run_id, elapsed_offset=elapsed
-        )
         self.bytes_per_token = self.data.corpus.bytes_per_token  # None: unknown (a .bin corpus)
-        self.config_dict = to_saved_dict(cfg)
-        self.wandb = WandbLogger(
-            cfg.wandb, out_dir=cfg.out_dir, config_dict=self.config_dict, is_main=self.is_main
-        )
+        self.wandb.start()
         self.eval_cfg = cfg.evaluator
         self.tokens_per_step = (
             training.batch_size * training.seq_len * training.gradient_accumulation_steps
@@ -288,6 +263,41 @@ class Trainer:
                 f.write(dump_yaml(cfg))
             if self.codec is not None:
                 self.codec.save(os.path.join(cfg.out_dir, TOKENIZER_FILE))
+        # ---- a resumed run loads every component last (the RNG after all setup has drawn)
+        if self.resume_state is not None:
+            load_components(self.components(), self.resume_state, self.resumed_from)
+
+    def components(self):
+        """The run's Stateful parts, by checkpoint key (the RNG last: loading it restores it)."""
+        parts = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scaler": self.scaler,  # {} unless float16
+            "schedule": self.lr_schedule,
+            "data": self.data,
+            "balancer": self.balancer,
+            "metrics": self.metrics,
+            "rng": RNGState(),
+        }
+        return parts
+
+    @property
+    def step(self):
+        """Optimizer steps done (the schedule's position)."""
+        return self.lr_schedule.step
+
+    @step.setter
+    def step(self, value):
+        self.lr_schedule.step = value
+
+    def checkpoint_state(self):
+        meta = {
+            "step": self.step,
+            "run_id": self.run_id,
+            "tokenizer": self.codec.state() if self.codec is not None else None,
+            "config": self.config_dict,
+        }
+        return checkpoint_dict(self.components(), meta)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -335,80 +345,25 @@ class Trainer:
 
     @staticmethod
     def _init_from(resolved):
-        """(resolved config, weight loader or None) for checkpointer.init_from: scratch, a
-        checkpoint file or a Hugging Face folder. The source's architecture fills the model
-        section; a model field this run sets explicitly to another value is a config error."""
-        source = resolved.config.checkpointer.init_from
-        if source == InitFrom.SCRATCH:
+        """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
+        source runtime/sources.py recognises. The source's architecture fills the model section; a
+        model field this run sets explicitly to another value is a config error."""
+        path = resolved.config.checkpointer.init_from
+        if path == InitFrom.SCRATCH:
             return resolved, None
-        if _is_hf_folder(source):
-            from runtime.hf import load_hf_weights, model_fields_from_hf_config
+        from runtime.sources import UnknownSource, load_source
 
-            config_json = os.path.join(source, "config.json")
-            with open(config_json) as f:
-                try:
-                    fields = model_fields_from_hf_config(json.load(f), config_json)
-                except ValueError as error:  # an unsupported setting, named by its key
-                    problem = Problem(
-                        PATH.checkpointer.init_from, str(error), Source("file", config_json, 1)
-                    )
-                    raise ConfigError([problem]) from None
-            resolved = adopt_values(
-                resolved, {f"model.{k}": v for k, v in fields.items()}, config_json
-            )
-            return resolved, lambda model: load_hf_weights(model, source)
-        if os.path.isfile(source):
-            state = load_checkpoint(source)
-            fields = state["config"]["model"]
-            resolved = adopt_values(resolved, {f"model.{k}": v for k, v in fields.items()}, source)
-            weights = state["model"]
-
-            def load_weights(model):
-                check_weights_fit(model, weights, source)
-                model.load_state_dict(weights, strict=True)
-
-            return resolved, load_weights
-        raise CheckpointError(
-            f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r}, a checkpoint file or a Hugging Face folder "
-            f"(config.json + safetensors); {source!r} is none of these"
-        )
-
-    def _load_state(self, state):
-        check_weights_fit(self.model, state["model"], self.resumed_from)
-        self.model.load_state_dict(state["model"], strict=True)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
-            self._rng_to_restore = state["rng"]  # restored right before the run, after all setup
-        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            source = load_source(path)
+        except UnknownSource as error:
             raise CheckpointError(
-                f"checkpoint {self.resumed_from}: its optimizer or training state does not fit this run: "
-                f"{type(error).__name__}: {error}"
+                f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r} or a model source; {error}"
             ) from None
-        self.best_val_loss = state.get("best_val_loss")
-        self.last_val_loss = state.get("val_loss")
-        self.last_val_improved = bool(state.get("last_val_improved", False))
-
-    def checkpoint_state(self):
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": capture_rng_state(),
-            "data": DataModule.state(self.step),
-            "best_val_loss": self.best_val_loss,
-            "val_loss": self.last_val_loss,
-            "last_val_improved": self.last_val_improved,
-            "config": self.config_dict,
-            "config_sha256": config_digest(self.config_dict),
-            "run_id": self.run_id,
-            "elapsed_s": self.metrics.elapsed(),
-            "tokenizer": self.codec.state() if self.codec is not None else None,
-        }
+        except ValueError as error:  # an unsupported Hugging Face setting, named by its key
+            problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", path, 1))
+            raise ConfigError([problem]) from None
+        fields = {f"{PATH.model.SECTION}.{k}": v for k, v in source.model_fields.items()}
+        return adopt_values(resolved, fields, source.config_file), source.load_weights
 
     # ------------------------------------------------------------------------------------------
     # steps
@@ -419,7 +374,7 @@ class Trainer:
     def train_step(self, step, micro_batches):
         """One optimizer step over this process's micro-batches; returns its metrics (global means)."""
         cfg = self.cfg
-        lr = lr_at(step, self.schedule, cfg.optimizer.lr)
+        lr = self.lr_schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n = len(micro_batches)
@@ -438,7 +393,7 @@ class Trainer:
                 )
                 with sync:
                     with self._autocast():
-                        out = self.train_module(window, step)
+                        out = self.loss(self.train_module, window, step)
                     self.scaler.scale(out.loss / n).backward()
                 parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
                 sums += torch.stack([p.detach().double() for p in parts])
@@ -454,7 +409,7 @@ class Trainer:
             **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
             "mtp_weight": float(mtp_weight),
             "lr": lr,
-            "phase": phase_at(step, self.schedule),
+            "phase": self.lr_schedule.phase(step),
         }
         if not math.isfinite(means[0]):
             if self.nonfinite_policy == NonfiniteLoss.STOP:
@@ -463,7 +418,7 @@ class Trainer:
                     f"{NonfiniteLoss.SKIP} to drop such steps"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            self.model.discard_router_loads()  # a step not applied moves no bias
+            self.balancer.discard()  # a step not applied moves no bias
             metrics["skipped"] = True
             return metrics
         if self.scaler.is_enabled():
@@ -480,7 +435,7 @@ class Trainer:
                         f"{PATH.training.nonfinite_loss}: {NonfiniteLoss.SKIP} to drop such steps"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                self.model.discard_router_loads()
+                self.balancer.discard()
                 metrics["skipped"] = True
                 return metrics
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -489,10 +444,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # the float16 scaler skips a step with inf/NaN gradients and then lowers its scale
         if scale is not None and self.scaler.get_scale() < scale:
-            self.model.discard_router_loads()
+            self.balancer.discard()
             metrics["scaler_skipped"] = True
         else:
-            self.model.update_router_biases(step)
+            self.balancer.update(step)
         return metrics
 
     @torch.no_grad()
@@ -504,7 +459,7 @@ class Trainer:
         for window in self.data.val_loader(self.eval_cfg.eval_iters):
             window = window.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model.compute_loss(window, self.step)
+                out = self.loss(self.model, window, self.step)
             totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
             fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
@@ -512,15 +467,9 @@ class Trainer:
         return float(totals[0] / totals[1])
 
     def _record_eval(self, val_loss):
-        # a NaN/inf validation loss never counts as the best (it would stay "best" for ever)
-        improved = math.isfinite(val_loss) and (
-            self.best_val_loss is None or val_loss < self.best_val_loss
-        )
-        self.last_val_loss = val_loss
-        self.last_val_improved = improved
-        if improved:
-            self.best_val_loss = val_loss
-        record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
+        improved = self.metrics.note_val_loss(val_loss)
+        best_val_loss = self.metrics.best_val_loss
+        record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": best_val_loss}
         bpb = ""
         if self.bytes_per_token is not None:
             # nats per token -> bits per byte of text: comparable across tokenizers
@@ -528,7 +477,7 @@ class Trainer:
             bpb = f", {record['val_bpb']:.4f} bits/byte"
         self.metrics.write(record)
         self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=self.step)
-        best = "none" if self.best_val_loss is None else f"{self.best_val_loss:.4f}"
+        best = "none" if best_val_loss is None else f"{best_val_loss:.4f}"
         self._say(f"step {self.step}: val loss {val_loss:.4f}{bpb} (best {best})")
         return improved
 
@@ -536,9 +485,6 @@ class Trainer:
     # the run
 
     def run(self):
-        if self._rng_to_restore is not None:
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
         try:
             if self.eval_cfg.eval_only:
                 self._record_eval(self.evaluate())
@@ -564,7 +510,7 @@ class Trainer:
                 self._say(f"removed {path} (an interrupted checkpoint write)")
         self.resume_state = None  # free the memory
         bar = None
-        console = logs.console_handler()
+        log_console = logs.console_handler()
         if self.is_main and sys.stderr.isatty():  # a bar in a file is one long line of \r updates
             from tqdm import tqdm
 
@@ -574,14 +520,14 @@ class Trainer:
                 dynamic_ncols=True,
                 desc="train",
             )
-            if console is not None:
-                console.bar = bar
+            if log_console is not None:
+                log_console.bar = bar
         try:
             with StopSignals() as signals:
                 self._loop(signals, bar)
         finally:
-            if console is not None:
-                console.bar = None
+            if log_console is not None:
+                log_console.bar = None
             if bar is not None:
                 bar.close()  # ends the bar's line, so that an error message starts a line of its own
 
@@ -596,7 +542,7 @@ class Trainer:
         cfg = self.cfg
         max_iters = cfg.training.max_iters
         self.model.train()
-        loader = iter(self.data.train_loader(self.step, max_iters))
+        steps = self.data.train_steps(max_iters)
         last_eval = None
         window_tokens, window_time = 0, 0.0
         log_interval = cfg.training.log_interval
@@ -608,9 +554,9 @@ class Trainer:
             step = self.step
             will_log = (step + 1) % log_interval == 0 or step + 1 == max_iters
             if will_log:
-                self.model.reset_moe_stats()
+                self.balancer.reset_stats()
             start = time.perf_counter()
-            micro = [next(loader) for _ in range(self.data.micro_per_rank)]
+            micro = next(steps)
             metrics = self.train_step(step, micro)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -630,7 +576,7 @@ class Trainer:
                     "iter": self.step,
                     **metrics,
                     "tokens_per_s": tokens_per_s,
-                    **self.model.moe_stats(),
+                    **self.balancer.stats(),
                 }
                 self.metrics.write(record)
                 self.wandb.log(record, step=self.step)
@@ -651,7 +597,7 @@ class Trainer:
             saved = None
             if (
                 self.checkpointer.should_save(
-                    self.step, final=final, improved=self.last_val_improved
+                    self.step, final=final, improved=self.metrics.last_val_improved
                 )
                 and self.is_main
             ):
@@ -676,44 +622,27 @@ class Trainer:
     def sample(self):
         """Print a generation from the trained model (the `sample` section) and save it as
         <out_dir>/sample.txt."""
-        from runtime.sample import generate
+        from runtime.sample import complete, decode
 
         settings = self.cfg.sample
-        self.model.eval()
         if self.codec is not None:
             prompt = self.codec.encode(settings.prompt)
-        else:
-            start, _ = self.data.val_set.start, self.data.val_set.end
+        else:  # a pre-tokenized corpus: the first tokens of the validation split
+            start = self.data.val_set.start
             prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
-        prompt = [t for t in prompt if t < self.cfg.model.vocab_size] or [0]
-        room = max(1, self.cfg.model.max_seq_len - len(prompt))
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        ids = generate(
-            self.model,
-            torch.tensor(prompt, dtype=torch.long, device=self.device),
-            min(settings.max_new_tokens, room),
-            settings.temperature,
-            generator,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-        )
-        ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
-        if self.codec is not None:
-            text = self.codec.decode(ids)
-        else:
-            text = " ".join(str(int(t)) for t in ids)
+        ids = complete(self.model, prompt, settings, generator)
+        text = decode(self.codec, ids)
         with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
             f.write(text + "\n")
         # escaped control characters: a stray \r from the model would tear a piped log
         shown = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
         print(f"--- sample ---\n{shown}\n--------------", flush=True)
-        self.model.train()
         return text
 
 
 USER_ERRORS = (
     ConfigError,
-    TrainingError,
     DataError,
     CheckpointError,
     NonFiniteLossError,

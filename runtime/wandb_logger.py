@@ -25,32 +25,38 @@ def import_wandb():
 
 
 class WandbLogger:
-    """No-op unless `wandb_cfg.enabled` (and this is the main process)."""
+    """No-op unless `wandb_cfg.enabled` (and this is the main process). Construction checks that
+    wandb imports (on every rank: fail before anything is built); start() opens the run."""
 
     def __init__(self, wandb_cfg, *, out_dir, config_dict, is_main=True):
         self.enabled = wandb_cfg.enabled and is_main
         self.log_model = wandb_cfg.log_model
         self.run = None
         self._wandb = None
+        self._init_args = None
         if not wandb_cfg.enabled:
             return
-        wandb = import_wandb()  # checked on every rank: fail early everywhere
+        wandb = import_wandb()
         if not is_main:
             return
         self._wandb = wandb
-        os.makedirs(out_dir, exist_ok=True)
+        self._init_args = dict(
+            project=wandb_cfg.project,
+            name=wandb_cfg.run_name,
+            tags=list(wandb_cfg.tags),
+            config=config_dict,
+            dir=out_dir,
+        )
+
+    def start(self):
+        if self._init_args is None or self.run is not None:
+            return
+        os.makedirs(self._init_args["dir"], exist_ok=True)
         try:
-            self.run = wandb.init(
-                project=wandb_cfg.project,
-                name=wandb_cfg.run_name,
-                tags=list(wandb_cfg.tags),
-                config=config_dict,
-                dir=out_dir,
-            )
+            self.run = self._wandb.init(**self._init_args)
         except Exception as error:  # noqa: BLE001 - no API key, no network, a bad project...
-            first_line = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
+            text = str(error).strip()
+            first_line = text.splitlines()[0] if text else type(error).__name__
             raise WandbUnavailable(
                 f"wandb could not start a run ({first_line}); log in (wandb login / WANDB_API_KEY), "
                 f"set WANDB_MODE=offline, or pass --{PATH.wandb.enabled} false"

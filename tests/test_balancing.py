@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
+from runtime.balancer import MoEBalancer
 from runtime.train import router_noise_rng
-from tiny import debug_model
+from tiny import debug_model, training_loss
 
 
 def test_balance_loss_is_summed_over_moe_layers():
@@ -16,7 +17,7 @@ def test_balance_loss_is_summed_over_moe_layers():
         m.register_forward_hook(lambda mod, inp, out: per_layer.append(out[1].detach()))
         for _, m in model.moe_layers()
     ]
-    out = model.compute_loss(torch.randint(0, 64, (2, 14)), 0)
+    out = training_loss()(model, torch.randint(0, 64, (2, 14)), 0)
     for h in hooks:
         h.remove()
     assert len(per_layer) == 4  # 3 main MoE blocks and the MTP block
@@ -29,14 +30,16 @@ def test_bias_update_speed_schedule():
         bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.0
     )
     model = debug_model(moe).train()
-    assert [model.bias_update_speed(s) for s in (0, 4, 5, 100)] == [0.01, 0.01, 0.0, 0.0]
-    assert debug_model().bias_update_speed(10**9) == MoETrainingConfig().bias_update_speed
+    balancer = MoEBalancer(model, moe)
+    assert [balancer.bias_update_speed(s) for s in (0, 4, 5, 100)] == [0.01, 0.01, 0.0, 0.0]
+    default = MoEBalancer(debug_model(), MoETrainingConfig())
+    assert default.bias_update_speed(10**9) == MoETrainingConfig().bias_update_speed
     layers = [m for _, m in model.moe_layers()]
 
     def step(s):
         model(torch.randint(0, 64, (2, 16)))
         before = torch.stack([m.gate.e_score_correction_bias.clone() for m in layers])
-        model.update_router_biases(s)
+        balancer.update(s)
         return torch.stack([m.gate.e_score_correction_bias for m in layers]) - before
 
     assert step(4).abs().max().item() == pytest.approx(0.01)
@@ -46,6 +49,7 @@ def test_bias_update_speed_schedule():
         bias_update_speed=0.01, bias_update_speed_until=5, bias_update_speed_final=0.002
     )
     model = debug_model(moe).train()
+    balancer = MoEBalancer(model, moe)
     layers = [m for _, m in model.moe_layers()]
     assert step(7).abs().max().item() == pytest.approx(0.002)
 
@@ -54,23 +58,19 @@ def test_mtp_loss_weight_schedule():
     mtp = MTPTrainingConfig(
         mtp_loss_weight=0.3, mtp_loss_weight_until=10, mtp_loss_weight_final=0.1
     )
-    model = debug_model(mtp=mtp, mtp_depth=1)
-    assert [model.mtp_weight(s) for s in (0, 9, 10, 50)] == [0.3, 0.3, 0.1, 0.1]
-    ramped = debug_model(
-        mtp=MTPTrainingConfig(warmup_steps=4, mtp_loss_weight_until=10), mtp_depth=1
-    )
+    model, loss = debug_model(mtp_depth=1), training_loss(mtp=mtp)
+    assert [loss.mtp_weight(s) for s in (0, 9, 10, 50)] == [0.3, 0.3, 0.1, 0.1]
+    ramped = training_loss(mtp=MTPTrainingConfig(warmup_steps=4, mtp_loss_weight_until=10))
     assert ramped.mtp_weight(2) == pytest.approx(0.15) and ramped.mtp_weight(12) == pytest.approx(
         0.1
     )
     window = torch.randint(0, 64, (2, 12))
-    out = model.eval().compute_loss(window, 20)
+    out = loss(model.eval(), window, 20)
     assert out.mtp_weight == 0.1
     torch.testing.assert_close(
         out.loss, out.main_loss + 0.1 * out.mtp_losses[0] + 1e-4 * out.aux_loss
     )
-    assert debug_model(mtp_depth=1).mtp_weight(10**9) == pytest.approx(
-        0.3
-    )  # no schedule by default
+    assert training_loss().mtp_weight(10**9) == pytest.approx(0.3)  # no schedule by default
 
 
 def test_router_noise_differs_per_rank_and_repeats_per_step():

@@ -134,20 +134,24 @@ def test_checkpoint_contents(tmp_path, data_dir):
         "step",
         "rng",
         "data",
-        "best_val_loss",
+        "schedule",
+        "balancer",
+        "metrics",
         "config",
         "scaler",
     } <= set(state)
+    assert state["format_version"] == ckpt_mod.FORMAT_VERSION
     assert state["step"] == 2 and state["data"] == {"next_step": 2}
+    assert state["schedule"] == {"step": 2} and state["balancer"] == {}  # counts applied
     assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert state["config"] == to_saved_dict(trainer.cfg)
     assert any(
         k.endswith("e_score_correction_bias") for k in state["model"]
     )  # router biases are saved
     assert state["optimizer"]["state"]  # AdamW moments
-    assert isinstance(state["best_val_loss"], float)
+    assert isinstance(state["metrics"]["best_val_loss"], float)
     best = torch.load(folder / "best.pt", weights_only=True)
-    assert best["best_val_loss"] == min(
+    assert best["metrics"]["best_val_loss"] == min(
         r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r
     )
 

@@ -183,4 +183,4 @@ def test_wandb_without_a_login_is_one_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.raises(WandbUnavailable, match="No API key configured.*WANDB_MODE=offline"):
-        WandbLogger(WandbConfig(enabled=True), out_dir=str(tmp_path), config_dict={})
+        WandbLogger(WandbConfig(enabled=True), out_dir=str(tmp_path), config_dict={}).start()

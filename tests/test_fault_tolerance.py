@@ -384,14 +384,14 @@ def poison_from_step(monkeypatch, index, how):
 
     def train_step(self, step, micro):
         if step >= index and not getattr(self, "_poisoned", False):
-            module = self.train_module
+            real_loss = self.loss
 
-            def forward(window, s):
-                out = module(window, s)
+            def loss(model, window, s):
+                out = real_loss(model, window, s)
                 out.loss = InfGrad.apply(out.loss) if how == "grad" else out.loss * float(how)
                 return out
 
-            self.train_module, self._poisoned = forward, True
+            self.loss, self._poisoned = loss, True
         return real(self, step, micro)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)

@@ -14,6 +14,7 @@ from runtime import sample as sample_mod
 from runtime.checkpoint import atomic_save
 from runtime.model import Transformer
 from runtime.sample import generate
+from runtime.sources import load_source
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,7 +49,7 @@ def make_model(**kw):
     )
     base.update(kw)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**base), MoETrainingConfig(), MTPTrainingConfig())
+    model = Transformer(ModelConfig(**base))
     with torch.no_grad():
         for (
             p
@@ -77,7 +78,7 @@ def test_logits_and_greedy_match_transformers(variant, tmp_path):
     ref = load_hf(str(tmp_path))
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(tokens)
+        ours = model(tokens).logits
         theirs = ref(tokens).logits
         assert (ours - theirs).abs().max().item() < 1e-4
 
@@ -86,11 +87,11 @@ def test_logits_and_greedy_match_transformers(variant, tmp_path):
         saved = [m.gate.e_score_correction_bias.clone() for m in layers]
         for m in layers:
             m.gate.e_score_correction_bias.zero_()
-        assert (model(tokens) - theirs).abs().max().item() > 1e-3
+        assert (model(tokens).logits - theirs).abs().max().item() > 1e-3
         for m, b in zip(layers, saved):
             m.gate.e_score_correction_bias.copy_(b)
             m.gate.topk_group = m.gate.n_group
-        assert (model(tokens) - theirs).abs().max().item() > 1e-3
+        assert (model(tokens).logits - theirs).abs().max().item() > 1e-3
         for m in layers:
             m.gate.topk_group = 2
 
@@ -134,7 +135,9 @@ def test_round_trip_and_clis(tmp_path, capsys):
     ]:
         assert k in keys
 
-    fields, sd = hf_mod.load_hf_folder(str(out_dir))
+    source = load_source(str(out_dir))
+    assert source.kind == "hf"
+    fields, sd = source.model_fields, source.weights()
     assert ModelConfig(**fields) == cfg
     ref_sd = model.state_dict()
     assert sd.keys() == ref_sd.keys()
@@ -145,7 +148,7 @@ def test_round_trip_and_clis(tmp_path, capsys):
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    hf_mod.load_hf_weights(fresh, str(out_dir))
+    source.load_weights(fresh)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, ref_sd[k]), k
 
@@ -193,19 +196,19 @@ def test_transformers_saved_folder_imports(tmp_path):
     model = make_model(q_lora_rank=0, mtp_depth=1)
     hf_mod.export_hf(model, str(tmp_path / "a"))
     load_hf(str(tmp_path / "a")).save_pretrained(str(tmp_path / "b"))
+    source = load_source(str(tmp_path / "b"))
+    assert source.model_fields["mtp_depth"] == 1 and not source.mtp_modules_with_weights()
     with pytest.warns(UserWarning, match="MTP"):  # transformers keeps no MTP weights
-        fields, sd = hf_mod.load_hf_folder(str(tmp_path / "b"))
-    assert fields["mtp_depth"] == 0
-    with pytest.warns(UserWarning, match="MTP"):
-        imported = hf_mod.load_model_source(str(tmp_path / "b"))
+        imported = source.build_model()
+    assert imported.config.mtp_depth == 0
     tokens = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
-        torch.testing.assert_close(imported(tokens), model(tokens))
+        torch.testing.assert_close(imported(tokens).logits, model(tokens).logits)
     # the trainer's init_from path keeps the configured MTP modules with their fresh init
     target = make_model(q_lora_rank=0, mtp_depth=1)
     fresh_mtp = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("mtp.")}
     with pytest.warns(UserWarning, match="MTP"):
-        hf_mod.load_hf_weights(target, str(tmp_path / "b"))
+        load_source(str(tmp_path / "b")).load_weights(target)
     for k, v in target.state_dict().items():
         assert torch.equal(v, fresh_mtp[k] if k.startswith("mtp.") else model.state_dict()[k]), k
 

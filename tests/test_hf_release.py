@@ -15,6 +15,7 @@ from generated.parser import ConfigError, load_config, resolved_from_config
 from runtime import hf as hf_mod
 from runtime.model import Transformer
 from runtime.sample import generate
+from runtime.sources import load_source
 from runtime.train import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -141,16 +142,15 @@ def test_yarn_logits_match_transformers(variant, tmp_path):
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = ref(tokens).logits
-        assert (model(tokens) - theirs).abs().max().item() < 1e-4
+        assert (model(tokens).logits - theirs).abs().max().item() < 1e-4
         # sensitive to each part: plain rope, or yarn without the softmax mscale, is far off
         plain = make_model(**{k: v for k, v in YARN[variant].items() if k != "rope_scaling"})
-        assert (plain(tokens) - theirs).abs().max().item() > 1e-3
+        assert (plain(tokens).logits - theirs).abs().max().item() > 1e-3
         for layer in model.layers:
             layer.attn.softmax_scale = (16 + 8) ** -0.5
-        assert (model(tokens) - theirs).abs().max().item() > 1e-3
+        assert (model(tokens).logits - theirs).abs().max().item() > 1e-3
     # and the exported config.json imports back to the same model section
-    fields, _ = hf_mod.load_hf_folder(str(tmp_path))
-    assert ModelConfig(**fields) == model.config
+    assert ModelConfig(**load_source(str(tmp_path)).model_fields) == model.config
 
 
 # ----------------------------------------------------------------------------- FP8 / shards / MTP
@@ -222,9 +222,7 @@ def write_release_folder(tmp_path):
     c = {**released(), **TINY_RELEASE}
     fields = hf_mod.model_fields_from_hf_config(c)
     torch.manual_seed(0)
-    from generated.config import MoETrainingConfig, MTPTrainingConfig
-
-    model = Transformer(ModelConfig(**fields), MoETrainingConfig(), MTPTrainingConfig())
+    model = Transformer(ModelConfig(**fields))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
@@ -280,7 +278,7 @@ def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path)
         "model.layers.2.shared_head.head.weight" in stored
         and "model.layers.2.embed_tokens.weight" in stored
     )
-    ours = hf_mod.load_model_source(str(fp8))
+    ours = load_source(str(fp8)).build_model()
     assert ours.config.mtp_depth == 1 and ours.config.rope_scaling == "yarn"
     # the MTP layer (index 2) loads into our MTP module exactly
     L = 2
@@ -306,17 +304,15 @@ def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path)
     ref = load_hf(str(ref_dir))
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (ours(tokens) - ref(tokens).logits).abs().max().item() < 1e-4
+        assert (ours(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-4
     prompt = tokens[:, :5]
     got = generate(ours, prompt, 12, temperature=0.0)
     want = ref.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert got.tolist() == want.tolist()
     assert len(set(got[0, 5:].tolist())) > 1
-    # the trainer's init_from path (load_hf_weights into a built model) takes the same folder
-    from generated.config import MoETrainingConfig, MTPTrainingConfig
-
-    fresh = Transformer(ours.config, MoETrainingConfig(), MTPTrainingConfig())
-    hf_mod.load_hf_weights(fresh, str(fp8))
+    # the trainer's init_from path (load_weights into a built model) takes the same folder
+    fresh = Transformer(ours.config)
+    load_source(str(fp8)).load_weights(fresh)
     for k, v in ours.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
 
@@ -339,14 +335,14 @@ def test_export_sharded_bf16(tmp_path):
                 torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
             ), k
             assert t.numel() * t.element_size() <= 40_000 or len(load_file(str(out / shard))) == 1
-    back = hf_mod.load_model_source(str(out))
+    back = load_source(str(out)).build_model()
     for k, v in model.state_dict().items():
         want = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16).float()
         assert torch.equal(back.state_dict()[k], want), k
     ref = load_hf(str(out))  # transformers reads the sharded folder
     tokens = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
-        assert (back(tokens) - ref(tokens).logits).abs().max().item() < 1e-4
+        assert (back(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-4
     # fp32 under the limit: one file, and the old shards are gone
     hf_mod.export_hf(model, str(out))
     assert sorted(n for n in os.listdir(out) if n.startswith("model")) == ["model.safetensors"]

@@ -13,7 +13,7 @@ from runtime.model import (
     rotary_tables,
 )
 from runtime.moe import MoE
-from tiny import debug_model
+from tiny import debug_model, training_loss
 
 
 def make_model(**kw):
@@ -33,8 +33,8 @@ def test_shapes_and_backward(q_lora_rank):
     assert attn.wkv_b.weight.shape == (2 * (8 + 12), 8)
     assert attn.wo.weight.shape == (32, 2 * 12)
     tokens = torch.randint(0, 64, (3, 10))
-    assert model(tokens).shape == (3, 10, 64)
-    out = model.compute_loss(torch.randint(0, 64, (3, 12)), 0)
+    assert model(tokens).logits.shape == (3, 10, 64)
+    out = training_loss()(model, torch.randint(0, 64, (3, 12)), 0)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -57,10 +57,10 @@ def test_layer_layout():
 def test_causal(q_lora_rank):
     model = make_model(q_lora_rank=q_lora_rank).eval()
     tokens = torch.randint(0, 64, (2, 16))
-    base = model(tokens)
+    base = model(tokens).logits
     changed = tokens.clone()
     changed[:, 9:] = (changed[:, 9:] + 7) % 64
-    out = model(changed)
+    out = model(changed).logits
     torch.testing.assert_close(out[:, :9], base[:, :9])
     assert (out[:, 9:] - base[:, 9:]).abs().max() > 1e-3
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generated.config import MoETrainingConfig, MTPTrainingConfig
+from generated.config import MoETrainingConfig
 from runtime import moe as moe_mod
+from runtime.balancer import MoEBalancer
 from runtime.model import MLP, Transformer
-from runtime.moe import MoE, capacity_keep
-from tiny import debug_model_config
+from runtime.moe import MoE, RoutingKnobs, capacity_keep
+from tiny import debug_model_config, training_loss
+
+LOSS = training_loss()
 
 DIM = 32
 
@@ -21,9 +24,8 @@ def model_cfg(**kw):
 
 def make_moe(model_kw=None, **moe_kw):
     cfg = model_cfg(**(model_kw or {}))
-    layer = MoE(
-        cfg, MoETrainingConfig(**moe_kw), MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
-    )
+    knobs = RoutingKnobs.from_config(MoETrainingConfig(**moe_kw))
+    layer = MoE(cfg, knobs, MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim))
     torch.manual_seed(0)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -138,19 +140,21 @@ def test_token_dropping_is_causal_and_training_only():
     T = 16
     base = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = model(base)
-        assert model.moe_stats()["moe/dropped_frac"] > 0.2  # dropping is really on
+        ref = model(base).logits
+        assert (
+            MoEBalancer(model, MoETrainingConfig()).stats()["moe/dropped_frac"] > 0.2
+        )  # dropping is really on
         for t in (3, 8, 12):
             other = base.clone()
             other[:, t + 1 :] = torch.randint(0, 64, (2, T - t - 1))
-            out = model(other)
+            out = model(other).logits
             torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=0)
             assert (out[:, t + 1 :] - ref[:, t + 1 :]).abs().max() > 1e-4
         # eval (and so sampling) is dropless: same logits as a model that never drops
         model.eval()
         dropless = debug_model(n_layers=3).eval()
-        torch.testing.assert_close(model(base), dropless(base))
-        assert (model(base) - ref).abs().max() > 1e-4
+        torch.testing.assert_close(model(base).logits, dropless(base).logits)
+        assert (model(base).logits - ref).abs().max() > 1e-4
 
 
 def test_dropless_keeps_everything():
@@ -239,7 +243,8 @@ def test_bias_selects_but_does_not_weight():
 def skewed_model(speed):
     cfg = model_cfg(n_layers=2, first_k_dense=1, n_routed_experts=4, top_k=1)
     torch.manual_seed(0)
-    return Transformer(cfg, MoETrainingConfig(bias_update_speed=speed), MTPTrainingConfig())
+    model = Transformer(cfg)
+    return model, MoEBalancer(model, MoETrainingConfig(bias_update_speed=speed))
 
 
 def test_bias_update_moves_load_towards_balance():
@@ -255,7 +260,7 @@ def test_bias_update_moves_load_towards_balance():
             layer(x)
         load = layer.load_counts.float()
         ratios.append((load.max() / load.mean()).item())
-        layer.update_bias(load)
+        layer.update_bias(load, 0.02)
         layer.load_counts = None
     assert ratios[0] == 4.0  # all tokens on one expert
     assert max(ratios[-4:]) < 1.6
@@ -264,41 +269,44 @@ def test_bias_update_moves_load_towards_balance():
 
 
 def test_model_bias_update_formula():
-    model = skewed_model(speed=0.05).train()
+    model, balancer = skewed_model(speed=0.05)
+    model.train()
     window = torch.randint(0, 64, (4, 33))
     for _ in range(2):  # two micro-batches accumulate before one update
         with torch.no_grad():
-            model.compute_loss(window, 0)
+            LOSS(model, window, 0)
     load = model.layers[1].ffn.load_counts.clone()
     assert load.sum() == 2 * 4 * 32
-    model.update_router_biases()
+    balancer.update()
     expected = 0.05 * torch.sign(load.float().mean() - load.float())
     torch.testing.assert_close(model.layers[1].ffn.gate.e_score_correction_bias, expected)
     assert model.layers[1].ffn.load_counts is None  # reset after the update
 
 
 def test_bias_update_off_and_eval_not_counted():
-    model = skewed_model(speed=0.0).train()
+    model, balancer = skewed_model(speed=0.0)
+    model.train()
     window = torch.randint(0, 64, (2, 17))
     with torch.no_grad():
-        model.compute_loss(window, 0)
-    model.update_router_biases()
+        LOSS(model, window, 0)
+    balancer.update()
     assert model.layers[1].ffn.gate.e_score_correction_bias.abs().sum() == 0
     model.eval()
-    model.reset_moe_stats()
+    balancer.reset_stats()
     with torch.no_grad():
-        model.compute_loss(window, 0)
+        LOSS(model, window, 0)
         model(window)
-    assert model.layers[1].ffn.load_counts is None and model.moe_stats() == {}
+    assert model.layers[1].ffn.load_counts is None and balancer.stats() == {}
 
 
 def test_moe_stats():
-    model = skewed_model(speed=0.0).train()
+    model, balancer = skewed_model(speed=0.0)
+    model.train()
     window = torch.randint(0, 64, (2, 17))
     with torch.no_grad():
-        model.compute_loss(window, 0)
-        model.compute_loss(window, 0)
-    stats = model.moe_stats()
+        LOSS(model, window, 0)
+        LOSS(model, window, 0)
+    stats = balancer.stats()
     tpe = stats["moe/layer1/tokens_per_expert"]
     assert len(tpe) == 4 and sum(tpe) == 2 * 2 * 16  # two calls, B*T tokens, top-1
     assert stats["moe/layer1/max_load"] == max(tpe)
@@ -308,8 +316,8 @@ def test_moe_stats():
     )
     assert stats["moe/layer1/dropped_frac"] == 0.0
     assert stats["moe/max_load_ratio"] == pytest.approx(max(tpe) / 16)
-    model.reset_moe_stats()
-    assert model.moe_stats() == {}
+    balancer.reset_stats()
+    assert balancer.stats() == {}
 
 
 def _ddp_worker(rank, world, init_file, results):
@@ -317,12 +325,13 @@ def _ddp_worker(rank, world, init_file, results):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = skewed_model(speed=0.01).train()
+        model, balancer = skewed_model(speed=0.01)
+        model.train()
         torch.manual_seed(100 + rank)  # different data on each rank
         with torch.no_grad():
-            model.compute_loss(torch.randint(0, 64, (2, 17)), 0)
+            LOSS(model, torch.randint(0, 64, (2, 17)), 0)
         local = model.layers[1].ffn.load_counts.clone()
-        model.update_router_biases()
+        balancer.update()
         results[rank] = (local, model.layers[1].ffn.gate.e_score_correction_bias.clone())
     finally:
         dist.destroy_process_group()

@@ -5,17 +5,42 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
+from runtime.loss import TrainingLoss
 from runtime.model import Transformer
+from runtime.moe import RoutingKnobs
 from tiny import debug_model_config
 
 
-def make_model(depth=2, mtp_loss_weight=0.3, warmup_steps=0, **moe_kw):
-    cfg = debug_model_config(mtp_depth=depth)
-    torch.manual_seed(0)
-    moe = MoETrainingConfig(**moe_kw)
-    return Transformer(
-        cfg, moe, MTPTrainingConfig(mtp_loss_weight=mtp_loss_weight, warmup_steps=warmup_steps)
-    )
+class Model:
+    """A debug Transformer and the training loss of its sections; compute_loss(window, step)."""
+
+    def __init__(self, depth=2, mtp_loss_weight=0.3, warmup_steps=0, **moe_kw):
+        torch.manual_seed(0)
+        moe = MoETrainingConfig(**moe_kw)
+        mtp = MTPTrainingConfig(mtp_loss_weight=mtp_loss_weight, warmup_steps=warmup_steps)
+        self.net = Transformer(debug_model_config(mtp_depth=depth), RoutingKnobs.from_config(moe))
+        self.loss = TrainingLoss(moe, mtp)
+        self.mtp_weight = self.loss.mtp_weight
+
+    def compute_loss(self, window, step):
+        return self.loss(self.net, window, step)
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, tokens):
+        return self.net(tokens).logits
+
+    def eval(self):
+        self.net.eval()
+        return self
+
+    def train(self):
+        self.net.train()
+        return self
+
+
+make_model = Model
 
 
 def test_warmup_ramp():
@@ -25,7 +50,8 @@ def test_warmup_ramp():
     assert model.mtp_weight(10) == pytest.approx(0.3)
     assert model.mtp_weight(25) == pytest.approx(0.3)
     assert make_model(warmup_steps=0).mtp_weight(0) == pytest.approx(0.3)
-    assert make_model(depth=0).mtp_weight(100) == 0.0
+    model = make_model(depth=0)
+    assert model.compute_loss(torch.randint(0, 64, (2, 13)), 100).mtp_weight == 0.0
 
 
 @pytest.mark.parametrize("step", [0, 4, 50])
@@ -74,7 +100,9 @@ def test_depth_inputs_targets_and_embedding_first_concat():
     # rebuild the chain by hand: h_0 is the main trunk's output after the final norm (what vLLM
     # and SGLang feed DeepSeek-V3's released MTP layer), h_k module k's after its own norm
     with torch.no_grad():
-        trunk = model._trunk(window[:, :T], [])
+        trunk = model.embed(window[:, :T])
+        for layer in model.layers:
+            trunk, _ = layer(trunk, model.rope_cos, model.rope_sin)
         h = model.norm(trunk)
         torch.testing.assert_close(model.head(h), model(window[:, :T]))
         assert (seen[0][..., 32:] - model.mtp[0].hnorm(trunk)).abs().max() > 1e-4  # not pre-norm

@@ -217,7 +217,7 @@ def test_lr_decay_iters_follows_max_iters(tmp_path, data_dir):
     with pytest.raises(ValueError, match="derived default"):
         lr_at(3, LRScheduleConfig(), 1.0)
     trainer = Trainer(load_config(argv=args(tmp_path / "o", data_dir, "--training.max_iters", "5")))
-    assert trainer.schedule.lr_decay_iters == 5
+    assert trainer.lr_schedule.schedule.lr_decay_iters == 5
 
 
 def test_schedule_that_does_not_fit_the_run_warns(tmp_path, data_dir, capsys):

@@ -46,7 +46,7 @@ def test_cache_keeps_the_latent_and_feeds_one_token_per_step():
     model = debug_model()
     cache = model.new_cache()
     logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
-    logits = model(torch.tensor([[4]]), cache=cache)
+    logits = model(torch.tensor([[4]]), cache=cache).logits
     assert cache.pos == 4
     for (
         c_kv,
@@ -57,7 +57,7 @@ def test_cache_keeps_the_latent_and_feeds_one_token_per_step():
             4,
             model.config.qk_rope_head_dim,
         )
-    full = model(torch.tensor([[1, 2, 3, 4]]))
+    full = model(torch.tensor([[1, 2, 3, 4]])).logits
     torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
     seen = []
     model.embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))

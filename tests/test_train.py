@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from generated.parser import load_config
+from runtime.data import DataError
 from runtime.distributed import SystemConfigError
-from runtime.train import NonFiniteLossError, Trainer, TrainingError, main
+from runtime.train import NonFiniteLossError, Trainer, main
 from tiny import TINY_RUN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,15 +241,15 @@ def test_autocast_dtypes(tmp_path, data_dir, dtype):
 
 def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
     def poisoned(trainer):
-        real = trainer.train_module
+        real = trainer.loss
 
-        def forward(window, step):
-            out = real(window, step)
+        def loss(model, window, step):
+            out = real(model, window, step)
             if step == 1:
                 out.loss = out.loss * float("nan")
             return out
 
-        trainer.train_module = forward
+        trainer.loss = loss
         return trainer
 
     trainer = poisoned(
@@ -295,7 +296,7 @@ def test_launch_errors(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemConfigError, match="system.distributed.enabled"):
         Trainer(load_config(argv=args(tmp_path / "o", data_dir)))
-    with pytest.raises(TrainingError, match="gradient_accumulation_steps"):
+    with pytest.raises(DataError, match="gradient_accumulation_steps"):
         Trainer(
             load_config(
                 argv=args(
@@ -564,19 +565,19 @@ def test_bias_moves_only_on_applied_steps(tmp_path, data_dir):
     before = bias()
     assert "skipped" not in trainer.train_step(0, batch)
     assert not torch.equal(bias(), before)  # an applied step moves it
-    real = trainer.train_module
+    real = trainer.loss
 
-    def nan_loss(window, step):
-        out = real(window, step)
+    def nan_loss(model, window, step):
+        out = real(model, window, step)
         out.loss = out.loss * float("nan")
         return out
 
-    trainer.train_module = nan_loss
+    trainer.loss = nan_loss
     before = bias()
     assert trainer.train_step(1, batch)["skipped"]
     assert torch.equal(bias(), before)
     assert all(m.load_counts is None for m in layers)  # its loads are not kept for the next update
-    trainer.train_module = real
+    trainer.loss = real
     trainer.scaler = FakeFloat16Scaler(skip=True)
     assert trainer.train_step(2, batch)["scaler_skipped"]
     assert torch.equal(bias(), before) and all(m.load_counts is None for m in layers)

@@ -17,7 +17,13 @@ import torch
 
 import generated.parser as gparser
 from generated import FIELDS
-from generated.config import Config, LRScheduleConfig, TorchCompilationConfig
+from generated.config import (
+    Config,
+    LRScheduleConfig,
+    MoETrainingConfig,
+    MTPTrainingConfig,
+    TorchCompilationConfig,
+)
 from runtime import distributed as dist_utils
 from runtime import train as train_mod
 from runtime.schedule import lr_at, phase_at
@@ -243,3 +249,78 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
     unread = [p for p in list(FIELDS) if p not in recorder.reads]
     assert not unread, f"spec fields never read by runtime/: {', '.join(unread)}"
     assert sections <= recorder.reads | {""}
+
+
+def _section_fields(section):
+    return {p for p in FIELDS if p.startswith(section + ".")}
+
+
+def test_each_component_reads_its_part_of_the_sections_it_takes(recorder):
+    """Per component: the fields it reads are exactly its share of the sections it is given
+    (nothing outside them, nothing of them left unread by the components that share a section)."""
+    from runtime.balancer import MoEBalancer
+    from runtime.loss import TrainingLoss
+    from runtime.model import Transformer
+    from runtime.moe import RoutingKnobs
+    from runtime.schedule import LRSchedule
+    from tiny import debug_model_config
+
+    def reads_of(fn):
+        recorder.reads.clear()
+        result = fn()
+        return result, set(recorder.reads)
+
+    model_cfg = recorder.wrap(
+        debug_model_config(
+            q_lora_rank=8, mtp_depth=1, rope_scaling="yarn", original_seq_len=8, rope_factor=4.0
+        ),
+        "model",
+    )
+    moe = recorder.wrap(MoETrainingConfig(router_noise_scale=0.1, drop_tokens=True), "moe")
+    mtp = recorder.wrap(MTPTrainingConfig(warmup_steps=2, mtp_loss_weight_until=1), "mtp")
+    window = torch.randint(0, 64, (2, 10))
+
+    knobs, knob_reads = reads_of(lambda: RoutingKnobs.from_config(moe))
+    net, model_reads = reads_of(lambda: Transformer(model_cfg, knobs))
+    _, forward_reads = reads_of(lambda: net(window[:, :-1], mtp=True))
+    assert model_reads | forward_reads == _section_fields("model")
+
+    out = net(window[:, :-1], mtp=True)  # the model's reads are the model's
+
+    def loss_step():
+        loss = TrainingLoss(moe, mtp)
+        return [loss.combine(out, window[:, 1:], s).loss for s in (0, 1, 5)]
+
+    _, loss_reads = reads_of(loss_step)
+    assert loss_reads - _section_fields("moe") == _section_fields("mtp")
+
+    def balance():
+        balancer = MoEBalancer(net, moe)
+        for s in (0, 1, 10**6):
+            with recorder.pause():
+                net(window[:, :-1])
+            balancer.update(s)
+
+    _, balancer_reads = reads_of(balance)
+    moe_parts = [knob_reads, loss_reads & _section_fields("moe"), balancer_reads]
+    assert all(a.isdisjoint(b) for i, a in enumerate(moe_parts) for b in moe_parts[i + 1 :])
+    assert set().union(*moe_parts) == _section_fields("moe")  # the moe section, shared out
+    assert balancer_reads <= _section_fields("moe") and knob_reads <= _section_fields("moe")
+
+    schedule_reads = set()
+    for kind in ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"):
+        schedule = recorder.wrap(
+            LRScheduleConfig(
+                schedule_type=kind, warmup_iters=2, lr_decay_iters=10, phase_steps=[4]
+            ),
+            "schedule",
+        )
+        component = LRSchedule(schedule, 1e-3)
+
+        def walk(component=component):
+            for step in range(12):
+                component.lr(step)
+                component.phase(step)
+
+        schedule_reads |= reads_of(walk)[1]
+    assert schedule_reads == _section_fields("schedule")

@@ -6,7 +6,9 @@ Each test states only what it changes: `debug_model_config(n_layers=3, mtp_depth
 import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from runtime.loss import TrainingLoss
 from runtime.model import Transformer
+from runtime.moe import RoutingKnobs
 
 DEBUG_MODEL = dict(
     vocab_size=64,
@@ -31,12 +33,16 @@ def debug_model_config(**overrides):
     return ModelConfig(**{**DEBUG_MODEL, **overrides})
 
 
-def debug_model(moe=None, mtp=None, **overrides):
-    """A seeded Transformer of the debug flavour."""
+def debug_model(moe=None, **overrides):
+    """A seeded Transformer of the debug flavour; `moe` (a MoETrainingConfig) gives its routing knobs."""
     torch.manual_seed(0)
-    return Transformer(
-        debug_model_config(**overrides), moe or MoETrainingConfig(), mtp or MTPTrainingConfig()
-    )
+    knobs = RoutingKnobs.from_config(moe) if moe is not None else None
+    return Transformer(debug_model_config(**overrides), knobs)
+
+
+def training_loss(moe=None, mtp=None):
+    """The trainer's loss for these sections (spec defaults where None)."""
+    return TrainingLoss(moe or MoETrainingConfig(), mtp or MTPTrainingConfig())
 
 
 # The same kind of model for end-to-end trainer tests, as command-line flags.

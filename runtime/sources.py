@@ -1,0 +1,194 @@
+"""Model sources: what a path holds, for init_from, export and sample.
+
+`load_source(path)` recognises the path and returns a Source: the model section's fields (the
+architecture), the weights under this model's names (read on first use: a run resolving its config
+needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
+
+  checkpoint  a trainer checkpoint file (checksum and config hash verified, weights-only unpickling)
+  hf          a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/hf.py)
+
+A new kind (issue 10's sharded checkpoint folder) is one `register_source(SourceKind(...))`: a
+`recognises(path)` test and a `load(path) -> Source`.
+
+Two uses, one policy each: `build_model()` (sample, export) builds the architecture the weights
+hold, leaving out MTP modules that have no weights (a folder saved by transformers has none);
+`load_weights(model)` (init_from) fills a model the trainer built, and MTP modules without weights
+keep their fresh initialisation, to be trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from generated import PATH
+from generated.config import ModelConfig
+from generated.names import Dataset as DatasetChoice
+from runtime.checkpoint import CheckpointError, check_weights_fit, load_checkpoint
+from runtime.model import Transformer
+from runtime.moe import RoutingKnobs
+from runtime.tokenizer import TextCodec
+
+MTP_DEPTH = PATH.model.mtp_depth.rsplit(".", 1)[-1]
+N_LAYERS = PATH.model.n_layers.rsplit(".", 1)[-1]
+
+
+class UnknownSource(CheckpointError):
+    """A path that no source kind recognises."""
+
+
+@dataclass
+class Source:
+    kind: str  # the SourceKind's name
+    path: str
+    model_fields: dict[str, object]  # spec model field name -> value (missing: spec default)
+    read_weights: Callable[[], dict[str, Tensor]]  # the state dict, under this model's names
+    tokenizer: TextCodec | None = None
+    knobs: RoutingKnobs = field(default_factory=RoutingKnobs)  # routing the weights trained with
+    config_file: str = ""  # where the architecture was read (config.json, or the checkpoint)
+    _weights: dict[str, Tensor] | None = field(default=None, repr=False)
+
+    def weights(self) -> dict[str, Tensor]:
+        if self._weights is None:
+            self._weights = self.read_weights()
+        return self._weights
+
+    def mtp_modules_with_weights(self) -> set[int]:
+        return {int(k.split(".")[1]) for k in self.weights() if k.startswith("mtp.")}
+
+    def build_model(self, device: str | torch.device = "cpu") -> Transformer:
+        """The model the weights describe, in eval mode. MTP modules without weights are left out
+        (with a warning)."""
+        fields = dict(self.model_fields)
+        depth = int(fields.get(MTP_DEPTH, ModelConfig().mtp_depth))  # type: ignore[call-overload]
+        present = len(self.mtp_modules_with_weights())
+        if depth > present:
+            warnings.warn(
+                f"{self.path}: config says {depth} MTP modules but the weights hold {present}; "
+                f"using {present}",
+                stacklevel=2,
+            )
+            fields[MTP_DEPTH] = depth = present
+        sd = {
+            k: v
+            for k, v in self.weights().items()
+            if not (k.startswith("mtp.") and int(k.split(".")[1]) >= depth)
+        }
+        model = Transformer(ModelConfig(**fields), self.knobs)  # type: ignore[arg-type]
+        check_weights_fit(model, sd, self.path)
+        model.load_state_dict(sd, strict=True)
+        return model.to(device).eval()
+
+    def load_weights(self, model: Transformer) -> None:
+        """Copy the weights into `model` (same architecture); MTP modules the source has no weights
+        for keep theirs (with a warning). CheckpointError naming the first misfit otherwise."""
+        sd = self.weights()
+        own = model.state_dict()
+        wanted = {k.split(".")[1] for k in own if k.startswith("mtp.")}
+        absent = sorted(wanted - {str(m) for m in self.mtp_modules_with_weights()})
+        if absent:
+            warnings.warn(
+                f"{self.path} has no weights for MTP module(s) {absent}; they keep their init",
+                stacklevel=2,
+            )
+            keep = {
+                k: v for k, v in own.items() if k.startswith("mtp.") and k.split(".")[1] in absent
+            }
+            sd = {**keep, **sd}
+        check_weights_fit(model, sd, self.path)
+        model.load_state_dict(sd, strict=True)
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    recognises: Callable[[str], bool]
+    load: Callable[[str], Source]
+    what: str  # for the error naming what a path may be
+
+
+SOURCE_KINDS: list[SourceKind] = []
+
+
+def register_source(kind: SourceKind, first: bool = False) -> SourceKind:
+    """Add a kind; `first` tries it before the others (for a more specific test)."""
+    SOURCE_KINDS.insert(0, kind) if first else SOURCE_KINDS.append(kind)
+    return kind
+
+
+def load_source(path: str) -> Source:
+    """The Source at `path`; UnknownSource if no kind recognises it. Reading errors: CheckpointError
+    (a damaged or foreign checkpoint), ValueError (an unsupported Hugging Face setting, named)."""
+    for kind in SOURCE_KINDS:
+        if kind.recognises(path):
+            return kind.load(path)
+    kinds = ", ".join(k.what for k in SOURCE_KINDS)
+    raise UnknownSource(f"{path!r} is none of: {kinds}")
+
+
+# ----------------------------------------------------------------------------- checkpoint file
+
+
+def _load_checkpoint_file(path: str) -> Source:
+    from generated.parser import config_from_dict
+
+    state = load_checkpoint(path)  # verifies the checksum and the config hash first
+    config = config_from_dict(state["config"])
+    if state.get("tokenizer"):
+        codec = TextCodec.from_state(state["tokenizer"])
+    else:  # older checkpoints of a text corpus: bytes
+        codec = TextCodec.bytes() if config.data.dataset != DatasetChoice.BIN else None
+    return Source(
+        kind="checkpoint",
+        path=path,
+        model_fields=dict(state["config"]["model"]),
+        read_weights=lambda: state["model"],
+        tokenizer=codec,
+        knobs=RoutingKnobs.from_config(config.moe),
+        config_file=path,
+    )
+
+
+register_source(
+    SourceKind("checkpoint", os.path.isfile, _load_checkpoint_file, "a trainer checkpoint file")
+)
+
+
+# ----------------------------------------------------------------------------- Hugging Face folder
+
+
+def _is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _load_hf_folder(path: str) -> Source:
+    from runtime.hf import from_hf_state_dict, model_fields_from_hf_config, read_safetensors
+
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        fields = model_fields_from_hf_config(json.load(f), config_path)
+    n_layers = int(fields.get(N_LAYERS, ModelConfig().n_layers))  # type: ignore[call-overload]
+    return Source(
+        kind="hf",
+        path=path,
+        model_fields=fields,
+        read_weights=lambda: from_hf_state_dict(read_safetensors(path), n_layers),
+        tokenizer=TextCodec.from_folder(path),
+        config_file=config_path,
+    )
+
+
+register_source(
+    SourceKind(
+        "hf",
+        _is_hf_folder,
+        _load_hf_folder,
+        "a Hugging Face folder (config.json + safetensors)",
+    )
+)
