@@ -20,6 +20,7 @@ from generated import (
     PATH,
     SPEC,
     ConfigError,
+    Source,
     dump_yaml,
     flat_values,
     migrate_text,
@@ -47,7 +48,7 @@ class UsageError(Exception):
     """Wrong arguments to a config command."""
 
 
-def _validate(files, flags):
+def _validate(files: list[str], flags: list[str]) -> int:
     failed = 0
     for path in files:
         try:
@@ -60,7 +61,7 @@ def _validate(files, flags):
     return console.EXIT_USAGE if failed else console.EXIT_OK
 
 
-def _show(path, flags, changed_only):
+def _show(path: str, flags: list[str], changed_only: bool) -> int:
     resolved = resolve(path, argv=flags)
     if not changed_only:
         sys.stdout.write(dump_yaml(resolved.config))
@@ -75,7 +76,7 @@ def _show(path, flags, changed_only):
     return console.EXIT_OK
 
 
-def _migrate(path):
+def _migrate(path: str) -> int:
     with open(path, "rb") as config_file:
         text = config_file.read()
     # keep the editor's schema modeline (a comment, which the YAML round trip drops)
@@ -88,14 +89,14 @@ def _migrate(path):
     return console.EXIT_OK
 
 
-def _describe(source, main_file):
+def _describe(source: Source, main_file: str) -> str:
     text = str(source)
     if source.kind == "file" and source.file != main_file:
         return f"{text} (base file)"
     return text
 
 
-def _explain(path, keys, flags):
+def _explain(path: str, keys: list[str], flags: list[str]) -> int:
     if not keys:
         raise UsageError(f"explain needs at least one KEY, e.g. {PATH.training.batch_size}")
     resolved = resolve(path, argv=flags)
@@ -116,7 +117,7 @@ def _explain(path, keys, flags):
     return console.EXIT_OK
 
 
-def _diff(path_a, path_b, flags):
+def _diff(path_a: str, path_b: str, flags: list[str]) -> int:
     a, b = resolve(path_a, argv=flags), resolve(path_b, argv=flags)
     values_a, values_b = flat_values(a.config), flat_values(b.config)
     differing = [path for path in FIELDS if values_a[path] != values_b[path]]
@@ -130,7 +131,7 @@ def _diff(path_a, path_b, flags):
     return console.EXIT_OK
 
 
-def _dispatch(argv):
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return console.EXIT_OK if argv else console.EXIT_USAGE
@@ -163,8 +164,8 @@ def _dispatch(argv):
     return _diff(positionals[0], positionals[1], flags)
 
 
-def main(argv):
-    def body():
+def main(argv: list[str]) -> int:
+    def body() -> int:
         try:
             return _dispatch(list(argv))
         except UsageError as error:

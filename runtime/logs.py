@@ -6,6 +6,8 @@ redirections made after setup, pytest's included, are honoured), through `tqdm.w
 progress bar is on screen so the bar is not torn. Only the main process logs.
 """
 
+from __future__ import annotations
+
 import logging
 import sys
 
@@ -19,11 +21,11 @@ log.propagate = False  # our handlers only: no doubled lines through the root lo
 
 
 class ConsoleHandler(logging.Handler):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.bar = None  # the tqdm bar on screen, if any
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
@@ -38,11 +40,11 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def _formatter():
+def _formatter() -> logging.Formatter:
     return logging.Formatter(FORMAT, DATE_FORMAT)
 
 
-def configure(enabled=True):
+def configure(enabled: bool = True) -> ConsoleHandler | None:
     """Reset the logger to a console handler (or none when `enabled` is false: non-main processes);
     returns the console handler."""
     close()
@@ -56,7 +58,7 @@ def configure(enabled=True):
     return console
 
 
-def add_file(path):
+def add_file(path: str) -> logging.FileHandler:
     """Also write every line to `path` (appended: a resumed run continues its log)."""
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(_formatter())
@@ -64,17 +66,17 @@ def add_file(path):
     return handler
 
 
-def console_handler():
+def console_handler() -> ConsoleHandler | None:
     return next((h for h in log.handlers if isinstance(h, ConsoleHandler)), None)
 
 
-def close():
+def close() -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     """`1:02:03` / `2:03` for an ETA."""
     seconds = max(0, int(round(seconds)))
     hours, rest = divmod(seconds, 3600)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -12,7 +13,7 @@ PLOT_NAME = "loss.png"
 VOLATILE_KEYS = frozenset({"tokens_per_s", "time", "elapsed_s", "run_id"})
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     """JSON-safe value: tensors to numbers or lists, non-finite floats to strings."""
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -32,22 +33,28 @@ class MetricsWriter:
     offset) and `elapsed_s` (seconds of training so far: `elapsed_offset`, the time of the runs
     before a resume, plus the time since this writer was made)."""
 
-    def __init__(self, out_dir, enabled=True, run_id=None, elapsed_offset=0.0):
+    def __init__(
+        self,
+        out_dir: str,
+        enabled: bool = True,
+        run_id: str | None = None,
+        elapsed_offset: float = 0.0,
+    ) -> None:
         self.path = os.path.join(out_dir, METRICS_NAME)
         self.enabled = enabled
         self.run_id = run_id
         self.elapsed_offset = float(elapsed_offset)
         self._start = time.monotonic()
-        self.best_val_loss = None
-        self.last_val_loss = None
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
         self.last_val_improved = False
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
 
-    def elapsed(self):
+    def elapsed(self) -> float:
         return self.elapsed_offset + time.monotonic() - self._start
 
-    def note_val_loss(self, val_loss):
+    def note_val_loss(self, val_loss: float) -> bool:
         """Track an evaluation's loss; returns whether it improved on the best so far (a NaN/inf
         loss never counts as the best: it would stay "best" for ever)."""
         improved = math.isfinite(val_loss) and (
@@ -60,7 +67,7 @@ class MetricsWriter:
         return improved
 
     # Stateful: the validation record and the training time so far
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {
             "best_val_loss": self.best_val_loss,
             "val_loss": self.last_val_loss,
@@ -68,14 +75,14 @@ class MetricsWriter:
             "elapsed_s": self.elapsed(),
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_val_loss = state.get("best_val_loss")
         self.last_val_loss = state.get("val_loss")
         self.last_val_improved = bool(state.get("last_val_improved", False))
         self.elapsed_offset = float(state.get("elapsed_s") or 0.0)
         self._start = time.monotonic()
 
-    def truncate_after(self, step):
+    def truncate_after(self, step: int) -> None:
         """Drop records with iter > step (left by a run that went on past the checkpoint it is
         now resumed from), so that a resumed run's file reads like the uninterrupted one."""
         if not self.enabled or not os.path.exists(self.path):
@@ -87,7 +94,7 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
         os.replace(tmp, self.path)
 
-    def write(self, record):
+    def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         if self.run_id is not None:
@@ -102,7 +109,7 @@ class MetricsWriter:
             f.write(json.dumps(_plain(record)) + "\n")
 
 
-def read_metrics(path, torn_tail=False):
+def read_metrics(path: str, torn_tail: bool = False) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; `torn_tail` drops a last line cut short by a killed writer."""
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip()]
@@ -116,7 +123,7 @@ def read_metrics(path, torn_tail=False):
     return records
 
 
-def plot_losses(out_dir):
+def plot_losses(out_dir: str) -> str | None:
     """Write `<out_dir>/loss.png`: train loss (total and main next-token) and val loss per step."""
     path = os.path.join(out_dir, METRICS_NAME)
     if not os.path.exists(path):
@@ -137,7 +144,7 @@ def plot_losses(out_dir):
         if any("main_loss" in r for r in train):
             ax.plot(
                 [r["iter"] for r in train],
-                [r.get("main_loss") for r in train],
+                [r.get("main_loss", math.nan) for r in train],
                 label="train main loss",
             )
     if val:

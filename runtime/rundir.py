@@ -26,11 +26,11 @@ TOKENIZER_NAME = "tokenizer.json"
 RUN_FILES = (RUN_FILE, METRICS_NAME, LOG_NAME, PLOT_NAME, SAMPLE_NAME, TOKENIZER_NAME)
 
 
-def new_run_id():
+def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def read_run_id(out_dir):
+def read_run_id(out_dir: str) -> str | None:
     """The run id recorded in `<out_dir>/run.json`, or None."""
     path = os.path.join(out_dir, RUN_FILE)
     try:
@@ -40,7 +40,7 @@ def read_run_id(out_dir):
         return None
 
 
-def write_run_file(out_dir, run_id):
+def write_run_file(out_dir: str, run_id: str) -> None:
     record = {
         "run_id": run_id,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -48,7 +48,7 @@ def write_run_file(out_dir, run_id):
     atomic_write_bytes(os.path.join(out_dir, RUN_FILE), (json.dumps(record) + "\n").encode())
 
 
-def run_results(out_dir, ckpt_dir):
+def run_results(out_dir: str, ckpt_dir: str) -> list[str]:
     """The files that show a run trained in this folder: metrics.jsonl and checkpoints. (run.json
     and train.log alone are left by a launch that failed before its first step: nothing to lose.)"""
     found = (
@@ -63,7 +63,7 @@ def run_results(out_dir, ckpt_dir):
     return found
 
 
-def run_files(out_dir, ckpt_dir):
+def run_files(out_dir: str, ckpt_dir: str) -> list[str]:
     """Every file a run leaves in `out_dir` and its checkpoint folder."""
     found = [
         os.path.join(out_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))
@@ -71,7 +71,9 @@ def run_files(out_dir, ckpt_dir):
     return found + [p for p in run_results(out_dir, ckpt_dir) if p not in found]
 
 
-def claim_for_fresh_start(out_dir, ckpt_dir, *, overwrite, restart_same_run):
+def claim_for_fresh_start(
+    out_dir: str, ckpt_dir: str, *, overwrite: bool, restart_same_run: bool
+) -> list[str]:
     """Make `out_dir` ready for a run starting at step 0; returns the paths deleted.
 
     `restart_same_run`: resume_from is set but there was no checkpoint to resume from, and the

@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Literal, overload
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from generated import FIELDS, PATH
+from generated.config import SampleConfig
 from runtime.checkpoint import CheckpointError
+from runtime.model import Transformer
+from runtime.tokenizer import TextCodec
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -46,9 +50,38 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+@overload
+def generate(
+    model: Transformer,
+    prompt_ids: Tensor | list[int],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    return_logits: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def generate(
+    model: Transformer,
+    prompt_ids: Tensor | list[int],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    *,
+    return_logits: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
 @torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: Transformer,
     prompt_ids: Tensor | list[int],
     max_new_tokens: int,
     temperature: float,
@@ -57,7 +90,7 @@ def generate(
     top_p: float = 1.0,
     use_cache: bool = True,
     return_logits: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """Extend prompt_ids ((B, T) or (T,) or a list) by max_new_tokens tokens -> (B, T + max_new_tokens)
     (and, with return_logits, the (B, max_new_tokens, V) logits each token was drawn from).
 
@@ -108,7 +141,12 @@ def generate(
 USER_ERRORS = (ValueError, KeyError, CheckpointError)
 
 
-def complete(model: nn.Module, prompt: list[int], settings, generator=None) -> list[int]:
+def complete(
+    model: Transformer,
+    prompt: list[int],
+    settings: SampleConfig,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """prompt ids and their continuation under `settings` (the `sample` section, SampleConfig), as
     the trainer's end-of-run sample does it: prompt tokens outside the vocabulary are dropped ([0]
     if none is left) and at most max_seq_len - len(prompt) tokens (at least one) are added."""
@@ -126,7 +164,7 @@ def complete(model: nn.Module, prompt: list[int], settings, generator=None) -> l
     return ids[0].tolist()
 
 
-def decode(codec, ids: list[int]) -> str:
+def decode(codec: TextCodec | None, ids: list[int]) -> str:
     """Text of token ids with the model's tokenizer; space-separated ids without one (a
     pre-tokenized corpus)."""
     return codec.decode(ids) if codec is not None else " ".join(str(int(t)) for t in ids)

@@ -10,20 +10,22 @@ has no decay and stays at `peak_lr` for ever.
 
 import bisect
 import math
+from typing import Any
 
 from generated import PATH
+from generated.config import LRScheduleConfig
 from generated.names import ScheduleType
 from runtime.registry import SCHEDULES
 
 INITIAL_PHASE = "initial"
 
 
-def schedule_warnings(schedule, max_iters):
+def schedule_warnings(schedule: LRScheduleConfig, max_iters: int) -> list[str]:
     """Plain-text warnings for a (resolved) schedule that does not fit a run of `max_iters` steps."""
     if max_iters == 0:
         return []
     out = []
-    warmup, end = schedule.warmup_iters, schedule.lr_decay_iters
+    warmup, end = schedule.warmup_iters, decay_end(schedule)
     if warmup >= max_iters:
         out.append(
             f"{PATH.schedule.warmup_iters} ({warmup}) >= {PATH.training.max_iters} ({max_iters}): the run "
@@ -43,14 +45,20 @@ def schedule_warnings(schedule, max_iters):
     return out
 
 
-def lr_at(step, schedule, peak_lr):
-    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig, resolved)."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+def decay_end(schedule: LRScheduleConfig) -> int:
+    """`lr_decay_iters`, which resolving the config fills in (a derived default)."""
     if schedule.lr_decay_iters is None:
         raise ValueError(
             f"{PATH.schedule.lr_decay_iters} is null: resolve the config first (it is a derived default)"
         )
+    return schedule.lr_decay_iters
+
+
+def lr_at(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
+    """Learning rate of optimizer step `step` under `schedule` (a LRScheduleConfig, resolved)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    decay_end(schedule)  # a schedule built in code must be resolved first
     warmup = schedule.warmup_iters
     if step < warmup:
         return peak_lr * step / warmup
@@ -59,7 +67,7 @@ def lr_at(step, schedule, peak_lr):
     return SCHEDULES.get(schedule.schedule_type)(step, schedule, peak_lr)
 
 
-def phase_at(step, schedule):
+def phase_at(step: int, schedule: LRScheduleConfig) -> str:
     """Name of the phase `step` is in: `initial` before the first `phase_steps` boundary."""
     passed = bisect.bisect_right(list(schedule.phase_steps), step)
     if passed == 0:
@@ -68,7 +76,7 @@ def phase_at(step, schedule):
     return names[passed - 1] if passed - 1 < len(names) else f"phase{passed}"
 
 
-def _progress(step, start, end):
+def _progress(step: int, start: float, end: float) -> float:
     """Fraction in [0, 1] of the way from `start` to `end` (1 when the span is empty)."""
     if end <= start:
         return 1.0
@@ -76,31 +84,31 @@ def _progress(step, start, end):
 
 
 @SCHEDULES.register(ScheduleType.COSINE)
-def _cosine(step, schedule, peak_lr):
-    if step >= schedule.lr_decay_iters:
+def _cosine(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
+    if step >= decay_end(schedule):
         return schedule.min_lr
-    ratio = _progress(step, schedule.warmup_iters, schedule.lr_decay_iters)
+    ratio = _progress(step, schedule.warmup_iters, decay_end(schedule))
     return schedule.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak_lr - schedule.min_lr)
 
 
 @SCHEDULES.register(ScheduleType.LINEAR)
-def _linear(step, schedule, peak_lr):
-    if step >= schedule.lr_decay_iters:
+def _linear(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
+    if step >= decay_end(schedule):
         return schedule.min_lr
-    ratio = _progress(step, schedule.warmup_iters, schedule.lr_decay_iters)
+    ratio = _progress(step, schedule.warmup_iters, decay_end(schedule))
     return peak_lr - ratio * (peak_lr - schedule.min_lr)
 
 
 @SCHEDULES.register(ScheduleType.CONSTANT)
-def _constant(step, schedule, peak_lr):
+def _constant(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
     return peak_lr
 
 
 @SCHEDULES.register(ScheduleType.WSD)
-def _wsd(step, schedule, peak_lr):
+def _wsd(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
     """Warmup-stable-decay: hold, then linear decay over the last `decay_fraction` of the steps
     up to `lr_decay_iters` (never starting before the end of warm-up)."""
-    end = schedule.lr_decay_iters
+    end = decay_end(schedule)
     if step >= end:
         return schedule.min_lr
     decay_start = max(float(schedule.warmup_iters), end * (1.0 - schedule.decay_fraction))
@@ -111,10 +119,10 @@ def _wsd(step, schedule, peak_lr):
 
 
 @SCHEDULES.register(ScheduleType.COSINE_RESTARTS)
-def _cosine_restarts(step, schedule, peak_lr):
+def _cosine_restarts(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
     """`num_cycles` equal cosine cycles from peak_lr to min_lr between warm-up and lr_decay_iters;
     each cycle restarts at peak_lr."""
-    end = schedule.lr_decay_iters
+    end = decay_end(schedule)
     if step >= end:
         return schedule.min_lr
     start = schedule.warmup_iters
@@ -126,9 +134,9 @@ def _cosine_restarts(step, schedule, peak_lr):
 
 
 @SCHEDULES.register(ScheduleType.MULTI_PHASE)
-def _multi_phase(step, schedule, peak_lr):
+def _multi_phase(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
     """peak_lr times `phase_decay` per `phase_steps` boundary reached, floored at min_lr."""
-    if step >= schedule.lr_decay_iters:
+    if step >= decay_end(schedule):
         return schedule.min_lr
     passed = bisect.bisect_right(list(schedule.phase_steps), step)
     return max(schedule.min_lr, peak_lr * schedule.phase_decay**passed)
@@ -141,19 +149,19 @@ class LRSchedule:
     """The run's position on its schedule (Stateful: state_dict / load_state_dict): `step` is the
     number of optimizer steps done, so lr() is the learning rate of the next one."""
 
-    def __init__(self, schedule, peak_lr):
+    def __init__(self, schedule: LRScheduleConfig, peak_lr: float) -> None:
         self.schedule = schedule  # LRScheduleConfig, resolved
         self.peak_lr = peak_lr
         self.step = 0
 
-    def lr(self, step=None):
+    def lr(self, step: int | None = None) -> float:
         return lr_at(self.step if step is None else step, self.schedule, self.peak_lr)
 
-    def phase(self, step=None):
+    def phase(self, step: int | None = None) -> str:
         return phase_at(self.step if step is None else step, self.schedule)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])

@@ -140,6 +140,7 @@ def _load_checkpoint_file(path: str) -> Source:
 
     state = load_checkpoint(path)  # verifies the checksum and the config hash first
     config = config_from_dict(state["config"])
+    codec: TextCodec | None
     if state.get("tokenizer"):
         codec = TextCodec.from_state(state["tokenizer"])
     else:  # older checkpoints of a text corpus: bytes

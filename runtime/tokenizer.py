@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +42,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _byte_level(tokenizer, use_regex):
+def _byte_level(tokenizer: Any, use_regex: bool) -> Any:
     from tokenizers import decoders, pre_tokenizers
 
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
@@ -51,7 +53,7 @@ def _byte_level(tokenizer, use_regex):
 class TextCodec:
     """A `tokenizers.Tokenizer` and its kind (`bytes` or `bpe`)."""
 
-    def __init__(self, kind: str, tokenizer):
+    def __init__(self, kind: str, tokenizer: Any) -> None:
         if kind not in KINDS:
             raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.tokenizer = (
@@ -68,7 +70,7 @@ class TextCodec:
         return cls(TokenizerKind.BYTES, _byte_level(Tokenizer(model), use_regex=False))
 
     @classmethod
-    def train_bpe(cls, texts, vocab_size: int) -> TextCodec:
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> TextCodec:
         """A byte-level BPE of at most `vocab_size` tokens trained on the strings of `texts`."""
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -104,7 +106,7 @@ class TextCodec:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def token_bytes(self) -> np.ndarray:

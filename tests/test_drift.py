@@ -25,12 +25,7 @@ COPIED = [
     "Makefile",
     "requirements.txt",
     "pyproject.toml",
-    "runtime/__init__.py",
-    "runtime/registry.py",
-    "runtime/__main__.py",
-    "runtime/config_cli.py",
-    "runtime/console.py",
-    "runtime/configlib",
+    "runtime",
 ]
 GENERATED = ["__init__.py", "config.py", "names.py", "parser.py", "CONFIG.md", "config.schema.json"]
 
