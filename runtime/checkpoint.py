@@ -309,41 +309,22 @@ def default_file_mode():
     return 0o666 & ~umask
 
 
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file, fsync and rename; mode follows the umask."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
-    On any failure the temporary file is removed and `path` is left as it was. The file's mode
+@contextlib.contextmanager
+def _atomic_file(path, mode="wb", fault_name=None):
+    """An open temporary file beside `path` that becomes `path` (fsync, rename, folder fsync) when
+    the block ends normally; on any failure it is removed and `path` is left as it was. Its mode
     follows the umask, like any file the run writes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w+b") as out:
-            fault_at = _tensor_bytes(obj) // 2 if fault_armed("checkpoint_write") else None
-            writer = _HashingWriter(out, fault_at)
-            torch.save(obj, writer)
-            writer.finish()
+        with os.fdopen(fd, mode) as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
-        fault_point("checkpoint_rename")
+        if fault_name is not None:
+            fault_point(fault_name)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -359,6 +340,22 @@ def atomic_save(obj, path):
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file, fsync and rename; mode follows the umask."""
+    with _atomic_file(path) as out:
+        out.write(data)
+
+
+def atomic_save(obj, path):
+    """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
+    On any failure the temporary file is removed and `path` is left as it was."""
+    with _atomic_file(path, "w+b", fault_name="checkpoint_rename") as out:
+        fault_at = _tensor_bytes(obj) // 2 if fault_armed("checkpoint_write") else None
+        writer = _HashingWriter(out, fault_at)
+        torch.save(obj, writer)
+        writer.finish()
 
 
 def verify_checksum(path):
