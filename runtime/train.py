@@ -48,7 +48,7 @@ from generated.parser import (
     to_saved_dict,
 )
 from runtime import distributed as dist_utils
-from runtime import logs
+from runtime import logs, parallel
 from runtime.checkpoint import (
     FORMAT_VERSION,
     Checkpointer,
@@ -62,6 +62,7 @@ from runtime.checkpoint import (
     restore_rng_state,
 )
 from runtime.data import DataError, DataModule
+from runtime.dcp_checkpoint import ShardedCheckpointer, load_full_into, load_into
 from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.rundir import (
@@ -230,7 +231,14 @@ class Trainer:
         if init_weights is not None:
             init_weights(self.model)
         self.model.to(self.device)
+        # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
+        self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if self.parallel.sharded:  # collective DCP folders instead of rank 0's single files
+            self.checkpointer = ShardedCheckpointer(
+                cfg.checkpointer, self.model, self.optimizer, self.dist.rank, self.dist.world_size
+            )
+        self.saves_here = self.is_main or self.parallel.sharded
         self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
 
         # ---- data
@@ -262,7 +270,7 @@ class Trainer:
 
         # ---- wrappers for training: compile, then DDP (forward(window, step) is compute_loss)
         self.train_module = dist_utils.compile_module(self.model, system.compile)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.parallel.sharded:
             self.train_module = dist_utils.wrap_ddp(
                 self.train_module, system.distributed, self.device
             )
@@ -374,10 +382,16 @@ class Trainer:
         )
 
     def _load_state(self, state):
-        check_weights_fit(self.model, state["model"], self.resumed_from)
-        self.model.load_state_dict(state["model"], strict=True)
+        if state.get("sharded"):  # DCP folder: resharded onto this layout
+            load_into(self.model, self.optimizer, state["sharded"])
+        elif self.parallel.sharded:  # a single file onto a sharded model
+            load_full_into(self.model, self.optimizer, state)
+        else:
+            check_weights_fit(self.model, state["model"], self.resumed_from)
+            self.model.load_state_dict(state["model"], strict=True)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not (state.get("sharded") or self.parallel.sharded):
+                self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["data"]["next_step"]) if "data" in state else int(state["step"])
@@ -431,11 +445,7 @@ class Trainer:
             for j, window in enumerate(micro_batches):
                 window = window.to(self.device, non_blocking=True)
                 last = j == n - 1
-                sync = (
-                    contextlib.nullcontext()
-                    if (last or not self.dist.enabled)
-                    else self.train_module.no_sync()
-                )
+                sync = parallel.grad_sync(self.train_module, last or not self.dist.enabled)
                 with sync:
                     with self._autocast():
                         out = self.train_module(window, step)
@@ -469,7 +479,14 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if cfg.optimizer.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+            if self.parallel.sharded:  # parameters on several meshes
+                norm = parallel.clip_grad_norm(
+                    self.model.parameters(), cfg.optimizer.grad_clip, self.dist.world_size
+                )
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.optimizer.grad_clip
+                )
             metrics["grad_norm"] = float(norm)
             # an inf/NaN gradient with a finite loss would turn the weights into NaN; with float16
             # the GradScaler skips such steps itself
@@ -504,7 +521,7 @@ class Trainer:
         for window in self.data.val_loader(self.eval_cfg.eval_iters):
             window = window.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model.compute_loss(window, self.step)
+                out = self.model(window, self.step)  # forward: FSDP2's root hooks run
             totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
             fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
@@ -546,7 +563,8 @@ class Trainer:
                 self._train()
                 if self.is_main and self.stopped_by is None:
                     plot_losses(self.out_dir)
-                    if self.cfg.sample.max_new_tokens > 0:
+                    # a sharded model generates only with every process: use `sample CHECKPOINT`
+                    if self.cfg.sample.max_new_tokens > 0 and not self.parallel.sharded:
                         self.sample()
         finally:
             self.wandb.finish()
@@ -645,7 +663,7 @@ class Trainer:
             if self.step % self.eval_cfg.eval_interval == 0 or final:
                 improved = self._record_eval(self.evaluate())
                 last_eval = self.step
-                if improved and self.checkpointer.keep_best and self.is_main:
+                if improved and self.checkpointer.keep_best and self.saves_here:
                     path = self.checkpointer.save_best(self.checkpoint_state())
                     self.wandb.log_checkpoint(path, self.step, alias="best")
             saved = None
@@ -653,16 +671,16 @@ class Trainer:
                 self.checkpointer.should_save(
                     self.step, final=final, improved=self.last_val_improved
                 )
-                and self.is_main
+                and self.saves_here
             ):
                 path = saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                 self.wandb.log_checkpoint(path, self.step)
             if not final and self._stop_requested(signals):
                 self.stopped_by = signals.received or "a signal on another process"
+                if saved is None and self.saves_here:
+                    saved = self.checkpointer.save(self.checkpoint_state(), self.step)
+                    self.wandb.log_checkpoint(saved, self.step)
                 if self.is_main:
-                    if saved is None:
-                        saved = self.checkpointer.save(self.checkpoint_state(), self.step)
-                        self.wandb.log_checkpoint(saved, self.step)
                     if bar is not None:
                         bar.close()
                     self._say(
