@@ -392,6 +392,9 @@ class DataModule:
     ):
         self.data = data
         self.corpus = load_corpus(data, vocab_size)
+        # tokens of this dtype: a bin file's declared one, or the cache's own (uint8 bytes, uint16 BPE)
+        declared = data.token_dtype
+        self.token_dtype = declared if data.dataset == DatasetChoice.BIN else self.corpus.dtype
         (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
         self.train_set = WindowDataset(
             self.corpus, train_start, train_end, window, seed, TRAIN_STREAM

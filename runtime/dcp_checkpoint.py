@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -35,9 +36,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.checkpoint import (
-    CheckpointError,
     Checkpointer,
-    atomic_save,
+    CheckpointError,
     atomic_write_bytes,
     capture_rng_state,
     config_digest,
@@ -71,6 +71,13 @@ def _sha256(path) -> str:
         while block := f.read(CHUNK):
             sha.update(block)
     return sha.hexdigest()
+
+
+def _serialized(obj) -> bytes:
+    # torch.save to bytes: written with atomic_write_bytes, outside the single-file fault points
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _rng_name(rank: int) -> str:
@@ -218,7 +225,7 @@ class ShardedCheckpointer(Checkpointer):
         try:
             dcp.save(_dcp_state(self.model, self.optimizer), checkpoint_id=tmp)
             rng = os.path.join(tmp, _rng_name(self.rank))
-            atomic_save(capture_rng_state(), rng)
+            atomic_write_bytes(rng, _serialized(capture_rng_state()))
             if self._faulty():
                 fault_point("checkpoint_write")
             # each process hashes what it wrote: its .distcp shards and its RNG file
@@ -230,7 +237,7 @@ class ShardedCheckpointer(Checkpointer):
             if self.rank == 0:
                 meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
                 meta["sharded_world"] = self.world
-                atomic_save(meta, os.path.join(tmp, META))
+                atomic_write_bytes(os.path.join(tmp, META), _serialized(meta))
                 total = {k: v for part in gathered for k, v in part.items()}
                 for name in (META, ".metadata"):
                     total[name] = _sha256(os.path.join(tmp, name))

@@ -146,10 +146,13 @@ def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
         return t.to(dtype)
 
     try:
+        # own (identity) saved-tensor hooks: a probe first reached inside activation checkpointing
+        # must not add its tensors to the checkpointed region's (the recomputation would not)
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
             torch.autocast(dev.type, enabled=False),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
         ):
             x = make(10, 16).requires_grad_(True)
             w = make(3, 32, 16).requires_grad_(True)

@@ -271,6 +271,12 @@ def setup(model: nn.Module, cfg, info, device: torch.device) -> Parallelism:
     sharded layout cannot run, then apply() it."""
     dist_cfg = cfg.system.distributed
     layout = resolve_layout(dist_cfg, info.world_size)
+    # resolved up front, so that a bad value fails the same on one process as on many
+    fsdp_settings = (
+        DTYPES.get(dist_cfg.param_dtype),
+        DTYPES.get(dist_cfg.reduce_dtype),
+        dist_cfg.reshard_after_forward,
+    )
     if layout.sharded:
         # every FSDP / all_to_all collective needs every process: the same number of forwards
         if cfg.evaluator.eval_iters % layout.world:
@@ -285,4 +291,5 @@ def setup(model: nn.Module, cfg, info, device: torch.device) -> Parallelism:
                 f"{PATH.system.distributed.dp_shard} / {PATH.system.distributed.expert_parallel} > 1; "
                 f"use bfloat16"
             )
+    del fsdp_settings  # apply() reads them again where it uses them
     return apply(model, dist_cfg, layout, device)

@@ -28,10 +28,10 @@ import sys
 from dataclasses import dataclass
 
 from generated import PATH
-from generated.names import ActivationCheckpointing
+from generated.names import ActivationCheckpointing, Dtype
 
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # keys: the spec's dtype choices
+DTYPE_BYTES = {Dtype.FLOAT32: 4, Dtype.BFLOAT16: 2, Dtype.FLOAT16: 2}
 
 
 @dataclass
