@@ -73,18 +73,29 @@ def measure(work_dir, data_dir):
     return ddp, fsdp
 
 
-def run():
+def run(quick=False):
+    """The `make bench` suite: one figure, FSDP2 / DDP bytes per process, target <= 0.55."""
+    from .common import Target
+
     with tempfile.TemporaryDirectory() as tmp:
         ddp, fsdp = measure(tmp, os.path.join(REPO, "data"))
-    return {
+    figures = {
         "ddp_state_bytes_per_process": ddp,
         "fsdp2_state_bytes_per_process": fsdp,
         "fsdp2_over_ddp": fsdp / ddp,
     }
+    target = Target(
+        "fsdp2_state_bytes_vs_ddp_2proc",
+        fsdp / ddp,
+        0.55,
+        higher_is_better=False,
+        detail=f"weights+grads+AdamW per process: {fsdp:,} B FSDP2 vs {ddp:,} B DDP (2 gloo processes)",
+    )
+    return {"figures": figures, "targets": [target]}
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker(sys.argv[2:])
     else:
-        print(json.dumps(run(), indent=2))
+        print(json.dumps(run()["figures"], indent=2))
