@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from generated.config import DataConfig
-from runtime import data as data_mod
 from generated.parser import ConfigError, load_config
+from runtime import data as data_mod
 from runtime.data import DataError, DataModule, StepBatchSampler, load_corpus, split_ranges
 
 
