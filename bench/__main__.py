@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("moe_bench", "trainer_bench", "config_bench")
+SUITES = ("moe_bench", "trainer_bench", "config_bench", "fsdp_memory")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 

@@ -31,6 +31,27 @@ class DistributedConfig:
     find_unused_parameters: bool = False
     """DDP find_unused_parameters (needed only if some parameters get no gradient)."""
 
+    dp_replicate: int | None = None
+    """Data-parallel replicate degree: processes holding whole copies of the (sharded) state, their gradients averaged (DDP when `dp_shard` and `expert_parallel` are 1, the replicate dimension of HSDP otherwise). null: WORLD_SIZE / (dp_shard * expert_parallel). At launch dp_replicate * dp_shard * expert_parallel must equal WORLD_SIZE (a config error naming these fields otherwise). Every process reads its own slice of the global batch, whatever the layout."""
+
+    dp_shard: int = 1
+    """Data-parallel shard degree: FSDP2 (`fully_shard` per block, then the whole model) shards weights, gradients and AdamW state over this many processes (and, for the non-expert weights, over the `expert_parallel` processes too). 1 with `expert_parallel` 1 is plain DDP."""
+
+    expert_parallel: int = 1
+    """Expert-parallel degree: each MoE layer's routed experts are split into this many groups of n_routed_experts / expert_parallel, one group per process of an expert-parallel group; tokens reach their experts and come back through all_to_all. Greater than 1 trains with FSDP2 (the other weights are sharded over dp_shard * expert_parallel processes)."""
+
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered weights after its forward and gather them again for the backward (less memory, one more all-gather per block); false keeps them until the backward. The root module never reshards. Unused by DDP."""
+
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """FSDP2 mixed precision: dtype weights are gathered in for forward and backward (the sharded fp32 master weights and AdamW state stay float32). Unused by DDP."""
+
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """FSDP2 mixed precision - dtype of the gradient reduce-scatter / all-reduce. Unused by DDP."""
+
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. Works with or without FSDP; routing loads are counted once (not again in the recomputation)."""
+
     def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system.distributed"], FIELDS, SECTIONS)
 
@@ -179,10 +200,13 @@ class DataConfig:
     """Training data. Tokens are bytes (vocab 256), byte-level BPE tokens (`tokenizer: bpe`), or those of a pre-tokenized `.bin`."""
 
     dataset: Literal["stdlib", "text_dir", "bin"] = "stdlib"
-    """`stdlib`: the running Python's standard-library source files, in sorted order, as bytes; `text_dir`: every text file under `path`, sorted, as bytes; `bin`: a pre-tokenized uint16 token file at `path`."""
+    """`stdlib`: the running Python's standard-library source files, in sorted order, as bytes; `text_dir`: every text file under `path`, sorted, as bytes; `bin`: a pre-tokenized token file at `path` of `token_dtype` tokens."""
 
     path: str | None = None
     """Folder (`text_dir`) or `.bin` file (`bin`); unused by `stdlib`."""
+
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    """Integer type of the tokens of a `bin` file (little-endian): uint16 holds vocabularies up to 65,536, uint32 larger ones (DeepSeek-V3's 129,280). Unused by `stdlib` and `text_dir`."""
 
     data_dir: str = "data"
     """Cache folder for the encoded corpus (`<dataset>.bin`), built once and reused."""
@@ -1529,7 +1553,7 @@ FIELDS = {
         type="str",
         nullable=False,
         default="stdlib",
-        doc="`stdlib`: the running Python's standard-library source files, in sorted order, as bytes; `text_dir`: every text file under `path`, sorted, as bytes; `bin`: a pre-tokenized uint16 token file at `path`.",
+        doc="`stdlib`: the running Python's standard-library source files, in sorted order, as bytes; `text_dir`: every text file under `path`, sorted, as bytes; `bin`: a pre-tokenized token file at `path` of `token_dtype` tokens.",
         aliases=("data.dataset_name",),
         choices=("stdlib", "text_dir", "bin"),
         min=None,
@@ -1546,6 +1570,20 @@ FIELDS = {
         doc="Folder (`text_dir`) or `.bin` file (`bin`); unused by `stdlib`.",
         aliases=(),
         choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="from_checkpoint",
+    ),
+    "data.token_dtype": FieldSpec(
+        path="data.token_dtype",
+        name="token_dtype",
+        type="str",
+        nullable=False,
+        default="uint16",
+        doc="Integer type of the tokens of a `bin` file (little-endian): uint16 holds vocabularies up to 65,536, uint32 larger ones (DeepSeek-V3's 129,280). Unused by `stdlib` and `text_dir`.",
+        aliases=(),
+        choices=("uint16", "uint32"),
         min=None,
         max=None,
         gt=None,
@@ -2038,6 +2076,104 @@ FIELDS = {
         gt=None,
         policy="overridable",
     ),
+    "system.distributed.dp_replicate": FieldSpec(
+        path="system.distributed.dp_replicate",
+        name="dp_replicate",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Data-parallel replicate degree: processes holding whole copies of the (sharded) state, their gradients averaged (DDP when `dp_shard` and `expert_parallel` are 1, the replicate dimension of HSDP otherwise). null: WORLD_SIZE / (dp_shard * expert_parallel). At launch dp_replicate * dp_shard * expert_parallel must equal WORLD_SIZE (a config error naming these fields otherwise). Every process reads its own slice of the global batch, whatever the layout.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.dp_shard": FieldSpec(
+        path="system.distributed.dp_shard",
+        name="dp_shard",
+        type="int",
+        nullable=False,
+        default=1,
+        doc="Data-parallel shard degree: FSDP2 (`fully_shard` per block, then the whole model) shards weights, gradients and AdamW state over this many processes (and, for the non-expert weights, over the `expert_parallel` processes too). 1 with `expert_parallel` 1 is plain DDP.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.expert_parallel": FieldSpec(
+        path="system.distributed.expert_parallel",
+        name="expert_parallel",
+        type="int",
+        nullable=False,
+        default=1,
+        doc="Expert-parallel degree: each MoE layer's routed experts are split into this many groups of n_routed_experts / expert_parallel, one group per process of an expert-parallel group; tokens reach their experts and come back through all_to_all. Greater than 1 trains with FSDP2 (the other weights are sharded over dp_shard * expert_parallel processes).",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.reshard_after_forward": FieldSpec(
+        path="system.distributed.reshard_after_forward",
+        name="reshard_after_forward",
+        type="bool",
+        nullable=False,
+        default=True,
+        doc="FSDP2: free each block's gathered weights after its forward and gather them again for the backward (less memory, one more all-gather per block); false keeps them until the backward. The root module never reshards. Unused by DDP.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.param_dtype": FieldSpec(
+        path="system.distributed.param_dtype",
+        name="param_dtype",
+        type="str",
+        nullable=False,
+        default="float32",
+        doc="FSDP2 mixed precision: dtype weights are gathered in for forward and backward (the sharded fp32 master weights and AdamW state stay float32). Unused by DDP.",
+        aliases=(),
+        choices=("float32", "bfloat16", "float16"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.reduce_dtype": FieldSpec(
+        path="system.distributed.reduce_dtype",
+        name="reduce_dtype",
+        type="str",
+        nullable=False,
+        default="float32",
+        doc="FSDP2 mixed precision - dtype of the gradient reduce-scatter / all-reduce. Unused by DDP.",
+        aliases=(),
+        choices=("float32", "bfloat16", "float16"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.activation_checkpointing": FieldSpec(
+        path="system.distributed.activation_checkpointing",
+        name="activation_checkpointing",
+        type="str",
+        nullable=False,
+        default="none",
+        doc="Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. Works with or without FSDP; routing loads are counted once (not again in the recomputation).",
+        aliases=(),
+        choices=("none", "selective", "full"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
 }
 """Every field, by dotted path, in spec order."""
 
@@ -2191,6 +2327,7 @@ SECTIONS = {
         fields=(
             "dataset",
             "path",
+            "token_dtype",
             "data_dir",
             "train_split",
             "val_split",
@@ -2277,7 +2414,19 @@ SECTIONS = {
         path="system.distributed",
         cls=DistributedConfig,
         doc="Data parallelism (DDP) under torchrun. A boolean given for the whole section sets `enabled`.",
-        fields=("enabled", "backend", "ddp_bucket_cap_mb", "find_unused_parameters"),
+        fields=(
+            "enabled",
+            "backend",
+            "ddp_bucket_cap_mb",
+            "find_unused_parameters",
+            "dp_replicate",
+            "dp_shard",
+            "expert_parallel",
+            "reshard_after_forward",
+            "param_dtype",
+            "reduce_dtype",
+            "activation_checkpointing",
+        ),
         sections=(),
         shorthand="enabled",
         aliases=(),

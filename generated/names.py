@@ -106,6 +106,7 @@ class PATH:
         SECTION = "data"
         dataset = "data.dataset"
         path = "data.path"
+        token_dtype = "data.token_dtype"
         data_dir = "data.data_dir"
         train_split = "data.train_split"
         val_split = "data.val_split"
@@ -164,6 +165,13 @@ class PATH:
             backend = "system.distributed.backend"
             ddp_bucket_cap_mb = "system.distributed.ddp_bucket_cap_mb"
             find_unused_parameters = "system.distributed.find_unused_parameters"
+            dp_replicate = "system.distributed.dp_replicate"
+            dp_shard = "system.distributed.dp_shard"
+            expert_parallel = "system.distributed.expert_parallel"
+            reshard_after_forward = "system.distributed.reshard_after_forward"
+            param_dtype = "system.distributed.param_dtype"
+            reduce_dtype = "system.distributed.reduce_dtype"
+            activation_checkpointing = "system.distributed.activation_checkpointing"
 
 
 class RopeScaling(StrEnum):
@@ -204,6 +212,13 @@ class Dataset(StrEnum):
     STDLIB = "stdlib"
     TEXT_DIR = "text_dir"
     BIN = "bin"
+
+
+class TokenDtype(StrEnum):
+    """The choices of `data.token_dtype`."""
+
+    UINT16 = "uint16"
+    UINT32 = "uint32"
 
 
 class Tokenizer(StrEnum):
@@ -256,12 +271,37 @@ class Backend(StrEnum):
     GLOO = "gloo"
 
 
+class ParamDtype(StrEnum):
+    """The choices of `system.distributed.param_dtype`."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class ReduceDtype(StrEnum):
+    """The choices of `system.distributed.reduce_dtype`."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class ActivationCheckpointing(StrEnum):
+    """The choices of `system.distributed.activation_checkpointing`."""
+
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
 CONSTANTS = {
     "model.rope_scaling": RopeScaling,
     "model.score_func": ScoreFunc,
     "schedule.schedule_type": ScheduleType,
     "training.nonfinite_loss": NonfiniteLoss,
     "data.dataset": Dataset,
+    "data.token_dtype": TokenDtype,
     "data.tokenizer": Tokenizer,
     "checkpointer.resume_from": ResumeFrom,
     "checkpointer.init_from": InitFrom,
@@ -269,5 +309,8 @@ CONSTANTS = {
     "system.device.dtype": Dtype,
     "system.compile.compile_mode": CompileMode,
     "system.distributed.backend": Backend,
+    "system.distributed.param_dtype": ParamDtype,
+    "system.distributed.reduce_dtype": ReduceDtype,
+    "system.distributed.activation_checkpointing": ActivationCheckpointing,
 }
 """Field path -> the StrEnum of its choices or special values."""

@@ -289,6 +289,22 @@ RULES = (
         holds=lambda c: c.model.vocab_size <= 65536,
         applies=lambda c: c.data.tokenizer == "bpe",
     ),
+    Rule(
+        check="model.vocab_size <= 65536",
+        when="data.dataset == 'bin' and data.token_dtype == 'uint16'",
+        message="uint16 tokens hold ids below 65536; set data.token_dtype to uint32 for a larger vocabulary",
+        paths=("model.vocab_size", "data.dataset", "data.token_dtype"),
+        holds=lambda c: c.model.vocab_size <= 65536,
+        applies=lambda c: c.data.dataset == "bin" and c.data.token_dtype == "uint16",
+    ),
+    Rule(
+        check="model.n_routed_experts % system.distributed.expert_parallel == 0",
+        when=None,
+        message="the routed experts must split evenly over the expert-parallel processes",
+        paths=("model.n_routed_experts", "system.distributed.expert_parallel"),
+        holds=lambda c: c.model.n_routed_experts % c.system.distributed.expert_parallel == 0,
+        applies=None,
+    ),
 )
 """Cross-field rules of the spec, checked once every field is valid."""
 

@@ -15,6 +15,7 @@ commands:
   train    train from a config: train [CONFIG] [--section.field VALUE ...]
   export   write a checkpoint as a Hugging Face folder: export CHECKPOINT OUT_DIR
   sample   generate text: sample SOURCE --prompt TEXT --max-new-tokens N --temperature T [--json]
+  plan     parameters, FLOPs and memory per process: plan CONFIG [--world N] [--gpu-memory GiB]
 
 `COMMAND --help` describes a command; `train --help` lists every config flag.
 {console.__doc__.split("Exit codes", 1)[1].replace(", the same for every command:", "Exit codes:", 1)}"""
@@ -24,6 +25,7 @@ COMMANDS = {
     "train": ("runtime.train", "main"),
     "export": ("runtime.hf", "export_main"),
     "sample": ("runtime.sample", "main"),
+    "plan": ("runtime.plan", "main"),
 }
 
 # imported by train / sample / export, not by the core (config-only) package

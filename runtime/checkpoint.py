@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -41,7 +42,7 @@ from generated import PATH
 from generated.names import ResumeFrom
 
 FORMAT_VERSION = 3
-STEP_FILE = re.compile(r"^ckpt_(\d+)\.pt$")
+STEP_FILE = re.compile(r"^ckpt_(\d+)(?:\.pt)?$")  # a file, or a sharded folder (dcp_checkpoint.py)
 TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\..*\.tmp$")  # atomic_save's temporary files
 BEST_NAME = "best.pt"
 TRAILER_MAGIC = b"deepseek-moe sha256 "
@@ -397,9 +398,16 @@ def verify_checksum(path):
         )
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", weights=True):
     """A checkpoint dict, after checking the file's checksum and, for format 2, the config hash.
-    Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects."""
+    Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects.
+    A sharded checkpoint folder (runtime/dcp_checkpoint.py) gives its full weights, or with
+    weights=False only its metadata (the resuming trainer loads the shards itself)."""
+    if os.path.isdir(path):
+        from runtime.dcp_checkpoint import load_full, load_meta
+
+        rank = int(os.environ.get("RANK", "0"))
+        return load_full(path) if weights else load_meta(path, rank)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_checksum(path)
@@ -565,7 +573,7 @@ class Checkpointer:
         removed = []
         for _, path in step_checkpoints(self.dir)[: -self.keep_last_n]:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             removed.append(path)
         return removed
 
@@ -582,15 +590,15 @@ class Checkpointer:
         if target is None:
             return None, None
         if target != ResumeFrom.LATEST:
-            if not os.path.isfile(target):
+            if not os.path.exists(target):
                 raise CheckpointError(
                     f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}"
                 )
-            return target, load_checkpoint(target)
+            return target, load_checkpoint(target, weights=False)
         problems = []
         for step, path in reversed(step_checkpoints(self.dir)):
             try:
-                state = load_checkpoint(path)
+                state = load_checkpoint(path, weights=False)
                 if int(state["step"]) != step:
                     raise CheckpointError(
                         f"checkpoint {path}: holds step {state['step']}, not {step}"

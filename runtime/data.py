@@ -2,8 +2,8 @@
 
 A corpus is one flat token file, memory-mapped. `stdlib` and `text_dir` are bytes (vocab 256),
 encoded once into `<data_dir>/<dataset>.bin` (uint8) with a `<dataset>.json` fingerprint next to
-it, rebuilt atomically (temporary file + rename) when the sources change. `bin` is a uint16 token
-file used in place. With `data.tokenizer: bpe` the bytes go further: a byte-level BPE of
+it, rebuilt atomically (temporary file + rename) when the sources change. `bin` is a uint16 or uint32
+token file (`data.token_dtype`) used in place. With `data.tokenizer: bpe` the bytes go further: a byte-level BPE of
 `model.vocab_size` tokens is trained on the training split (the first `train_split` of the bytes)
 and the whole text encoded with it, cached as `<dataset>.bpe<V>.tokenizer.json`, `.bin` (uint16)
 and `.json` (fingerprint, token count, bytes per validation token), rebuilt when the bytes, the
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from generated import PATH
 from generated.names import Dataset as DatasetChoice
+from generated.names import TokenDtype
 from generated.names import Tokenizer as TokenizerKind
 from runtime.checkpoint import default_file_mode
 from runtime.registry import DATASETS, TOKENIZERS
@@ -54,7 +55,7 @@ class Corpus:
 
     name: str
     path: str
-    dtype: str  # "uint8" or "uint16"
+    dtype: str  # a numpy dtype name: uint8, uint16 or uint32
     length: int
     is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
     bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
@@ -116,7 +117,7 @@ def bpe_corpus(byte_corpus, data, vocab_size):
             return Corpus(
                 byte_corpus.name,
                 bin_path,
-                "uint16",
+                str(TokenDtype.UINT16),
                 old["tokens"],
                 False,
                 old["bytes_per_token"],
@@ -136,7 +137,13 @@ def bpe_corpus(byte_corpus, data, vocab_size):
     meta.update(tokens=int(len(ids)), bytes_per_token=bytes_per_token)
     _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
     return Corpus(
-        byte_corpus.name, bin_path, "uint16", int(len(ids)), False, bytes_per_token, codec
+        byte_corpus.name,
+        bin_path,
+        str(TokenDtype.UINT16),
+        int(len(ids)),
+        False,
+        bytes_per_token,
+        codec,
     )
 
 
@@ -257,17 +264,24 @@ def text_dir_corpus(data):
 
 @DATASETS.register(DatasetChoice.BIN)
 def bin_corpus(data):
-    """A pre-tokenized uint16 token file at `path`, memory-mapped in place."""
+    """A pre-tokenized token file at `path` (`data.token_dtype`: uint16 or uint32, little-endian),
+    memory-mapped in place."""
     if data.path is None or not os.path.isfile(data.path):
         raise DataError(
             f"{PATH.data.path} must be an existing .bin file for the {DatasetChoice.BIN} dataset, got {data.path!r}"
         )
+    dtype = np.dtype(
+        str(data.token_dtype)
+    )  # the spec's choices are numpy names (native = little-endian here)
     size = os.path.getsize(data.path)
-    if size % 2:
+    if size % dtype.itemsize:
         raise DataError(
-            f"{data.path}: a uint16 token file must have an even size, found {size} bytes"
+            f"{data.path}: a {data.token_dtype} token file ({PATH.data.token_dtype}) must have a size "
+            f"divisible by {dtype.itemsize}, found {size} bytes"
         )
-    return Corpus(DatasetChoice.BIN, os.path.realpath(data.path), "uint16", size // 2, False)
+    return Corpus(
+        DatasetChoice.BIN, os.path.realpath(data.path), dtype.name, size // dtype.itemsize, False
+    )
 
 
 DATASETS.complete()
@@ -384,6 +398,9 @@ class DataModule:
     ):
         self.data = data
         self.corpus = load_corpus(data, vocab_size)
+        # tokens of this dtype: a bin file's declared one, or the cache's own (uint8 bytes, uint16 BPE)
+        declared = data.token_dtype
+        self.token_dtype = declared if data.dataset == DatasetChoice.BIN else self.corpus.dtype
         (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
         self.train_set = WindowDataset(
             self.corpus, train_start, train_end, window, seed, TRAIN_STREAM

@@ -52,6 +52,16 @@ class RoutingKnobs:
         )
 
 
+def recomputing() -> bool:
+    """True while activation checkpointing recomputes a forward inside the backward (an autograd
+    graph task is running): routing loads must be counted once, in the real forward. Under
+    torch.compile the question is not traceable; compiled runs take activation checkpointing from
+    torch.compile's own recomputation instead, so this is False there."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class Routing:
     logits: Tensor  # (N, E) fp32, after temperature and noise
@@ -161,10 +171,13 @@ def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
         return t.to(dtype)
 
     try:
+        # own (identity) saved-tensor hooks: a probe first reached inside activation checkpointing
+        # must not add its tensors to the checkpointed region's (the recomputation would not)
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
             torch.autocast(dev.type, enabled=False),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
         ):
             x = make(10, 16).requires_grad_(True)
             w = make(3, 32, 16).requires_grad_(True)
@@ -324,6 +337,50 @@ def _unpermute_sum(ys: Tensor, inv: Tensor, k: int, dtype: torch.dtype) -> Tenso
     return F.embedding_bag(inv.view(-1, k), ys.to(dtype), mode="sum")
 
 
+def run_experts(
+    xs: Tensor,
+    counts: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    capacity: int | None = None,
+    row_weights: Tensor | None = None,
+) -> Tensor:
+    """SwiGLU of stacked experts w13 (E, 2I, C), w2 (E, C, I) on xs (M, C) sorted by expert, counts
+    (E,) rows each -> (M, C): two grouped matmuls, or a padded bmm where that kernel is unavailable.
+    Shared by Experts (all experts) and runtime/expert_parallel.py (this process's experts)."""
+    dt = _compute_dtype(xs)
+    xs, w13, w2 = xs.to(dt), w13.to(dt), w2.to(dt)
+    if _grouped_mm_ok(xs, w13, w2):
+        offs = counts.cumsum(0).to(torch.int32)
+        rw = xs.new_ones(xs.shape[0]) if row_weights is None else row_weights.to(dt)
+        return _grouped_swiglu(xs, w13, w2, offs, rw)[0]
+    y = _padded_bmm(xs, counts, w13, w2, capacity)
+    return y if row_weights is None else y * row_weights.to(dt).unsqueeze(1)
+
+
+def _padded_bmm(
+    xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None
+) -> Tensor:
+    # every expert's rows padded to C slots, then two bmm's; C needs one host sync when dropless
+    M, E = xs.shape[0], w13.shape[0]
+    C = int(counts.max()) if capacity is None else min(capacity, M)
+    C = max(C, 1)
+    starts = counts.cumsum(0) - counts  # (E,)
+    slot = torch.arange(C, device=xs.device)
+    valid = slot[None, :] < counts[:, None]  # (E, C)
+    src = torch.where(valid, starts[:, None] + slot[None, :], M)  # padding reads the zero row
+    xp = torch.cat([xs, xs.new_zeros(1, xs.shape[1])])[src]  # (E, C, C_in)
+    h = torch.bmm(xp, w13.transpose(1, 2))  # (E, C, 2I)
+    g, u = h.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).flatten(0, 1)  # (E*C, C_in)
+    # row r of the sorted input sits in slot r - starts[e] of its expert e
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(E, device=xs.device), counts, output_size=M
+    )
+    row = torch.arange(M, device=xs.device)
+    return y[expert_of_row * C + row - starts[expert_of_row]]
+
+
 class Experts(nn.Module):
     """n_routed_experts SwiGLU experts with stacked weights.
 
@@ -336,6 +393,8 @@ class Experts(nn.Module):
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        # set by runtime/expert_parallel.py: (w13, w2) -> the local blocks the forward multiplies with
+        self.local_weights = None
 
     def forward(
         self,
@@ -349,36 +408,10 @@ class Experts(nn.Module):
 
         capacity bounds the rows of any expert (drop mode) and spares the padded path a host sync.
         """
-        dt = _compute_dtype(xs)
-        xs, w13, w2 = xs.to(dt), self.w13.to(dt), self.w2.to(dt)
-        if _grouped_mm_ok(xs, w13, w2):
-            offs = counts.cumsum(0).to(torch.int32)
-            rw = xs.new_ones(xs.shape[0]) if row_weights is None else row_weights.to(dt)
-            return _grouped_swiglu(xs, w13, w2, offs, rw)[0]
-        y = self._padded_bmm(xs, counts, w13, w2, capacity)
-        return y if row_weights is None else y * row_weights.to(dt).unsqueeze(1)
-
-    def _padded_bmm(
-        self, xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None
-    ) -> Tensor:
-        # every expert's rows padded to C slots, then two bmm's; C needs one host sync when dropless
-        M, E = xs.shape[0], self.n_experts
-        C = int(counts.max()) if capacity is None else min(capacity, M)
-        C = max(C, 1)
-        starts = counts.cumsum(0) - counts  # (E,)
-        slot = torch.arange(C, device=xs.device)
-        valid = slot[None, :] < counts[:, None]  # (E, C)
-        src = torch.where(valid, starts[:, None] + slot[None, :], M)  # padding reads the zero row
-        xp = torch.cat([xs, xs.new_zeros(1, xs.shape[1])])[src]  # (E, C, C_in)
-        h = torch.bmm(xp, w13.transpose(1, 2))  # (E, C, 2I)
-        g, u = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).flatten(0, 1)  # (E*C, C_in)
-        # row r of the sorted input sits in slot r - starts[e] of its expert e
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(E, device=xs.device), counts, output_size=M
-        )
-        row = torch.arange(M, device=xs.device)
-        return y[expert_of_row * C + row - starts[expert_of_row]]
+        w13, w2 = self.w13, self.w2
+        if self.local_weights is not None:  # expert parallel: this process's experts only
+            w13, w2 = self.local_weights(w13, w2)
+        return run_experts(xs, counts, w13, w2, capacity, row_weights)
 
     def forward_reference(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Plain loop over experts, for tests and as the benchmark's baseline. x (N, C), idx/weights
@@ -407,6 +440,9 @@ class MoE(nn.Module):
         self.gate = Router(model, knobs)
         self.experts = Experts(model.n_routed_experts, model.dim, model.moe_inter_dim)
         self.shared_experts = shared_experts
+        # runtime/expert_parallel.py sets this when system.distributed.expert_parallel > 1: it then
+        # owns the dispatch (all_to_all to the experts' processes and back)
+        self.expert_parallel = None
         # plain attributes, not buffers: DDP would broadcast rank 0's buffers over every rank's counts
         self.load_counts: Tensor | None = None  # (E,) assignments since the last bias update
         self.stat_counts: Tensor | None = None  # (E,) assignments since the last stats reset
@@ -441,7 +477,7 @@ class MoE(nn.Module):
         out = routed.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xf)
-        if self.training:
+        if self.training and not recomputing():
             self._accumulate(r)
         return out.view(B, T, C), self.aux_loss(r.scores, r.idx, B, T), self.z_loss(r.logits)
 
@@ -451,6 +487,8 @@ class MoE(nn.Module):
 
     def _dispatch(self, x: Tensor, r: Routing) -> Tensor:
         # sort the (token, slot) assignments by expert, run all experts at once, sum each token's rows
+        if self.expert_parallel is not None:
+            return self.expert_parallel(x, r, self.experts)
         N, K = r.idx.shape
         flat_e = r.idx.flatten()  # (N*K,)
         if r.keep is None:  # dropless: no host sync, gathers only (no scatter-add) both ways

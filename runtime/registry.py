@@ -98,6 +98,10 @@ BRANCHING_FIELDS = {
     PATH.model.rope_scaling: "runtime/model.py (rotary tables and softmax scale)",
     PATH.training.nonfinite_loss: "runtime/train.py (stop or skip the step)",
     PATH.system.compile.compile_mode: "runtime/distributed.py (passed to torch.compile as is)",
+    PATH.data.token_dtype: "runtime/data.py (a numpy dtype name, used as is)",
+    PATH.system.distributed.param_dtype: "runtime/parallel.py (looked up in DTYPES, same names)",
+    PATH.system.distributed.reduce_dtype: "runtime/parallel.py (looked up in DTYPES, same names)",
+    PATH.system.distributed.activation_checkpointing: "runtime/parallel.py (which blocks to wrap)",
 }
 
 

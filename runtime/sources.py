@@ -161,6 +161,24 @@ register_source(
 )
 
 
+def _is_sharded_checkpoint(path: str) -> bool:
+    from runtime.dcp_checkpoint import is_sharded_checkpoint
+
+    return is_sharded_checkpoint(path)
+
+
+# a sharded folder (FSDP / expert parallel runs) reads through load_checkpoint as well, which
+# gathers its full weights in this one process (runtime/dcp_checkpoint.py)
+register_source(
+    SourceKind(
+        "sharded checkpoint",
+        _is_sharded_checkpoint,
+        _load_checkpoint_file,
+        "a sharded checkpoint folder",
+    )
+)
+
+
 # ----------------------------------------------------------------------------- Hugging Face folder
 
 

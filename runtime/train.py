@@ -46,7 +46,7 @@ from generated.parser import (
     resolved_from_config,
     to_saved_dict,
 )
-from runtime import console, logs
+from runtime import console, logs, parallel
 from runtime import distributed as dist_utils
 from runtime.checkpoint import (
     Checkpointer,
@@ -58,6 +58,7 @@ from runtime.checkpoint import (
     load_components,
 )
 from runtime.data import DataError, DataModule
+from runtime.dcp_checkpoint import ShardedCheckpointer, load_full_into, load_into
 from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
 from runtime.rundir import (
@@ -234,9 +235,16 @@ class Trainer:
         if init_weights is not None:
             init_weights(self.model)
         self.model.to(self.device)
+        # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
+        self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)
         self.loss = TrainingLoss(cfg.moe, cfg.mtp)
         self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if self.parallel.sharded:  # collective DCP folders instead of rank 0's single files
+            self.checkpointer = ShardedCheckpointer(
+                cfg.checkpointer, self.model, self.optimizer, self.dist.rank, self.dist.world_size
+            )
+        self.saves_here = self.is_main or self.parallel.sharded
         self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
         self.lr_schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr)
         self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id)
@@ -244,7 +252,7 @@ class Trainer:
 
         # ---- wrappers for training: compile, then DDP
         self.train_module = dist_utils.compile_module(self.model, system.compile)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.parallel.sharded:
             self.train_module = dist_utils.wrap_ddp(
                 self.train_module, system.distributed, self.device
             )
@@ -265,7 +273,20 @@ class Trainer:
                 self.codec.save(os.path.join(cfg.out_dir, TOKENIZER_FILE))
         # ---- a resumed run loads every component last (the RNG after all setup has drawn)
         if self.resume_state is not None:
-            load_components(self.components(), self.resume_state, self.resumed_from)
+            self._load_resume(self.resume_state)
+
+    def _load_resume(self, state):
+        """Load a checkpoint into the components. A sharded folder (DCP) or a single file loaded
+        onto a sharded model puts the weights and optimizer state in place first (each process
+        keeps its shards); everything else loads as from a single file."""
+        components = self.components()
+        if state.get("sharded") or self.parallel.sharded:
+            if state.get("sharded"):  # resharded onto this layout
+                load_into(self.model, self.optimizer, state["sharded"])
+            else:
+                load_full_into(self.model, self.optimizer, state)
+            components = {k: v for k, v in components.items() if k not in ("model", "optimizer")}
+        load_components(components, state, self.resumed_from)
 
     def components(self):
         """The run's Stateful parts, by checkpoint key (the RNG last: loading it restores it)."""
@@ -386,11 +407,7 @@ class Trainer:
             for j, window in enumerate(micro_batches):
                 window = window.to(self.device, non_blocking=True)
                 last = j == n - 1
-                sync = (
-                    contextlib.nullcontext()
-                    if (last or not self.dist.enabled)
-                    else self.train_module.no_sync()
-                )
+                sync = parallel.grad_sync(self.train_module, last or not self.dist.enabled)
                 with sync:
                     with self._autocast():
                         out = self.loss(self.train_module, window, step)
@@ -424,7 +441,14 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if cfg.optimizer.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+            if self.parallel.sharded:  # parameters on several meshes
+                norm = parallel.clip_grad_norm(
+                    self.model.parameters(), cfg.optimizer.grad_clip, self.dist.world_size
+                )
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.optimizer.grad_clip
+                )
             metrics["grad_norm"] = float(norm)
             # an inf/NaN gradient with a finite loss would turn the weights into NaN; with float16
             # the GradScaler skips such steps itself
@@ -492,7 +516,8 @@ class Trainer:
                 self._train()
                 if self.is_main and self.stopped_by is None:
                     plot_losses(self.out_dir)
-                    if self.cfg.sample.max_new_tokens > 0:
+                    # a sharded model generates only with every process: use `sample CHECKPOINT`
+                    if self.cfg.sample.max_new_tokens > 0 and not self.parallel.sharded:
                         self.sample()
         finally:
             self.wandb.finish()
@@ -591,7 +616,7 @@ class Trainer:
             if self.step % self.eval_cfg.eval_interval == 0 or final:
                 improved = self._record_eval(self.evaluate())
                 last_eval = self.step
-                if improved and self.checkpointer.keep_best and self.is_main:
+                if improved and self.checkpointer.keep_best and self.saves_here:
                     path = self.checkpointer.save_best(self.checkpoint_state())
                     self.wandb.log_checkpoint(path, self.step, alias="best")
             saved = None
@@ -599,16 +624,16 @@ class Trainer:
                 self.checkpointer.should_save(
                     self.step, final=final, improved=self.metrics.last_val_improved
                 )
-                and self.is_main
+                and self.saves_here
             ):
                 path = saved = self.checkpointer.save(self.checkpoint_state(), self.step)
                 self.wandb.log_checkpoint(path, self.step)
             if not final and self._stop_requested(signals):
                 self.stopped_by = signals.received or "a signal on another process"
+                if saved is None and self.saves_here:
+                    saved = self.checkpointer.save(self.checkpoint_state(), self.step)
+                    self.wandb.log_checkpoint(saved, self.step)
                 if self.is_main:
-                    if saved is None:
-                        saved = self.checkpointer.save(self.checkpoint_state(), self.step)
-                        self.wandb.log_checkpoint(saved, self.step)
                     if bar is not None:
                         bar.close()
                     self._say(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from generated.config import DataConfig
+from generated.parser import ConfigError, load_config
 from runtime import data as data_mod
 from runtime.data import DataError, DataModule, StepBatchSampler, load_corpus, split_ranges
 
@@ -189,3 +190,41 @@ def test_loader_does_not_touch_the_global_torch_rng(data_dir):
     list(module.val_loader(2))
     next(iter(module.train_loader(0, 1)))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_bin_dataset_uint32_tokens_beyond_uint16(tmp_path):
+    # DeepSeek-V3's vocabulary (129,280) needs uint32 tokens
+    tokens = (np.arange(3000, dtype=np.int64) * 97 % 129280).astype(np.uint32)
+    tokens.tofile(tmp_path / "t32.bin")
+    cfg = load_config(
+        argv=[
+            "--data.dataset",
+            "bin",
+            "--data.path",
+            str(tmp_path / "t32.bin"),
+            "--data.token_dtype",
+            "uint32",
+            "--model.vocab_size",
+            "129280",
+        ]
+    )
+    corpus = load_corpus(cfg.data)
+    assert corpus.dtype == "uint32" and corpus.length == 3000
+    assert corpus.array()[:5].tolist() == tokens[:5].tolist() and int(corpus.array().max()) > 65535
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 6)
+    bad = load_config(
+        argv=[
+            "--data.dataset",
+            "bin",
+            "--data.path",
+            str(tmp_path / "odd.bin"),
+            "--data.token_dtype",
+            "uint32",
+        ]
+    )
+    with pytest.raises(DataError, match="divisible by 4"):
+        load_corpus(bad.data)
+    with pytest.raises(ConfigError, match="token_dtype"):
+        load_config(
+            argv=["--data.dataset", "bin", "--data.path", "x", "--model.vocab_size", "129280"]
+        )

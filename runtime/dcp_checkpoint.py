@@ -1,0 +1,278 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP), for FSDP2 / expert-parallel runs.
+
+A sharded checkpoint is a folder `ckpt_{step:07d}/` (the best one `best/`) holding
+  * DCP's files: `__{rank}_0.distcp` (each process writes the shards it owns) and `.metadata`, of
+    {"model": ..., "optim": ...} as torch.distributed.checkpoint.state_dict.get_state_dict gives them
+    (names without FSDP or checkpoint-wrapper prefixes, DTensors with their global shapes), so DCP
+    reshards on load: a checkpoint saved by 2 processes resumes on 1 (no process group) or on 4;
+  * `meta.pt`: everything else of a single-file checkpoint (step, config and its hash, best and last
+    validation loss, run id, elapsed time, tokenizer, data position), written by rank 0;
+  * `rng_rank{r}.pt`: process r's RNG state (a process of a resumed run with no file of its rank,
+    i.e. on more processes than saved, takes rank 0's);
+  * `checksums.json`: the sha256 of every other file, each process hashing the files it wrote;
+  * `COMPLETE`: written last.
+Atomicity: everything goes to `.ckpt_{step:07d}.tmp/` first; rank 0 renames it to its final name
+only after every process has written and hashed its files (a barrier) and COMPLETE is fsynced. A
+killed save leaves only the temporary folder, which `latest` never considers and the next run
+removes. Before loading, every file's checksum is verified; a mismatch or a missing file is an
+error naming that file (`latest` then falls back to an older checkpoint, as for single files).
+
+Test-only fault injection: the `checkpoint_write` phase of DEEPSEEK_MOE_FAULT (runtime/checkpoint.py)
+is reached after a process wrote its shards, only on the ranks listed in DEEPSEEK_MOE_FAULT_RANKS
+(comma-separated; all ranks when unset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from runtime.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    atomic_write_bytes,
+    capture_rng_state,
+    config_digest,
+    describe_os_error,
+    fault_point,
+)
+
+SHARDED_DIR = re.compile(r"^ckpt_(\d+)$")
+TEMP_DIR = re.compile(r"^\.(ckpt_\d+|best)\.tmp$")
+BEST_DIR = "best"
+COMPLETE = "COMPLETE"
+CHECKSUMS = "checksums.json"
+META = "meta.pt"
+FAULT_RANKS_ENV = "DEEPSEEK_MOE_FAULT_RANKS"
+CHUNK = 1 << 20
+
+
+def is_sharded_checkpoint(path) -> bool:
+    return os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, COMPLETE)) or os.path.exists(os.path.join(path, META))
+    )
+
+
+def sharded_name(step: int) -> str:
+    return f"ckpt_{step:07d}"
+
+
+def _sha256(path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _serialized(obj) -> bytes:
+    # torch.save to bytes: written with atomic_write_bytes, outside the single-file fault points
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _rng_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def verify(path) -> None:
+    """CheckpointError naming the file when the folder is incomplete or a file is damaged."""
+    marker = os.path.join(path, COMPLETE)
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"checkpoint {path}: incomplete (no {COMPLETE} marker)")
+    try:
+        with open(os.path.join(path, CHECKSUMS)) as f:
+            sums = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path}: cannot read {CHECKSUMS}: {error}") from None
+    for name, recorded in sorted(sums.items()):
+        file = os.path.join(path, name)
+        try:
+            actual = _sha256(file)
+        except OSError as error:
+            raise CheckpointError(
+                f"checkpoint {path}: shard {file} cannot be read: {describe_os_error(error)}"
+            ) from None
+        if actual != recorded:
+            raise CheckpointError(
+                f"checkpoint {path}: shard {file} is damaged (checksum mismatch: "
+                f"{actual[:16]}... instead of {recorded[:16]}...)"
+            )
+
+
+def load_meta(path, rank: int = 0) -> dict:
+    """The checkpoint's meta dict (no weights) after verifying every file, with `sharded` (the
+    folder) and `rng` (this rank's RNG state, or rank 0's) added."""
+    verify(path)
+    state = torch.load(os.path.join(path, META), map_location="cpu", weights_only=True)
+    if state.get("config_sha256") != config_digest(state["config"]):
+        raise CheckpointError(
+            f"checkpoint {path}: its stored config does not match its recorded hash config_sha256"
+        )
+    rng_file = os.path.join(path, _rng_name(rank))
+    if not os.path.isfile(rng_file):
+        rng_file = os.path.join(path, _rng_name(0))
+    state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
+    state["sharded"] = path
+    return state
+
+
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_into(model, optimizer, path) -> None:
+    """Load the DCP files of `path` into `model` (FSDP2-sharded or plain) and its optimizer,
+    resharding as needed. Without a process group (one process) DCP reads every shard itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as error:  # noqa: BLE001 - reported with the path
+        raise CheckpointError(
+            f"checkpoint {path}: its sharded weights or optimizer state do not fit this run: "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        ) from None
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def load_full_into(model, optimizer, state) -> None:
+    """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
+    sharded model: each process keeps its own shards. The optimizer's indices follow
+    runtime/train.py's build_optimizer (matrices first, then vectors, each in parameters() order)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = [n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    order = [n for n, p in zip(names, params) if p.ndim >= 2]
+    order += [n for n, p in zip(names, params) if p.ndim < 2]
+    saved = state["optimizer"]
+    optim = {
+        "state": {order[int(i)]: v for i, v in saved["state"].items()},
+        "param_groups": [
+            {**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]
+        ],
+    }
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def load_full(path) -> dict:
+    """A sharded checkpoint as a single-file checkpoint dict (full model tensors, no optimizer),
+    in one process without a process group: for export, sample and init_from."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state = load_meta(path)
+    full: dict = {}
+    _load_state_dict(
+        full,
+        storage_reader=FileSystemReader(path),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
+    )
+    state["model"] = full["model"]
+    return state
+
+
+class ShardedCheckpointer(Checkpointer):
+    """The `checkpointer` section's policy (interval, keep_last_n, best) with DCP folders. Every
+    process calls save / save_best together (collectives inside)."""
+
+    def __init__(self, checkpointer, model, optimizer, rank: int, world: int):
+        super().__init__(checkpointer)
+        self.model, self.optimizer = model, optimizer
+        self.rank, self.world = rank, world
+
+    @property
+    def best_path(self):
+        return os.path.join(self.dir, BEST_DIR)
+
+    def _faulty(self) -> bool:
+        ranks = os.environ.get(FAULT_RANKS_ENV)
+        return ranks is None or str(self.rank) in ranks.split(",")
+
+    def _write(self, state, path):
+        import torch.distributed.checkpoint as dcp
+
+        tmp = os.path.join(self.dir, "." + os.path.basename(path) + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        try:
+            dcp.save(_dcp_state(self.model, self.optimizer), checkpoint_id=tmp)
+            rng = os.path.join(tmp, _rng_name(self.rank))
+            atomic_write_bytes(rng, _serialized(capture_rng_state()))
+            if self._faulty():
+                fault_point("checkpoint_write")
+            # each process hashes what it wrote: its .distcp shards and its RNG file
+            mine = [n for n in os.listdir(tmp) if n.startswith(f"__{self.rank}_")]
+            mine.append(_rng_name(self.rank))
+            sums = {n: _sha256(os.path.join(tmp, n)) for n in mine}
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, sums)
+            if self.rank == 0:
+                meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+                meta["sharded_world"] = self.world
+                atomic_write_bytes(os.path.join(tmp, META), _serialized(meta))
+                total = {k: v for part in gathered for k, v in part.items()}
+                for name in (META, ".metadata"):
+                    total[name] = _sha256(os.path.join(tmp, name))
+                atomic_write_bytes(
+                    os.path.join(tmp, CHECKSUMS), json.dumps(total, indent=1).encode()
+                )
+                atomic_write_bytes(os.path.join(tmp, COMPLETE), f"{state['step']}\n".encode())
+                old = path + ".old.tmp"
+                if os.path.exists(path):  # best/ is replaced: move the old one aside first
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {describe_os_error(error)}"
+            ) from None
+        dist.barrier()
+
+    def save(self, state, step):
+        path = os.path.join(self.dir, sharded_name(step))
+        self._write(state, path)
+        if self.rank == 0:
+            self.prune()
+        return path
+
+    def save_best(self, state):
+        self._write(state, self.best_path)
+        return self.best_path
+
+    def remove_stale_temps(self):
+        removed = super().remove_stale_temps()
+        if os.path.isdir(self.dir):
+            for name in sorted(os.listdir(self.dir)):
+                if TEMP_DIR.match(name) or name.endswith(".old.tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.rmtree(os.path.join(self.dir, name))
+                        removed.append(os.path.join(self.dir, name))
+        return removed
