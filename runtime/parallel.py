@@ -35,42 +35,19 @@ from torch import nn
 from generated import PATH
 from generated.names import ActivationCheckpointing
 from runtime.distributed import SystemConfigError
+from runtime.plan import Layout, layout_for
 from runtime.registry import DTYPES
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
 
 
-@dataclass
-class Layout:
-    world: int
-    dp_replicate: int
-    dp_shard: int
-    expert_parallel: int
-
-    @property
-    def sharded(self) -> bool:
-        """FSDP2 (and sharded checkpoints) rather than DDP / a single process."""
-        return self.dp_shard > 1 or self.expert_parallel > 1
-
-
 def resolve_layout(dist_cfg, world: int) -> Layout:
     """The layout of `world` processes (DistributedConfig); a SystemConfigError naming the fields when
-    the degrees do not multiply to the world size."""
-    S, E, R = dist_cfg.dp_shard, dist_cfg.expert_parallel, dist_cfg.dp_replicate
-    if R is None:
-        if world % (S * E):
-            raise SystemConfigError(
-                f"launched with WORLD_SIZE={world}, which {PATH.system.distributed.dp_shard} ({S}) * "
-                f"{PATH.system.distributed.expert_parallel} ({E}) does not divide"
-            )
-        R = world // (S * E)
-    if R * S * E != world:
-        raise SystemConfigError(
-            f"launched with WORLD_SIZE={world} but {PATH.system.distributed.dp_replicate} ({R}) * "
-            f"{PATH.system.distributed.dp_shard} ({S}) * {PATH.system.distributed.expert_parallel} "
-            f"({E}) = {R * S * E}; the degrees must multiply to the number of processes"
-        )
-    return Layout(world, R, S, E)
+    the degrees do not multiply to the world size (the arithmetic is runtime/plan.py's)."""
+    layout, problem = layout_for(dist_cfg, world)
+    if problem is not None:
+        raise SystemConfigError(f"launched with WORLD_SIZE={world}: {problem}")
+    return layout
 
 
 def build_mesh(layout: Layout, device_type: str):

@@ -115,15 +115,23 @@ class Layout:
 
     @property
     def sharded(self) -> bool:
+        """FSDP2 (and sharded checkpoints) rather than DDP / a single process."""
         return self.dp_shard > 1 or self.expert_parallel > 1
 
 
 def layout_for(dist_cfg, world: int) -> tuple[Layout, str | None]:
-    """The layout of `world` processes and the problem with it (None when it is consistent)."""
+    """The layout of `world` processes and the problem with it (None when it is consistent).
+    dp_replicate null means whatever the other degrees leave of the world."""
     S, E = dist_cfg.dp_shard, dist_cfg.expert_parallel
     R = dist_cfg.dp_replicate
     if R is None:
-        R = max(1, world // (S * E))
+        if world % (S * E):
+            problem = (
+                f"{PATH.system.distributed.dp_shard} ({S}) * {PATH.system.distributed.expert_parallel} "
+                f"({E}) does not divide {world} processes"
+            )
+            return Layout(world, 1, S, E), problem
+        R = world // (S * E)
     problem = None
     if R * S * E != world:
         problem = (
