@@ -13,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("moe_bench", "trainer_bench", "config_bench", "fsdp_memory")
+SUITES = (
+    "moe_bench",
+    "trainer_bench",
+    "memory_bench",
+    "generation_bench",
+    "config_bench",
+    "fsdp_memory",
+)
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 

@@ -81,3 +81,27 @@ def profile_summary(function, steps=1, top=10):
 def spread(samples):
     """max / min of each function's times: how noisy its median is."""
     return {name: max(values) / min(values) for name, values in samples.items()}
+
+
+def allocation_peak(events):
+    """(peak, net) of a sequence of allocation sizes in bytes (negative: a free), in order: the
+    highest running total above the start, and where it ends."""
+    total = peak = 0
+    for nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak, total
+
+
+def memory_peak(function):
+    """Run `function()` once under torch.profiler's memory tracking and return (peak, net) bytes of
+    tensor memory allocated through PyTorch's allocator above what was allocated before the call.
+    Unlike the process's RSS this ignores malloc's caching and the interpreter, and it needs no
+    fresh process: every allocation and free during the call is an event, in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    return allocation_peak(e.nbytes() for e in events)

@@ -8,6 +8,9 @@ fp32, same thread count, same optimizer (torch AdamW, fused CPU kernel, for ever
 round-robin with a large fp32 matmul that measures the machine's peak in the same run. The peer runs
 with its defaults (SDPA attention, grouped_mm experts); it trains without MTP, so our MTP-off step
 is the one compared and the MTP-on step is shown beside it, as is our torch.compile'd step.
+
+bf16 is what users train in: both steps again under `torch.autocast(bfloat16)` (fp32 weights and
+optimizer, as autocast training is), beside a bf16 matmul of the same size for the bf16 peak.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ BENCH_MODEL = dict(
     top_k=2,
 )
 EXPERTS = (16, 64)
-PEAK_N = 2048  # the peak: one (PEAK_N x PEAK_N) @ (PEAK_N x PEAK_N) fp32 matmul
+PEAK_N = 2048  # the peak: one (PEAK_N x PEAK_N) @ (PEAK_N x PEAK_N) matmul, fp32 and bf16
+FP32_VS_HF, BF16_VS_HF, MFU_FP32, MFU_BF16 = 1.15, 1.5, 0.6, 0.55  # the targets
 
 
 def model_flops(model: Transformer, batch: int, seq: int) -> float:
@@ -142,6 +146,26 @@ def _hf_step(peer, window, seq):
     return step
 
 
+def autocast_bf16(step):
+    """`step` run under CPU (or CUDA) bf16 autocast."""
+
+    def run():
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16):
+            step()
+
+    return run
+
+
+def bench_models(n_experts: int, seq: int, mtp_depth: int = 0):
+    """(ours, its HF peer with our weights) for the bench model with `n_experts` routed experts."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        **BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=mtp_depth
+    )
+    ours = Transformer(cfg).train()
+    return ours, _hf_peer(ours)
+
+
 def _dynamo_stats(since=None):
     """torch._dynamo's counters (graphs compiled, ops captured, graph breaks), minus `since`."""
     from torch._dynamo.utils import counters
@@ -155,15 +179,13 @@ def _dynamo_stats(since=None):
 
 
 def _suite(n_experts, batch, seq, repeats, compile_step, profile):
-    torch.manual_seed(0)
-    cfg = ModelConfig(**BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=0)
-    ours = Transformer(cfg).train()
+    ours, peer = bench_models(n_experts, seq)
+    cfg = ours.config
     torch.manual_seed(0)
     cfg_mtp = ModelConfig(
         **BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=1
     )
     ours_mtp = Transformer(cfg_mtp).train()
-    peer = _hf_peer(ours)
     window = torch.randint(
         0, cfg.vocab_size, (batch, seq + 2), generator=torch.Generator().manual_seed(0)
     )
@@ -181,6 +203,13 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         "ours_mtp": _our_step(ours_mtp, ours_mtp, window, counter),
         "hf": _hf_step(peer, window, seq),
     }
+    # bf16 autocast steps on their own copies (their optimizers keep their own state)
+    ours_bf16 = Transformer(cfg).train()
+    ours_bf16.load_state_dict(ours.state_dict())
+    steps["ours_bf16"] = autocast_bf16(
+        _our_step(ours_bf16, ours_bf16, window[:, : seq + 1], counter)
+    )
+    steps["hf_bf16"] = autocast_bf16(_hf_step(_hf_peer(ours_bf16), window, seq))
     compile_info = None
     if compile_step:
         torch._dynamo.reset()
@@ -198,9 +227,13 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
 
     a = torch.randn(PEAK_N, PEAK_N)
     b = torch.randn(PEAK_N, PEAK_N)
+    a16, b16 = a.bfloat16(), b.bfloat16()
     samples = {}
     times = interleaved_medians(
-        {"peak_matmul": lambda: a @ b, **steps}, repeats, warmup=1, samples=samples
+        {"peak_matmul": lambda: a @ b, "peak_matmul_bf16": lambda: a16 @ b16, **steps},
+        repeats,
+        warmup=1,
+        samples=samples,
     )
     if compile_info is not None:
         compile_info["after_timing"] = _dynamo_stats(before)
@@ -209,9 +242,11 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
             - compile_info["after_warmup"]["unique_graphs"]
         )
     peak = 2 * PEAK_N**3 / times.pop("peak_matmul")
+    peak_bf16 = 2 * PEAK_N**3 / times.pop("peak_matmul_bf16")
     tokens = batch * seq
     flops = {"ours": model_flops(ours, batch, seq), "ours_mtp": model_flops(ours_mtp, batch, seq)}
-    flops["hf"] = flops["compiled"] = flops["ours"]
+    flops["hf"] = flops["compiled"] = flops["ours_bf16"] = flops["hf_bf16"] = flops["ours"]
+    peaks = {k: peak_bf16 if k.endswith("_bf16") else peak for k in times}
     result = {
         "batch": batch,
         "seq": seq,
@@ -226,18 +261,21 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         },
         "logits_max_abs_diff_vs_hf": logits_diff,
         "peak_gflops": peak / 1e9,
+        "peak_gflops_bf16": peak_bf16 / 1e9,
         "model_gflops_per_step": {k: flops[k] / 1e9 for k in times},
         "step_ms": {k: v * 1e3 for k, v in times.items()},
         "max_over_min": spread(samples),
         "tokens_per_s": {k: tokens / v for k, v in times.items()},
-        "mfu": {k: flops[k] / times[k] / peak for k in times},
+        "mfu": {k: flops[k] / times[k] / peaks[k] for k in times},
         "compile": compile_info,
     }
     if profile:
-        prof = {"ours": profile_summary(steps["ours"]), "hf": profile_summary(steps["hf"])}
-        gemm_ms = prof["ours"]["gemm_share"] * prof["ours"]["profiled_ms_per_call"]
-        # were all our non-matmul time gone, the step would still take our matmul time
-        prof["hf_step_over_our_matmul_time"] = times["hf"] * 1e3 / gemm_ms
+        prof = {k: profile_summary(steps[k]) for k in ("ours", "hf", "ours_bf16", "hf_bf16")}
+        for dtype in ("", "_bf16"):
+            ours_prof = prof["ours" + dtype]
+            gemm_ms = ours_prof["gemm_share"] * ours_prof["profiled_ms_per_call"]
+            # were all our non-matmul time gone, the step would still take our matmul time
+            prof[f"hf{dtype}_step_over_our_matmul_time"] = times["hf" + dtype] * 1e3 / gemm_ms
         result["profile"] = prof
     return result
 
@@ -261,13 +299,24 @@ def run(quick=False):
             )
         targets.append(
             Target(
-                f"trainer step tokens/s vs HF, {e} experts (eager, MTP off)",
+                f"trainer step tokens/s vs HF, {e} experts (fp32, eager, MTP off)",
                 tps["ours"] / tps["hf"],
-                1.5,
+                FP32_VS_HF,
                 True,
-                detail=f"tok/s ours {tps['ours']:.0f} (MFU {mfu['ours']:.0%}), HF {tps['hf']:.0f} (MFU {mfu['hf']:.0%}; "
-                f"1.5x needs our MFU >= {1.5 * mfu['hf']:.0%}), ours MTP on {tps['ours_mtp']:.0f} "
-                f"(MFU {mfu['ours_mtp']:.0%}){extra}",
+                detail=f"tok/s ours {tps['ours']:.0f} (MFU {mfu['ours']:.0%}), HF {tps['hf']:.0f} (MFU {mfu['hf']:.0%}), "
+                f"ours MTP on {tps['ours_mtp']:.0f} (MFU {mfu['ours_mtp']:.0%}){extra}",
+            )
+        )
+    for e, s in suites.items():
+        tps, mfu = s["tokens_per_s"], s["mfu"]
+        targets.append(
+            Target(
+                f"trainer step tokens/s vs HF, {e} experts (bf16 autocast)",
+                tps["ours_bf16"] / tps["hf_bf16"],
+                BF16_VS_HF,
+                True,
+                detail=f"tok/s ours {tps['ours_bf16']:.0f} (MFU {mfu['ours_bf16']:.0%}, {tps['ours_bf16'] / tps['ours']:.2f}x our fp32), "
+                f"HF {tps['hf_bf16']:.0f} (MFU {mfu['hf_bf16']:.0%}; {BF16_VS_HF}x needs our MFU >= {BF16_VS_HF * mfu['hf_bf16']:.0%})",
             )
         )
     s = suites[EXPERTS[0]]
@@ -275,11 +324,29 @@ def run(quick=False):
         Target(
             f"MFU fp32, {EXPERTS[0]} experts (our eager step, MTP off)",
             s["mfu"]["ours"],
-            0.6,
+            MFU_FP32,
             True,
             unit="fraction",
             detail=f"{s['model_gflops_per_step']['ours']:.1f} GFLOP/step, {s['step_ms']['ours']:.0f} ms, peak "
             f"{s['peak_gflops']:.0f} GFLOP/s ({PEAK_N}^3 fp32 matmul, same run)",
+        )
+    )
+    why = ""
+    if "profile" in s:
+        p = s["profile"]["ours_bf16"]
+        top = ", ".join(
+            f"{k.removeprefix('aten::')} {v:.0f}" for k, v in list(p["top_ops_self_ms"].items())[:5]
+        )
+        why = f"; profile: matmul {p['gemm_share']:.0%} of {p['profiled_ms_per_call']:.0f} ms, top ops ms {top}"
+    targets.append(
+        Target(
+            f"MFU bf16, {EXPERTS[0]} experts (our autocast step, MTP off)",
+            s["mfu"]["ours_bf16"],
+            MFU_BF16,
+            True,
+            unit="fraction",
+            detail=f"{s['step_ms']['ours_bf16']:.0f} ms, peak {s['peak_gflops_bf16']:.0f} GFLOP/s "
+            f"({PEAK_N}^3 bf16 matmul, same run; fp32 {s['peak_gflops']:.0f}){why}",
         )
     )
     return {"targets": targets, "figures": {"model": BENCH_MODEL, "by_experts": suites}}

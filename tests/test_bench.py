@@ -71,3 +71,55 @@ def test_hf_peer_gets_our_weights():
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(tokens).logits - peer(input_ids=tokens).logits).abs().max().item() < 1e-4
+
+
+def test_allocation_peak_and_memory_peak():
+    from bench.common import allocation_peak, memory_peak
+
+    assert allocation_peak([]) == (0, 0)
+    assert allocation_peak([4, 8, -4, 2, -10]) == (12, 0)
+    assert allocation_peak([-4, 2]) == (0, -2)  # frees of memory allocated before the call
+
+    def work():
+        a = torch.ones(256, 1024)  # 1 MiB
+        b = torch.ones(256, 1024)
+        del a, b
+        torch.ones(128, 1024)
+
+    peak, net = memory_peak(work)
+    assert peak >= 2 * 2**20 and net <= 2**20
+
+
+def test_generation_bench_compares_every_token():
+    from bench.generation_bench import first_mismatch
+
+    a = torch.tensor([[1, 2, 3, 4]])
+    assert first_mismatch(a, a.clone()) is None
+    assert first_mismatch(a, torch.tensor([[1, 2, 9, 4]])) == 2
+    assert first_mismatch(a, a[:, :3]) == 3  # a shorter output is not equal
+    batch = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert first_mismatch(batch, torch.tensor([[1, 2, 3], [4, 0, 6]])) == 1
+
+
+def test_checkpointed_blocks_keep_the_gradients():
+    from bench.memory_bench import saved_for_backward_bytes
+    from generated.config import MoETrainingConfig, MTPTrainingConfig
+    from generated.names import ActivationCheckpointing
+    from runtime.loss import TrainingLoss
+    from runtime.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = _tiny().train()
+    wrapped = _tiny().train()
+    wrapped.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(wrapped, ActivationCheckpointing.FULL)
+    loss = TrainingLoss(MoETrainingConfig(), MTPTrainingConfig())
+    window = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for name, model in (("plain", plain), ("wrapped", wrapped)):
+        saved[name] = saved_for_backward_bytes(
+            model, lambda m=model: loss(m, window, 0).loss.backward()
+        )
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), "checkpointing changed a gradient"
+    assert 0 < saved["wrapped"] < saved["plain"]
