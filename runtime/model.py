@@ -270,6 +270,31 @@ class MLA(nn.Module):
         return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """w2(silu(w1 x) * w3 x) keeping only x, w1 x and w3 x for the backward: silu(w1 x) and the
+    product are recomputed there (two elementwise passes) instead of held from the forward to the
+    backward, 2 of autograd's 4 (tokens, hidden) tensors per MLP. Same maths; all in one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        a, b = F.linear(x, w1), F.linear(x, w3)
+        ctx.save_for_backward(x, w1, w3, w2, a, b)
+        return F.linear(F.silu(a).mul_(b), w2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w1, w3, w2, a, b = ctx.saved_tensors
+        s = F.silu(a)
+        g2 = g.flatten(0, -2)
+        g_w2 = g2.t() @ (s * b).flatten(0, -2)  # (dim, hidden)
+        g_p = g @ w2  # (..., hidden)
+        g_b = g_p * s
+        g_a = torch.ops.aten.silu_backward(g_p.mul_(b), a)
+        g_x = g_a @ w1 + g_b @ w3
+        x2 = x.flatten(0, -2)
+        return g_x, g_a.flatten(0, -2).t() @ x2, g_b.flatten(0, -2).t() @ x2, g_w2
+
+
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -280,7 +305,13 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if not torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):  # one dtype inside, forward and backward
+            w = (self.w1.weight.to(dt), self.w3.weight.to(dt), self.w2.weight.to(dt))
+            return _SwiGLU.apply(x.to(dt), *w)
 
 
 class Block(nn.Module):
