@@ -51,6 +51,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if (
+                not torch.is_grad_enabled()
+            ):  # inference: the same passes without autograd's Function
+                r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+                r = r.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
+                return (x * r).mul_(self.weight)
             return _RMSNormFP32.apply(x, self.weight, self.eps)
         # normalise in fp32, scale in the input dtype (as HF does)
         xf = x.float()
@@ -172,19 +178,37 @@ class MLACache:
     """Generation cache of MLA: per layer, the compressed latent c_kv (after kv_norm) and the
     rotated rope key, (B, T, kv_lora_rank) and (B, T, qk_rope_head_dim); (kv_lora_rank +
     qk_rope_head_dim) numbers per token and layer instead of n_heads * (qk_head_dim + v_head_dim).
-    Layers append in order during one forward; `pos` is the number of tokens already cached."""
+    Both live side by side in one (B, capacity, kv_lora_rank + rope) buffer per layer that grows by
+    doubling, so a step writes its tokens in place (no copy of the whole cache) and attention reads
+    latent and rope key with one matmul. Layers append in order during one forward; `pos` is the
+    number of tokens already cached."""
 
     def __init__(self, n_layers: int):
-        self.layers: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+        self.layers: list[tuple[Tensor, Tensor] | None] = [None] * n_layers  # views of the buffers
+        self.buffers: list[Tensor | None] = [None] * n_layers
         self.pos = 0  # advanced by Transformer.forward after all layers ran
 
     def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
         """Append this step's (B, S, r) latent and (B, S, rope) key; returns the whole cache."""
-        old = self.layers[layer]
-        if old is not None:
-            c_kv, k_pe = torch.cat([old[0], c_kv], dim=1), torch.cat([old[1], k_pe], dim=1)
-        self.layers[layer] = (c_kv, k_pe)
-        return c_kv, k_pe
+        B, S, r = c_kv.shape
+        old, T = (
+            self.buffers[layer],
+            (0 if self.layers[layer] is None else self.layers[layer][0].shape[1]),
+        )
+        if old is None or old.shape[1] < T + S:
+            buf = c_kv.new_empty(B, max(2 * (T + S), 64), r + k_pe.shape[-1])
+            if old is not None:
+                buf[:, :T] = old[:, :T]
+            self.buffers[layer] = old = buf
+        old[:, T : T + S, :r] = c_kv
+        old[:, T : T + S, r:] = k_pe
+        self.layers[layer] = (old[:, : T + S, :r], old[:, : T + S, r:])
+        return self.layers[layer]
+
+    def keys(self, layer: int) -> Tensor:
+        """(B, T, r + rope): the latent and the rope key of every cached token, side by side."""
+        c_kv = self.layers[layer][0]
+        return self.buffers[layer][:, : c_kv.shape[1]]
 
 
 class MLA(nn.Module):
@@ -252,20 +276,20 @@ class MLA(nn.Module):
         q_pe = apply_rotary(q_pe, cos, sin)  # (B, S, H, rope)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, S, rope)
-        c_kv, k_pe = cache.update(layer, self.kv_norm(kv), k_pe)  # (B, T, r), (B, T, rope)
-        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        c_kv, _ = cache.update(layer, self.kv_norm(kv), k_pe)  # (B, T, r), (B, T, rope)
+        keys = cache.keys(layer)  # (B, T, r + rope)
+        T, r = c_kv.shape[1], self.kv_lora_rank
+        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
-        scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum(
-            "bshd,btd->bhst", q_pe, k_pe
-        )
-        T = c_kv.shape[1]
-        # new token s sits at position start + s and sees keys 0 .. start + s
-        mask = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        scores = (scores * self.softmax_scale).masked_fill(~mask, float("-inf"))
-        o = torch.einsum(
-            "bhst,btr->bshr", torch.softmax(scores.float(), dim=-1).to(c_kv.dtype), c_kv
-        )
+        # scores = q_lat . c_kv + q_pe . k_pe, as one matmul against the side-by-side cache
+        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).view(B, S * H, -1)
+        scores = torch.bmm(q, keys.transpose(1, 2)).view(B, S, H, T) * self.softmax_scale
+        if S > 1:  # new token s sits at position start + s and sees keys 0 .. start + s
+            mask = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(c_kv.dtype)
+        o = torch.bmm(p.view(B, S * H, T), c_kv).view(B, S, H, r)
         y = torch.einsum("bshr,hvr->bshv", o, w_uv)  # (B, S, H, v)
         return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 

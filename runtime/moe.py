@@ -374,6 +374,7 @@ def _padded_bmm(
     )
     row = torch.arange(M, device=xs.device)
     return y[expert_of_row * C + row - starts[expert_of_row]]
+FEW_ROWS = 8  # at most this many (token, expert) rows without grad on CPU: Experts.forward_few
 
 
 class Experts(nn.Module):
@@ -407,6 +408,21 @@ class Experts(nn.Module):
         if self.local_weights is not None:  # expert parallel: this process's experts only
             w13, w2 = self.local_weights(w13, w2)
         return run_experts(xs, counts, w13, w2, capacity, row_weights)
+
+    def forward_few(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+        """Inference on a few tokens (a generation step): x (N, C), idx/weights (N, K) -> (N, C) fp32.
+        Each chosen expert's weights are used as views, one token's rows at a time, so only K
+        experts are read; the CPU grouped matmul would loop over all E groups, mostly empty. One
+        host sync (the chosen experts)."""
+        dt = _compute_dtype(x)
+        xd = x.to(dt)
+        w = weights.float()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for n, chosen in enumerate(idx.tolist()):
+            for k, e in enumerate(chosen):
+                g, u = F.linear(xd[n], self.w13[e].to(dt)).chunk(2, dim=-1)
+                out[n] += F.linear(F.silu(g) * u, self.w2[e].to(dt)).float() * w[n, k]
+        return out
 
     def forward_reference(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Plain loop over experts, for tests and as the benchmark's baseline. x (N, C), idx/weights
@@ -485,6 +501,13 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:
             return self.expert_parallel(x, r, self.experts)
         N, K = r.idx.shape
+        if (
+            r.keep is None
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and N * K <= FEW_ROWS
+        ):
+            return self.experts.forward_few(x, r.idx, r.weights)
         flat_e = r.idx.flatten()  # (N*K,)
         if r.keep is None:  # dropless: no host sync, gathers only (no scatter-add) both ways
             order = flat_e.argsort(stable=True)  # (N*K,) assignment ids grouped by expert

@@ -385,3 +385,29 @@ def test_moe_compiles_in_one_graph():
 
     for a, b in zip(run(compiled), run(layer)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_few_token_inference_path_matches_the_grouped_one():
+    moe = make_moe().eval()
+    x = torch.randn(1, 3, moe.experts.dim)  # 3 tokens x top-k rows: the few-rows path
+    assert x.shape[1] * moe.top_k <= moe_mod.FEW_ROWS
+    with torch.no_grad():
+        few, _, _ = moe(x)
+    grouped, _, _ = moe(x)  # with grad: the grouped dispatch
+    torch.testing.assert_close(few, grouped.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_mlp_recomputing_backward_matches_autograd():
+    torch.manual_seed(0)
+    mlp = MLP(16, 24).double()
+    x = torch.randn(2, 5, 16, dtype=torch.double, requires_grad=True)
+    y = mlp(x)
+    ref = mlp.w2(F.silu(mlp.w1(x)) * mlp.w3(x))
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, *mlp.parameters()], g)
+    theirs = torch.autograd.grad(ref, [x, *mlp.parameters()], g)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp.float()(x.detach().float().requires_grad_())
+    assert y.dtype == torch.bfloat16

@@ -230,3 +230,14 @@ def test_bpe_errors(tmp_path, data_dir, text_corpus):
         load_config(
             argv=["--data.dataset", "bin", "--data.path", "t.bin", "--data.tokenizer", "bpe"]
         )
+
+
+def test_cache_grows_past_its_first_buffer():
+    model = debug_model(max_seq_len=160)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3)
+    )
+    slow, slow_logits = generate(model, prompt, 140, 0.0, use_cache=False, return_logits=True)
+    fast, fast_logits = generate(model, prompt, 140, 0.0, use_cache=True, return_logits=True)
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
