@@ -149,29 +149,65 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 ATTN_BLOCK = 128  # query rows per block of the CPU causal attention
 
 
+def _attention_blocks(T: int) -> list[tuple[int, int]]:
+    n = max(1, T // ATTN_BLOCK)
+    bounds = [T * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _BlockedCausalAttention(torch.autograd.Function):
+    """q, k (BH, T, dk), v (BH, T, dv) -> (BH, T, dv), causal; query rows in blocks, each against only
+    the keys up to its last row. Keeps each block's probabilities for the backward (what autograd
+    keeps too) and accumulates the key and value gradients in place, block by block, where
+    autograd would add full-size (BH, T, d) zero-padded gradients per block."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        BH, T, _ = q.shape
+        mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+        out = q.new_empty(BH, T, v.shape[-1])
+        probs = []
+        for r0, r1 in _attention_blocks(T):
+            # the mask is added inside the matmul; rows r0..r1 see keys 0..r1
+            s = torch.baddbmm(mask[r0:r1, :r1], q[:, r0:r1], k[:, :r1].transpose(1, 2), alpha=scale)
+            p = torch.softmax(s, dim=-1)  # (BH, r1 - r0, r1)
+            out[:, r0:r1].baddbmm_(p, v[:, :r1], beta=0)
+            probs.append(p)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, k, v, *probs = ctx.saved_tensors
+        g = g.contiguous()
+        dq = torch.empty_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for (r0, r1), p in zip(_attention_blocks(q.shape[1]), probs):
+            g_block = g[:, r0:r1]  # (BH, n, dv)
+            dv[:, :r1].baddbmm_(p.transpose(1, 2), g_block)
+            dp = torch.bmm(g_block, v[:, :r1].transpose(1, 2))  # (BH, n, r1)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+            dq[:, r0:r1].baddbmm_(ds, k[:, :r1], beta=0, alpha=ctx.scale)
+            dk[:, :r1].baddbmm_(ds.transpose(1, 2), q[:, r0:r1], alpha=ctx.scale)
+        return dq, dk, dv, None
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Causal softmax attention: q, k (B, H, T, dk), v (B, H, T, dv) -> (B, H, T, dv).
 
     Off CPU this is F.scaled_dot_product_attention. On CPU, SDPA's flash kernel needs dk == dv (not
     so in MLA), so it takes the math path: full T x T scores plus mask passes. Here query rows go in
-    blocks of ATTN_BLOCK, each against only the keys up to its last row, so the fully masked
-    upper-right blocks are never computed (5/8 of the score FLOPs at 4 blocks) and the mask is added
-    inside the matmul (baddbmm). Same maths; the blocks are a static loop (T is a shape).
+    blocks of ATTN_BLOCK (_BlockedCausalAttention), so the fully masked upper-right blocks are never
+    computed (5/8 of the score FLOPs at 4 blocks). Same maths; the blocks are a static loop.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     B, H, T, _ = q.shape
-    qf, kf, vf = (t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v))
-    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-    n = max(1, T // ATTN_BLOCK)
-    bounds = [T * i // n for i in range(n + 1)]
-    outs = []
-    for r0, r1 in zip(bounds[:-1], bounds[1:]):
-        scores = torch.baddbmm(
-            mask[r0:r1, :r1], qf[:, r0:r1], kf[:, :r1].transpose(1, 2), alpha=scale
-        )
-        outs.append(torch.bmm(torch.softmax(scores, dim=-1), vf[:, :r1]))
-    return torch.cat(outs, dim=1).view(B, H, T, -1)
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    qf, kf, vf = (t.reshape(B * H, T, t.shape[-1]).to(dt) for t in (q, k, v))
+    with torch.autocast("cpu", enabled=False):  # one dtype inside, forward and backward
+        return _BlockedCausalAttention.apply(qf, kf, vf, scale).view(B, H, T, -1)
 
 
 class MLACache:

@@ -374,6 +374,8 @@ def _padded_bmm(
     )
     row = torch.arange(M, device=xs.device)
     return y[expert_of_row * C + row - starts[expert_of_row]]
+
+
 FEW_ROWS = 8  # at most this many (token, expert) rows without grad on CPU: Experts.forward_few
 
 

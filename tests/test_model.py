@@ -109,6 +109,22 @@ def test_blocked_causal_attention_matches_sdpa(T):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_blocked_causal_attention_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 260, 12, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 260, 8, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_attention(q, k, v, 0.3)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.1)
+
+
 def test_rmsnorm_fp32_backward_matches_autograd():
     norm = RMSNorm(24, 1e-6)
     with torch.no_grad():
