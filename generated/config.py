@@ -50,7 +50,7 @@ class DistributedConfig:
     """FSDP2 mixed precision - dtype of the gradient reduce-scatter / all-reduce. Unused by DDP."""
 
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    """Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. Works with or without FSDP; routing loads are counted once (not again in the recomputation)."""
+    """Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. A checkpointed block keeps only the inputs of its two halves (attention, feed-forward; each with its norm) and recomputes one half at a time. Works with or without FSDP; routing loads are counted once (not again in the recomputation)."""
 
     def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["system.distributed"], FIELDS, SECTIONS)
@@ -2166,7 +2166,7 @@ FIELDS = {
         type="str",
         nullable=False,
         default="none",
-        doc="Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. Works with or without FSDP; routing loads are counted once (not again in the recomputation).",
+        doc="Recompute activations in the backward instead of keeping them: `full` checkpoints every transformer block (MTP blocks included), `selective` every second one (blocks 0, 2, 4, ...), `none` keeps all. A checkpointed block keeps only the inputs of its two halves (attention, feed-forward; each with its norm) and recomputes one half at a time. Works with or without FSDP; routing loads are counted once (not again in the recomputation).",
         aliases=(),
         choices=("none", "selective", "full"),
         min=None,

@@ -7,12 +7,14 @@ matches transformers' DeepseekV3ForCausalLM (fp32 logits agree to ~1e-6).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from generated.config import ModelConfig
 from generated.names import RopeScaling
@@ -349,10 +351,12 @@ class _SwiGLU(torch.autograd.Function):
         g_w2 = g2.t() @ (s * b).flatten(0, -2)  # (dim, hidden)
         g_p = g @ w2  # (..., hidden)
         g_b = g_p * s
-        g_a = torch.ops.aten.silu_backward(g_p.mul_(b), a)
-        g_x = g_a @ w1 + g_b @ w3
+        del s  # (tokens, hidden) each: free before the next one is allocated
+        g_a = torch.ops.aten.silu_backward(g_p.mul_(b), a).flatten(0, -2)
+        g_b = g_b.flatten(0, -2)
+        g_x = torch.addmm(g_a @ w1, g_b, w3).view(x.shape)  # no separate sum of the two
         x2 = x.flatten(0, -2)
-        return g_x, g_a.flatten(0, -2).t() @ x2, g_b.flatten(0, -2).t() @ x2, g_w2
+        return g_x, g_a.t() @ x2, g_b.t() @ x2, g_w2
 
 
 class MLP(nn.Module):
@@ -393,15 +397,29 @@ class Block(nn.Module):
                 shared = MLP(model.dim, model.n_shared_experts * model.moe_inter_dim)
             self.ffn = MoE(model, knobs, shared)
 
+    recompute = False  # activation checkpointing (runtime/parallel.py sets it)
+
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """x (B, T, C) -> (x, [(aux term, z term)] of its MoE layer; [] for a dense block)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
+        attention, feed_forward = self._attention, self._feed_forward
+        if self.recompute and torch.is_grad_enabled():
+            # each half recomputed on its own (norm included): the backward of one half never
+            # holds the other's activations; only the two half inputs (B, T, C) are kept
+            attention = functools.partial(checkpoint, attention, use_reentrant=False)
+            feed_forward = functools.partial(checkpoint, feed_forward, use_reentrant=False)
+        x = x + attention(x, cos, sin, cache)
         if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), []
-        y, aux, z = self.ffn(self.ffn_norm(x))
+            return x + feed_forward(x), []
+        y, aux, z = feed_forward(x)
         return x + y, [(aux, z)]
+
+    def _attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None) -> Tensor:
+        return self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
+
+    def _feed_forward(self, x: Tensor):
+        return self.ffn(self.ffn_norm(x))
 
 
 class MTPModule(nn.Module):

@@ -308,7 +308,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (inv,) = ctx.saved_tensors
-        return _unpermute_sum(g, inv, ctx.k, g.dtype), None, None, None
+        return _unpermute_sum(g, inv, ctx.k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -318,7 +318,8 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, ys: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(tok)
         ctx.dtype = ys.dtype
-        return _unpermute_sum(ys, inv, k, torch.float32)
+        # summed in ys's dtype (K terms each), then widened: N rows to cast instead of N*K
+        return _unpermute_sum(ys, inv, k).float()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -326,10 +327,10 @@ class _Combine(torch.autograd.Function):
         return g.index_select(0, tok).to(ctx.dtype), None, None, None
 
 
-def _unpermute_sum(ys: Tensor, inv: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+def _unpermute_sum(ys: Tensor, inv: Tensor, k: int) -> Tensor:
     # ys (N*K, C) in expert order -> (N, C): row n sums ys[inv[n*K : n*K + K]]. embedding_bag does
     # the gather and the sum in one pass (2-3x faster on CPU than index_select + sum)
-    return F.embedding_bag(inv.view(-1, k), ys.to(dtype), mode="sum")
+    return F.embedding_bag(inv.view(-1, k), ys, mode="sum")
 
 
 def run_experts(
@@ -518,14 +519,17 @@ class MoE(nn.Module):
                 0, order, torch.arange(order.numel(), device=order.device)
             )
             tok = order // K
-            xs = _Dispatch.apply(x, tok, inv, K)  # (N*K, C)
+            # cast before the gather: half the rows to cast, half the bytes to gather (under autocast)
+            xs = _Dispatch.apply(x.to(_compute_dtype(x)), tok, inv, K)  # (N*K, C)
             ys = self.experts(xs, counts, None, r.weights.flatten()[order])
             return _Combine.apply(ys, tok, inv, K)  # (N, C) fp32
         sel = r.keep.flatten().nonzero().squeeze(1)  # (M,) kept assignments; one host sync
         order = sel[flat_e[sel].argsort(stable=True)]
         counts = expert_counts(flat_e[sel], self.n_experts)
         tok = order // K  # (M,)
-        y = self.experts(x[tok], counts, r.max_rows, r.weights.flatten()[order])  # (M, C)
+        y = self.experts(
+            x.to(_compute_dtype(x))[tok], counts, r.max_rows, r.weights.flatten()[order]
+        )
         return torch.zeros(N, x.shape[1], device=x.device, dtype=torch.float32).index_add(
             0, tok, y.float()
         )

@@ -12,8 +12,9 @@ reads its own slice of the global batch (runtime/data.py), whatever the layout.
     experts are first split over "ep" (runtime/expert_parallel.py), then sharded by FSDP over
     "dp_shard" (and replicated over "dp_replicate") when that group has more than one process.
     Embedding, head, norms and the MTP projections belong to the root `fully_shard`.
-  * activation checkpointing (`none` | `selective` | `full`) wraps blocks with torch's
-    checkpoint_wrapper (state-dict names unchanged); it also applies without FSDP.
+  * activation checkpointing (`none` | `selective` | `full`) turns on the blocks' own recomputation
+    (runtime/model.py: Block.recompute, torch.utils.checkpoint per half block; state-dict names
+    unchanged); it also applies without FSDP.
 
 Mixed precision: `param_dtype` is the dtype FSDP gathers weights in, `reduce_dtype` that of the
 gradient reduction; the sharded master weights and AdamW state stay float32.
@@ -72,31 +73,24 @@ def _fsdp_mesh(mesh, replicate: int, shard_dim: str):
     return _submesh(mesh, "dp_replicate", shard_dim) if replicate > 1 else _submesh(mesh, shard_dim)
 
 
-def blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent ModuleList, index, block) of every transformer block, MTP blocks included."""
-    out = [(model.layers, str(i), b) for i, b in enumerate(model.layers)]
-    out += [(m, "block", m.block) for m in model.mtp]
-    return out
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block, MTP blocks included."""
+    return [*model.layers, *(m.block for m in model.mtp)]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
-    """Wrap the blocks `mode` selects (full: all, selective: every second one); returns how many."""
+    """Recompute the blocks `mode` selects (full: all, selective: every second one); returns how
+    many."""
     if mode == ActivationCheckpointing.NONE:
         return 0
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    wrapped = 0
-    for i, (parent, name, block) in enumerate(blocks(model)):
-        if mode == ActivationCheckpointing.SELECTIVE and i % 2:
-            continue
-        # non-reentrant: works with FSDP2's hooks and with blocks that return tuples
-        setattr(parent, name, checkpoint_wrapper(block, preserve_rng_state=True))
-        wrapped += 1
-    return wrapped
-
-
-def unwrap(block: nn.Module) -> nn.Module:
-    return getattr(block, "_checkpoint_wrapped_module", block)
+    chosen = [
+        block
+        for i, block in enumerate(blocks(model))
+        if mode == ActivationCheckpointing.FULL or i % 2 == 0
+    ]
+    for block in chosen:
+        block.recompute = True
+    return len(chosen)
 
 
 @dataclass
@@ -131,8 +125,7 @@ def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> P
     experts_dp = layout.dp_replicate * layout.dp_shard > 1
     expert_mesh = _fsdp_mesh(mesh, layout.dp_replicate, "dp_shard") if experts_dp else None
     reshard = dist_cfg.reshard_after_forward
-    for _, _, wrapper in blocks(model):
-        block = unwrap(wrapper)
+    for block in blocks(model):
         ignored = set()
         if isinstance(block.ffn, MoE):
             experts = block.ffn.experts
@@ -158,7 +151,7 @@ def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> P
                 else:  # each process owns its experts outright: nothing to gather or reduce
                     ignored = {experts.w13, experts.w2}
         fully_shard(
-            wrapper,
+            block,
             mesh=dense_mesh,
             reshard_after_forward=reshard,
             mp_policy=mp,

@@ -156,18 +156,20 @@ def activation_bytes(cfg, layout: Layout) -> float:
     )
     moe = m.top_k * (m.dim + 4 * m.moe_inter_dim) + m.n_shared_experts * 3 * m.moe_inter_dim
     dense = 3 * m.inter_dim
-    per_block = []
+    halves = []  # per block: (attention half, feed-forward half), each with its norm
     for i in range(m.n_layers + m.mtp_depth):
-        per_block.append(tokens * b * (attn + 2 * m.dim + (dense if i < m.first_k_dense else moe)))
+        ffn = dense if i < m.first_k_dense else moe
+        halves.append((tokens * b * (attn + m.dim), tokens * b * (ffn + m.dim)))
     mode = cfg.system.distributed.activation_checkpointing
     kept = 0.0
-    for i, size in enumerate(per_block):
-        wrapped = mode == ActivationCheckpointing.FULL or (
+    for i, (attention, feed_forward) in enumerate(halves):
+        recomputed = mode == ActivationCheckpointing.FULL or (
             mode == ActivationCheckpointing.SELECTIVE and i % 2 == 0
         )
-        kept += tokens * b * m.dim if wrapped else size
+        # a recomputed block keeps only the inputs of its two halves
+        kept += 2 * tokens * b * m.dim if recomputed else attention + feed_forward
     if mode != ActivationCheckpointing.NONE:
-        kept += max(per_block)  # one block recomputed at a time
+        kept += max(max(h) for h in halves)  # one half recomputed at a time
     logits = tokens * m.vocab_size * 4 * 2 * (1 + m.mtp_depth)  # fp32 logits and their gradient
     return kept + logits
 
