@@ -319,7 +319,7 @@ class MLA(nn.Module):
         T, r = c_kv.shape[1], self.kv_lora_rank
         w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
-        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+        q_lat = (q_nope.transpose(1, 2) @ w_uk).transpose(1, 2)  # (B, S, H, r)
         # scores = q_lat . c_kv + q_pe . k_pe, as one matmul against the side-by-side cache
         q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).view(B, S * H, -1)
         scores = torch.bmm(q, keys.transpose(1, 2)).view(B, S, H, T) * self.softmax_scale
@@ -328,7 +328,7 @@ class MLA(nn.Module):
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).to(c_kv.dtype)
         o = torch.bmm(p.view(B, S * H, T), c_kv).view(B, S, H, r)
-        y = torch.einsum("bshr,hvr->bshv", o, w_uv)  # (B, S, H, v)
+        y = (o.transpose(1, 2) @ w_uv.transpose(1, 2)).transpose(1, 2)  # (B, S, H, v)
         return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 
 
@@ -412,6 +412,8 @@ class Block(nn.Module):
         x = x + attention(x, cos, sin, cache)
         if not self.is_moe:
             return x + feed_forward(x), []
+        if cache is not None:  # generation: no loss terms
+            return x + self.ffn(self.ffn_norm(x), losses=False)[0], []
         y, aux, z = feed_forward(x)
         return x + y, [(aux, z)]
 
@@ -450,8 +452,10 @@ class ModelOutput:
 
     logits: Tensor  # (B, T, vocab) next-token logits
     mtp_logits: list[Tensor]  # per MTP depth k: (B, T, vocab) logits of token t + k + 1
-    aux: list[Tensor]  # per MoE layer (main blocks, then MTP blocks): sequence-wise balance term ()
-    z: list[Tensor]  # per MoE layer, same order: router z-loss term ()
+    aux: list[
+        Tensor
+    ]  # per MoE layer (main blocks, then MTP blocks): sequence-wise balance term (); none with a cache
+    z: list[Tensor]  # per MoE layer, same order: router z-loss term (); both empty with a cache
 
 
 class Transformer(nn.Module):

@@ -15,6 +15,7 @@ and only turned into Python numbers by MoEBalancer.stats() (runtime/balancer.py)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # x (N, C) -> logits (N, E), scores (N, E), idx (N, K), weights (N, K); all routing in fp32
-        with torch.autocast(x.device.type, enabled=False):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             logits = F.linear(x.float(), self.weight.float()) / self.temperature
         if self.training and self.noise_scale > 0:
             logits = logits + torch.randn_like(logits) * self.noise_scale
@@ -475,8 +477,11 @@ class MoE(nn.Module):
         keep = capacity_keep(idx, n_seqs, self.n_experts, cap)
         return Routing(logits, scores, idx, weights, keep, n_seqs * cap)
 
-    def forward(self, x: Tensor, reference: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, C) -> (out (B, T, C), seq-wise aux loss (), z-loss ()).
+    def forward(
+        self, x: Tensor, reference: bool = False, losses: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (B, T, C) -> (out (B, T, C), seq-wise aux loss (), z-loss ()); the two losses are None
+        with losses=False (cached generation has no use for them).
 
         reference=True runs the per-expert loop instead of the grouped dispatch (tests only).
         """
@@ -493,6 +498,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(xf)
         if self.training and not recomputing():
             self._accumulate(r)
+        if not losses:
+            return out.view(B, T, C), None, None
         return out.view(B, T, C), self.aux_loss(r.scores, r.idx, B, T), self.z_loss(r.logits)
 
     def forward_reference(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
