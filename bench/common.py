@@ -56,9 +56,11 @@ def interleaved_medians(functions, repeats, warmup=1, samples=None):
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
 
 
-def profile_summary(function, steps=1, top=10):
+def profile_summary(function, steps=1, top=10, inclusive=("aten::_grouped_mm",)):
     """Run `function` under torch.profiler (after one warm-up call) and summarise where the time goes,
-    per call: self CPU ms of the top ops and the share spent in matmul kernels (GEMM_OPS)."""
+    per call: self CPU ms of the top ops, the share spent in matmul kernels (GEMM_OPS), and the share
+    of the ops named in `inclusive` counted with everything they call (the routed experts' grouped
+    matmuls by default)."""
     from torch.profiler import ProfilerActivity, profile
 
     function()
@@ -72,6 +74,10 @@ def profile_summary(function, steps=1, top=10):
     return {
         "profiled_ms_per_call": total / 1e3 / steps,
         "gemm_share": gemm / total if total else 0.0,
+        "inclusive_share": {
+            name: sum(e.cpu_time_total for e in events if e.key == name) / total if total else 0.0
+            for name in inclusive
+        },
         "top_ops_self_ms": {
             e.key: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in events[:top]
         },
