@@ -1,6 +1,7 @@
 """Config layer against OmegaConf: import cost, load + validate, generator and drift-check time;
 the worst case of validating hostile documents (bench/hostile_configs.py)."""
 
+import compileall
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,12 @@ def _imports_torch():
 
 def run(quick=False):
     repeats = 5 if quick else 15
+    # Both sides import from bytecode: pip byte-compiled OmegaConf when it installed it, and Python
+    # caches ours on first import unless PYTHONDONTWRITEBYTECODE is set (then every import would
+    # compile the sources again, ~15 ms of the import), so compile ours once here the same way.
+    compileall.compile_dir(REPO / "generated", quiet=1)
+    compileall.compile_dir(REPO / "runtime" / "configlib", quiet=1)
+    compileall.compile_file(REPO / "runtime" / "__init__.py", quiet=1)
     # Import cost: a fresh interpreter each time, minus the bare interpreter start.
     times = interleaved_medians(
         {
