@@ -228,13 +228,30 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
     a = torch.randn(PEAK_N, PEAK_N)
     b = torch.randn(PEAK_N, PEAK_N)
     a16, b16 = a.bfloat16(), b.bfloat16()
+    # what a bf16 step pays for its routed experts' fp32 weights: each cast to bf16 in the forward
+    # and each bf16 weight gradient cast back to fp32 (HF's experts skip both: autocast leaves
+    # torch._grouped_mm alone, so they run in fp32)
+    expert_weights = [p for n, p in ours.named_parameters() if ".experts." in n]
+    expert_grads = [p.detach().bfloat16() for p in expert_weights]
+
+    def expert_casts():
+        for w, g in zip(expert_weights, expert_grads):
+            w.detach().bfloat16()
+            g.float()
+
     samples = {}
     times = interleaved_medians(
-        {"peak_matmul": lambda: a @ b, "peak_matmul_bf16": lambda: a16 @ b16, **steps},
+        {
+            "peak_matmul": lambda: a @ b,
+            "peak_matmul_bf16": lambda: a16 @ b16,
+            "expert_casts": expert_casts,
+            **steps,
+        },
         repeats,
         warmup=1,
         samples=samples,
     )
+    expert_casts_ms = times.pop("expert_casts") * 1e3
     if compile_info is not None:
         compile_info["after_timing"] = _dynamo_stats(before)
         compile_info["recompiles_during_timing"] = (
@@ -268,6 +285,7 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         "tokens_per_s": {k: tokens / v for k, v in times.items()},
         "mfu": {k: flops[k] / times[k] / peaks[k] for k in times},
         "compile": compile_info,
+        "expert_weight_casts_ms": expert_casts_ms,
     }
     if profile:
         prof = {k: profile_summary(steps[k]) for k in ("ours", "hf", "ours_bf16", "hf_bf16")}
@@ -327,7 +345,10 @@ def run(quick=False):
         )
     for e, s in suites.items():
         tps, mfu = s["tokens_per_s"], s["mfu"]
-        why = expert_reason(s, "_bf16")
+        why = expert_reason(s, "_bf16") + (
+            f"; our rest includes {s['expert_weight_casts_ms']:.0f} ms of casting the fp32 expert "
+            "weights to bf16 and their gradients back (HF runs its experts in fp32)"
+        )
         if "profile" in s:  # were all our non-matmul time gone, we would still take our matmul time
             over = s["profile"]["hf_bf16_step_over_our_matmul_time"]
             why += f"; HF's step takes {over:.2f}x our matmul time alone"

@@ -10,10 +10,11 @@ from runtime.model import (
     RMSNorm,
     apply_rotary,
     causal_attention,
+    model_rotary_tables,
     rotary_tables,
 )
 from runtime.moe import MoE
-from tiny import debug_model, training_loss
+from tiny import debug_model, debug_model_config, training_loss
 
 
 def make_model(**kw):
@@ -140,3 +141,33 @@ def test_rmsnorm_fp32_backward_matches_autograd():
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx.double(), ref_gx, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw.double(), ref_gw.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_id", [0, 1])  # dense, MoE
+def test_recomputed_block_keeps_only_its_half_inputs(layer_id):
+    from bench.memory_bench import saved_for_backward_bytes
+    from runtime.model import Block
+    from runtime.moe import RoutingKnobs
+
+    cfg = debug_model_config(first_k_dense=1)
+    torch.manual_seed(0)
+    plain = Block(layer_id, cfg, RoutingKnobs()).train()
+    recomputed = Block(layer_id, cfg, RoutingKnobs()).train()
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.recompute = True
+    cos, sin = model_rotary_tables(cfg)
+    x = torch.randn(2, 9, cfg.dim, requires_grad=True)
+    grads, saved = {}, {}
+    for name, block in (("plain", plain), ("recomputed", recomputed)):
+
+        def step(block=block, name=name):
+            y, terms = block(x, cos, sin)
+            loss = y.square().mean() + sum(a + z for a, z in terms)
+            grads[name] = torch.autograd.grad(loss, [x, *block.parameters()])
+
+        saved[name] = saved_for_backward_bytes(block, step)
+    for a, b in zip(grads["plain"], grads["recomputed"]):
+        torch.testing.assert_close(a, b)
+    # the block input and the attention half's output, the rotary tables, and the test loss's y
+    assert saved["recomputed"] <= 3 * x.nbytes + cos.nbytes + sin.nbytes
+    assert saved["plain"] > 3 * saved["recomputed"]

@@ -411,3 +411,19 @@ def test_mlp_recomputing_backward_matches_autograd():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = mlp.float()(x.detach().float().requires_grad_())
     assert y.dtype == torch.bfloat16
+
+
+def test_grouped_dispatch_under_bf16_autocast_follows_fp32():
+    # bf16 rows are gathered and summed in bf16 (cast before the gather), the output widened to fp32
+    layer = make_moe().train()
+    x = torch.randn(2, 16, DIM, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ref, _, _ = layer(x)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, layer.experts.w13])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, _ = layer(x)
+        grads = torch.autograd.grad(out.float().sum(), [x, layer.experts.w13])
+    assert out.dtype == torch.float32  # the residual stream stays fp32
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0.05, atol=0.1)
