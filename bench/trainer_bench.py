@@ -318,7 +318,7 @@ def expert_reason(s, dtype=""):
 
 def run(quick=False):
     batch, seq = (2, 256) if quick else (4, 512)
-    repeats = 2 if quick else 6
+    repeats = 2 if quick else 8
     suites = {
         e: _suite(e, batch, seq, repeats, compile_step=not quick, profile=not quick)
         for e in EXPERTS
