@@ -97,7 +97,9 @@ class Router(nn.Module):
         # x (N, C) -> logits (N, E), scores (N, E), idx (N, K), weights (N, K); all routing in fp32
         autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            logits = F.linear(x.float(), self.weight.float()) / self.temperature
+            logits = F.linear(x.float(), self.weight.float())
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         if self.training and self.noise_scale > 0:
             logits = logits + torch.randn_like(logits) * self.noise_scale
         if self.score_func == ScoreFunc.SOFTMAX:
@@ -421,12 +423,12 @@ class Experts(nn.Module):
         host sync (the chosen experts)."""
         dt = _compute_dtype(x)
         xd = x.to(dt)
-        w = weights.float()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for n, chosen in enumerate(idx.tolist()):
-            for k, e in enumerate(chosen):
+        for n, (chosen, scale) in enumerate(zip(idx.tolist(), weights.tolist())):
+            row = out[n]
+            for e, weight in zip(chosen, scale):
                 g, u = F.linear(xd[n], self.w13[e].to(dt)).chunk(2, dim=-1)
-                out[n] += F.linear(F.silu(g) * u, self.w2[e].to(dt)).float() * w[n, k]
+                row.add_(F.linear(F.silu(g).mul_(u), self.w2[e].to(dt)), alpha=weight)
         return out
 
     def forward_reference(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
