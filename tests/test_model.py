@@ -145,15 +145,13 @@ def test_rmsnorm_fp32_backward_matches_autograd():
 
 @pytest.mark.parametrize("layer_id", [0, 1])  # dense, MoE
 def test_recomputed_block_keeps_only_its_half_inputs(layer_id):
+    import copy
+
     from bench.memory_bench import saved_for_backward_bytes
-    from runtime.model import Block
-    from runtime.moe import RoutingKnobs
 
     cfg = debug_model_config(first_k_dense=1)
-    torch.manual_seed(0)
-    plain = Block(layer_id, cfg, RoutingKnobs()).train()
-    recomputed = Block(layer_id, cfg, RoutingKnobs()).train()
-    recomputed.load_state_dict(plain.state_dict())
+    plain = debug_model(first_k_dense=1).layers[layer_id].train()  # initialised weights
+    recomputed = copy.deepcopy(plain)
     recomputed.recompute = True
     cos, sin = model_rotary_tables(cfg)
     x = torch.randn(2, 9, cfg.dim, requires_grad=True)
