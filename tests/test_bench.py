@@ -123,3 +123,24 @@ def test_checkpointed_blocks_keep_the_gradients():
     for p, q in zip(plain.parameters(), wrapped.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), "checkpointing changed a gradient"
     assert 0 < saved["wrapped"] < saved["plain"]
+
+
+def test_quick_memory_and_generation_benches(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "results.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "memory_bench", "generation_bench"]
+        + ["--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    results = json.loads(out.read_text())
+    names = [t["name"] for t in results["targets"]]
+    assert any("peak memory" in n and "checkpointing" in n for n in names)
+    assert any(n.startswith("generation tokens/s vs HF generate") for n in names)
+    memory = results["suites"]["memory_bench"]["figures"]["step_peak_mb"]
+    assert 0 < memory["ours_checkpointed"] < memory["ours"]  # checkpointing lowers our peak
+    generation = results["suites"]["generation_bench"]["figures"]
+    assert generation["tokens_equal"] and len(generation["tokens"]) == generation["new_tokens"]
