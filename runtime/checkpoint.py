@@ -544,8 +544,12 @@ class Checkpointer:
                 f"cannot write checkpoint {path}: {describe_os_error(error)}"
             ) from None
 
+    def step_name(self, step):
+        """File (or folder) name of the step checkpoint after `step` steps."""
+        return checkpoint_name(step)
+
     def save(self, state, step):
-        path = os.path.join(self.dir, checkpoint_name(step))
+        path = os.path.join(self.dir, self.step_name(step))
         self._write(state, path)
         self.prune()
         return path

@@ -256,16 +256,12 @@ class ShardedCheckpointer(Checkpointer):
             ) from None
         dist.barrier()
 
-    def save(self, state, step):
-        path = os.path.join(self.dir, sharded_name(step))
-        self._write(state, path)
-        if self.rank == 0:
-            self.prune()
-        return path
+    def step_name(self, step):
+        return sharded_name(step)
 
-    def save_best(self, state):
-        self._write(state, self.best_path)
-        return self.best_path
+    def prune(self):
+        # after the collective write every process sees the same folders; one removes them
+        return super().prune() if self.rank == 0 else []
 
     def remove_stale_temps(self):
         removed = super().remove_stale_temps()
