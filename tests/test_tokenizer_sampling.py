@@ -241,3 +241,24 @@ def test_cache_grows_past_its_first_buffer():
     fast, fast_logits = generate(model, prompt, 140, 0.0, use_cache=True, return_logits=True)
     assert torch.equal(fast, slow)
     torch.testing.assert_close(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_end_of_run_sample_follows_every_sample_field():
+    # runtime.sample.complete is what the trainer's end-of-run sample runs with the `sample` section
+    from generated.config import SampleConfig
+
+    model = debug_model(max_seq_len=64).eval()
+    prompt = [5, 6, 7]
+
+    def run(seed=0, **fields):
+        settings = SampleConfig(**{"max_new_tokens": 12, **fields})
+        return sample_mod.complete(model, prompt, settings, torch.Generator().manual_seed(seed))
+
+    greedy = run(temperature=0.0)
+    assert greedy[:3] == prompt and len(greedy) == 3 + 12  # prompt kept, max_new_tokens added
+    assert len(run(temperature=0.0, max_new_tokens=4)) == 3 + 4
+    # a fresh model's logits are nearly flat: sampling at temperature 1 leaves the argmax path
+    sampled = [run(seed, temperature=1.0) for seed in range(3)]
+    assert any(s != greedy for s in sampled)
+    assert run(temperature=1.0, top_k=1) == greedy  # top-k 1 keeps only the argmax
+    assert run(temperature=1.0, top_p=1e-6) == greedy  # so does a vanishing nucleus
