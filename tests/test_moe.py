@@ -427,3 +427,40 @@ def test_grouped_dispatch_under_bf16_autocast_follows_fp32():
     for g, r in zip(grads, ref_grads):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, rtol=0.05, atol=0.1)
+
+
+def test_bf16_cpu_groups_are_padded_to_the_row_quantum_and_match_unpadded(monkeypatch):
+    # CPU bf16: each expert's rows are padded with zeros to a multiple of ROW_QUANTUM (a few cached
+    # oneDNN kernel shapes instead of one per row count); outputs and every gradient are unchanged
+    g = torch.Generator().manual_seed(0)
+    E, C, I = 5, 32, 16
+    counts = torch.tensor([0, 16, 17, 1, 30])  # empty, exact multiple, one over, one row, 2 short
+    M = int(counts.sum())
+    xs = torch.randn(M, C, generator=g).bfloat16().requires_grad_()
+    w13 = (torch.randn(E, 2 * I, C, generator=g) * 0.2).requires_grad_()
+    w2 = (torch.randn(E, C, I, generator=g) * 0.2).requires_grad_()
+    rw = torch.rand(M, generator=g).requires_grad_()
+    gy = torch.randn(M, C, generator=g).bfloat16()
+    seen = []
+    grouped = moe_mod._grouped_swiglu
+
+    def spy(xs_, w13_, w2_, offs, rw_):
+        seen.append(offs.clone())
+        return grouped(xs_, w13_, w2_, offs, rw_)
+
+    monkeypatch.setattr(moe_mod, "_grouped_swiglu", spy)
+
+    def run(quantum):
+        monkeypatch.setattr(moe_mod, "ROW_QUANTUM", quantum)
+        y = moe_mod.run_experts(xs, counts, w13, w2, row_weights=rw)
+        return (y, *torch.autograd.grad(y, [xs, w13, w2, rw], gy))
+
+    padded, plain = run(16), run(1)
+    assert moe_mod.row_quantum(xs) == 1  # the second run took the unpadded path
+    sizes = torch.diff(seen[0], prepend=seen[0].new_zeros(1))
+    assert sizes.tolist() == [0, 16, 32, 16, 32]
+    assert torch.equal(seen[1], counts.cumsum(0).int())
+    for a, b in zip(padded, plain):
+        assert a.dtype == b.dtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert moe_mod.row_quantum(xs.float()) == 1  # fp32 (MKL) keeps exact groups
