@@ -34,8 +34,8 @@ def _measure(tuned: bool, repeats: int) -> dict[str, float]:
     ours, peer = bench_models(EXPERTS[0], seq)
     window = torch.randint(0, 256, (batch, seq + 2), generator=torch.Generator().manual_seed(0))
     steps = {
-        "ours": autocast_bf16(_our_step(ours, ours, window[:, : seq + 1], [0])),
-        "hf": autocast_bf16(_hf_step(peer, window, seq)),
+        "ours": autocast_bf16(_our_step(ours, ours, window[None, :, : seq + 1], [0])),
+        "hf": autocast_bf16(_hf_step(peer, window[None], seq)),
     }
     return {k: v * 1e3 for k, v in interleaved_medians(steps, repeats, warmup=2).items()}
 

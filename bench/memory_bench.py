@@ -75,19 +75,19 @@ def run(quick=False):
         measure(
             "ours" + suffix,
             ours,
-            wrap(_our_step(ours, ours, window[:, : seq + 1], counter)),
+            wrap(_our_step(ours, ours, window[None, :, : seq + 1], counter)),
         )
-        measure("hf" + suffix, peer, wrap(_hf_step(peer, window, seq)))
+        measure("hf" + suffix, peer, wrap(_hf_step(peer, window[None], seq)))
         del ours, peer
     ours, peer = bench_models(n_experts, seq)
     apply_activation_checkpointing(ours, ActivationCheckpointing.FULL)
     measure(
         "ours_checkpointed",
         ours,
-        _our_step(ours, ours, window[:, : seq + 1], counter),
+        _our_step(ours, ours, window[None, :, : seq + 1], counter),
     )
     peer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    measure("hf_checkpointed", peer, _hf_step(peer, window, seq))
+    measure("hf_checkpointed", peer, _hf_step(peer, window[None], seq))
 
     mb = {k: v / MB for k, v in peaks.items()}
     ratio = {k: peaks[k] / peaks["hf"] for k in peaks}

@@ -3,9 +3,11 @@
 A full step is forward, backward, AdamW step, zero_grad (and, for ours, the router-bias update).
 Our model and the peer are the same architecture, built from one ModelConfig (the peer through
 runtime/hf.py's config mapping, `DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(cfg)))`) and
-given our initial weights, so both route alike; the bench checks their logits agree. Same batch,
-fp32, same thread count, same optimizer (torch AdamW, fused CPU kernel, for every model), all run
-round-robin with a large fp32 matmul that measures the machine's peak in the same run. The peer runs
+given our initial weights, so both route alike; the bench checks their logits agree. Both see the
+same batches, a new one each step as in training (cycling through BATCHES, so the experts' row counts
+change from step to step), in fp32, with the same thread count and the same optimizer (torch AdamW,
+fused CPU kernel, for every model); all run round-robin with a large fp32 matmul that measures the
+machine's peak in the same run. The peer runs
 with its defaults (SDPA attention, grouped_mm experts); it trains without MTP, so our MTP-off step
 is the one compared and the MTP-on step is shown beside it, as is our torch.compile'd step.
 
@@ -46,6 +48,7 @@ BENCH_MODEL = dict(
     top_k=2,
 )
 EXPERTS = (16, 64)
+BATCHES = 8  # distinct batches the steps cycle through
 PEAK_N = 2048  # the peak: one (PEAK_N x PEAK_N) @ (PEAK_N x PEAK_N) matmul, fp32 and bf16
 FP32_VS_HF, BF16_VS_HF, MFU_FP32, MFU_BF16 = 1.15, 1.5, 0.6, 0.55  # the targets
 
@@ -115,13 +118,17 @@ def _optimizer(module):
     return torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
 
-def _our_step(model, forward, window, counter):
-    """One trainer step of `model` (`forward`: the model or a compiled wrapper of it)."""
+def _our_step(model, forward, windows, counter):
+    """One trainer step of `model` (`forward`: the model or a compiled wrapper of it) on the next of
+    `windows` (n, B, T + 1 + mtp_depth), in turn."""
     opt = _optimizer(model)
     loss = TrainingLoss(MoETrainingConfig(), MTPTrainingConfig())
     balancer = MoEBalancer(model, MoETrainingConfig())
+    calls = [0]
 
     def step():
+        window = windows[calls[0] % len(windows)]
+        calls[0] += 1
         out = loss(forward, window, counter[0])
         out.loss.backward()
         opt.step()
@@ -132,11 +139,14 @@ def _our_step(model, forward, window, counter):
     return step
 
 
-def _hf_step(peer, window, seq):
+def _hf_step(peer, windows, seq):
     opt = _optimizer(peer)
-    inputs, targets = window[:, :seq], window[:, 1 : seq + 1]
+    calls = [0]
 
     def step():
+        window = windows[calls[0] % len(windows)]
+        calls[0] += 1
+        inputs, targets = window[:, :seq], window[:, 1 : seq + 1]
         logits = peer(input_ids=inputs).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
@@ -186,9 +196,14 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         **BENCH_MODEL, n_routed_experts=n_experts, max_seq_len=seq + 1, mtp_depth=1
     )
     ours_mtp = Transformer(cfg_mtp).train()
-    window = torch.randint(
-        0, cfg.vocab_size, (batch, seq + 2), generator=torch.Generator().manual_seed(0)
+    # a new batch every step, as in training: each expert's row count changes from step to step
+    windows = torch.randint(
+        0,
+        cfg.vocab_size,
+        (BATCHES, batch, seq + 2),
+        generator=torch.Generator().manual_seed(0),
     )
+    window = windows[0]
     with torch.no_grad():  # the peer computes what we compute
         logits_diff = (
             (ours(window[:, :seq]).logits - peer(input_ids=window[:, :seq]).logits)
@@ -199,23 +214,23 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
 
     counter = [0]
     steps = {
-        "ours": _our_step(ours, ours, window[:, : seq + 1], counter),
-        "ours_mtp": _our_step(ours_mtp, ours_mtp, window, counter),
-        "hf": _hf_step(peer, window, seq),
+        "ours": _our_step(ours, ours, windows[..., : seq + 1], counter),
+        "ours_mtp": _our_step(ours_mtp, ours_mtp, windows, counter),
+        "hf": _hf_step(peer, windows, seq),
     }
     # bf16 autocast steps on their own copies (their optimizers keep their own state)
     ours_bf16 = Transformer(cfg).train()
     ours_bf16.load_state_dict(ours.state_dict())
     steps["ours_bf16"] = autocast_bf16(
-        _our_step(ours_bf16, ours_bf16, window[:, : seq + 1], counter)
+        _our_step(ours_bf16, ours_bf16, windows[..., : seq + 1], counter)
     )
-    steps["hf_bf16"] = autocast_bf16(_hf_step(_hf_peer(ours_bf16), window, seq))
+    steps["hf_bf16"] = autocast_bf16(_hf_step(_hf_peer(ours_bf16), windows, seq))
     compile_info = None
     if compile_step:
         torch._dynamo.reset()
         ours_c = Transformer(cfg).train()
         ours_c.load_state_dict(ours.state_dict())
-        compiled = _our_step(ours_c, torch.compile(ours_c), window[:, : seq + 1], counter)
+        compiled = _our_step(ours_c, torch.compile(ours_c), windows[..., : seq + 1], counter)
         before = _dynamo_stats()
         start = time.perf_counter()
         compiled()  # compiles
