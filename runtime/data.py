@@ -370,22 +370,29 @@ class StepBatchSampler(Sampler):
 
 class EvalBatchSampler(Sampler):
     """The fixed validation batches: batch `i` (of `eval_iters`) holds sample ids
-    i*batch_size .. (i+1)*batch_size-1; process `r` of `W` takes batches r, r+W, ..."""
+    i*batch_size .. (i+1)*batch_size-1; process `r` of `W` takes batches r, r+W, ... Its first
+    `counted` batches are its share of the loss. With `even=True` every process gets the same number
+    of batches (a sharded model runs collectives in each forward, so every process must run as many):
+    a process with one batch fewer repeats batch 0 after its own, and that repeat is not counted."""
 
-    def __init__(self, *, batch_size, eval_iters, world_size, rank):
+    def __init__(self, *, batch_size, eval_iters, world_size, rank, even=False):
         self.batch_size, self.eval_iters, self.world_size, self.rank = (
             batch_size,
             eval_iters,
             world_size,
             rank,
         )
+        self.counted = len(range(rank, eval_iters, world_size))
+        self.total = -(-eval_iters // world_size) if even else self.counted
 
     def __iter__(self):
         for i in range(self.rank, self.eval_iters, self.world_size):
             yield list(range(i * self.batch_size, (i + 1) * self.batch_size))
+        for _ in range(self.total - self.counted):
+            yield list(range(self.batch_size))
 
     def __len__(self):
-        return len(range(self.rank, self.eval_iters, self.world_size))
+        return self.total
 
 
 class DataModule:
@@ -435,12 +442,15 @@ class DataModule:
         )
         return self._loader(self.train_set, sampler)
 
-    def val_loader(self, eval_iters):
+    def val_loader(self, eval_iters, even=False):
+        """This process's validation batches; the first `loader.batch_sampler.counted` count
+        (EvalBatchSampler: `even` pads every process to the same number of forwards)."""
         sampler = EvalBatchSampler(
             batch_size=self.batch_size,
             eval_iters=eval_iters,
             world_size=self.world_size,
             rank=self.rank,
+            even=even,
         )
         return self._loader(self.val_set, sampler)
 

@@ -248,13 +248,6 @@ def setup(model: nn.Module, cfg, info, device: torch.device) -> Parallelism:
         dist_cfg.reshard_after_forward,
     )
     if layout.sharded:
-        # every FSDP / all_to_all collective needs every process: the same number of forwards
-        if cfg.evaluator.eval_iters % layout.world:
-            raise SystemConfigError(
-                f"{PATH.evaluator.eval_iters} ({cfg.evaluator.eval_iters}) must divide by the number "
-                f"of processes ({layout.world}) under FSDP / expert parallelism (every process runs "
-                f"the same validation batches count)"
-            )
         if DTYPES.get(cfg.system.device.dtype) == torch.float16:
             raise SystemConfigError(
                 f"{PATH.system.device.dtype} float16 needs a gradient scaler, not supported with "

@@ -480,11 +480,14 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for window in self.data.val_loader(self.eval_cfg.eval_iters):
+        # sharded: every process runs as many forwards (their collectives pair up); repeats uncounted
+        loader = self.data.val_loader(self.eval_cfg.eval_iters, even=self.parallel.sharded)
+        for i, window in enumerate(loader):
             window = window.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.loss(self.model, window, self.step)
-            totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
+            if i < loader.batch_sampler.counted:
+                totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
             fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
         self.model.train(was_training)

@@ -182,6 +182,24 @@ def test_fixed_validation_batches(data_dir):
     )
 
 
+def test_even_validation_batches_pad_with_uncounted_repeats(data_dir):
+    # sharded runs: 3 batches over 2 processes, both run 2 forwards; rank 1's second is uncounted
+    first = list(make(DataConfig(data_dir=data_dir)).val_loader(3))
+    loaders = [
+        make(DataConfig(data_dir=data_dir), world_size=2, rank=r).val_loader(3, even=True)
+        for r in (0, 1)
+    ]
+    batches = [list(loader) for loader in loaders]
+    assert [len(b) for b in batches] == [2, 2]
+    assert [loader.batch_sampler.counted for loader in loaders] == [2, 1]
+    assert torch.equal(batches[0][1], first[2]) and torch.equal(batches[1][0], first[1])
+    assert torch.equal(batches[1][1], first[0])  # the padding repeat: batch 0, not counted
+    # 4 processes, 3 batches: the last process counts none and still runs one forward
+    last = make(DataConfig(data_dir=data_dir), grad_accum=4, world_size=4, rank=3)
+    last = last.val_loader(3, even=True)
+    assert len(list(last)) == 1 and last.batch_sampler.counted == 0
+
+
 def test_loader_does_not_touch_the_global_torch_rng(data_dir):
     module = make(DataConfig(data_dir=data_dir))
     torch.manual_seed(0)
