@@ -58,7 +58,7 @@ def _step_peak(step) -> tuple[int, int]:
 
 
 def run(quick=False):
-    batch, seq = (2, 256) if quick else (4, 512)
+    batch, seq = (1, 128) if quick else (4, 512)
     n_experts = EXPERTS[0]
     window = torch.randint(0, 256, (batch, seq + 2), generator=torch.Generator().manual_seed(0))
     counter = [0]
