@@ -79,6 +79,33 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_native_matmul(dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices with native instructions. bfloat16 and float16
+    CPU matmuls go through oneDNN, which needs AVX512 (bf16: AVX512-BF16 or AMX best) for them; on
+    an AVX2-only CPU it falls back to a reference kernel: 0.27 GFLOP/s for a 2048^3 bf16 matmul
+    against 143 for float32, measured on a 2-core AVX2 EPYC."""
+    if dtype == torch.float32:
+        return True
+    check = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }[dtype]
+    return bool(check())
+
+
+def slow_cpu_dtype(device, dtype, path) -> str | None:
+    """A warning when the setting at `path` puts `dtype` matmuls on a CPU without native support
+    for them, else None."""
+    if device.type != "cpu" or cpu_native_matmul(dtype):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"{path} is {name} but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
+        f"{name} matmul: oneDNN falls back to a reference kernel, hundreds of times slower than "
+        f"float32 here; use float32 on this machine"
+    )
+
+
 def grad_scaler(device, dtype):
     """Gradient scaling, enabled for float16 only."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -35,7 +35,7 @@ from torch import nn
 
 from generated import PATH
 from generated.names import ActivationCheckpointing
-from runtime.distributed import SystemConfigError
+from runtime.distributed import SystemConfigError, slow_cpu_dtype
 from runtime.plan import Layout, layout_for
 from runtime.registry import DTYPES
 
@@ -254,5 +254,9 @@ def setup(model: nn.Module, cfg, info, device: torch.device) -> Parallelism:
                 f"{PATH.system.distributed.dp_shard} / {PATH.system.distributed.expert_parallel} > 1; "
                 f"use bfloat16"
             )
+        param_dtype = fsdp_settings[0]
+        slow = slow_cpu_dtype(device, param_dtype, PATH.system.distributed.param_dtype)
+        if slow and info.is_main:
+            warnings.warn(slow, stacklevel=1)
     del fsdp_settings  # apply() reads them again where it uses them
     return apply(model, dist_cfg, layout, device)

@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -220,6 +221,9 @@ class Trainer:
         if self.is_main and not cfg.evaluator.eval_only:
             self.checkpointer.check_writable()
         self.dtype = dist_utils.autocast_dtype(system.device)
+        slow = dist_utils.slow_cpu_dtype(self.device, self.dtype, PATH.system.device.dtype)
+        if slow and self.is_main:
+            warnings.warn(slow, stacklevel=1)
         self.nonfinite_policy = NonfiniteLoss(training.nonfinite_loss)
         seed_everything(cfg.seed)
 

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from generated.parser import load_config
+from runtime import distributed as dist_utils
 from runtime.data import DataError
 from runtime.distributed import SystemConfigError
 from runtime.train import NonFiniteLossError, Trainer, main
@@ -237,6 +239,29 @@ def test_autocast_dtypes(tmp_path, data_dir, dtype):
     assert trainer.scaler.is_enabled() == (dtype == "float16")
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "o"))))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_low_precision_on_a_cpu_without_native_matmul_warns(
+    tmp_path, data_dir, monkeypatch, native
+):
+    # an AVX2-only CPU emulates bf16 matmuls hundreds of times slower than fp32: say so, run anyway
+    monkeypatch.setattr(dist_utils, "cpu_native_matmul", lambda dtype: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(
+            tmp_path / "o",
+            data_dir,
+            "--training.max_iters",
+            "1",
+            "--system.device.dtype",
+            "bfloat16",
+        )
+    slow = [str(w.message) for w in caught if "no native" in str(w.message)]
+    if native:
+        assert slow == []
+    else:
+        assert len(slow) == 1 and slow[0].startswith("system.device.dtype is bfloat16 but this CPU")
 
 
 def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
