@@ -24,12 +24,28 @@ SUITES = (
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _machine(malloc):
     import torch
+
+    from runtime.distributed import cpu_native_matmul
 
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16_matmul": cpu_native_matmul(torch.bfloat16),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -90,9 +106,9 @@ def main(argv=None):
     print(f"{'target':<{width}}  {'figure':>8}  {'target':>8}  holds  detail")
     for t in results["targets"]:
         bound = (">= " if t["higher_is_better"] else "<= ") + f"{t['target']:g}"
-        print(
-            f"{t['name']:<{width}}  {t['figure']:>8.2f}  {bound:>8}  {'yes' if t['holds'] else 'NO ':<5}  {t['detail']}"
-        )
+        figure = "--" if t["figure"] is None else f"{t['figure']:.2f}"
+        holds = "n/a" if t["figure"] is None else "yes" if t["holds"] else "NO"
+        print(f"{t['name']:<{width}}  {figure:>8}  {bound:>8}  {holds:<5}  {t['detail']}")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} ({results['seconds']:.0f} s)")
     return 0

@@ -1,5 +1,6 @@
 """Shared benchmark helpers: timing by medians and the result record."""
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,10 @@ class Target:
         return self.figure >= self.target if self.higher_is_better else self.figure <= self.target
 
     def as_dict(self):
-        return {**asdict(self), "holds": self.holds}
+        record = {**asdict(self), "holds": self.holds}
+        if math.isnan(self.figure):  # not measured here (the detail says why); JSON has no NaN
+            record["figure"] = None
+        return record
 
 
 def median_time(function, repeats, warmup=1):

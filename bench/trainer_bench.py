@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
 from runtime.balancer import MoEBalancer
+from runtime.distributed import cpu_native_matmul
 from runtime.hf import BLOCK_KEYS, TOP_KEYS, hf_config
 from runtime.loss import TrainingLoss
 from runtime.model import MLA, Transformer
 from runtime.moe import MoE
 
-from .common import Target, interleaved_medians, profile_summary, spread
+from .common import Target, interleaved_medians, median_time, profile_summary, spread
 
 BENCH_MODEL = dict(
     vocab_size=256,
@@ -166,6 +167,19 @@ def autocast_bf16(step):
     return run
 
 
+def bf16_is_native() -> bool:
+    """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512 / AMX bf16 support)."""
+    return torch.cuda.is_available() or cpu_native_matmul(torch.bfloat16)
+
+
+def emulated_bf16_peak(n: int = 256) -> float:
+    """FLOP/s of an n^3 bf16 matmul: on a CPU without native bf16 the 2048^3 one takes a minute
+    (0.27 GFLOP/s on a 2-core AVX2 EPYC against about 1.3 at 256^3); a rough guide only: there the
+    estimate said 76 s for the bench model's bf16 step at 64 experts, which measured 35 s."""
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    return 2 * n**3 / median_time(lambda: a @ b, repeats=3)
+
+
 def bench_models(n_experts: int, seq: int, mtp_depth: int = 0):
     """(ours, its HF peer with our weights) for the bench model with `n_experts` routed experts."""
     torch.manual_seed(0)
@@ -218,13 +232,16 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         "ours_mtp": _our_step(ours_mtp, ours_mtp, windows, counter),
         "hf": _hf_step(peer, windows, seq),
     }
-    # bf16 autocast steps on their own copies (their optimizers keep their own state)
-    ours_bf16 = Transformer(cfg).train()
-    ours_bf16.load_state_dict(ours.state_dict())
-    steps["ours_bf16"] = autocast_bf16(
-        _our_step(ours_bf16, ours_bf16, windows[..., : seq + 1], counter)
-    )
-    steps["hf_bf16"] = autocast_bf16(_hf_step(_hf_peer(ours_bf16), windows, seq))
+    # bf16 autocast steps on their own copies (their optimizers keep their own state); not on a
+    # CPU that emulates bf16 matmuls (one step would take minutes: run() reports the measured why)
+    bf16 = bf16_is_native()
+    if bf16:
+        ours_bf16 = Transformer(cfg).train()
+        ours_bf16.load_state_dict(ours.state_dict())
+        steps["ours_bf16"] = autocast_bf16(
+            _our_step(ours_bf16, ours_bf16, windows[..., : seq + 1], counter)
+        )
+        steps["hf_bf16"] = autocast_bf16(_hf_step(_hf_peer(ours_bf16), windows, seq))
     compile_info = None
     if compile_step:
         torch._dynamo.reset()
@@ -255,18 +272,14 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
             g.float()
 
     samples = {}
+    bf16_only = {"peak_matmul_bf16": lambda: a16 @ b16, "expert_casts": expert_casts}
     times = interleaved_medians(
-        {
-            "peak_matmul": lambda: a @ b,
-            "peak_matmul_bf16": lambda: a16 @ b16,
-            "expert_casts": expert_casts,
-            **steps,
-        },
+        {"peak_matmul": lambda: a @ b, **(bf16_only if bf16 else {}), **steps},
         repeats,
         warmup=1,
         samples=samples,
     )
-    expert_casts_ms = times.pop("expert_casts") * 1e3
+    expert_casts_ms = times.pop("expert_casts") * 1e3 if bf16 else None
     if compile_info is not None:
         compile_info["after_timing"] = _dynamo_stats(before)
         compile_info["recompiles_during_timing"] = (
@@ -274,10 +287,11 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
             - compile_info["after_warmup"]["unique_graphs"]
         )
     peak = 2 * PEAK_N**3 / times.pop("peak_matmul")
-    peak_bf16 = 2 * PEAK_N**3 / times.pop("peak_matmul_bf16")
+    peak_bf16 = 2 * PEAK_N**3 / times.pop("peak_matmul_bf16") if bf16 else emulated_bf16_peak()
     tokens = batch * seq
     flops = {"ours": model_flops(ours, batch, seq), "ours_mtp": model_flops(ours_mtp, batch, seq)}
-    flops["hf"] = flops["compiled"] = flops["ours_bf16"] = flops["hf_bf16"] = flops["ours"]
+    for k in ("hf", "compiled", "ours_bf16", "hf_bf16"):
+        flops[k] = flops["ours"]
     peaks = {k: peak_bf16 if k.endswith("_bf16") else peak for k in times}
     result = {
         "batch": batch,
@@ -294,6 +308,7 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         "logits_max_abs_diff_vs_hf": logits_diff,
         "peak_gflops": peak / 1e9,
         "peak_gflops_bf16": peak_bf16 / 1e9,
+        "bf16_native": bf16,
         "model_gflops_per_step": {k: flops[k] / 1e9 for k in times},
         "step_ms": {k: v * 1e3 for k, v in times.items()},
         "max_over_min": spread(samples),
@@ -303,13 +318,14 @@ def _suite(n_experts, batch, seq, repeats, compile_step, profile):
         "expert_weight_casts_ms": expert_casts_ms,
     }
     if profile:
-        prof = {k: profile_summary(steps[k]) for k in ("ours", "hf", "ours_bf16", "hf_bf16")}
-        for dtype in ("", "_bf16"):
+        profiled = ("ours", "hf", "ours_bf16", "hf_bf16") if bf16 else ("ours", "hf")
+        prof = {k: profile_summary(steps[k]) for k in profiled}
+        for dtype in ("", "_bf16") if bf16 else ("",):
             ours_prof = prof["ours" + dtype]
             gemm_ms = ours_prof["gemm_share"] * ours_prof["profiled_ms_per_call"]
             # were all our non-matmul time gone, the step would still take our matmul time
             prof[f"hf{dtype}_step_over_our_matmul_time"] = times["hf" + dtype] * 1e3 / gemm_ms
-        for k in ("ours", "hf", "ours_bf16", "hf_bf16"):
+        for k in profiled:
             # the routed experts' grouped matmuls (the same torch._grouped_mm kernel in both models),
             # as a share of the timed step; the rest is where the two implementations differ
             experts = prof[k]["inclusive_share"]["aten::_grouped_mm"] * times[k] * 1e3
@@ -328,6 +344,23 @@ def expert_reason(s, dtype=""):
         f"; why: routed-expert GEMMs (torch._grouped_mm, same kernel in both) ours {ours['expert_gemm_ms']:.0f} ms, "
         f"HF {hf['expert_gemm_ms']:.0f} ms; the rest ours {ours['rest_ms']:.0f} ms, HF {hf['rest_ms']:.0f} ms "
         f"({hf['rest_ms'] / ours['rest_ms']:.2f}x)"
+    )
+
+
+def _unmeasured_bf16(name, s, bound, unit="x"):
+    """A bf16 target on a CPU that emulates bf16 matmuls: no figure (NaN, does not hold), and why."""
+    gflop = s["model_gflops_per_step"]["ours"]
+    return Target(
+        name,
+        float("nan"),
+        bound,
+        True,
+        unit=unit,
+        detail=f"not measured: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+        f"matmul; a bf16 matmul runs at {s['peak_gflops_bf16']:.2f} GFLOP/s here against "
+        f"{s['peak_gflops']:.0f} for fp32 ({s['peak_gflops'] / s['peak_gflops_bf16']:.0f}x), so one "
+        f"bf16 step ({gflop:.0f} GFLOP) would take about {gflop / s['peak_gflops_bf16']:.0f} s "
+        f"against {s['step_ms']['ours']:.0f} ms in fp32",
     )
 
 
@@ -359,6 +392,13 @@ def run(quick=False):
             )
         )
     for e, s in suites.items():
+        if not s["bf16_native"]:
+            targets.append(
+                _unmeasured_bf16(
+                    f"trainer step tokens/s vs HF, {e} experts (bf16 autocast)", s, BF16_VS_HF
+                )
+            )
+            continue
         tps, mfu = s["tokens_per_s"], s["mfu"]
         why = expert_reason(s, "_bf16") + (
             f"; our rest includes {s['expert_weight_casts_ms']:.0f} ms of casting the fp32 expert "
@@ -389,6 +429,16 @@ def run(quick=False):
             f"{s['peak_gflops']:.0f} GFLOP/s ({PEAK_N}^3 fp32 matmul, same run)",
         )
     )
+    if not s["bf16_native"]:
+        targets.append(
+            _unmeasured_bf16(
+                f"MFU bf16, {EXPERTS[0]} experts (our autocast step, MTP off)",
+                s,
+                MFU_BF16,
+                "fraction",
+            )
+        )
+        return {"targets": targets, "figures": {"model": BENCH_MODEL, "by_experts": suites}}
     why = ""
     if "profile" in s:
         p = s["profile"]["ours_bf16"]

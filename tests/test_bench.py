@@ -144,3 +144,20 @@ def test_quick_memory_and_generation_benches(tmp_path):
     assert 0 < memory["ours_checkpointed"] < memory["ours"]  # checkpointing lowers our peak
     generation = results["suites"]["generation_bench"]["figures"]
     assert generation["tokens_equal"] and len(generation["tokens"]) == generation["new_tokens"]
+
+
+def test_bf16_targets_on_a_cpu_without_native_bf16_say_why_and_do_not_hold():
+    from bench.trainer_bench import _unmeasured_bf16
+
+    suite = {
+        "model_gflops_per_step": {"ours": 104.0},
+        "peak_gflops_bf16": 0.26,
+        "peak_gflops": 143.0,
+        "step_ms": {"ours": 900.0},
+    }
+    target = _unmeasured_bf16("trainer step tokens/s vs HF, 16 experts (bf16 autocast)", suite, 1.5)
+    record = target.as_dict()
+    assert record["figure"] is None and record["holds"] is False
+    json.dumps(record, allow_nan=False)  # results.json stays strict JSON
+    assert "not measured" in target.detail and "0.26 GFLOP/s" in target.detail
+    assert "(550x)" in target.detail and "about 400 s against 900 ms" in target.detail
