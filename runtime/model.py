@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -446,6 +447,47 @@ class MTPModule(nn.Module):
         return self.block(h, cos, sin)
 
 
+def _weight_seed(base: int, name: str, expert: int = -1) -> int:
+    """A generator seed for one weight (one expert's block of it), the same in every process."""
+    return (base * 1_000_003 + zlib.crc32(f"{name}#{expert}".encode())) % 2**63
+
+
+def _local_block(weight: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(the block this process holds, its shape, its offset in the whole weight); a plain tensor
+    is its own block, a DTensor (FSDP2 / expert-parallel shard) its local tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(
+            weight.shape, weight.device_mesh, weight.placements
+        )
+        return weight.to_local(), tuple(shape), tuple(offset)
+    return weight, tuple(weight.shape), (0,) * weight.dim()
+
+
+def _fill_normal(weight: Tensor, std: float, seed: int, per_expert: bool) -> None:
+    """Fill this process's block of `weight` with the block of one N(0, std) draw of the whole
+    weight; `per_expert`: one draw per expert (dim 0), only for the experts held here."""
+    local, shape, offset = _local_block(weight)
+    if local.numel() == 0:
+        return
+
+    def draw(full_shape, draw_seed):
+        generator = torch.Generator(device=local.device).manual_seed(draw_seed)
+        out = torch.empty(full_shape, device=local.device, dtype=local.dtype)
+        return out.normal_(0.0, std, generator=generator)
+
+    if not per_expert:
+        block = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+        local.copy_(draw(weight.shape, seed)[block])
+        return
+    block = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
+    for i in range(shape[0]):
+        local[i].copy_(draw(weight.shape[1:], _weight_seed(seed, "expert", offset[0] + i))[block])
+
+
 @dataclass
 class ModelOutput:
     """What forward computes; weighing it into a loss is runtime/loss.py's job."""
@@ -467,6 +509,9 @@ class Transformer(nn.Module):
         super().__init__()
         knobs = knobs or RoutingKnobs()
         self.config = model
+        # one draw of the global RNG; the weights' own generators are seeded from it (init_weights)
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        rng_after_seed = torch.get_rng_state()
         self.embed = nn.Embedding(model.vocab_size, model.dim)
         self.layers = nn.ModuleList([Block(i, model, knobs) for i in range(model.n_layers)])
         self.norm = RMSNorm(model.dim, model.norm_eps)
@@ -477,15 +522,46 @@ class Transformer(nn.Module):
         cos, sin = model_rotary_tables(model)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        for name, module in self.named_modules():
+            module._init_name = name  # kept through FSDP2 and checkpoint wrappers (same objects)
+        torch.set_rng_state(rng_after_seed)  # construction draws once, built whole or on meta
+        if not self.rope_cos.is_meta:
+            self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std
-        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, Experts):
-            nn.init.normal_(module.w13, mean=0.0, std=std)
-            nn.init.normal_(module.w2, mean=0.0, std=std)
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Set every parameter and buffer to its initial value: N(0, init_std) weights, unit norms,
+        zero router biases, the rotary tables. Each weight draws from its own generator, seeded from
+        `init_seed` and its name (routed experts: and the expert's index), and each process fills
+        only the block it holds: a model built on the meta device and sharded before its weights
+        exist (runtime/train.py under FSDP2 / expert parallelism) gets the numbers a whole model gets,
+        without ever holding more than one weight (one expert's) in full."""
+        std, done = self.config.init_std, set()
+
+        def normal(module, attr, per_expert=False):
+            weight = getattr(module, attr)
+            seed = _weight_seed(self.init_seed, f"{module._init_name}.{attr}")
+            _fill_normal(weight, std, seed, per_expert)
+            done.add(id(weight))
+
+        for module in self.modules():
+            if not hasattr(module, "_init_name"):
+                continue  # a wrapper (activation checkpointing) around a module of ours
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+                normal(module, "weight")
+            elif isinstance(module, Experts):
+                normal(module, "w13", per_expert=True)
+                normal(module, "w2", per_expert=True)
+            elif isinstance(module, RMSNorm):
+                _local_block(module.weight)[0].fill_(1.0)
+                done.add(id(module.weight))
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+        cos, sin = model_rotary_tables(self.config)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        missed = [n for n, p in self.named_parameters() if id(p) not in done]
+        assert not missed, f"init_weights does not set {missed}"
 
     def num_params(self) -> int:
         """All parameters (embedding and head are untied, both counted; MTP modules included)."""

@@ -133,7 +133,11 @@ def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> P
                 ep_mesh = mesh["ep"]
                 for name in ("w13", "w2"):
                     full = getattr(experts, name)
-                    sharded = distribute_tensor(full.detach(), ep_mesh, [Shard(0)])
+                    # every process holds the same whole weight (or a meta one): keep its own
+                    # experts, no scatter
+                    sharded = distribute_tensor(
+                        full.detach(), ep_mesh, [Shard(0)], src_data_rank=None
+                    )
                     setattr(experts, name, nn.Parameter(sharded))
                 ep = ExpertParallel(ep_mesh.get_group(), block.ffn.n_experts)
                 block.ffn.expert_parallel = ep

@@ -235,12 +235,23 @@ class Trainer:
         from runtime.moe import RoutingKnobs
 
         # ---- the components: each owns its part of the run's state
-        self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
+        # sharded and not initialised from a checkpoint: built on the meta device and sharded before
+        # any weight exists; each process then fills in only its shards (Transformer.init_weights)
+        on_meta = (
+            init_weights is None
+            and parallel.resolve_layout(system.distributed, self.dist.world_size).sharded
+        )
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
         if init_weights is not None:
             init_weights(self.model)
-        self.model.to(self.device)
+        if not on_meta:
+            self.model.to(self.device)
         # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
         self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)
+        if on_meta:
+            self.model.to_empty(device=self.device)
+            self.model.init_weights()
         self.loss = TrainingLoss(cfg.moe, cfg.mtp)
         self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)

@@ -8,6 +8,7 @@ from runtime.model import (
     MLA,
     MLP,
     RMSNorm,
+    Transformer,
     apply_rotary,
     causal_attention,
     model_rotary_tables,
@@ -169,3 +170,33 @@ def test_recomputed_block_keeps_only_its_half_inputs(layer_id):
     # the block input and the attention half's output, the rotary tables, and the test loss's y
     assert saved["recomputed"] <= 3 * x.nbytes + cos.nbytes + sin.nbytes
     assert saved["plain"] > 3 * saved["recomputed"]
+
+
+def test_a_model_built_on_meta_then_initialised_equals_one_built_whole():
+    # what the trainer does under FSDP2 / expert parallelism (before sharding; the per-shard fill is
+    # tests/test_parallel.py's layouts agreeing with one process)
+    whole = make_model()
+    after_whole = torch.rand(3)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lazy = Transformer(whole.config)
+    after_lazy = torch.rand(3)
+    assert all(p.is_meta for p in lazy.parameters())
+    assert torch.equal(after_whole, after_lazy)  # construction draws the same from the global RNG
+    lazy.to_empty(device="cpu")
+    lazy.init_weights()
+    for (name, a), b in zip(whole.state_dict().items(), lazy.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(whole.rope_cos, lazy.rope_cos) and torch.equal(whole.rope_sin, lazy.rope_sin)
+    experts = whole.layers[1].ffn.experts.w13
+    assert experts.std().item() == pytest.approx(whole.config.init_std, rel=0.1)
+    assert not torch.equal(experts[0], experts[1])  # each expert its own draw
+
+
+def test_weights_depend_on_the_seed():
+    a, b = make_model(), make_model()
+    torch.manual_seed(1)
+    c = Transformer(a.config)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert not torch.equal(a.layers[1].ffn.experts.w2, c.layers[1].ffn.experts.w2)

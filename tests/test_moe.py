@@ -148,7 +148,9 @@ def test_token_dropping_is_causal_and_training_only():
             other = base.clone()
             other[:, t + 1 :] = torch.randint(0, 64, (2, T - t - 1))
             out = model(other).logits
-            torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=0)
+            # rounding only (the experts' row counts, so the GEMM shapes, change); a token that
+            # lost an expert because of a later one would move its logits by ~1e-2
+            torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6)
             assert (out[:, t + 1 :] - ref[:, t + 1 :]).abs().max() > 1e-4
         # eval (and so sampling) is dropless: same logits as a model that never drops
         model.eval()

@@ -224,3 +224,26 @@ def test_plan_cli(tmp_path):
         cwd=REPO, capture_output=True, text=True, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 0 and "activated per token" in proc.stdout, proc.stderr
+
+
+def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
+    # built on the meta device, then each process fills only its shards: a 2.3 GB model on 2 processes
+    # peaks at its 1.2 GB half plus the interpreter (~1.5 GB here); built whole first it peaked at 2.9
+    flags = ("--model.dim", "1024", "--model.n_layers", "6", "--model.n_heads", "8",
+             "--model.inter_dim", "2048", "--model.n_routed_experts", "64", "--model.moe_inter_dim", "512",
+             "--training.gradient_accumulation_steps", "2", "--out_dir", str(tmp_path / "o"),
+             *DIST, "--system.distributed.dp_shard", "2")  # fmt: skip
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        os.path.join(REPO, "tests", "peak_rss_probe.py"), "configs/tiny.yaml", *flags,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO)
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    for r in reports:
+        assert r["local_weights_mb"] == pytest.approx(r["model_weights_mb"] / 2, rel=0.01)
+        assert r["peak_rss_mb"] < r["model_weights_mb"], r  # whole weights alone would exceed it
