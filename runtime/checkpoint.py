@@ -398,9 +398,11 @@ def verify_checksum(path):
         )
 
 
-def load_checkpoint(path, map_location="cpu", weights=True):
+def load_checkpoint(path, map_location="cpu", weights=True, mmap=False):
     """A checkpoint dict, after checking the file's checksum and, for format 2, the config hash.
     Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects.
+    mmap=True maps the tensors' storage from the file (pages are read when used) instead of
+    reading it all.
     A sharded checkpoint folder (runtime/dcp_checkpoint.py) gives its full weights, or with
     weights=False only its metadata (the resuming trainer loads the shards itself)."""
     if os.path.isdir(path):
@@ -412,7 +414,7 @@ def load_checkpoint(path, map_location="cpu", weights=True):
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_checksum(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - reported with the path
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
@@ -469,10 +471,9 @@ def check_weights_fit(model, weights, path):
     missing = [k for k in expected if k not in weights]
     extra = [k for k in weights if k not in expected]
     shapes = [
-        f"{k} is {list(weights[k].shape)} in the checkpoint but {list(v.shape)} in the model"
+        f"{k} is {list(getattr(weights[k], 'shape', ()))} in the checkpoint but {list(v.shape)} in the model"
         for k, v in expected.items()
-        if k in weights
-        and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)
+        if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(v.shape)
     ]
     problems = (
         shapes + [f"{k} is missing" for k in missing] + [f"{k} is not in the model" for k in extra]

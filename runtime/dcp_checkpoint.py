@@ -152,6 +152,24 @@ def load_into(model, optimizer, path) -> None:
     )
 
 
+def load_model_into(model, path) -> None:
+    """Load only the model weights of `path` into `model` (init_from): FSDP2 / expert-parallel
+    sharded, each process reads the shards it holds; a plain model in one process reads them all."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as error:  # noqa: BLE001 - reported with the path
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path}: its sharded weights do not fit this model: "
+            f"{type(error).__name__}: {first}"
+        ) from None
+    set_model_state_dict(model, state["model"])
+
+
 def load_full_into(model, optimizer, state) -> None:
     """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
     sharded model: each process keeps its own shards. The optimizer's indices follow

@@ -330,13 +330,18 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
-    """Inverse of to_hf_state_dict; also takes the fused gate_up_proj/down_proj expert layout."""
-    out: dict[str, Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, Tensor]] = {}  # (our prefix, proj) -> expert -> weight
-    for name, t in hf.items():
+def hf_weight_plan(keys, n_layers: int) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
+    """How each of our tensors is made from a folder's tensors (`keys`: its names, FP8 scales left
+    out): our name -> ("copy", key), ("w13", gate keys, up keys) or ("w2", down keys), the
+    per-expert keys in expert order. Also the MTP modules' copies of the embedding / head as
+    (copy's key, main key): not loaded (DeepSeek's MTP shares the main ones). KeyError naming an
+    unexpected key."""
+    plan: dict[str, tuple] = {}
+    copies: list[tuple[str, str]] = []
+    experts: dict[tuple[str, str], dict[int, str]] = {}  # (our prefix, proj) -> expert -> key
+    for name in keys:
         if name in TOP_KEYS_INV:
-            out[TOP_KEYS_INV[name]] = t
+            plan[TOP_KEYS_INV[name]] = ("copy", name)
             continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
         if m is None:
@@ -345,54 +350,84 @@ def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
         if i >= n_layers:
             prefix = f"mtp.{i - n_layers}."
             if key in ("embed_tokens.weight", "shared_head.head.weight"):
-                # copies of the shared embedding / head (DeepSeek's MTP shares them)
-                main = hf.get("model.embed_tokens.weight" if key[0] == "e" else "lm_head.weight")
-                if main is not None and not torch.equal(main, t):
-                    warnings.warn(
-                        f"{name} differs from the main model's; the main one is used", stacklevel=2
-                    )
+                copies.append((name, TOP_KEYS[("embed" if key[0] == "e" else "head") + ".weight"]))
                 continue
             if key in MTP_KEYS_INV:
-                out[prefix + MTP_KEYS_INV[key]] = t
+                plan[prefix + MTP_KEYS_INV[key]] = ("copy", name)
                 continue
             prefix += "block."
         else:
             prefix = f"layers.{i}."
         if e := re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", key):
-            experts.setdefault((prefix, e[2]), {})[int(e[1])] = t
+            experts.setdefault((prefix, e[2]), {})[int(e[1])] = name
         elif key == "mlp.experts.gate_up_proj":
-            out[prefix + "ffn.experts.w13"] = t
+            plan[prefix + "ffn.experts.w13"] = ("copy", name)
         elif key == "mlp.experts.down_proj":
-            out[prefix + "ffn.experts.w2"] = t
+            plan[prefix + "ffn.experts.w2"] = ("copy", name)
         elif key in BLOCK_KEYS_INV:
-            out[prefix + BLOCK_KEYS_INV[key]] = t
+            plan[prefix + BLOCK_KEYS_INV[key]] = ("copy", name)
         else:
             raise KeyError(f"unexpected Hugging Face key {name}")
 
-    def stack(prefix: str, proj: str) -> Tensor:
-        d = experts[(prefix, proj)]
-        return torch.stack([d[j] for j in range(len(d))])
+    def in_order(prefix: str, proj: str) -> tuple[str, ...]:
+        d = experts.get((prefix, proj), {})
+        if sorted(d) != list(range(len(d))) or not d:
+            raise KeyError(f"{prefix}: {proj} weights for experts {sorted(d)}, not 0..n-1")
+        return tuple(d[j] for j in range(len(d)))
 
     for prefix in sorted({p for p, _ in experts}):
-        out[prefix + "ffn.experts.w13"] = torch.cat(
-            [stack(prefix, "gate_proj"), stack(prefix, "up_proj")], dim=1
+        plan[prefix + "ffn.experts.w13"] = (
+            "w13",
+            in_order(prefix, "gate_proj"),
+            in_order(prefix, "up_proj"),
         )
-        out[prefix + "ffn.experts.w2"] = stack(prefix, "down_proj")
+        plan[prefix + "ffn.experts.w2"] = ("w2", in_order(prefix, "down_proj"))
+    return plan, copies
+
+
+def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """Inverse of to_hf_state_dict; also takes the fused gate_up_proj/down_proj expert layout."""
+    plan, copies = hf_weight_plan(hf, n_layers)
+    for copy, main in copies:
+        if main in hf and not torch.equal(hf[main], hf[copy]):
+            warnings.warn(
+                f"{copy} differs from the main model's; the main one is used", stacklevel=2
+            )
+    out: dict[str, Tensor] = {}
+    for name, recipe in plan.items():
+        if recipe[0] == "copy":
+            out[name] = hf[recipe[1]]
+        elif recipe[0] == "w13":  # (E, 2I, C): gate rows then up rows
+            gate, up = (torch.stack([hf[k] for k in keys]) for keys in recipe[1:])
+            out[name] = torch.cat([gate, up], dim=1)
+        else:  # (E, C, I)
+            out[name] = torch.stack([hf[k] for k in recipe[1]])
     return out
 
 
-def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: tuple[int, int], name: str = "") -> Tensor:
-    """DeepSeek's block FP8: w (R, C) float8_e4m3fn, scale_inv (ceil(R/br), ceil(C/bc)) -> (R, C)
-    float32, each br x bc block of w times its scale (edge blocks may be partial)."""
+def dequantize_fp8(
+    w: Tensor,
+    scale_inv: Tensor,
+    block: tuple[int, int],
+    name: str = "",
+    offset: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """DeepSeek's block FP8 -> float32: w (R, C) float8_e4m3fn, each br x bc block times its scale.
+    w may be a block of a larger weight that starts at `offset` (r0, c0); scale_inv then holds the
+    scales of the blocks it touches (rows r0 // br .. (r0 + R - 1) // br, likewise for columns).
+    Edge blocks may be partial."""
     br, bc = block
     R, C = w.shape
-    want = (-(-R // br), -(-C // bc))
+    r0, c0 = offset
+    want = (-(-(r0 + R) // br) - r0 // br, -(-(c0 + C) // bc) - c0 // bc)
     if tuple(scale_inv.shape) != want:
+        whole = "" if offset == (0, 0) else f" at offset {offset}"
         raise ValueError(
-            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {R}x{C} weight in {br}x{bc} "
-            f"blocks needs {want}"
+            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {R}x{C} weight{whole} in "
+            f"{br}x{bc} blocks needs {want}"
         )
-    s = scale_inv.float().repeat_interleave(br, 0)[:R].repeat_interleave(bc, 1)[:, :C]
+    s = scale_inv.float().repeat_interleave(br, 0)[r0 % br : r0 % br + R]
+    s = s.repeat_interleave(bc, 1)[:, c0 % bc : c0 % bc + C]
     return w.float() * s
 
 

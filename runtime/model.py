@@ -452,7 +452,7 @@ def _weight_seed(base: int, name: str, expert: int = -1) -> int:
     return (base * 1_000_003 + zlib.crc32(f"{name}#{expert}".encode())) % 2**63
 
 
-def _local_block(weight: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
+def local_block(weight: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
     """(the block this process holds, its shape, its offset in the whole weight); a plain tensor
     is its own block, a DTensor (FSDP2 / expert-parallel shard) its local tensor."""
     from torch.distributed.tensor import DTensor
@@ -470,7 +470,7 @@ def _local_block(weight: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ..
 def _fill_normal(weight: Tensor, std: float, seed: int, per_expert: bool) -> None:
     """Fill this process's block of `weight` with the block of one N(0, std) draw of the whole
     weight; `per_expert`: one draw per expert (dim 0), only for the experts held here."""
-    local, shape, offset = _local_block(weight)
+    local, shape, offset = local_block(weight)
     if local.numel() == 0:
         return
 
@@ -553,7 +553,7 @@ class Transformer(nn.Module):
                 normal(module, "w13", per_expert=True)
                 normal(module, "w2", per_expert=True)
             elif isinstance(module, RMSNorm):
-                _local_block(module.weight)[0].fill_(1.0)
+                local_block(module.weight)[0].fill_(1.0)
                 done.add(id(module.weight))
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()

@@ -4,16 +4,19 @@
 architecture), the weights under this model's names (read on first use: a run resolving its config
 needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
 
-  checkpoint  a trainer checkpoint file (checksum and config hash verified, weights-only unpickling)
-  hf          a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/hf.py)
+  checkpoint          a trainer checkpoint file (checksum and config hash verified, weights-only
+                      unpickling, memory-mapped)
+  sharded checkpoint  a DCP folder of an FSDP / expert-parallel run (runtime/dcp_checkpoint.py)
+  hf                  a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/hf.py)
 
-A new kind (issue 10's sharded checkpoint folder) is one `register_source(SourceKind(...))`: a
-`recognises(path)` test and a `load(path) -> Source`.
+A new kind is one `register_source(SourceKind(...))`: a `recognises(path)` test and a
+`load(path) -> Source`.
 
 Two uses, one policy each: `build_model()` (sample, export) builds the architecture the weights
 hold, leaving out MTP modules that have no weights (a folder saved by transformers has none);
-`load_weights(model)` (init_from) fills a model the trainer built, and MTP modules without weights
-keep their fresh initialisation, to be trained.
+`load_weights(model)` (init_from) fills a model the trainer built, whole or sharded, reading only
+the block of each weight this process holds (runtime/weight_blocks.py; a sharded folder through
+DCP), and MTP modules without weights keep their fresh initialisation, to be trained.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +35,7 @@ from generated import PATH
 from generated.config import ModelConfig
 from generated.names import Dataset as DatasetChoice
 from runtime.checkpoint import CheckpointError, check_weights_fit, load_checkpoint
-from runtime.model import Transformer
+from runtime.model import Transformer, local_block
 from runtime.moe import RoutingKnobs
 from runtime.tokenizer import TextCodec
 
@@ -50,17 +54,28 @@ class Source:
     model_fields: dict[str, object]  # spec model field name -> value (missing: spec default)
     read_weights: Callable[[], dict[str, Tensor]]  # the state dict, under this model's names
     tokenizer: TextCodec | None = None
+    # name -> block reader (runtime/weight_blocks.py) for loading a block at a time; default: weights()
+    read_blocks: Callable[[], Mapping[str, Any]] | None = None
+    # loads the weights into a model itself (a sharded DCP folder: DCP reads each process's shards)
+    load_into: Callable[[Transformer], None] | None = None
     knobs: RoutingKnobs = field(default_factory=RoutingKnobs)  # routing the weights trained with
     config_file: str = ""  # where the architecture was read (config.json, or the checkpoint)
     _weights: dict[str, Tensor] | None = field(default=None, repr=False)
+    _blocks: Mapping[str, Any] | None = field(default=None, repr=False)
 
     def weights(self) -> dict[str, Tensor]:
         if self._weights is None:
             self._weights = self.read_weights()
         return self._weights
 
+    def blocks(self) -> Mapping[str, Any]:
+        """name -> the whole weight's `.shape` and `[index]` -> a block of it, read on demand."""
+        if self._blocks is None:
+            self._blocks = self.weights() if self.read_blocks is None else self.read_blocks()
+        return self._blocks
+
     def mtp_modules_with_weights(self) -> set[int]:
-        return {int(k.split(".")[1]) for k in self.weights() if k.startswith("mtp.")}
+        return {int(k.split(".")[1]) for k in self.blocks() if k.startswith("mtp.")}
 
     def build_model(self, device: str | torch.device = "cpu") -> Transformer:
         """The model the weights describe, in eval mode. MTP modules without weights are left out
@@ -86,10 +101,15 @@ class Source:
         return model.to(device).eval()
 
     def load_weights(self, model: Transformer) -> None:
-        """Copy the weights into `model` (same architecture); MTP modules the source has no weights
-        for keep theirs (with a warning). CheckpointError naming the first misfit otherwise."""
-        sd = self.weights()
-        own = model.state_dict()
+        """Copy the weights into `model` (same architecture), whole or sharded by FSDP2 / expert
+        parallelism: each process reads and copies only the block of each weight it holds, one
+        weight at a time. MTP modules the source has no weights for keep theirs (with a warning).
+        CheckpointError naming the first misfit otherwise."""
+        if self.load_into is not None:
+            self.load_into(model)
+            return
+        blocks = self.blocks()
+        own = model.state_dict(keep_vars=True)
         wanted = {k.split(".")[1] for k in own if k.startswith("mtp.")}
         absent = sorted(wanted - {str(m) for m in self.mtp_modules_with_weights()})
         if absent:
@@ -97,12 +117,15 @@ class Source:
                 f"{self.path} has no weights for MTP module(s) {absent}; they keep their init",
                 stacklevel=2,
             )
-            keep = {
-                k: v for k, v in own.items() if k.startswith("mtp.") and k.split(".")[1] in absent
-            }
-            sd = {**keep, **sd}
-        check_weights_fit(model, sd, self.path)
-        model.load_state_dict(sd, strict=True)
+        keep = {k: v for k, v in own.items() if k.startswith("mtp.") and k.split(".")[1] in absent}
+        check_weights_fit(model, {**keep, **blocks}, self.path)
+        with torch.no_grad():
+            for name, target in own.items():
+                if name in keep:
+                    continue
+                local, shape, offset = local_block(target)
+                if local.numel():
+                    local.copy_(blocks[name][tuple(slice(o, o + n) for o, n in zip(offset, shape))])
 
 
 @dataclass(frozen=True)
@@ -135,10 +158,9 @@ def load_source(path: str) -> Source:
 # ----------------------------------------------------------------------------- checkpoint file
 
 
-def _load_checkpoint_file(path: str) -> Source:
+def _checkpoint_source(path: str, state: dict, **readers: Any) -> Source:
     from generated.parser import config_from_dict
 
-    state = load_checkpoint(path)  # verifies the checksum and the config hash first
     config = config_from_dict(state["config"])
     codec: TextCodec | None
     if state.get("tokenizer"):
@@ -149,11 +171,18 @@ def _load_checkpoint_file(path: str) -> Source:
         kind="checkpoint",
         path=path,
         model_fields=dict(state["config"]["model"]),
-        read_weights=lambda: state["model"],
         tokenizer=codec,
         knobs=RoutingKnobs.from_config(config.moe),
         config_file=path,
+        **readers,
     )
+
+
+def _load_checkpoint_file(path: str) -> Source:
+    # verifies the checksum and the config hash first; memory-mapped: a tensor's pages are read
+    # when used (init_from into a sharded model reads only this process's blocks)
+    state = load_checkpoint(path, mmap=True)
+    return _checkpoint_source(path, state, read_weights=lambda: state["model"])
 
 
 register_source(
@@ -167,13 +196,24 @@ def _is_sharded_checkpoint(path: str) -> bool:
     return is_sharded_checkpoint(path)
 
 
-# a sharded folder (FSDP / expert parallel runs) reads through load_checkpoint as well, which
-# gathers its full weights in this one process (runtime/dcp_checkpoint.py)
+def _load_sharded_checkpoint(path: str) -> Source:
+    # a sharded folder (FSDP / expert parallel runs): its full weights gathered in this one process
+    # for sample and export; init_from lets DCP read each process's shards (runtime/dcp_checkpoint.py)
+    from runtime.dcp_checkpoint import load_full, load_meta, load_model_into
+
+    return _checkpoint_source(
+        path,
+        load_meta(path),  # verifies every file's checksum and the config hash first
+        read_weights=lambda: load_full(path)["model"],
+        load_into=lambda model: load_model_into(model, path),
+    )
+
+
 register_source(
     SourceKind(
         "sharded checkpoint",
         _is_sharded_checkpoint,
-        _load_checkpoint_file,
+        _load_sharded_checkpoint,
         "a sharded checkpoint folder",
     )
 )
@@ -188,6 +228,7 @@ def _is_hf_folder(path: str) -> bool:
 
 def _load_hf_folder(path: str) -> Source:
     from runtime.hf import from_hf_state_dict, model_fields_from_hf_config, read_safetensors
+    from runtime.weight_blocks import hf_blocks
 
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
@@ -198,6 +239,7 @@ def _load_hf_folder(path: str) -> Source:
         path=path,
         model_fields=fields,
         read_weights=lambda: from_hf_state_dict(read_safetensors(path), n_layers),
+        read_blocks=lambda: hf_blocks(path, n_layers),
         tokenizer=TextCodec.from_folder(path),
         config_file=config_path,
     )

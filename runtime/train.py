@@ -174,13 +174,13 @@ class Trainer:
             warn=self._warn, run_id=folder_run
         )
         self.resumed_from = resume_path
-        init_weights = None
+        load_weights = None
         if self.resume_state is not None:
             resolved, self.config_notes = reconcile_with_checkpoint(
                 resolved, self.resume_state["config"], resume_path
             )
         else:
-            resolved, init_weights = self._init_from(resolved)
+            resolved, load_weights = self._init_from(resolved)
             self.config_notes = []
         self.cfg = cfg = resolved.config
         training = cfg.training
@@ -235,23 +235,22 @@ class Trainer:
         from runtime.moe import RoutingKnobs
 
         # ---- the components: each owns its part of the run's state
-        # sharded and not initialised from a checkpoint: built on the meta device and sharded before
-        # any weight exists; each process then fills in only its shards (Transformer.init_weights)
-        on_meta = (
-            init_weights is None
-            and parallel.resolve_layout(system.distributed, self.dist.world_size).sharded
-        )
+        # sharded: built on the meta device and sharded before any weight exists; each process then
+        # fills in only its shards (Transformer.init_weights), and init_from reads only those
+        on_meta = parallel.resolve_layout(system.distributed, self.dist.world_size).sharded
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
-        if init_weights is not None:
-            init_weights(self.model)
+        if load_weights is not None and not on_meta:
+            load_weights(self.model)
         if not on_meta:
             self.model.to(self.device)
         # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
         self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)
         if on_meta:
             self.model.to_empty(device=self.device)
-            self.model.init_weights()
+            self.model.init_weights()  # MTP modules a source has no weights for keep these
+            if load_weights is not None:
+                load_weights(self.model)
         self.loss = TrainingLoss(cfg.moe, cfg.mtp)
         self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)

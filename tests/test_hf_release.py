@@ -347,3 +347,30 @@ def test_export_sharded_bf16(tmp_path):
     hf_mod.export_hf(model, str(out))
     assert sorted(n for n in os.listdir(out) if n.startswith("model")) == ["model.safetensors"]
     assert (out / "config.json").exists()
+
+
+def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
+    # what init_from into a sharded model reads: any block, FP8 ones dequantized with only their
+    # own scales (offsets inside 128x128 scale blocks), experts stacked across the gate/up seam
+    from runtime.weight_blocks import hf_blocks
+
+    fp8, _, _ = write_release_folder(tmp_path)
+    whole = hf_mod.from_hf_state_dict(hf_mod.read_safetensors(str(fp8)), 2)
+    blocks = hf_blocks(str(fp8), 2)
+    assert sorted(blocks) == sorted(whole)
+    g = torch.Generator().manual_seed(0)
+    for name, full in whole.items():
+        assert tuple(blocks[name].shape) == tuple(full.shape), name
+        for _ in range(4):
+            index = []
+            for n in full.shape:
+                a = int(torch.randint(0, n, (), generator=g))
+                index.append(slice(a, int(torch.randint(a + 1, n + 1, (), generator=g))))
+            assert torch.equal(blocks[name][tuple(index)], full[tuple(index)]), (name, index)
+    dense_gate = "layers.0.ffn.w1.weight"  # FP8 (160, 144): crosses a scale block both ways
+    index = (slice(100, 150), slice(120, 140))
+    assert whole[dense_gate].shape == (160, 144)
+    assert torch.equal(blocks[dense_gate][index], whole[dense_gate][index])
+    w13 = "layers.1.ffn.experts.w13"  # (8, 2 x 32, 144): rows 20-40 are gate 20-32 and up 0-8
+    index = (slice(3, 5), slice(20, 40), slice(0, 144))
+    assert torch.equal(blocks[w13][index], whole[w13][index])

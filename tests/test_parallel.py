@@ -226,24 +226,77 @@ def test_plan_cli(tmp_path):
     assert proc.returncode == 0 and "activated per token" in proc.stdout, proc.stderr
 
 
-def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
-    # built on the meta device, then each process fills only its shards: a 2.3 GB model on 2 processes
-    # peaks at its 1.2 GB half plus the interpreter (~1.5 GB here); built whole first it peaked at 2.9
-    flags = ("--model.dim", "1024", "--model.n_layers", "6", "--model.n_heads", "8",
-             "--model.inter_dim", "2048", "--model.n_routed_experts", "64", "--model.moe_inter_dim", "512",
-             "--training.gradient_accumulation_steps", "2", "--out_dir", str(tmp_path / "o"),
-             *DIST, "--system.distributed.dp_shard", "2")  # fmt: skip
+def probe(config, *flags, n=2):
+    """tests/peak_rss_probe.py's reports, one per process, of `n` processes building the Trainer."""
     cmd = [
-        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        os.path.join(REPO, "tests", "peak_rss_probe.py"), "configs/tiny.yaml", *flags,
+        os.path.join(REPO, "tests", "peak_rss_probe.py"), str(config), *flags,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO)
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 2
+    assert len(reports) == n, proc.stdout
+    return reports
+
+
+def test_init_from_fills_each_process_shards_exactly(reference, tmp_path, data_dir):
+    # every kind of source into a model sharded by FSDP2 or expert parallelism, built on the meta
+    # device: each process reads only its blocks; gathered, the weights are the source's, bit for bit
+    from test_hf_release import write_release_folder
+
+    fp8_folder, _, _ = write_release_folder(tmp_path)  # block FP8, 3 shards, MTP layer
+    torchrun(2, tmp_path / "dcp", data_dir, "--system.distributed.dp_shard", "2",
+             "--training.max_iters", "2", "--checkpointer.save_interval", "2")  # fmt: skip
+    config = tmp_path / "init.yaml"
+    config.write_text("seed: 7\n")  # the architecture comes from each source
+    ep2, fsdp2 = LAYOUTS["ep2"][1], LAYOUTS["fsdp2"][1]
+    cases = {
+        "checkpoint file": (reference / "checkpoints" / f"ckpt_{STEPS:07d}.pt", ep2),
+        "sharded folder": (tmp_path / "dcp" / "checkpoints" / "ckpt_0000002", ep2),
+        "fp8 release folder": (fp8_folder, fsdp2),
+    }
+    for name, (source, layout) in cases.items():
+        reports = probe(config, "--checkpointer.init_from", str(source), "--out_dir",
+                        str(tmp_path / name), "--data.data_dir", data_dir, "--training.seq_len", "16",
+                        "--training.batch_size", "2", "--training.gradient_accumulation_steps", "2",
+                        *DIST, *layout)  # fmt: skip
+        for r in reports:
+            assert r["compared"] > 10 and r["max_diff_vs_source"] == 0.0, (name, r)
+            assert r["local_weights_mb"] < 0.75 * r["model_weights_mb"], (name, r)
+
+
+BIG = ("--model.dim", "1024", "--model.n_layers", "6", "--model.n_heads", "8", "--model.inter_dim", "2048",
+       "--model.n_routed_experts", "64", "--model.moe_inter_dim", "512")  # 2.3 GB of fp32 weights  # fmt: skip
+
+
+def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
+    # built on the meta device, then each process fills only its shards: a 2.3 GB model on 2 processes
+    # peaks at its 1.2 GB half plus the interpreter (~1.5 GB here); built whole first it peaked at 2.9
+    reports = probe("configs/tiny.yaml", *BIG, "--training.gradient_accumulation_steps", "2",
+                    "--out_dir", str(tmp_path / "o"), *DIST, "--system.distributed.dp_shard", "2")  # fmt: skip
     for r in reports:
         assert r["local_weights_mb"] == pytest.approx(r["model_weights_mb"] / 2, rel=0.01)
         assert r["peak_rss_mb"] < r["model_weights_mb"], r  # whole weights alone would exceed it
+
+
+def test_init_from_a_release_folder_never_holds_the_whole_model(tmp_path):
+    # the same 2.3 GB model as a bf16 Hugging Face folder (1.2 GB in 300 MB shards), init_from into 2
+    # FSDP processes: each reads only its rows of each weight (1.7 GB peak RSS per process here;
+    # reading the folder whole in every process, as before, peaked at 5.7 GB)
+    from runtime.hf import export_hf
+    from runtime.model import Transformer
+
+    model = Transformer(load_config("configs/tiny.yaml", argv=list(BIG)).model)
+    export_hf(model, str(tmp_path / "hf"), dtype="bfloat16", max_shard_size="300MB")
+    del model
+    config = tmp_path / "init.yaml"
+    config.write_text("seed: 7\n")
+    reports = probe(config, "--checkpointer.init_from", str(tmp_path / "hf"),
+                    "--training.seq_len", "16", "--training.gradient_accumulation_steps", "2",
+                    "--out_dir", str(tmp_path / "o"), *DIST, "--system.distributed.dp_shard", "2")  # fmt: skip
+    for r in reports:
+        assert r["compared"] > 100 and r["max_diff_vs_source"] == 0.0, r
+        assert r["peak_rss_mb"] < r["model_weights_mb"], r
