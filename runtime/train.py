@@ -533,9 +533,11 @@ class Trainer:
                 self._train()
                 if self.is_main and self.stopped_by is None:
                     plot_losses(self.out_dir)
-                    # a sharded model generates only with every process: use `sample CHECKPOINT`
-                    if self.cfg.sample.max_new_tokens > 0 and not self.parallel.sharded:
-                        self.sample()
+                # a sharded model generates with every process (each forward gathers the weights
+                # or sends tokens to the experts' processes); only the main one prints and saves
+                sample = self.cfg.sample.max_new_tokens > 0 and self.stopped_by is None
+                if sample and (self.is_main or self.parallel.sharded):
+                    self.sample()
         finally:
             self.wandb.finish()
         dist_utils.barrier(self.dist)
@@ -663,7 +665,7 @@ class Trainer:
 
     def sample(self):
         """Print a generation from the trained model (the `sample` section) and save it as
-        <out_dir>/sample.txt."""
+        <out_dir>/sample.txt (the main process; when sharded, every process runs the forwards)."""
         from runtime.sample import complete, decode
 
         settings = self.cfg.sample
@@ -674,6 +676,8 @@ class Trainer:
             prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         ids = complete(self.model, prompt, settings, generator)
+        if not self.is_main:
+            return None
         text = decode(self.codec, ids)
         with open(os.path.join(self.out_dir, SAMPLE_NAME), "w") as f:
             f.write(text + "\n")
