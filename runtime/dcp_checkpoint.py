@@ -215,6 +215,44 @@ def load_full(path) -> dict:
     return state
 
 
+class _ModelTensor:
+    """One model tensor of a sharded folder, for Source.blocks(): `.shape` from the folder's
+    metadata; `[index]` reads the whole tensor from the shards that hold it (in this process,
+    without a process group) and returns that block."""
+
+    def __init__(self, path: str, name: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
+
+    def __getitem__(self, index):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        _load_state_dict(
+            {"model": {self.name: tensor}},
+            storage_reader=FileSystemReader(self.path),
+            planner=DefaultLoadPlanner(),
+            no_dist=True,
+        )
+        return tensor[index]
+
+
+def model_tensors(path) -> dict:
+    """name -> _ModelTensor for every model weight of the sharded folder `path` (nothing read yet
+    but the metadata): export streams them one at a time."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(path).read_metadata()
+    out = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
+            name = key[len("model.") :]
+            out[name] = _ModelTensor(path, name, tuple(item.size), item.properties.dtype)
+    return out
+
+
 class ShardedCheckpointer(Checkpointer):
     """The `checkpointer` section's policy (interval, keep_last_n, best) with DCP folders. Every
     process calls save / save_best together (collectives inside)."""

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -295,39 +296,54 @@ def fp8_block(config_json: dict, source: str = "config.json") -> tuple[int, int]
 # ----------------------------------------------------------------------------- weights
 
 
-def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """Our state dict under HF names, experts split per expert, MTP at layer n_layers + k."""
-    n = model.config.n_layers
-    out: dict[str, Tensor] = {}
+def hf_tensors(name: str, t: Tensor, cfg: ModelConfig) -> list[tuple[str, Tensor]]:
+    """One of our tensors under its Hugging Face name(s), as views of it: routed experts split per
+    expert, MTP modules at layer n_layers + k, and the embedding and head also as each MTP layer's
+    own copy (the released weights carry them)."""
+    n = cfg.n_layers
 
-    def put_block(prefix: str, key: str, t: Tensor) -> None:
+    def block(prefix: str, key: str) -> list[tuple[str, Tensor]]:
         if key == "ffn.experts.w13":  # (E, 2I, C): gate rows then up rows
             gate, up = t.chunk(2, dim=1)
-            for j in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{j}.gate_proj.weight"] = gate[j]
-                out[f"{prefix}mlp.experts.{j}.up_proj.weight"] = up[j]
-        elif key == "ffn.experts.w2":  # (E, C, I)
-            for j in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{j}.down_proj.weight"] = t[j]
-        else:
-            out[prefix + BLOCK_KEYS[key]] = t
+            return [
+                pair
+                for j in range(t.shape[0])
+                for pair in (
+                    (f"{prefix}mlp.experts.{j}.gate_proj.weight", gate[j]),
+                    (f"{prefix}mlp.experts.{j}.up_proj.weight", up[j]),
+                )
+            ]
+        if key == "ffn.experts.w2":  # (E, C, I)
+            return [(f"{prefix}mlp.experts.{j}.down_proj.weight", t[j]) for j in range(t.shape[0])]
+        return [(prefix + BLOCK_KEYS[key], t)]
 
-    for name, t in model.state_dict().items():
-        if name in TOP_KEYS:
-            out[TOP_KEYS[name]] = t
-        elif m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
-            put_block(f"model.layers.{m[1]}.", m[2], t)
-        elif m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name):
-            put_block(f"model.layers.{n + int(m[1])}.", m[2], t)
-        elif m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
-            out[f"model.layers.{n + int(m[1])}.{MTP_KEYS[m[2]]}"] = t
-        else:
-            raise KeyError(f"no Hugging Face name for {name}")
-    for k in range(model.config.mtp_depth):  # the released weights carry their own copies
-        out[f"model.layers.{n + k}.embed_tokens.weight"] = model.embed.weight
-        out[f"model.layers.{n + k}.shared_head.head.weight"] = model.head.weight
+    if name in TOP_KEYS:
+        copy = {"embed.weight": "embed_tokens.weight", "head.weight": "shared_head.head.weight"}
+        if name not in copy:
+            return [(TOP_KEYS[name], t)]
+        return [(TOP_KEYS[name], t)] + [
+            (f"model.layers.{n + k}.{copy[name]}", t) for k in range(cfg.mtp_depth)
+        ]
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
+        return block(f"model.layers.{m[1]}.", m[2])
+    if m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name):
+        return block(f"model.layers.{n + int(m[1])}.", m[2])
+    if m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
+        return [(f"model.layers.{n + int(m[1])}.{MTP_KEYS[m[2]]}", t)]
+    raise KeyError(f"no Hugging Face name for {name}")
+
+
+def _stored(t: Tensor, dtype: torch.dtype) -> Tensor:
     # safetensors wants contiguous tensors that share no storage
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
+    return t.detach().to("cpu", dtype).contiguous().clone()
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """Our state dict under HF names (hf_tensors), float32."""
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        out.update(hf_tensors(name, t, model.config))
+    return {k: _stored(v, torch.float32) for k, v in out.items()}
 
 
 def hf_weight_plan(keys, n_layers: int) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
@@ -472,6 +488,9 @@ def _parse_size(text: str | int) -> int:
     return int(t)
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def export_hf(
     model: Transformer,
     out_dir: str,
@@ -480,57 +499,93 @@ def export_hf(
     tokenizer=None,
     mtp: bool = True,
 ) -> None:
-    """Write config.json and the weights to out_dir: model.safetensors, or, above max_shard_size
-    bytes, model-0000i-of-0000n.safetensors shards and model.safetensors.index.json. dtype float32
-    or bfloat16 (the router's correction bias stays float32, as in DeepSeek's release). The
-    tokenizer's files too when given (a runtime.tokenizer.TextCodec). `mtp=False` leaves the MTP
-    modules out (and says num_nextn_predict_layers 0), so transformers loads the folder without
-    UNEXPECTED keys."""
+    """write_hf_folder for a model in memory."""
+    write_hf_folder(
+        out_dir, model.config, model.state_dict().items(), dtype, max_shard_size, tokenizer, mtp
+    )
+
+
+def write_hf_folder(
+    out_dir: str,
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, Tensor]],
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+    tokenizer=None,
+    mtp: bool = True,
+) -> None:
+    """Write the weights `tensors` ((our name, tensor) pairs of a model of `cfg`) and config.json to
+    out_dir: model.safetensors, or, above max_shard_size bytes, model-0000i-of-0000n.safetensors
+    shards and model.safetensors.index.json. The pairs are taken one at a time and each shard is
+    written when full, so at most one shard and one source tensor are in memory (a sharded
+    checkpoint exports without ever being whole). dtype float32 or bfloat16 (the router's
+    correction bias stays float32, as in DeepSeek's release). The tokenizer's files too when given
+    (a runtime.tokenizer.TextCodec). `mtp=False` leaves the MTP modules out (and says
+    num_nextn_predict_layers 0), so transformers loads the folder without UNEXPECTED keys.
+    config.json is written last: a folder without it is no model source."""
     from safetensors.torch import save_file
 
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be float32 or bfloat16, got {dtype!r}")
     limit = _parse_size(max_shard_size)
-    model_cfg = model.config if mtp else dataclasses.replace(model.config, mtp_depth=0)
+    model_cfg = cfg if mtp else dataclasses.replace(cfg, mtp_depth=0)
     config = hf_config(model_cfg)  # refuses softmax scoring before writing anything
     config["torch_dtype"] = config["dtype"] = dtype
-    sd = to_hf_state_dict(model)
-    if not mtp:
-        sd = {k: v for k, v in sd.items() if not _is_mtp_key(k, model.config.n_layers)}
-    if dtype == "bfloat16":
-        sd = {
-            k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
-            for k, v in sd.items()
-        }
     os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # an earlier export's files would confuse loaders
+        if re.fullmatch(
+            r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json", stale
+        ):
+            os.remove(os.path.join(out_dir, stale))
+        elif re.fullmatch(r"model-\d{5}\.safetensors\.partial", stale):
+            os.remove(os.path.join(out_dir, stale))
+    shards: list[list[str]] = []  # the keys of each shard written
+    shard: dict[str, Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        shards.append(list(shard))
+        name = f"model-{len(shards):05d}.safetensors.partial"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        shard.clear()
+
+    for name, t in tensors:
+        if not mtp and name.startswith("mtp."):
+            continue
+        for key, v in hf_tensors(name, t, model_cfg):
+            keep = (
+                torch.float32 if key.endswith("e_score_correction_bias") else EXPORT_DTYPES[dtype]
+            )
+            v = _stored(v, keep)
+            n = v.numel() * v.element_size()
+            if shard and size + n > limit:  # a tensor above the limit gets a shard of its own
+                flush()
+                size = 0
+            shard[key] = v
+            size += n
+            total += n
+    flush()
+    if len(shards) == 1:
+        os.replace(
+            os.path.join(out_dir, "model-00001.safetensors.partial"),
+            os.path.join(out_dir, "model.safetensors"),
+        )
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(
+                os.path.join(out_dir, f"model-{i:05d}.safetensors.partial"),
+                os.path.join(out_dir, name),
+            )
+            weight_map.update({k: name for k in keys})
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")
+    if tokenizer is not None:
+        tokenizer.save_hf(out_dir, model_max_length=cfg.max_seq_len)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-        f.write("\n")
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():  # fill shards in order; a tensor above the limit gets its own
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    for stale in os.listdir(out_dir):  # shards of an earlier export would confuse loaders
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
-            os.remove(os.path.join(out_dir, stale))
-    if tokenizer is not None:
-        tokenizer.save_hf(out_dir, model_max_length=model.config.max_seq_len)
-    if len(shards) == 1:
-        save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
 
 
@@ -572,11 +627,14 @@ def export_main(argv: list[str]) -> int:
     from runtime.sources import load_source
 
     try:
+        if os.path.realpath(args.out_dir) == os.path.realpath(args.checkpoint):
+            raise ValueError(f"{args.out_dir} is the checkpoint itself; export to another folder")
         source = load_source(args.checkpoint)
-        model = source.build_model()
-        export_hf(
-            model,
+        cfg, tensors = source.tensors()  # one at a time: a sharded checkpoint is never whole
+        write_hf_folder(
             args.out_dir,
+            cfg,
+            tensors,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             tokenizer=source.tokenizer,
@@ -585,5 +643,7 @@ def export_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out_dir} ({model.num_params():,} parameters)")
+    with torch.device("meta"):
+        written = Transformer(dataclasses.replace(cfg, mtp_depth=0) if args.no_mtp else cfg)
+    print(f"wrote {args.out_dir} ({written.num_params():,} parameters)")
     return 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +77,9 @@ class Source:
     def mtp_modules_with_weights(self) -> set[int]:
         return {int(k.split(".")[1]) for k in self.blocks() if k.startswith("mtp.")}
 
-    def build_model(self, device: str | torch.device = "cpu") -> Transformer:
-        """The model the weights describe, in eval mode. MTP modules without weights are left out
-        (with a warning)."""
+    def model_config(self) -> ModelConfig:
+        """The architecture the weights hold: MTP modules without weights are left out (with a
+        warning)."""
         fields = dict(self.model_fields)
         depth = int(fields.get(MTP_DEPTH, ModelConfig().mtp_depth))  # type: ignore[call-overload]
         present = len(self.mtp_modules_with_weights())
@@ -87,18 +87,37 @@ class Source:
             warnings.warn(
                 f"{self.path}: config says {depth} MTP modules but the weights hold {present}; "
                 f"using {present}",
-                stacklevel=2,
+                stacklevel=3,
             )
-            fields[MTP_DEPTH] = depth = present
-        sd = {
-            k: v
-            for k, v in self.weights().items()
-            if not (k.startswith("mtp.") and int(k.split(".")[1]) >= depth)
-        }
-        model = Transformer(ModelConfig(**fields), self.knobs)  # type: ignore[arg-type]
+            fields[MTP_DEPTH] = present
+        return ModelConfig(**fields)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _kept(name: str, cfg: ModelConfig) -> bool:
+        return not (name.startswith("mtp.") and int(name.split(".")[1]) >= cfg.mtp_depth)
+
+    def build_model(self, device: str | torch.device = "cpu") -> Transformer:
+        """The model the weights describe (model_config()), in eval mode."""
+        cfg = self.model_config()
+        sd = {k: v for k, v in self.weights().items() if self._kept(k, cfg)}
+        model = Transformer(cfg, self.knobs)
         check_weights_fit(model, sd, self.path)
         model.load_state_dict(sd, strict=True)
         return model.to(device).eval()
+
+    def tensors(self) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
+        """(model_config(), its weights as (name, whole tensor) pairs read one at a time), names and
+        shapes checked against that architecture first (export: never the whole model at once)."""
+        cfg = self.model_config()
+        blocks = {k: v for k, v in self.blocks().items() if self._kept(k, cfg)}
+        with torch.device("meta"):
+            check_weights_fit(Transformer(cfg, self.knobs), blocks, self.path)
+
+        def read() -> Iterator[tuple[str, Tensor]]:
+            for name, reader in blocks.items():
+                yield name, reader[tuple(slice(None) for _ in reader.shape)]
+
+        return cfg, read()
 
     def load_weights(self, model: Transformer) -> None:
         """Copy the weights into `model` (same architecture), whole or sharded by FSDP2 / expert
@@ -197,14 +216,16 @@ def _is_sharded_checkpoint(path: str) -> bool:
 
 
 def _load_sharded_checkpoint(path: str) -> Source:
-    # a sharded folder (FSDP / expert parallel runs): its full weights gathered in this one process
-    # for sample and export; init_from lets DCP read each process's shards (runtime/dcp_checkpoint.py)
-    from runtime.dcp_checkpoint import load_full, load_meta, load_model_into
+    # a sharded folder (FSDP / expert parallel runs): sample gathers its full weights in this one
+    # process, export reads them a tensor at a time, and init_from lets DCP read each process's
+    # shards (runtime/dcp_checkpoint.py)
+    from runtime.dcp_checkpoint import load_full, load_meta, load_model_into, model_tensors
 
     return _checkpoint_source(
         path,
         load_meta(path),  # verifies every file's checksum and the config hash first
         read_weights=lambda: load_full(path)["model"],
+        read_blocks=lambda: model_tensors(path),
         load_into=lambda model: load_model_into(model, path),
     )
 

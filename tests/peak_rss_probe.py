@@ -4,7 +4,6 @@ With `checkpointer.init_from` set, also (after the RSS is read) the largest diff
 model's gathered weights and the source's, read whole in this process."""
 
 import json
-import resource
 import sys
 
 import torch
@@ -18,7 +17,11 @@ trainer = Trainer(load_config(sys.argv[1], argv=sys.argv[2:]))
 params = list(trainer.model.parameters())
 local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
 report = {
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's)
+    "peak_rss_mb": int(
+        next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]
+    )
+    / 1024,
     "local_weights_mb": local * 4 / 2**20,
     "model_weights_mb": sum(p.numel() for p in params) * 4 / 2**20,
 }
