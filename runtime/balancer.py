@@ -67,14 +67,19 @@ class MoEBalancer:
         """Routing statistics of the training-mode forwards since the last reset_stats(), on this
         process only. Keys moe/layer{i}/... per MoE layer (MTP blocks included) and
         moe/max_load_ratio, moe/cv, moe/dropped_frac over all of them."""
-        layers = [(i, m) for i, m in self.layers if m.stat_counts is not None]
-        if not layers:
+        # (layer index, counts, dropped) of the layers that ran (_accumulate sets both together)
+        seen = [
+            (i, m.stat_counts, m.stat_dropped)
+            for i, m in self.layers
+            if m.stat_counts is not None and m.stat_dropped is not None
+        ]
+        if not seen:
             return {}
-        counts = torch.stack([m.stat_counts for _, m in layers]).cpu()  # (L, E), one sync
-        dropped = torch.stack([m.stat_dropped for _, m in layers]).cpu().tolist()
+        counts = torch.stack([c for _, c, _ in seen]).cpu()  # (L, E), one sync
+        dropped = torch.stack([d for _, _, d in seen]).cpu().tolist()
         out: dict[str, float | list[int]] = {}
         ratios, cvs = [], []
-        for (i, _), c, d in zip(layers, counts, dropped):
+        for (i, _, _), c, d in zip(seen, counts, dropped):
             cf = c.double()
             mean = cf.mean().item()
             ratio = cf.max().item() / mean if mean > 0 else 0.0

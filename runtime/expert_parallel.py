@@ -26,6 +26,8 @@ ids) and Transformer.update_router_biases sums them over every process. Capacity
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -38,14 +40,16 @@ class _AllToAll(torch.autograd.Function):
     reverse way."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup
+    ) -> Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty((sum(recv), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
         out = g.new_empty((sum(ctx.send), *g.shape[1:]))
         dist.all_to_all_single(out, g.contiguous(), ctx.send, ctx.recv, group=ctx.group)
         return out, None, None, None
@@ -55,12 +59,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the gradient times `scale`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         return g * ctx.scale, None
 
 
@@ -73,7 +77,7 @@ def _local(w: Tensor) -> Tensor:
 class ExpertParallel:
     """The dispatch of one MoE layer under expert parallelism (MoE.expert_parallel)."""
 
-    def __init__(self, group, n_experts: int):
+    def __init__(self, group: dist.ProcessGroup, n_experts: int):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)

@@ -37,6 +37,7 @@ from generated import HF_NAMES, PATH
 from generated.config import ModelConfig
 from generated.names import RopeScaling, ScoreFunc
 from runtime.model import Transformer
+from runtime.tokenizer import TextCodec
 
 # block-level keys: ours -> HF (relative to layers.{i}. / model.layers.{i}.)
 BLOCK_KEYS = {
@@ -346,7 +347,9 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {k: _stored(v, torch.float32) for k, v in out.items()}
 
 
-def hf_weight_plan(keys, n_layers: int) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
+def hf_weight_plan(
+    keys: Iterable[str], n_layers: int
+) -> tuple[dict[str, tuple], list[tuple[str, str]]]:
     """How each of our tensors is made from a folder's tensors (`keys`: its names, FP8 scales left
     out): our name -> ("copy", key), ("w13", gate keys, up keys) or ("w2", down keys), the
     per-expert keys in expert order. Also the MTP modules' copies of the embedding / head as
@@ -496,7 +499,7 @@ def export_hf(
     out_dir: str,
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
-    tokenizer=None,
+    tokenizer: TextCodec | None = None,
     mtp: bool = True,
 ) -> None:
     """write_hf_folder for a model in memory."""
@@ -511,7 +514,7 @@ def write_hf_folder(
     tensors: Iterable[tuple[str, Tensor]],
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
-    tokenizer=None,
+    tokenizer: TextCodec | None = None,
     mtp: bool = True,
 ) -> None:
     """Write the weights `tensors` ((our name, tensor) pairs of a model of `cfg`) and config.json to

@@ -76,6 +76,8 @@ class Routing:
 class Router(nn.Module):
     """Scores tokens against experts and picks each token's top-k (DeepSeek-V3 gate)."""
 
+    e_score_correction_bias: Tensor  # (E,) buffer: selection only, moved by MoEBalancer
+
     def __init__(self, model: ModelConfig, knobs: RoutingKnobs):
         super().__init__()
         self.n_experts = model.n_routed_experts

@@ -5,15 +5,17 @@ starts. Set WANDB_MODE=offline to log without a network (the run lands in `<out_
 """
 
 import os
+from typing import Any
 
 from generated import PATH
+from generated.config import WandbConfig
 
 
 class WandbUnavailable(RuntimeError):
     """wandb.enabled is true but wandb cannot be imported or cannot start a run."""
 
 
-def import_wandb():
+def import_wandb() -> Any:
     try:
         import wandb
     except ImportError as error:
@@ -28,12 +30,14 @@ class WandbLogger:
     """No-op unless `wandb_cfg.enabled` (and this is the main process). Construction checks that
     wandb imports (on every rank: fail before anything is built); start() opens the run."""
 
-    def __init__(self, wandb_cfg, *, out_dir, config_dict, is_main=True):
+    def __init__(
+        self, wandb_cfg: WandbConfig, *, out_dir: str, config_dict: dict, is_main: bool = True
+    ):
         self.enabled = wandb_cfg.enabled and is_main
         self.log_model = wandb_cfg.log_model
-        self.run = None
-        self._wandb = None
-        self._init_args = None
+        self.run: Any = None
+        self._wandb: Any = None
+        self._init_args: dict[str, Any] | None = None
         if not wandb_cfg.enabled:
             return
         wandb = import_wandb()
@@ -48,7 +52,7 @@ class WandbLogger:
             dir=out_dir,
         )
 
-    def start(self):
+    def start(self) -> None:
         if self._init_args is None or self.run is not None:
             return
         os.makedirs(self._init_args["dir"], exist_ok=True)
@@ -62,13 +66,13 @@ class WandbLogger:
                 f"set WANDB_MODE=offline, or pass --{PATH.wandb.enabled} false"
             ) from None
 
-    def log(self, metrics, step):
+    def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:
             return
         flat = {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))}
         self.run.log(flat, step=step)
 
-    def log_checkpoint(self, path, step, alias="latest"):
+    def log_checkpoint(self, path: str, step: int, alias: str = "latest") -> None:
         """Upload a saved checkpoint as a new version of the run's model artifact (when `log_model`),
         tagged `step-N` and `alias` (`latest` for step checkpoints, `best` for best.pt)."""
         if self.run is None or not self.log_model:
@@ -79,7 +83,7 @@ class WandbLogger:
         artifact.add_file(path, name=os.path.basename(path))
         self.run.log_artifact(artifact, aliases=[f"step-{step}", alias])
 
-    def finish(self):
+    def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
