@@ -127,6 +127,12 @@ class Source:
         if self.load_into is not None:
             self.load_into(model)
             return
+        try:
+            self._copy_blocks(model)
+        except (KeyError, ValueError) as error:  # names or scales that do not fit, named
+            raise CheckpointError(f"cannot load the weights of {self.path}: {error}") from None
+
+    def _copy_blocks(self, model: Transformer) -> None:
         blocks = self.blocks()
         own = model.state_dict(keep_vars=True)
         wanted = {k.split(".")[1] for k in own if k.startswith("mtp.")}
@@ -134,7 +140,7 @@ class Source:
         if absent:
             warnings.warn(
                 f"{self.path} has no weights for MTP module(s) {absent}; they keep their init",
-                stacklevel=2,
+                stacklevel=3,
             )
         keep = {k: v for k, v in own.items() if k.startswith("mtp.") and k.split(".")[1] in absent}
         check_weights_fit(model, {**keep, **blocks}, self.path)

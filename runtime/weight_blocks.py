@@ -20,9 +20,11 @@ import struct
 import torch
 from torch import Tensor
 
+from runtime.checkpoint import CheckpointError
 from runtime.hf import dequantize_fp8, fp8_block, hf_weight_plan
 
 SCALE_SUFFIX = "_scale_inv"
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -49,22 +51,29 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self.base = 8 + size
-        self.tensors = {}
-        for key, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise ValueError(
-                    f"{path}: {key} has dtype {info['dtype']}, which this loader lacks"
-                )
-            self.tensors[key] = (
-                DTYPES[info["dtype"]],
-                tuple(info["shape"]),
-                info["data_offsets"][0],
-            )
+        self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        try:
+            file_size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > min(file_size - 8, MAX_HEADER):  # checked before reading it
+                    raise ValueError(f"a header of {size} bytes in a file of {file_size}")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self.base = 8 + size
+            for key, info in header.items():
+                if info["dtype"] not in DTYPES:
+                    raise ValueError(f"{key} has dtype {info['dtype']}, which this loader lacks")
+                dtype, shape = DTYPES[info["dtype"]], tuple(int(n) for n in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+                if end - start != math.prod(shape) * dtype.itemsize or self.base + end > file_size:
+                    raise ValueError(
+                        f"{key}: bytes {start}-{end} do not hold a {list(shape)} {info['dtype']} "
+                        f"tensor inside the file's {file_size - self.base} data bytes"
+                    )
+                self.tensors[key] = (dtype, shape, start)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
     def read(self, key: str, index: tuple[slice, ...]) -> Tensor:
         """tensor[index], reading only the rows (dim 0) the index spans."""
@@ -78,7 +87,7 @@ class _SafetensorsFile:
         with open(self.path, "rb") as f:
             f.seek(self.base + start + r0 * row_bytes)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"{self.path}: {key} is cut short (the file is truncated)")
+                raise CheckpointError(f"{self.path}: {key} is cut short (the file is truncated)")
         rows = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         rows = rows.view(r1 - r0, *shape[1:]) if shape else rows.view(())
         return rows[(slice(None), *index[1:])] if shape else rows

@@ -374,3 +374,26 @@ def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
     w13 = "layers.1.ffn.experts.w13"  # (8, 2 x 32, 144): rows 20-40 are gate 20-32 and up 0-8
     index = (slice(3, 5), slice(20, 40), slice(0, 144))
     assert torch.equal(blocks[w13][index], whole[w13][index])
+
+
+def test_damaged_safetensors_are_one_clear_error_without_reading_them(tmp_path):
+    # init_from reads a folder by blocks: a truncated shard, a header claiming more bytes than the
+    # file (checked before any allocation) or offsets outside it are a CheckpointError naming the file
+    from runtime.checkpoint import CheckpointError
+
+    fp8, _, _ = write_release_folder(tmp_path)
+    model = load_source(str(fp8)).build_model()
+    shard = fp8 / "model-00002-of-00003.safetensors"
+    data = shard.read_bytes()
+    cases = {
+        "truncated": data[: len(data) - 1000],
+        "header bomb": (2**62).to_bytes(8, "little") + data[8:],
+        "offsets outside": data.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1),
+    }
+    for name, damaged in cases.items():
+        shard.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors") as info:
+            load_source(str(fp8)).load_weights(Transformer(model.config))
+        assert "Traceback" not in str(info.value), name
+    shard.write_bytes(data)
+    load_source(str(fp8)).load_weights(Transformer(model.config))  # intact again: loads
