@@ -165,6 +165,9 @@ class HFBlocks:
             self.shape = folder.shape(recipe[1])
         else:
             first = folder.shape(recipe[1][0])  # gate (I, C) or down (C, I)
+            odd = [k for keys in recipe[1:] for k in keys if folder.shape(k) != first]
+            if odd:  # stacking needs one shape (gate and up alike)
+                raise ValueError(f"{odd[0]} is {list(folder.shape(odd[0]))}, not {list(first)}")
             rows = first[0] * (2 if kind == "w13" else 1)
             self.shape = (len(recipe[1]), rows, first[1])
 
