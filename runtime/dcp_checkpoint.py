@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -133,6 +134,16 @@ def _dcp_state(model, optimizer):
     return {"model": model_sd, "optim": optim_sd}
 
 
+@contextlib.contextmanager
+def _one_process_quietly():
+    """Without a process group DCP loads in this one process, which is what we mean there; it
+    would say so in a UserWarning on every load."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
+
+
 def load_into(model, optimizer, path) -> None:
     """Load the DCP files of `path` into `model` (FSDP2-sharded or plain) and its optimizer,
     resharding as needed. Without a process group (one process) DCP reads every shard itself."""
@@ -141,7 +152,8 @@ def load_into(model, optimizer, path) -> None:
 
     state = _dcp_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=path)
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=path)
     except Exception as error:  # noqa: BLE001 - reported with the path
         raise CheckpointError(
             f"checkpoint {path}: its sharded weights or optimizer state do not fit this run: "
@@ -160,7 +172,8 @@ def load_model_into(model, path) -> None:
 
     state = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(state, checkpoint_id=path)
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=path)
     except Exception as error:  # noqa: BLE001 - reported with the path
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(

@@ -12,8 +12,9 @@ needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
 A new kind is one `register_source(SourceKind(...))`: a `recognises(path)` test and a
 `load(path) -> Source`.
 
-Two uses, one policy each: `build_model()` (sample, export) builds the architecture the weights
-hold, leaving out MTP modules that have no weights (a folder saved by transformers has none);
+Three uses, all reading a weight (or a block of one) at a time: `build_model()` (sample) builds the
+architecture the weights hold, leaving out MTP modules that have no weights (a folder saved by
+transformers has none); `tensors()` (export) streams that architecture's weights; and
 `load_weights(model)` (init_from) fills a model the trainer built, whole or sharded, reading only
 the block of each weight this process holds (runtime/weight_blocks.py; a sharded folder through
 DCP), and MTP modules without weights keep their fresh initialisation, to be trained.
@@ -97,12 +98,10 @@ class Source:
         return not (name.startswith("mtp.") and int(name.split(".")[1]) >= cfg.mtp_depth)
 
     def build_model(self, device: str | torch.device = "cpu") -> Transformer:
-        """The model the weights describe (model_config()), in eval mode."""
-        cfg = self.model_config()
-        sd = {k: v for k, v in self.weights().items() if self._kept(k, cfg)}
-        model = Transformer(cfg, self.knobs)
-        check_weights_fit(model, sd, self.path)
-        model.load_state_dict(sd, strict=True)
+        """The model the weights describe (model_config()), in eval mode, filled a weight at a time
+        (load_weights): the model plus one weight in memory, never a second copy of the model."""
+        model = Transformer(self.model_config(), self.knobs)
+        self.load_weights(model)
         return model.to(device).eval()
 
     def tensors(self) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
