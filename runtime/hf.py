@@ -450,19 +450,23 @@ def dequantize_fp8(
     return w.float() * s
 
 
+def safetensors_files(folder: str) -> list[str]:
+    """The weight files of a folder: the shards model.safetensors.index.json names, or
+    model.safetensors."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return ["model.safetensors"]
+    with open(index) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
 def read_safetensors(folder: str) -> dict[str, Tensor]:
     """Every tensor of a folder (model.safetensors, or the shards model.safetensors.index.json
     names), FP8 weights dequantized with their `weight_scale_inv` to float32."""
     from safetensors.torch import load_file
 
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
     out: dict[str, Tensor] = {}
-    for shard in shards:
+    for shard in safetensors_files(folder):
         out.update(load_file(os.path.join(folder, shard)))
     scales = [k for k in out if k.endswith(".weight_scale_inv")]
     if scales or any(t.dtype == torch.float8_e4m3fn for t in out.values()):

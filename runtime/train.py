@@ -240,9 +240,9 @@ class Trainer:
         on_meta = parallel.resolve_layout(system.distributed, self.dist.world_size).sharded
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             self.model = Transformer(cfg.model, RoutingKnobs.from_config(cfg.moe))
-        if load_weights is not None and not on_meta:
-            load_weights(self.model)
         if not on_meta:
+            if load_weights is not None:
+                load_weights(self.model)
             self.model.to(self.device)
         # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
         self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runtime.checkpoint import CheckpointError
-from runtime.hf import dequantize_fp8, fp8_block, hf_weight_plan
+from runtime.hf import dequantize_fp8, fp8_block, hf_weight_plan, safetensors_files
 
 SCALE_SUFFIX = "_scale_inv"
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
@@ -100,14 +100,8 @@ class SafetensorsFolder:
 
     def __init__(self, folder: str):
         self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
         self._where = {}
-        for name in files:
+        for name in safetensors_files(folder):
             file = _SafetensorsFile(os.path.join(folder, name))
             self._where.update({key: file for key in file.tensors})
         scales = {k for k in self._where if k.endswith(SCALE_SUFFIX)}
