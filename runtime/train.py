@@ -22,6 +22,7 @@ DDP averages over processes, so the update equals the single-process one with th
 """
 
 import contextlib
+import gc
 import math
 import os
 import random
@@ -727,4 +728,9 @@ def main(argv=None):
         return console.EXIT_INTERRUPTED
     finally:
         logs.close()
+        # FSDP2 and expert-parallel state holds tensors and collective handles in reference
+        # cycles; left to the interpreter's teardown, gloo's threads can release them after
+        # Python is gone (SIGABRT). Free them now, then the process groups.
+        trainer = None
+        gc.collect()
         dist_utils.shutdown()
