@@ -32,9 +32,12 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from runtime.checkpoint import (
     Checkpointer,
@@ -46,6 +49,13 @@ from runtime.checkpoint import (
     fault_point,
 )
 
+if TYPE_CHECKING:  # DCP is imported where it is used: it costs train's start 0.75 s
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlanner
+
+    from generated.config import CheckpointerConfig
+
 SHARDED_DIR = re.compile(r"^ckpt_(\d+)$")
 TEMP_DIR = re.compile(r"^\.(ckpt_\d+|best)\.tmp$")
 BEST_DIR = "best"
@@ -56,7 +66,7 @@ FAULT_RANKS_ENV = "DEEPSEEK_MOE_FAULT_RANKS"
 CHUNK = 1 << 20
 
 
-def is_sharded_checkpoint(path) -> bool:
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isdir(path) and (
         os.path.exists(os.path.join(path, COMPLETE)) or os.path.exists(os.path.join(path, META))
     )
@@ -66,7 +76,7 @@ def sharded_name(step: int) -> str:
     return f"ckpt_{step:07d}"
 
 
-def _sha256(path) -> str:
+def _sha256(path: str) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -74,7 +84,7 @@ def _sha256(path) -> str:
     return sha.hexdigest()
 
 
-def _serialized(obj) -> bytes:
+def _serialized(obj: object) -> bytes:
     # torch.save to bytes: written with atomic_write_bytes, outside the single-file fault points
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -85,7 +95,7 @@ def _rng_name(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
-def verify(path) -> None:
+def verify(path: str) -> None:
     """CheckpointError naming the file when the folder is incomplete or a file is damaged."""
     marker = os.path.join(path, COMPLETE)
     if not os.path.isfile(marker):
@@ -110,7 +120,7 @@ def verify(path) -> None:
             )
 
 
-def load_meta(path, rank: int = 0) -> dict:
+def load_meta(path: str, rank: int = 0) -> dict[str, Any]:
     """The checkpoint's meta dict (no weights) after verifying every file, with `sharded` (the
     folder) and `rng` (this rank's RNG state, or rank 0's) added."""
     verify(path)
@@ -127,7 +137,7 @@ def load_meta(path, rank: int = 0) -> dict:
     return state
 
 
-def _dcp_state(model, optimizer):
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -135,7 +145,7 @@ def _dcp_state(model, optimizer):
 
 
 @contextlib.contextmanager
-def _one_process_quietly():
+def _one_process_quietly() -> Iterator[None]:
     """Without a process group DCP loads in this one process, which is what we mean there; it
     would say so in a UserWarning on every load."""
     with warnings.catch_warnings():
@@ -144,46 +154,55 @@ def _one_process_quietly():
         yield
 
 
-def load_into(model, optimizer, path) -> None:
+@contextlib.contextmanager
+def _reported(message: str) -> Iterator[None]:
+    """DCP's failures as one CheckpointError: `message`, then the error's type and first line. DCP
+    wraps what each process raised in a CheckpointException, a BaseException: its first failure is
+    the one named."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - reported with the path
+        cause: BaseException = error
+        if isinstance(error, CheckpointException) and error.failures:
+            cause = next(iter(error.failures.values()))[0]
+        text = str(cause).strip()
+        first = text.splitlines()[0] if text else ""
+        raise CheckpointError(f"{message}: {type(cause).__name__}: {first}") from None
+
+
+def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Load the DCP files of `path` into `model` (FSDP2-sharded or plain) and its optimizer,
     resharding as needed. Without a process group (one process) DCP reads every shard itself."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _dcp_state(model, optimizer)
-    try:
-        with _one_process_quietly():
-            dcp.load(state, checkpoint_id=path)
-    except Exception as error:  # noqa: BLE001 - reported with the path
-        raise CheckpointError(
-            f"checkpoint {path}: its sharded weights or optimizer state do not fit this run: "
-            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        ) from None
+    fit = f"checkpoint {path}: its sharded weights or optimizer state do not fit this run"
+    with _reported(fit), _one_process_quietly():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
 
 
-def load_model_into(model, path) -> None:
+def load_model_into(model: nn.Module, path: str) -> None:
     """Load only the model weights of `path` into `model` (init_from): FSDP2 / expert-parallel
     sharded, each process reads the shards it holds; a plain model in one process reads them all."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    try:
+    with _reported(f"checkpoint {path}: its sharded weights do not fit this model"):
         with _one_process_quietly():
             dcp.load(state, checkpoint_id=path)
-    except Exception as error:  # noqa: BLE001 - reported with the path
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {path}: its sharded weights do not fit this model: "
-            f"{type(error).__name__}: {first}"
-        ) from None
     set_model_state_dict(model, state["model"])
 
 
-def load_full_into(model, optimizer, state) -> None:
+def load_full_into(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> None:
     """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
     sharded model: each process keeps its own shards. The optimizer's indices follow
     runtime/train.py's build_optimizer (matrices first, then vectors, each in parameters() order)."""
@@ -194,7 +213,7 @@ def load_full_into(model, optimizer, state) -> None:
     order = [n for n, p in zip(names, params) if p.ndim >= 2]
     order += [n for n, p in zip(names, params) if p.ndim < 2]
     saved = state["optimizer"]
-    optim = {
+    optim: dict[str, Any] = {
         "state": {order[int(i)]: v for i, v in saved["state"].items()},
         "param_groups": [
             {**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]
@@ -209,7 +228,7 @@ def load_full_into(model, optimizer, state) -> None:
     )
 
 
-def load_full(path) -> dict:
+def load_full(path: str) -> dict[str, Any]:
     """A sharded checkpoint as a single-file checkpoint dict (full model tensors, no optimizer),
     in one process without a process group: for export, sample and init_from."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -218,51 +237,121 @@ def load_full(path) -> dict:
 
     state = load_meta(path)
     full: dict = {}
-    _load_state_dict(
-        full,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-        no_dist=True,
-    )
+    with _reported(f"checkpoint {path}: cannot read its weights"):
+        _load_state_dict(
+            full,
+            storage_reader=FileSystemReader(path),
+            planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+            no_dist=True,
+        )
     state["model"] = full["model"]
     return state
 
 
+def _box(index: object, shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int]] | None:
+    """(offsets, sizes, the dims an integer index drops) of an index of integers and step-1 slices
+    over `shape`; None for any other index."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) > len(shape):
+        return None
+    parts = parts + (slice(None),) * (len(shape) - len(parts))
+    offsets, sizes, dropped = [], [], []
+    for dim, (part, n) in enumerate(zip(parts, shape)):
+        if isinstance(part, int) and -n <= part < n:
+            offsets.append(part % n)
+            sizes.append(1)
+            dropped.append(dim)
+        elif isinstance(part, slice) and part.step in (None, 1):
+            start, stop, _ = part.indices(n)
+            offsets.append(start)
+            sizes.append(max(0, stop - start))
+        else:
+            return None
+    return offsets, sizes, dropped
+
+
+def _box_planner(key: str, offsets: list[int], sizes: list[int]) -> LoadPlanner:
+    """A DCP load planner that fills the state dict's one tensor with a box (offsets, sizes) of the
+    saved tensor `key`: it plans reads of only the saved chunks the box overlaps, each narrowed to
+    the overlap (DCP is imported here, not with this module: it costs train's start 0.75 s)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class BoxPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+            assert self.metadata is not None  # set up by DCP before planning
+            saved = self.metadata.state_dict_metadata[key]
+            assert isinstance(saved, TensorStorageMetadata), key  # model weights are tensors
+            return LoadPlan(create_read_items_for_chunk_list(key, saved, [box]))
+
+        def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+            return self.state_dict[index.fqn]  # the box itself: read items are relative to it
+
+    return BoxPlanner()
+
+
+def _cached_reader(path: str) -> FileSystemReader:
+    """A FileSystemReader of `path` that reads `.metadata` once (export reads thousands of boxes
+    from one folder)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CachedReader(FileSystemReader):
+        _metadata = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            if self._metadata is None:
+                self._metadata = super().read_metadata(*args, **kwargs)
+            return self._metadata
+
+    return CachedReader(path)
+
+
 class _ModelTensor:
     """One model tensor of a sharded folder, for Source.blocks(): `.shape` from the folder's
-    metadata; `[index]` reads the whole tensor from the shards that hold it (in this process,
-    without a process group) and returns that block."""
+    metadata; `[index]` reads that block (in this process, without a process group). A box of
+    integers and slices reads only the saved chunks it overlaps, so a few experts of a stacked
+    expert weight cost those experts plus one saved shard at a time; other indexes read the whole
+    tensor."""
 
-    def __init__(self, path: str, name: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
+    def __init__(
+        self, reader: FileSystemReader, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        self.reader, self.name, self.shape, self.dtype = reader, name, shape, dtype
 
-    def __getitem__(self, index):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    def __getitem__(self, index: Any) -> torch.Tensor:
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-        tensor = torch.empty(self.shape, dtype=self.dtype)
-        _load_state_dict(
-            {"model": {self.name: tensor}},
-            storage_reader=FileSystemReader(self.path),
-            planner=DefaultLoadPlanner(),
-            no_dist=True,
-        )
-        return tensor[index]
+        box = _box(index, self.shape)
+        if box is None:
+            return self[()][index]
+        offsets, sizes, dropped = box
+        out = torch.empty(sizes, dtype=self.dtype)
+        if out.numel():
+            with _reported(f"checkpoint {self.reader.path}: cannot read {self.name}"):
+                _load_state_dict(
+                    {"model": {self.name: out}},
+                    storage_reader=self.reader,
+                    planner=_box_planner("model." + self.name, offsets, sizes),
+                    no_dist=True,
+                )
+        return out.squeeze(dropped) if dropped else out
 
 
-def model_tensors(path) -> dict:
+def model_tensors(path: str) -> dict[str, _ModelTensor]:
     """name -> _ModelTensor for every model weight of the sharded folder `path` (nothing read yet
-    but the metadata): export streams them one at a time."""
-    from torch.distributed.checkpoint import FileSystemReader
+    but the metadata): export streams them a box at a time."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(path).read_metadata()
+    reader = _cached_reader(path)
+    metadata = reader.read_metadata()
     out = {}
     for key, item in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
             name = key[len("model.") :]
-            out[name] = _ModelTensor(path, name, tuple(item.size), item.properties.dtype)
+            out[name] = _ModelTensor(reader, name, tuple(item.size), item.properties.dtype)
     return out
 
 
@@ -270,20 +359,27 @@ class ShardedCheckpointer(Checkpointer):
     """The `checkpointer` section's policy (interval, keep_last_n, best) with DCP folders. Every
     process calls save / save_best together (collectives inside)."""
 
-    def __init__(self, checkpointer, model, optimizer, rank: int, world: int):
+    def __init__(
+        self,
+        checkpointer: CheckpointerConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rank: int,
+        world: int,
+    ) -> None:
         super().__init__(checkpointer)
         self.model, self.optimizer = model, optimizer
         self.rank, self.world = rank, world
 
     @property
-    def best_path(self):
+    def best_path(self) -> str:
         return os.path.join(self.dir, BEST_DIR)
 
     def _faulty(self) -> bool:
         ranks = os.environ.get(FAULT_RANKS_ENV)
         return ranks is None or str(self.rank) in ranks.split(",")
 
-    def _write(self, state, path):
+    def _write(self, state: Mapping[str, Any], path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         tmp = os.path.join(self.dir, "." + os.path.basename(path) + ".tmp")
@@ -301,7 +397,7 @@ class ShardedCheckpointer(Checkpointer):
             mine = [n for n in os.listdir(tmp) if n.startswith(f"__{self.rank}_")]
             mine.append(_rng_name(self.rank))
             sums = {n: _sha256(os.path.join(tmp, n)) for n in mine}
-            gathered = [None] * self.world
+            gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
             dist.all_gather_object(gathered, sums)
             if self.rank == 0:
                 meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
@@ -325,14 +421,14 @@ class ShardedCheckpointer(Checkpointer):
             ) from None
         dist.barrier()
 
-    def step_name(self, step):
+    def step_name(self, step: int) -> str:
         return sharded_name(step)
 
-    def prune(self):
+    def prune(self) -> list[str]:
         # after the collective write every process sees the same folders; one removes them
         return super().prune() if self.rank == 0 else []
 
-    def remove_stale_temps(self):
+    def remove_stale_temps(self) -> list[str]:
         removed = super().remove_stale_temps()
         if os.path.isdir(self.dir):
             for name in sorted(os.listdir(self.dir)):

@@ -297,25 +297,38 @@ def fp8_block(config_json: dict, source: str = "config.json") -> tuple[int, int]
 # ----------------------------------------------------------------------------- weights
 
 
-def hf_tensors(name: str, t: Tensor, cfg: ModelConfig) -> list[tuple[str, Tensor]]:
+STACKED_EXPERT_KEYS = ("ffn.experts.w13", "ffn.experts.w2")  # (E, ...): one HF tensor per expert
+
+
+def is_stacked_experts(name: str) -> bool:
+    return name.endswith(STACKED_EXPERT_KEYS)
+
+
+def hf_tensors(
+    name: str, t: Tensor, cfg: ModelConfig, first_expert: int = 0
+) -> list[tuple[str, Tensor]]:
     """One of our tensors under its Hugging Face name(s), as views of it: routed experts split per
-    expert, MTP modules at layer n_layers + k, and the embedding and head also as each MTP layer's
-    own copy (the released weights carry them)."""
+    expert (`t` may be the experts first_expert.. of the stack), MTP modules at layer n_layers + k,
+    and the embedding and head also as each MTP layer's own copy (the released weights carry
+    them)."""
     n = cfg.n_layers
 
     def block(prefix: str, key: str) -> list[tuple[str, Tensor]]:
+        experts = range(first_expert, first_expert + len(t))  # for the stacked experts
         if key == "ffn.experts.w13":  # (E, 2I, C): gate rows then up rows
             gate, up = t.chunk(2, dim=1)
             return [
                 pair
-                for j in range(t.shape[0])
+                for i, j in enumerate(experts)
                 for pair in (
-                    (f"{prefix}mlp.experts.{j}.gate_proj.weight", gate[j]),
-                    (f"{prefix}mlp.experts.{j}.up_proj.weight", up[j]),
+                    (f"{prefix}mlp.experts.{j}.gate_proj.weight", gate[i]),
+                    (f"{prefix}mlp.experts.{j}.up_proj.weight", up[i]),
                 )
             ]
         if key == "ffn.experts.w2":  # (E, C, I)
-            return [(f"{prefix}mlp.experts.{j}.down_proj.weight", t[j]) for j in range(t.shape[0])]
+            return [
+                (f"{prefix}mlp.experts.{j}.down_proj.weight", t[i]) for i, j in enumerate(experts)
+            ]
         return [(prefix + BLOCK_KEYS[key], t)]
 
     if name in TOP_KEYS:
@@ -521,7 +534,8 @@ def write_hf_folder(
     tokenizer: TextCodec | None = None,
     mtp: bool = True,
 ) -> None:
-    """Write the weights `tensors` ((our name, tensor) pairs of a model of `cfg`) and config.json to
+    """Write the weights `tensors` ((our name, tensor) pairs of a model of `cfg`; a stack of experts
+    may come as several pairs of consecutive experts, in order) and config.json to
     out_dir: model.safetensors, or, above max_shard_size bytes, model-0000i-of-0000n.safetensors
     shards and model.safetensors.index.json. The pairs are taken one at a time and each shard is
     written when full, so at most one shard and one source tensor are in memory (a sharded
@@ -556,10 +570,15 @@ def write_hf_folder(
         save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
         shard.clear()
 
+    experts_written: dict[str, int] = {}  # a stack of experts may come in consecutive pieces
     for name, t in tensors:
         if not mtp and name.startswith("mtp."):
             continue
-        for key, v in hf_tensors(name, t, model_cfg):
+        first = 0
+        if is_stacked_experts(name):
+            first = experts_written.get(name, 0)
+            experts_written[name] = first + t.shape[0]
+        for key, v in hf_tensors(name, t, model_cfg, first):
             keep = (
                 torch.float32 if key.endswith("e_score_correction_bias") else EXPORT_DTYPES[dtype]
             )

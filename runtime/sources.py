@@ -23,6 +23,7 @@ DCP), and MTP modules without weights keep their fresh initialisation, to be tra
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,9 @@ from runtime.model import Transformer, local_block
 from runtime.moe import RoutingKnobs
 from runtime.tokenizer import TextCodec
 
+# export reads a stack of experts this many bytes at a time (a sharded folder: only the saved
+# shards that hold them); the rest of the model, one tensor at a time
+EXPORT_PIECE_BYTES = 512 << 20
 MTP_DEPTH = PATH.model.mtp_depth.rsplit(".", 1)[-1]
 N_LAYERS = PATH.model.n_layers.rsplit(".", 1)[-1]
 
@@ -107,6 +111,8 @@ class Source:
     def tensors(self) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
         """(model_config(), its weights as (name, whole tensor) pairs read one at a time), names and
         shapes checked against that architecture first (export: never the whole model at once)."""
+        from runtime.hf import is_stacked_experts
+
         cfg = self.model_config()
         blocks = {k: v for k, v in self.blocks().items() if self._kept(k, cfg)}
         with torch.device("meta"):
@@ -114,7 +120,15 @@ class Source:
 
         def read() -> Iterator[tuple[str, Tensor]]:
             for name, reader in blocks.items():
-                yield name, reader[tuple(slice(None) for _ in reader.shape)]
+                whole = [slice(None) for _ in reader.shape]
+                if not is_stacked_experts(name):
+                    yield name, reader[tuple(whole)]
+                    continue
+                # a stack of experts (~30 GB a layer in float32 at DeepSeek-V3's size) in pieces
+                expert_bytes = 4 * math.prod(reader.shape[1:])  # float32 at most
+                step = max(1, EXPORT_PIECE_BYTES // max(1, expert_bytes))
+                for first in range(0, reader.shape[0], step):
+                    yield name, reader[(slice(first, first + step), *whole[1:])]
 
         return cfg, read()
 

@@ -295,12 +295,41 @@ def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
         assert r["peak_rss_mb"] < r["model_weights_mb"], r  # whole weights alone would exceed it
 
 
-def test_export_of_a_sharded_folder_streams_its_tensors(sharded_checkpoint, tmp_path):
-    # `export` reads a sharded folder one tensor at a time (no process group) and writes each shard
-    # when full: the folder holds exactly the weights consolidated whole, bit for bit
+def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_checkpoint, tmp_path):
+    # export reads a stack of experts a few experts at a time: each box is read from the saved
+    # shards it overlaps and no others (FSDP2 over 2 processes: rank 0 saved experts 0-1)
+    from runtime.checkpoint import CheckpointError
+    from runtime.dcp_checkpoint import model_tensors
+
+    name = "layers.1.ffn.experts.w13"
+    whole = model_tensors(sharded_checkpoint)[name]
+    everything = whole[(slice(None), slice(None), slice(None))]
+    assert tuple(everything.shape) == whole.shape and everything.shape[0] == 4
+    copy = tmp_path / "ckpt"
+    shutil.copytree(sharded_checkpoint, copy)
+    (copy / "__1_0.distcp").unlink()
+    w = model_tensors(copy)[name]
+    assert torch.equal(w[(slice(0, 2), slice(None), slice(None))], everything[0:2])
+    assert torch.equal(w[(slice(1, 2), slice(3, 9), slice(5, None))], everything[1:2, 3:9, 5:])
+    assert torch.equal(w[1, 2:], everything[1, 2:]) and torch.equal(
+        w[-3, :, 4], everything[1, :, 4]
+    )
+    with pytest.raises(CheckpointError, match=r"cannot read layers.1.ffn.experts.w13: .*__1_0"):
+        w[1:3]  # expert 2 is in the missing shard
+
+
+@pytest.mark.parametrize("piece_bytes", [512 << 20, 1], ids=["whole-stacks", "expert-by-expert"])
+def test_export_of_a_sharded_folder_streams_its_tensors(
+    sharded_checkpoint, tmp_path, monkeypatch, piece_bytes
+):
+    # `export` reads a sharded folder one tensor at a time (no process group; a stack of experts
+    # in pieces of EXPORT_PIECE_BYTES) and writes each shard when full: the folder holds exactly
+    # the weights consolidated whole, bit for bit
+    from runtime import sources
     from runtime.hf import export_main, read_safetensors, to_hf_state_dict
     from runtime.sources import load_source
 
+    monkeypatch.setattr(sources, "EXPORT_PIECE_BYTES", piece_bytes)
     out = tmp_path / "hf"
     assert export_main([str(sharded_checkpoint), str(out), "--max-shard-size", "20KB"]) == 0
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 3 and (out / "config.json").is_file()
