@@ -32,7 +32,7 @@ COMMANDS = {
 TRAIN_EXTRA_MODULES = {"torch", "numpy", "tqdm", "matplotlib", "safetensors", "tokenizers"}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")

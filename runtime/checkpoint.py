@@ -21,6 +21,8 @@ Fault injection (tests only): DEEPSEEK_MOE_FAULT="phase:N[,phase:N...]" makes th
 itself the N-th time it reaches `phase` (see FAULT_PHASES and `fault_point`).
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
@@ -34,11 +36,14 @@ import signal
 import struct
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 
 from generated import PATH
+from generated.config import CheckpointerConfig
 from generated.names import ResumeFrom
 
 FORMAT_VERSION = 3
@@ -66,10 +71,10 @@ FAULT_PHASES = {
     "checkpoint_write": "half of a checkpoint's bytes written to its temporary file",
     "checkpoint_rename": "a checkpoint's temporary file complete and fsynced, not yet renamed",
 }
-_fault_plan = None
+_fault_plan: dict[str, int] | None = None
 
 
-def _faults():
+def _faults() -> dict[str, int]:
     global _fault_plan
     if _fault_plan is None:
         _fault_plan = {}
@@ -83,11 +88,11 @@ def _faults():
     return _fault_plan
 
 
-def fault_armed(phase):
+def fault_armed(phase: str) -> bool:
     return phase in _faults()
 
 
-def fault_point(phase):
+def fault_point(phase: str) -> None:
     """SIGKILL this process the N-th time `phase` is reached when DEEPSEEK_MOE_FAULT has phase:N;
     a no-op (one dict lookup) otherwise."""
     plan = _faults()
@@ -100,7 +105,7 @@ def fault_point(phase):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def checkpoint_name(step):
+def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:07d}.pt"
 
 
@@ -108,7 +113,7 @@ def checkpoint_name(step):
 # RNG states as tensors and plain types (so that weights_only loading accepts them)
 
 
-def capture_rng_state():
+def capture_rng_state() -> dict[str, Any]:
     version, state, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
     rng = {
@@ -130,7 +135,7 @@ def capture_rng_state():
     return rng
 
 
-def restore_rng_state(rng):
+def restore_rng_state(rng: Mapping[str, Any]) -> None:
     py = rng["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     npy = rng["numpy"]
@@ -155,10 +160,10 @@ def restore_rng_state(rng):
 class RNGState:
     """The process's random generators as a Stateful component (python, numpy, torch, cuda)."""
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return capture_rng_state()
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         restore_rng_state(state)
 
 
@@ -168,7 +173,7 @@ class RNGState:
 OPTIONAL_COMPONENTS = frozenset({"scaler"})  # absent (or {}) in a checkpoint: keep the fresh state
 
 
-def checkpoint_dict(components, meta):
+def checkpoint_dict(components: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint of `components` (name -> object with state_dict()) and `meta` (run metadata:
     step, run_id, tokenizer, config)."""
     state = {"format_version": FORMAT_VERSION, **meta}
@@ -179,7 +184,7 @@ def checkpoint_dict(components, meta):
     return state
 
 
-def load_components(components, state, path):
+def load_components(components: Mapping[str, Any], state: Mapping[str, Any], path: str) -> None:
     """Load every component from its key of checkpoint `state` (CheckpointError naming the part
     that does not fit), in the order given (put `rng` last: loading it restores the generators)."""
     for name, component in components.items():
@@ -201,7 +206,7 @@ def load_components(components, state, path):
             ) from None
 
 
-def _upgrade(state):
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """A format 1-2 checkpoint in format 3's layout (same tensors, regrouped)."""
     if int(state.get("format_version", 1)) >= 3:
         return state
@@ -223,20 +228,20 @@ def _upgrade(state):
 # Files
 
 
-def describe_os_error(error):
+def describe_os_error(error: OSError) -> str:
     """`No space left on device (ENOSPC)` from an OSError."""
     name = errno.errorcode.get(error.errno) if error.errno else None
     text = error.strerror or str(error)
     return f"{text} ({name})" if name else text
 
 
-def config_digest(config):
+def config_digest(config: Mapping[str, Any]) -> str:
     """sha256 of a config dict as canonical JSON (stored as config_sha256, checked on load)."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _tensor_bytes(obj):
+def _tensor_bytes(obj: object) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -251,14 +256,14 @@ class _HashingWriter:
     last two (the zip comment length, rewritten when the trailer is appended). With the
     `checkpoint_write` fault armed, it reaches that fault point once, halfway through the bytes."""
 
-    def __init__(self, out, fault_at=None):
+    def __init__(self, out: IO[bytes], fault_at: int | None = None) -> None:
         self.out = out
         self.sha = hashlib.sha256()
         self.tail = b""
         self.size = 0
         self.fault_at = fault_at
 
-    def write(self, data):
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
         total = len(view)
         if self.fault_at is not None and self.size + len(view) >= self.fault_at:
@@ -271,7 +276,7 @@ class _HashingWriter:
         self._put(view)
         return total
 
-    def _put(self, view):
+    def _put(self, view: memoryview) -> None:
         if not len(view):
             return
         if len(view) >= 2:
@@ -285,10 +290,10 @@ class _HashingWriter:
         self.out.write(view)
         self.size += len(view)
 
-    def flush(self):
+    def flush(self) -> None:
         self.out.flush()
 
-    def finish(self):
+    def finish(self) -> None:
         """Append the trailer as the zip comment of the archive torch.save wrote."""
         self.out.flush()
         self.out.seek(-EOCD_LEN, os.SEEK_END)
@@ -303,7 +308,7 @@ class _HashingWriter:
         )
 
 
-def default_file_mode():
+def default_file_mode() -> int:
     """The mode open() would give a new file under the current umask (mkstemp's is always 0600)."""
     umask = os.umask(0o022)
     os.umask(umask)
@@ -311,7 +316,7 @@ def default_file_mode():
 
 
 @contextlib.contextmanager
-def _atomic_file(path, mode="wb", fault_name=None):
+def _atomic_file(path: str, mode: str = "wb", fault_name: str | None = None) -> Iterator[IO[Any]]:
     """An open temporary file beside `path` that becomes `path` (fsync, rename, folder fsync) when
     the block ends normally; on any failure it is removed and `path` is left as it was. Its mode
     follows the umask, like any file the run writes."""
@@ -343,23 +348,23 @@ def _atomic_file(path, mode="wb", fault_name=None):
         os.close(dir_fd)
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename; mode follows the umask."""
     with _atomic_file(path) as out:
         out.write(data)
 
 
-def atomic_save(obj, path):
+def atomic_save(obj: object, path: str) -> None:
     """torch.save + sha256 trailer to a temporary file in the same folder, fsync, then os.replace.
     On any failure the temporary file is removed and `path` is left as it was."""
     with _atomic_file(path, "w+b", fault_name="checkpoint_rename") as out:
         fault_at = _tensor_bytes(obj) // 2 if fault_armed("checkpoint_write") else None
         writer = _HashingWriter(out, fault_at)
-        torch.save(obj, writer)
+        torch.save(obj, cast(IO[bytes], writer))  # duck-typed: write and flush are all it uses
         writer.finish()
 
 
-def verify_checksum(path):
+def verify_checksum(path: str) -> None:
     """Check the sha256 trailer of a checkpoint file; raises CheckpointError naming the problem."""
     try:
         size = os.path.getsize(path)
@@ -398,7 +403,9 @@ def verify_checksum(path):
         )
 
 
-def load_checkpoint(path, map_location="cpu", weights=True, mmap=False):
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", weights: bool = True, mmap: bool = False
+) -> dict[str, Any]:
     """A checkpoint dict, after checking the file's checksum and, for format 2, the config hash.
     Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects.
     mmap=True maps the tensors' storage from the file (pages are read when used) instead of
@@ -442,7 +449,7 @@ def load_checkpoint(path, map_location="cpu", weights=True, mmap=False):
     return _upgrade(state)
 
 
-def check_finite(state, path):
+def check_finite(state: Mapping[str, Any], path: str) -> None:
     """Refuse (CheckpointError) to write `path` if a model weight or optimizer state is NaN or inf."""
     named = [(f"model weight {k}", v) for k, v in (state.get("model") or {}).items()]
     for index, per_param in ((state.get("optimizer") or {}).get("state") or {}).items():
@@ -464,7 +471,7 @@ def check_finite(state, path):
         )
 
 
-def check_weights_fit(model, weights, path):
+def check_weights_fit(model: torch.nn.Module, weights: Mapping[str, Any], path: str) -> None:
     """CheckpointError naming the first tensor whose name or shape differs between the checkpoint's
     `weights` and `model`'s state_dict."""
     expected = model.state_dict()
@@ -485,11 +492,11 @@ def check_weights_fit(model, weights, path):
         )
 
 
-def step_checkpoints(folder):
+def step_checkpoints(folder: str) -> list[tuple[int, str]]:
     """[(step, path)] of the step checkpoints in `folder`, oldest first."""
     if not os.path.isdir(folder):
         return []
-    found = []
+    found: list[tuple[int, str]] = []
     for name in os.listdir(folder):
         match = STEP_FILE.match(name)
         if match:
@@ -500,7 +507,7 @@ def step_checkpoints(folder):
 class Checkpointer:
     """Saving policy of the `checkpointer` section (CheckpointerConfig)."""
 
-    def __init__(self, checkpointer):
+    def __init__(self, checkpointer: CheckpointerConfig) -> None:
         assert checkpointer.save_dir is not None, (
             "save_dir is a derived default, filled when the config resolves"
         )
@@ -512,10 +519,10 @@ class Checkpointer:
         self.keep_last_n = checkpointer.keep_last_n
 
     @property
-    def best_path(self):
+    def best_path(self) -> str:
         return os.path.join(self.dir, BEST_NAME)
 
-    def should_save(self, step, *, final, improved):
+    def should_save(self, step: int, *, final: bool, improved: bool) -> bool:
         """Save after step `step` (steps done)? Every `save_interval` steps, when `improved` (the last
         validation improved on the best so far) or `always_save_checkpoint`; always at the end."""
         if final:
@@ -524,7 +531,7 @@ class Checkpointer:
             return False
         return self.always or improved
 
-    def check_writable(self):
+    def check_writable(self) -> None:
         """CheckpointError now, not after hours of training, if the save folder cannot take files."""
         try:
             os.makedirs(self.dir, exist_ok=True)
@@ -536,7 +543,7 @@ class Checkpointer:
                 f"cannot write checkpoints to {self.dir}: {describe_os_error(error)}"
             ) from None
 
-    def _write(self, state, path):
+    def _write(self, state: Mapping[str, Any], path: str) -> None:
         check_finite(state, path)
         try:
             atomic_save(state, path)
@@ -545,25 +552,25 @@ class Checkpointer:
                 f"cannot write checkpoint {path}: {describe_os_error(error)}"
             ) from None
 
-    def step_name(self, step):
+    def step_name(self, step: int) -> str:
         """File (or folder) name of the step checkpoint after `step` steps."""
         return checkpoint_name(step)
 
-    def save(self, state, step):
+    def save(self, state: Mapping[str, Any], step: int) -> str:
         path = os.path.join(self.dir, self.step_name(step))
         self._write(state, path)
         self.prune()
         return path
 
-    def save_best(self, state):
+    def save_best(self, state: Mapping[str, Any]) -> str:
         self._write(state, self.best_path)
         return self.best_path
 
-    def remove_stale_temps(self):
+    def remove_stale_temps(self) -> list[str]:
         """Delete temporary files left by a save that was killed; returns their paths."""
         if not os.path.isdir(self.dir):
             return []
-        removed = []
+        removed: list[str] = []
         for name in sorted(os.listdir(self.dir)):
             if TEMP_FILE.match(name):
                 with contextlib.suppress(FileNotFoundError):
@@ -571,18 +578,20 @@ class Checkpointer:
                     removed.append(os.path.join(self.dir, name))
         return removed
 
-    def prune(self):
+    def prune(self) -> list[str]:
         """Remove step checkpoints beyond the newest `keep_last_n` (0 keeps all)."""
         if self.keep_last_n <= 0:
             return []
-        removed = []
+        removed: list[str] = []
         for _, path in step_checkpoints(self.dir)[: -self.keep_last_n]:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             removed.append(path)
         return removed
 
-    def load_resume(self, warn=None, run_id=None):
+    def load_resume(
+        self, warn: Callable[[str], object] | None = None, run_id: str | None = None
+    ) -> tuple[str | None, dict[str, Any] | None]:
         """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run.
 
         A file named by `resume_from` must load. `latest` takes the newest step checkpoint that
@@ -600,7 +609,7 @@ class Checkpointer:
                     f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}"
                 )
             return target, load_checkpoint(target, weights=False)
-        problems = []
+        problems: list[str] = []
         for step, path in reversed(step_checkpoints(self.dir)):
             try:
                 state = load_checkpoint(path, weights=False)

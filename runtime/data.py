@@ -18,23 +18,32 @@ at step N (`StepBatchSampler(start_step=N)`) gives exactly the batches of the un
 and W processes see the same global batch as one process with the same global settings.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 import sysconfig
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from generated import PATH
+from generated.config import DataConfig
 from generated.names import Dataset as DatasetChoice
 from generated.names import TokenDtype
 from generated.names import Tokenizer as TokenizerKind
 from runtime.checkpoint import default_file_mode
 from runtime.registry import DATASETS, TOKENIZERS
+
+if TYPE_CHECKING:
+    from runtime.tokenizer import TextCodec
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
@@ -59,15 +68,15 @@ class Corpus:
     length: int
     is_bytes: bool  # tokens are raw bytes (decode a sample with bytes(ids).decode())
     bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
-    codec: object = field(
+    codec: TextCodec | None = field(
         default=None, compare=False
     )  # runtime.tokenizer.TextCodec of a bpe corpus
 
-    def array(self):
+    def array(self) -> np.memmap:
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
 
 
-def load_corpus(data, vocab_size=None):
+def load_corpus(data: DataConfig, vocab_size: int | None = None) -> Corpus:
     """The corpus of the `data` section (DataConfig), building its caches if needed; `vocab_size`
     (model.vocab_size) is the size of a `bpe` tokenizer."""
     corpus = DATASETS.get(data.dataset)(data)
@@ -75,11 +84,11 @@ def load_corpus(data, vocab_size=None):
 
 
 @TOKENIZERS.register(TokenizerKind.BYTES)
-def _bytes_tokens(corpus, data, vocab_size):
+def _bytes_tokens(corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
     return corpus  # byte corpora are bytes already; a `bin` corpus is its own tokens
 
 
-def _text_chunks(raw, start, end, size=1 << 20):
+def _text_chunks(raw: np.ndarray, start: int, end: int, size: int = 1 << 20) -> Iterator[str]:
     """The bytes raw[start:end] as strings of about `size` bytes, cut after a newline."""
     a = start
     while a < end:
@@ -92,7 +101,7 @@ def _text_chunks(raw, start, end, size=1 << 20):
 
 
 @TOKENIZERS.register(TokenizerKind.BPE)
-def bpe_corpus(byte_corpus, data, vocab_size):
+def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
     """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
     from runtime.tokenizer import TextCodec
 
@@ -151,9 +160,9 @@ def bpe_corpus(byte_corpus, data, vocab_size):
 # Corpus builders
 
 
-def _stdlib_files():
+def _stdlib_files() -> tuple[str, list[str]]:
     root = os.path.realpath(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
         for name in filenames:
@@ -162,8 +171,8 @@ def _stdlib_files():
     return root, sorted(files)
 
 
-def _text_files(folder):
-    files = []
+def _text_files(folder: str) -> list[str]:
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
@@ -172,7 +181,7 @@ def _text_files(folder):
     return sorted(files)
 
 
-def _is_text(raw):
+def _is_text(raw: bytes) -> bool:
     if b"\x00" in raw:
         return False
     try:
@@ -182,7 +191,7 @@ def _is_text(raw):
     return True
 
 
-def _fingerprint(root, files):
+def _fingerprint(root: str, files: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for rel in files:
         stat = os.stat(os.path.join(root, rel))
@@ -190,7 +199,7 @@ def _fingerprint(root, files):
     return digest.hexdigest()
 
 
-def _atomic_write(path, chunks):
+def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -208,12 +217,14 @@ def _atomic_write(path, chunks):
         raise
 
 
-def _cached_bytes_corpus(name, data_dir, root, files, select_text):
+def _cached_bytes_corpus(
+    name: str, data_dir: str, root: str, files: list[str], select_text: bool
+) -> Corpus:
     """Concatenate `files` (relative to `root`, in order) into `<data_dir>/<name>.bin`, reusing
     the cache when its fingerprint matches."""
     bin_path = os.path.join(data_dir, f"{name}.bin")
     meta_path = os.path.join(data_dir, f"{name}.json")
-    meta = {
+    meta: dict[str, Any] = {
         "version": CACHE_VERSION,
         "source": root,
         "files": len(files),
@@ -225,7 +236,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
         if {k: old.get(k) for k in meta} == meta and old.get("bytes") == os.path.getsize(bin_path):
             return Corpus(name, bin_path, "uint8", old["bytes"], True, 1.0)
 
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         for rel in files:
             with open(os.path.join(root, rel), "rb") as f:
                 raw = f.read()
@@ -241,7 +252,7 @@ def _cached_bytes_corpus(name, data_dir, root, files, select_text):
 
 
 @DATASETS.register(DatasetChoice.STDLIB)
-def stdlib_corpus(data):
+def stdlib_corpus(data: DataConfig) -> Corpus:
     """The running Python's standard-library `*.py` files (sorted relative paths; site-packages
     and test directories excluded), as bytes."""
     root, files = _stdlib_files()
@@ -249,7 +260,7 @@ def stdlib_corpus(data):
 
 
 @DATASETS.register(DatasetChoice.TEXT_DIR)
-def text_dir_corpus(data):
+def text_dir_corpus(data: DataConfig) -> Corpus:
     """Every text file (valid UTF-8 without NUL bytes; hidden entries skipped) under `path`,
     in sorted relative-path order, as bytes."""
     if data.path is None or not os.path.isdir(data.path):
@@ -263,7 +274,7 @@ def text_dir_corpus(data):
 
 
 @DATASETS.register(DatasetChoice.BIN)
-def bin_corpus(data):
+def bin_corpus(data: DataConfig) -> Corpus:
     """A pre-tokenized token file at `path` (`data.token_dtype`: uint16 or uint32, little-endian),
     memory-mapped in place."""
     if data.path is None or not os.path.isfile(data.path):
@@ -292,7 +303,7 @@ TOKENIZERS.complete()
 # Splits, windows, sampling
 
 
-def split_ranges(length, data):
+def split_ranges(length: int, data: DataConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(train_start, train_end), (val_start, val_end): `train_split` from the start of the corpus,
     `val_split` from its end."""
     train_end = int(length * data.train_split)
@@ -304,7 +315,9 @@ class WindowDataset(Dataset):
     """Windows of `window` tokens from `corpus[start:end]`; item `i` starts at an offset drawn
     from a generator seeded with (seed, stream, i). Returns int64 tensors of shape (window,)."""
 
-    def __init__(self, corpus, start, end, window, seed, stream):
+    def __init__(
+        self, corpus: Corpus, start: int, end: int, window: int, seed: int, stream: int
+    ) -> None:
         if end - start < window:
             raise DataError(
                 f"{'train' if stream == TRAIN_STREAM else 'validation'} split of the {corpus.name!r} corpus has "
@@ -312,28 +325,28 @@ class WindowDataset(Dataset):
             )
         self.corpus, self.start, self.end, self.window = corpus, start, end, window
         self.seed, self.stream = seed, stream
-        self._data = None
+        self._data: np.memmap | None = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.end - self.start - self.window + 1
 
-    def offset(self, index):
+    def offset(self, index: int) -> int:
         rng = np.random.default_rng([self.seed, self.stream, int(index)])
         return self.start + int(rng.integers(0, len(self)))
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Tensor:
         if self._data is None:
             self._data = self.corpus.array()
         begin = self.offset(index)
         return torch.from_numpy(self._data[begin : begin + self.window].astype(np.int64))
 
-    def __getstate__(self):  # memmaps are reopened in worker processes
+    def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in worker processes
         state = dict(self.__dict__)
         state["_data"] = None
         return state
 
 
-def micro_batches_per_rank(grad_accum, world_size):
+def micro_batches_per_rank(grad_accum: int, world_size: int) -> int:
     """Micro-batches each of `world_size` processes runs per optimizer step."""
     if grad_accum % world_size:
         raise DataError(
@@ -348,23 +361,32 @@ class StepBatchSampler(Sampler):
 
     Its whole state is `start_step`: resuming builds a new sampler at the resumed step."""
 
-    def __init__(self, *, batch_size, grad_accum, world_size, rank, start_step, end_step):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        start_step: int,
+        end_step: int,
+    ) -> None:
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
         self.rank, self.start_step, self.end_step = rank, start_step, end_step
 
-    def micro_batch_ids(self, step, micro):
+    def micro_batch_ids(self, step: int, micro: int) -> list[int]:
         """Sample ids of this rank's `micro`-th micro-batch of optimizer step `step`."""
         global_micro = step * self.grad_accum + self.rank * self.micro_per_rank + micro
         first = global_micro * self.batch_size
         return list(range(first, first + self.batch_size))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.end_step):
             for micro in range(self.micro_per_rank):
                 yield self.micro_batch_ids(step, micro)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.micro_per_rank
 
 
@@ -375,7 +397,9 @@ class EvalBatchSampler(Sampler):
     of batches (a sharded model runs collectives in each forward, so every process must run as many):
     a process with one batch fewer repeats batch 0 after its own, and that repeat is not counted."""
 
-    def __init__(self, *, batch_size, eval_iters, world_size, rank, even=False):
+    def __init__(
+        self, *, batch_size: int, eval_iters: int, world_size: int, rank: int, even: bool = False
+    ) -> None:
         self.batch_size, self.eval_iters, self.world_size, self.rank = (
             batch_size,
             eval_iters,
@@ -385,13 +409,13 @@ class EvalBatchSampler(Sampler):
         self.counted = len(range(rank, eval_iters, world_size))
         self.total = -(-eval_iters // world_size) if even else self.counted
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         for i in range(self.rank, self.eval_iters, self.world_size):
             yield list(range(i * self.batch_size, (i + 1) * self.batch_size))
         for _ in range(self.total - self.counted):
             yield list(range(self.batch_size))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.total
 
 
@@ -401,8 +425,17 @@ class DataModule:
     data: DataConfig; window: tokens per sample (seq_len + 1 + mtp_depth)."""
 
     def __init__(
-        self, data, *, seed, window, batch_size, grad_accum, world_size=1, rank=0, vocab_size=None
-    ):
+        self,
+        data: DataConfig,
+        *,
+        seed: int,
+        window: int,
+        batch_size: int,
+        grad_accum: int,
+        world_size: int = 1,
+        rank: int = 0,
+        vocab_size: int | None = None,
+    ) -> None:
         self.data = data
         self.corpus = load_corpus(data, vocab_size)
         # tokens of this dtype: a bin file's declared one, or the cache's own (uint8 bytes, uint16 BPE)
@@ -419,7 +452,9 @@ class DataModule:
         self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
         self.next_step = 0  # the data position: the next optimizer step's batches come next
 
-    def _loader(self, dataset, batch_sampler):
+    def _loader(
+        self, dataset: WindowDataset, batch_sampler: Sampler[list[int]]
+    ) -> DataLoader[Tensor]:
         # Windows depend only on their sample ids; the loader's own generator keeps it from drawing
         # its base seed from (and so shifting) the global torch RNG.
         return DataLoader(
@@ -430,7 +465,7 @@ class DataModule:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def train_loader(self, start_step, end_step):
+    def train_loader(self, start_step: int, end_step: int) -> DataLoader[Tensor]:
         """Micro-batches (B, window) of steps start_step..end_step-1, `micro_per_rank` per step."""
         sampler = StepBatchSampler(
             batch_size=self.batch_size,
@@ -442,7 +477,7 @@ class DataModule:
         )
         return self._loader(self.train_set, sampler)
 
-    def val_loader(self, eval_iters, even=False):
+    def val_loader(self, eval_iters: int, even: bool = False) -> DataLoader[Tensor]:
         """This process's validation batches; the first `loader.batch_sampler.counted` count
         (EvalBatchSampler: `even` pads every process to the same number of forwards)."""
         sampler = EvalBatchSampler(
@@ -454,7 +489,7 @@ class DataModule:
         )
         return self._loader(self.val_set, sampler)
 
-    def train_steps(self, end_step):
+    def train_steps(self, end_step: int) -> Iterator[list[Tensor]]:
         """This process's micro-batches (a list of `micro_per_rank`) of each optimizer step from
         next_step to end_step - 1; next_step advances as each step's batches are handed out."""
         loader = iter(self.train_loader(self.next_step, end_step))
@@ -464,8 +499,8 @@ class DataModule:
             yield micro
 
     # Stateful: the data position is the next step (windows are a function of the step)
-    def state_dict(self):
+    def state_dict(self) -> dict[str, int]:
         return {"next_step": int(self.next_step)}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.next_step = int(state["next_step"])

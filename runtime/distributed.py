@@ -3,11 +3,14 @@
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from generated import PATH
+from generated.config import DeviceConfig, DistributedConfig, TorchCompilationConfig
 from generated.names import Backend, Device, Dtype
 from runtime.registry import BACKENDS, DTYPES
 
@@ -37,17 +40,19 @@ class DistInfo:
     enabled: bool = False  # a process group was initialised and the model is wrapped in DDP
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
 
-def launch_world():
+def launch_world() -> tuple[int, int, int]:
     """(world_size, rank, local_rank) from the torchrun environment (1, 0, 0 without it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_device(device_cfg, local_rank=0, distributed=False):
+def resolve_device(
+    device_cfg: DeviceConfig, local_rank: int = 0, distributed: bool = False
+) -> torch.device:
     """torch.device from DeviceConfig.device: cpu, cuda, cuda:N or auto (cuda when available).
     Under DDP on CUDA each process takes cuda:LOCAL_RANK."""
     name = device_cfg.device
@@ -68,18 +73,20 @@ def resolve_device(device_cfg, local_rank=0, distributed=False):
     return device
 
 
-def autocast_dtype(device_cfg):
+def autocast_dtype(device_cfg: DeviceConfig) -> torch.dtype:
     return DTYPES.get(device_cfg.dtype)
 
 
-def autocast_context(device, dtype):
+def autocast_context(
+    device: torch.device, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[object]:
     """Autocast of forward and loss; a no-op for float32 (weights stay float32 in every case)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def cpu_native_matmul(dtype) -> bool:
+def cpu_native_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies `dtype` matrices with native instructions. bfloat16 and float16
     CPU matmuls go through oneDNN, which needs AVX512 (bf16: AVX512-BF16 or AMX best) for them; on
     an AVX2-only CPU it falls back to a reference kernel: 0.27 GFLOP/s for a 2048^3 bf16 matmul
@@ -93,7 +100,7 @@ def cpu_native_matmul(dtype) -> bool:
     return bool(check())
 
 
-def slow_cpu_dtype(device, dtype, path) -> str | None:
+def slow_cpu_dtype(device: torch.device, dtype: torch.dtype, path: str) -> str | None:
     """A warning when the setting at `path` puts `dtype` matmuls on a CPU without native support
     for them, else None."""
     if device.type != "cpu" or cpu_native_matmul(dtype):
@@ -106,12 +113,12 @@ def slow_cpu_dtype(device, dtype, path) -> str | None:
     )
 
 
-def grad_scaler(device, dtype):
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
     """Gradient scaling, enabled for float16 only."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def init_distributed(launch, dist_cfg, device_type):
+def init_distributed(launch: DistInfo, dist_cfg: DistributedConfig, device_type: str) -> DistInfo:
     """Initialise the process group of a checked multi-process `launch` (from check_launch);
     `enabled: true` in a single process runs without DDP."""
     if launch.world_size <= 1:
@@ -122,7 +129,7 @@ def init_distributed(launch, dist_cfg, device_type):
     return launch
 
 
-def check_launch(dist_cfg):
+def check_launch(dist_cfg: DistributedConfig) -> DistInfo:
     """The launch (DistInfo from the torchrun environment, no process group yet); a multi-process
     launch (WORLD_SIZE > 1) needs `system.distributed.enabled`."""
     world, rank, local_rank = launch_world()
@@ -134,11 +141,11 @@ def check_launch(dist_cfg):
     return DistInfo(world, rank, local_rank, world > 1)
 
 
-def process_group_backend(dist_cfg, device_type):
+def process_group_backend(dist_cfg: DistributedConfig, device_type: str) -> str:
     return BACKENDS.get(dist_cfg.backend)(device_type)
 
 
-def ddp_options(dist_cfg):
+def ddp_options(dist_cfg: DistributedConfig) -> dict[str, Any]:
     """Keyword arguments of DistributedDataParallel from DistributedConfig."""
     return {
         "bucket_cap_mb": dist_cfg.ddp_bucket_cap_mb,
@@ -146,39 +153,38 @@ def ddp_options(dist_cfg):
     }
 
 
-def wrap_ddp(module, dist_cfg, device):
+def wrap_ddp(module: nn.Module, dist_cfg: DistributedConfig, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, **ddp_options(dist_cfg))
 
 
-def compile_module(module, compile_cfg):
+def compile_module(module: nn.Module, compile_cfg: TorchCompilationConfig) -> nn.Module:
     """torch.compile(module, mode=compile_mode) when TorchCompilationConfig.compile is set."""
     if not compile_cfg.compile:
         return module
-    return torch.compile(
-        module, mode=str(compile_cfg.compile_mode)
-    )  # the spec's choices are torch's modes
+    # the spec's choices are torch's modes; torch.compile of a Module is an OptimizedModule
+    return cast(nn.Module, torch.compile(module, mode=str(compile_cfg.compile_mode)))
 
 
-def all_reduce_sum(tensor, info):
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def barrier(info):
+def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
 
 
-def shutdown():
+def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def tune_malloc():
+def tune_malloc() -> dict[str, int] | None:
     """Keep freed memory in the process (glibc): no mmap for big blocks, no trimming of the heap.
 
     On this kind of VM every fresh page costs a fault plus zeroing by the kernel: allocating and

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +29,14 @@ class _RMSNormFP32(torch.autograd.Function):
     composite takes about 4 and 10); ~35% faster on CPU, same maths."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # 1 / rms, (..., 1)
         ctx.save_for_backward(x, weight, r)
         return (x * r).mul_(weight)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight, r = ctx.saved_tensors
         xhat = x * r
         g_w = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
@@ -82,7 +84,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> Tensor:
         return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(dim_of(cfg.beta_fast)), 0)
-    high = min(math.ceil(dim_of(cfg.beta_slow)), d - 1)
+    high: float = min(math.ceil(dim_of(cfg.beta_slow)), d - 1)
     if low == high:
         high += 0.001  # no singularity
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -165,7 +167,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
     autograd would add full-size (BH, T, d) zero-padded gradients per block."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         BH, T, _ = q.shape
         mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
         out = q.new_empty(BH, T, v.shape[-1])
@@ -181,7 +183,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         q, k, v, *probs = ctx.saved_tensors
         g = g.contiguous()
         dq = torch.empty_like(q)
@@ -232,7 +234,11 @@ class MLACache:
         B, S, r = c_kv.shape
         old, T = (
             self.buffers[layer],
-            (0 if self.layers[layer] is None else self.layers[layer][0].shape[1]),
+            (
+                0
+                if self.layers[layer] is None
+                else cast(tuple[Tensor, Tensor], self.layers[layer])[0].shape[1]
+            ),
         )
         if old is None or old.shape[1] < T + S:
             buf = c_kv.new_empty(B, max(2 * (T + S), 64), r + k_pe.shape[-1])
@@ -242,12 +248,12 @@ class MLACache:
         old[:, T : T + S, :r] = c_kv
         old[:, T : T + S, r:] = k_pe
         self.layers[layer] = (old[:, : T + S, :r], old[:, : T + S, r:])
-        return self.layers[layer]
+        return cast(tuple[Tensor, Tensor], self.layers[layer])  # just set
 
     def keys(self, layer: int) -> Tensor:
         """(B, T, r + rope): the latent and the rope key of every cached token, side by side."""
-        c_kv = self.layers[layer][0]
-        return self.buffers[layer][:, : c_kv.shape[1]]
+        c_kv = cast(tuple[Tensor, Tensor], self.layers[layer])[0]  # update() ran for this layer
+        return cast(Tensor, self.buffers[layer])[:, : c_kv.shape[1]]
 
 
 class MLA(nn.Module):
@@ -339,13 +345,13 @@ class _SwiGLU(torch.autograd.Function):
     backward, 2 of autograd's 4 (tokens, hidden) tensors per MLP. Same maths; all in one dtype."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
         a, b = F.linear(x, w1), F.linear(x, w3)
         ctx.save_for_backward(x, w1, w3, w2, a, b)
         return F.linear(F.silu(a).mul_(b), w2)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x, w1, w3, w2, a, b = ctx.saved_tensors
         s = F.silu(a)
         g2 = g.flatten(0, -2)
@@ -421,7 +427,7 @@ class Block(nn.Module):
     def _attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None) -> Tensor:
         return self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
 
-    def _feed_forward(self, x: Tensor):
+    def _feed_forward(self, x: Tensor) -> Any:  # a Tensor (MLP), or MoE's (out, aux, z)
         return self.ffn(self.ffn_norm(x))
 
 
@@ -441,7 +447,9 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, model, knobs)
         self.norm = RMSNorm(model.dim, model.norm_eps)
 
-    def forward(self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor):
+    def forward(
+        self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         # h_prev, emb (B, T, C); the embedding half comes first
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin)
@@ -474,7 +482,7 @@ def _fill_normal(weight: Tensor, std: float, seed: int, per_expert: bool) -> Non
     if local.numel() == 0:
         return
 
-    def draw(full_shape, draw_seed):
+    def draw(full_shape: tuple[int, ...], draw_seed: int) -> Tensor:
         generator = torch.Generator(device=local.device).manual_seed(draw_seed)
         out = torch.empty(full_shape, device=local.device, dtype=local.dtype)
         return out.normal_(0.0, std, generator=generator)
@@ -504,6 +512,9 @@ class Transformer(nn.Module):
     """The DeepSeek-V3 network, built from the model section alone; `knobs` are the MoE layers'
     routing settings from the moe section (temperature, noise, capacity, dropping), spec defaults
     when not given (export, sampling and HF parity need no training config)."""
+
+    rope_cos: Tensor  # (max_seq_len, rope_dim // 2) non-persistent buffers
+    rope_sin: Tensor
 
     def __init__(self, model: ModelConfig, knobs: RoutingKnobs | None = None):
         super().__init__()
@@ -538,7 +549,7 @@ class Transformer(nn.Module):
         without ever holding more than one weight (one expert's) in full."""
         std, done = self.config.init_std, set()
 
-        def normal(module, attr, per_expert=False):
+        def normal(module: nn.Module, attr: str, per_expert: bool = False) -> None:
             weight = getattr(module, attr)
             seed = _weight_seed(self.init_seed, f"{module._init_name}.{attr}")
             _fill_normal(weight, std, seed, per_expert)
@@ -569,7 +580,9 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) of the main blocks, then the MTP blocks (index n_layers + k - 1)."""
-        blocks = list(self.layers) + [m.block for m in self.mtp]
+        blocks = list(cast(Iterable[Block], self.layers)) + [
+            m.block for m in cast(Iterable[MTPModule], self.mtp)
+        ]
         return [(b.layer_id, b.ffn) for b in blocks if isinstance(b.ffn, MoE)]
 
     def forward(
@@ -602,7 +615,7 @@ class Transformer(nn.Module):
         h = self.norm(h)  # (B, T, C)
         logits = self.head(h)
         mtp_logits = []
-        for k, module in enumerate(self.mtp[:D], start=1):
+        for k, module in enumerate(cast(Iterable[MTPModule], self.mtp[:D]), start=1):
             # each depth reads the previous one's normed state (what its head reads)
             h, t = module(h, self.embed(tokens[:, k : T + k]), self.rope_cos, self.rope_sin)
             terms += t

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from generated.config import ModelConfig, MoETrainingConfig
 from generated.names import ScoreFunc
 
 
-def _default(path: str):
+def _default(path: str) -> Any:
     return FIELDS[path].default
 
 
@@ -243,7 +245,7 @@ def _grouped_swiglu(
 
 
 @_grouped_swiglu.register_fake
-def _(xs, w13, w2, offs, rw):
+def _(xs: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
     M, I = xs.shape[0], w2.shape[2]
     return xs.new_empty(M, w2.shape[1]), xs.new_empty(M, 2 * I)
 
@@ -277,7 +279,9 @@ def _grouped_swiglu_backward(
 
 
 @_grouped_swiglu_backward.register_fake
-def _(gy, xs, w13, w2, offs, rw, h):
+def _(
+    gy: Tensor, xs: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, rw: Tensor, h: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (
         xs.new_empty(xs.shape),
         w13.new_empty(w13.shape),
@@ -286,14 +290,18 @@ def _(gy, xs, w13, w2, offs, rw, h):
     )
 
 
-def _grouped_swiglu_setup(ctx, inputs, output):
+def _grouped_swiglu_setup(
+    ctx: Any, inputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]
+) -> None:
     xs, w13, w2, offs, rw = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
     ctx.save_for_backward(xs, w13, w2, offs, rw, h)
 
 
-def _grouped_swiglu_grad(ctx, gy, *_):
+def _grouped_swiglu_grad(
+    ctx: Any, gy: Tensor, *_: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, None, Tensor]:
     g_xs, g_w13, g_w2, g_rw = _grouped_swiglu_backward(gy, *ctx.saved_tensors)
     return g_xs, g_w13, g_w2, None, g_rw
 
@@ -306,13 +314,13 @@ class _Dispatch(torch.autograd.Function):
     The backward gathers the copies back with the inverse permutation and sums them (no scatter)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(inv)
         ctx.k = k
         return x.index_select(0, tok)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
         (inv,) = ctx.saved_tensors
         return _unpermute_sum(g, inv, ctx.k), None, None, None
 
@@ -321,14 +329,14 @@ class _Combine(torch.autograd.Function):
     """Dropless combine, the adjoint of _Dispatch: out[n] = sum over its K rows of ys (fp32)."""
 
     @staticmethod
-    def forward(ctx, ys: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
+    def forward(ctx: Any, ys: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(tok)
         ctx.dtype = ys.dtype
         # summed in ys's dtype (K terms each), then widened: N rows to cast instead of N*K
         return _unpermute_sum(ys, inv, k).float()
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
         (tok,) = ctx.saved_tensors
         return g.index_select(0, tok).to(ctx.dtype), None, None, None
 
@@ -437,7 +445,7 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         # set by runtime/expert_parallel.py: (w13, w2) -> the local blocks the forward multiplies with
-        self.local_weights = None
+        self.local_weights: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def forward(
         self,
@@ -451,6 +459,8 @@ class Experts(nn.Module):
 
         capacity bounds the rows of any expert (drop mode) and spares the padded path a host sync.
         """
+        w13: Tensor  # Parameters, or the local blocks local_weights gives
+        w2: Tensor
         w13, w2 = self.w13, self.w2
         if self.local_weights is not None:  # expert parallel: this process's experts only
             w13, w2 = self.local_weights(w13, w2)
@@ -500,7 +510,7 @@ class MoE(nn.Module):
         self.shared_experts = shared_experts
         # runtime/expert_parallel.py sets this when system.distributed.expert_parallel > 1: it then
         # owns the dispatch (all_to_all to the experts' processes and back)
-        self.expert_parallel = None
+        self.expert_parallel: Callable[[Tensor, Routing, Experts], Tensor] | None = None
         # plain attributes, not buffers: DDP would broadcast rank 0's buffers over every rank's counts
         self.load_counts: Tensor | None = None  # (E,) assignments since the last bias update
         self.stat_counts: Tensor | None = None  # (E,) assignments since the last stats reset
@@ -546,7 +556,8 @@ class MoE(nn.Module):
 
     def forward_reference(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Same as forward with a plain loop over experts (tests only)."""
-        return self.forward(x, reference=True)
+        # losses=True (the default): both loss terms are Tensors, never None
+        return cast(tuple[Tensor, Tensor, Tensor], self.forward(x, reference=True))
 
     def _dispatch(self, x: Tensor, r: Routing) -> Tensor:
         # sort the (token, slot) assignments by expert, run all experts at once, sum each token's rows

@@ -27,22 +27,31 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from generated import PATH
+from generated.config import Config, DistributedConfig
 from generated.names import ActivationCheckpointing
-from runtime.distributed import SystemConfigError, slow_cpu_dtype
+from runtime.distributed import DistInfo, SystemConfigError, slow_cpu_dtype
 from runtime.plan import Layout, layout_for
 from runtime.registry import DTYPES
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from runtime.model import Block, Transformer
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
 
 
-def resolve_layout(dist_cfg, world: int) -> Layout:
+def resolve_layout(dist_cfg: DistributedConfig, world: int) -> Layout:
     """The layout of `world` processes (DistributedConfig); a SystemConfigError naming the fields when
     the degrees do not multiply to the world size (the arithmetic is runtime/plan.py's)."""
     layout, problem = layout_for(dist_cfg, world)
@@ -51,7 +60,7 @@ def resolve_layout(dist_cfg, world: int) -> Layout:
     return layout
 
 
-def build_mesh(layout: Layout, device_type: str):
+def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = (layout.dp_replicate, layout.dp_shard, layout.expert_parallel)
@@ -60,7 +69,7 @@ def build_mesh(layout: Layout, device_type: str):
     return mesh
 
 
-def _submesh(mesh, *names):
+def _submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
     # slicing a flattened dimension from the root warns of a future deprecation; it is the
     # documented way in this torch
     with warnings.catch_warnings():
@@ -68,17 +77,18 @@ def _submesh(mesh, *names):
         return mesh[names[0]] if len(names) == 1 else mesh[names]
 
 
-def _fsdp_mesh(mesh, replicate: int, shard_dim: str):
+def _fsdp_mesh(mesh: DeviceMesh, replicate: int, shard_dim: str) -> DeviceMesh:
     """1-D shard mesh, or the 2-D (replicate, shard) mesh of HSDP."""
     return _submesh(mesh, "dp_replicate", shard_dim) if replicate > 1 else _submesh(mesh, shard_dim)
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
+def blocks(model: Transformer) -> list[Block]:
     """Every transformer block, MTP blocks included."""
-    return [*model.layers, *(m.block for m in model.mtp)]
+    # the ModuleLists hold Blocks and MTPModules (runtime/model.py); iterating one yields nn.Module
+    return cast("list[Block]", [*model.layers, *(m.block for m in model.mtp)])
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
+def apply_activation_checkpointing(model: Transformer, mode: str) -> int:
     """Recompute the blocks `mode` selects (full: all, selective: every second one); returns how
     many."""
     if mode == ActivationCheckpointing.NONE:
@@ -105,7 +115,9 @@ class Parallelism:
         return self.layout.sharded
 
 
-def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> Parallelism:
+def apply(
+    model: Transformer, dist_cfg: DistributedConfig, layout: Layout, device: torch.device
+) -> Parallelism:
     """Expert parallelism, activation checkpointing and FSDP2 on `model`, in place (the model
     keeps its class and its state-dict names). Call before the optimizer is built."""
     apply_activation_checkpointing(model, dist_cfg.activation_checkpointing)
@@ -126,7 +138,7 @@ def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> P
     expert_mesh = _fsdp_mesh(mesh, layout.dp_replicate, "dp_shard") if experts_dp else None
     reshard = dist_cfg.reshard_after_forward
     for block in blocks(model):
-        ignored = set()
+        ignored: set[nn.Parameter] = set()
         if isinstance(block.ffn, MoE):
             experts = block.ffn.experts
             if layout.expert_parallel > 1:
@@ -166,20 +178,21 @@ def apply(model: nn.Module, dist_cfg, layout: Layout, device: torch.device) -> P
     return Parallelism(layout, mesh)
 
 
-def grad_sync(module: nn.Module, sync: bool):
+def grad_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager[object]:
     """Context of one micro-batch's backward: `sync` False defers the gradient reduction (DDP's
     no_sync, FSDP2's set_requires_gradient_sync) to a later micro-batch."""
     if sync:
         return contextlib.nullcontext()
     if hasattr(module, "no_sync"):
-        return module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):
-        return _fsdp_no_sync(module)
+        # DistributedDataParallel's (nn.Module types an unknown attribute as Tensor | Module)
+        return cast(Callable[[], contextlib.AbstractContextManager[object]], module.no_sync)()
+    if hasattr(module, "set_requires_gradient_sync"):  # fully_shard made it an FSDPModule
+        return _fsdp_no_sync(cast("FSDPModule", module))
     return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(module):
+def _fsdp_no_sync(module: FSDPModule) -> Iterator[None]:
     module.set_requires_gradient_sync(False)
     try:
         yield
@@ -205,7 +218,7 @@ def _square_share(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, world: int) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, world: int) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for parameters sharded over different meshes (or none): the
     global gradient norm from one all_reduce; gradients scaled in place when it exceeds max_norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -226,7 +239,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes this process holds of weights + gradients + optimizer state, counted from the live
     tensors (a DTensor counts its local block)."""
 
-    def nbytes(t):
+    def nbytes(t: object) -> int:
         if not isinstance(t, torch.Tensor):
             return 0
         t = t.to_local() if hasattr(t, "to_local") else t
@@ -240,7 +253,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def setup(model: nn.Module, cfg, info, device: torch.device) -> Parallelism:
+def setup(model: Transformer, cfg: Config, info: DistInfo, device: torch.device) -> Parallelism:
     """The trainer's entry point: resolve the layout of this launch (DistInfo), refuse what a
     sharded layout cannot run, then apply() it."""
     dist_cfg = cfg.system.distributed

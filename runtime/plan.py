@@ -26,12 +26,14 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from generated import PATH
+from generated.config import Config, DistributedConfig, ModelConfig
 from generated.names import ActivationCheckpointing, Dtype
 
 GIB = 1024**3
-DTYPE_BYTES = {Dtype.FLOAT32: 4, Dtype.BFLOAT16: 2, Dtype.FLOAT16: 2}
+DTYPE_BYTES: dict[str, int] = {Dtype.FLOAT32: 4, Dtype.BFLOAT16: 2, Dtype.FLOAT16: 2}
 
 
 @dataclass
@@ -50,7 +52,7 @@ class ParamCounts:
         )
 
 
-def _attention(m) -> int:
+def _attention(m: ModelConfig) -> int:
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
     if m.q_lora_rank == 0:
         q = m.dim * m.n_heads * qk
@@ -61,7 +63,7 @@ def _attention(m) -> int:
     return q + kv + m.n_heads * m.v_head_dim * m.dim
 
 
-def _block(m, layer_id: int) -> ParamCounts:
+def _block(m: ModelConfig, layer_id: int) -> ParamCounts:
     """One Block: two norms, MLA, then a dense SwiGLU or DeepSeekMoE."""
     base = 2 * m.dim + _attention(m)
     if layer_id < m.first_k_dense:
@@ -76,7 +78,7 @@ def _block(m, layer_id: int) -> ParamCounts:
     )
 
 
-def count_params(m) -> tuple[ParamCounts, ParamCounts]:
+def count_params(m: ModelConfig) -> tuple[ParamCounts, ParamCounts]:
     """(main model, MTP modules) parameter counts of a ModelConfig."""
     emb, head = m.vocab_size * m.dim, m.vocab_size * m.dim
     main = ParamCounts(emb + head + m.dim, m.dim + head + m.dim, 0, emb)  # one embedding row active
@@ -89,14 +91,14 @@ def count_params(m) -> tuple[ParamCounts, ParamCounts]:
     return main, mtp
 
 
-def flops_per_token(m, seq_len: int, counts: ParamCounts) -> float:
+def flops_per_token(m: ModelConfig, seq_len: int, counts: ParamCounts) -> float:
     """Training FLOPs per token (forward + backward) of the given (activated) counts over
     `layers` attention layers."""
     matmul = counts.active - m.dim  # the embedding row is a lookup
     return 6.0 * matmul
 
 
-def attention_flops_per_token(m, seq_len: int, layers: int) -> float:
+def attention_flops_per_token(m: ModelConfig, seq_len: int, layers: int) -> float:
     return (
         6.0
         * layers
@@ -119,14 +121,14 @@ class Layout:
         return self.dp_shard > 1 or self.expert_parallel > 1
 
 
-def layout_for(dist_cfg, world: int) -> tuple[Layout, str | None]:
+def layout_for(dist_cfg: DistributedConfig, world: int) -> tuple[Layout, str | None]:
     """The layout of `world` processes and the problem with it (None when it is consistent).
     dp_replicate null means whatever the other degrees leave of the world."""
     S, E = dist_cfg.dp_shard, dist_cfg.expert_parallel
     R = dist_cfg.dp_replicate
     if R is None:
         if world % (S * E):
-            problem = (
+            problem: str | None = (
                 f"{PATH.system.distributed.dp_shard} ({S}) * {PATH.system.distributed.expert_parallel} "
                 f"({E}) does not divide {world} processes"
             )
@@ -141,7 +143,7 @@ def layout_for(dist_cfg, world: int) -> tuple[Layout, str | None]:
     return Layout(world, R, S, E), problem
 
 
-def activation_bytes(cfg, layout: Layout) -> float:
+def activation_bytes(cfg: Config, layout: Layout) -> float:
     """Rough bytes the backward keeps per process for one micro-batch (see the module doc)."""
     m, t = cfg.model, cfg.training
     tokens = t.batch_size * t.seq_len
@@ -174,7 +176,7 @@ def activation_bytes(cfg, layout: Layout) -> float:
     return kept + logits
 
 
-def plan(cfg, world: int, gpu_memory_gib: float) -> dict:
+def plan(cfg: Config, world: int, gpu_memory_gib: float) -> dict[str, Any]:
     m = cfg.model
     main, mtp = count_params(m)
     layout, problem = layout_for(cfg.system.distributed, world)
@@ -191,7 +193,7 @@ def plan(cfg, world: int, gpu_memory_gib: float) -> dict:
     acts = activation_bytes(cfg, layout)
     attention = attention_flops_per_token(m, cfg.training.seq_len, m.n_layers)
     mtp_attention = attention_flops_per_token(m, cfg.training.seq_len, m.mtp_depth)
-    result = {
+    result: dict[str, Any] = {
         "params": {
             "main": {"total": main.total, "active": main.active},
             "mtp": {"total": mtp.total, "active": mtp.active},
@@ -234,7 +236,7 @@ def _b(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def format_plan(result: dict) -> str:
+def format_plan(result: dict[str, Any]) -> str:
     p, mem, lay = result["params"], result["memory_per_process_bytes"], result["layout"]
     lines = [
         f"parameters      main {_b(p['main']['total'])} total, {_b(p['main']['active'])} activated per token "

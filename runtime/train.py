@@ -21,6 +21,8 @@ DDP gradient sync on its last one only); every micro-loss is divided by the per-
 DDP averages over processes, so the update equals the single-process one with the same settings.
 """
 
+from __future__ import annotations
+
 import contextlib
 import gc
 import math
@@ -31,15 +33,21 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from generated import PATH
+from generated.config import Config, MoETrainingConfig, OptimizerConfig
 from generated.names import InitFrom, NonfiniteLoss, ResumeFrom
 from generated.parser import (
     ConfigError,
     Problem,
+    Resolved,
     Source,
     adopt_values,
     dump_yaml,
@@ -59,7 +67,7 @@ from runtime.checkpoint import (
     fault_point,
     load_components,
 )
-from runtime.data import DataError, DataModule
+from runtime.data import DataError, DataModule, EvalBatchSampler
 from runtime.dcp_checkpoint import ShardedCheckpointer, load_full_into, load_into
 from runtime.logs import log
 from runtime.metrics import MetricsWriter, plot_losses
@@ -74,19 +82,24 @@ from runtime.schedule import LRSchedule, schedule_warnings
 from runtime.tokenizer import TOKENIZER_FILE, TextCodec
 from runtime.wandb_logger import WandbLogger, WandbUnavailable
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from runtime.model import Transformer
+
 
 class NonFiniteLossError(RuntimeError):
     """training.nonfinite_loss is `stop` and a step's loss was NaN or infinite."""
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from the root `seed`."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def router_noise_seed(seed, rank, step):
+def router_noise_seed(seed: int, rank: int, step: int) -> int:
     """Seed of the router noise of one optimizer step on one process: different on every rank
     (the noise of a data-parallel run must not repeat across processes) and a function of the step,
     so a resumed run draws the same noise as an uninterrupted one."""
@@ -94,7 +107,9 @@ def router_noise_seed(seed, rank, step):
 
 
 @contextlib.contextmanager
-def router_noise_rng(moe_cfg, seed, rank, step, device):
+def router_noise_rng(
+    moe_cfg: MoETrainingConfig, seed: int, rank: int, step: int, device: torch.device
+) -> Iterator[None]:
     """Run the step's forwards with the global RNG seeded by router_noise_seed (only when router
     noise is on; the RNG state outside is left as it was)."""
     if moe_cfg.router_noise_scale == 0:
@@ -106,7 +121,7 @@ def router_noise_rng(moe_cfg, seed, rank, step, device):
         yield
 
 
-def build_optimizer(model, optimizer):
+def build_optimizer(model: nn.Module, optimizer: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW from OptimizerConfig. Weight decay goes to parameters with ndim >= 2 (the linear
     weights, expert matrices and the token embedding); biases and norm weights (ndim < 2) get
     none, and the router's correction bias is a buffer, never optimised."""
@@ -134,25 +149,25 @@ class StopSignals:
 
     NAMES = ("SIGTERM", "SIGINT")
 
-    def __init__(self):
-        self.received = None
-        self._previous = {}
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for name in self.NAMES:
                 signum = getattr(signal, name)
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
             return
         self.__exit__()
         os.kill(os.getpid(), signum)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
@@ -161,7 +176,7 @@ class StopSignals:
 class Trainer:
     """Builds everything from the root Config and runs training (`run()` returns an exit code)."""
 
-    def __init__(self, cfg, resolved=None):
+    def __init__(self, cfg: Config, resolved: Resolved | None = None) -> None:
         """`resolved` (from generated.parser.resolve) says which values were set explicitly; the
         checkpoint policies of the spec use it on resume and for init_from."""
         resolved = resolved if resolved is not None else resolved_from_config(cfg)
@@ -175,14 +190,16 @@ class Trainer:
             warn=self._warn, run_id=folder_run
         )
         self.resumed_from = resume_path
-        load_weights = None
+        load_weights: Callable[[Transformer], None] | None = None
         if self.resume_state is not None:
+            assert resume_path is not None  # load_resume returns a state with its path
             resolved, self.config_notes = reconcile_with_checkpoint(
                 resolved, self.resume_state["config"], resume_path
             )
         else:
             resolved, load_weights = self._init_from(resolved)
             self.config_notes = []
+        self.cfg: Config
         self.cfg = cfg = resolved.config
         training = cfg.training
         system = cfg.system
@@ -209,7 +226,7 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
         )
         # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
-        self.codec = self.data.corpus.codec or (
+        self.codec: TextCodec | None = self.data.corpus.codec or (
             TextCodec.bytes() if self.data.corpus.is_bytes else None
         )
         self.device = dist_utils.resolve_device(
@@ -263,7 +280,8 @@ class Trainer:
         self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
         self.lr_schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr)
         self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id)
-        self.stopped_by = None  # the signal's name when SIGTERM / SIGINT ended the run early
+        # the signal's name when SIGTERM / SIGINT ended the run early
+        self.stopped_by: str | None = None
 
         # ---- wrappers for training: compile, then DDP
         self.train_module = dist_utils.compile_module(self.model, system.compile)
@@ -290,7 +308,7 @@ class Trainer:
         if self.resume_state is not None:
             self._load_resume(self.resume_state)
 
-    def _load_resume(self, state):
+    def _load_resume(self, state: dict[str, Any]) -> None:
         """Load a checkpoint into the components. A sharded folder (DCP) or a single file loaded
         onto a sharded model puts the weights and optimizer state in place first (each process
         keeps its shards); everything else loads as from a single file."""
@@ -301,9 +319,10 @@ class Trainer:
             else:
                 load_full_into(self.model, self.optimizer, state)
             components = {k: v for k, v in components.items() if k not in ("model", "optimizer")}
+        assert self.resumed_from is not None  # the path of `state`, set with it in __init__
         load_components(components, state, self.resumed_from)
 
-    def components(self):
+    def components(self) -> dict[str, Any]:
         """The run's Stateful parts, by checkpoint key (the RNG last: loading it restores it)."""
         parts = {
             "model": self.model,
@@ -318,15 +337,15 @@ class Trainer:
         return parts
 
     @property
-    def step(self):
+    def step(self) -> int:
         """Optimizer steps done (the schedule's position)."""
         return self.lr_schedule.step
 
     @step.setter
-    def step(self, value):
+    def step(self, value: int) -> None:
         self.lr_schedule.step = value
 
-    def checkpoint_state(self):
+    def checkpoint_state(self) -> dict[str, Any]:
         meta = {
             "step": self.step,
             "run_id": self.run_id,
@@ -339,13 +358,13 @@ class Trainer:
     # setup helpers
 
     @staticmethod
-    def _warn(text):
+    def _warn(text: str) -> None:
         log.warning(text)  # non-main processes have no handlers
 
-    def _say(self, text):
+    def _say(self, text: str) -> None:
         log.info(text)
 
-    def _claim_run_folder(self, cfg):
+    def _claim_run_folder(self, cfg: Config) -> str:
         """The run id, after making sure out_dir holds no other run's files (main process only)."""
         out_dir, state = cfg.out_dir, self.resume_state
         folder_run = read_run_id(out_dir)
@@ -369,7 +388,7 @@ class Trainer:
             removed = claim_for_fresh_start(
                 out_dir, self.checkpointer.dir, overwrite=cfg.overwrite, restart_same_run=restart
             )
-            run_id = folder_run if restart else new_run_id()
+            run_id = cast(str, folder_run) if restart else new_run_id()  # restart: folder_run set
             write_run_file(out_dir, run_id)
             if removed:
                 self._say(f"removed {len(removed)} files of the previous run in {out_dir}")
@@ -380,7 +399,7 @@ class Trainer:
         return run_id
 
     @staticmethod
-    def _init_from(resolved):
+    def _init_from(resolved: Resolved) -> tuple[Resolved, Callable[[Transformer], None] | None]:
         """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
         source runtime/sources.py recognises. The source's architecture fills the model section; a
         model field this run sets explicitly to another value is a config error."""
@@ -404,10 +423,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # steps
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         return dist_utils.autocast_context(self.device, self.dtype)
 
-    def train_step(self, step, micro_batches):
+    def train_step(self, step: int, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step over this process's micro-batches; returns its metrics (global means)."""
         cfg = self.cfg
         lr = self.lr_schedule.lr(step)
@@ -433,7 +452,7 @@ class Trainer:
         fault_point("step")
         dist_utils.all_reduce_sum(sums, self.dist)
         means = (sums / (n * self.dist.world_size)).tolist()
-        metrics = {
+        metrics: dict[str, Any] = {
             "loss": means[0],
             "main_loss": means[1],
             "aux_loss": means[2],
@@ -490,7 +509,7 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self):
+    def evaluate(self) -> float:
         """Mean main (next-token) loss over the `eval_iters` fixed validation batches."""
         was_training = self.model.training
         self.model.eval()
@@ -501,14 +520,14 @@ class Trainer:
             window = window.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.loss(self.model, window, self.step)
-            if i < loader.batch_sampler.counted:
+            if i < cast(EvalBatchSampler, loader.batch_sampler).counted:
                 totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
             fault_point("eval")
         dist_utils.all_reduce_sum(totals, self.dist)
         self.model.train(was_training)
         return float(totals[0] / totals[1])
 
-    def _record_eval(self, val_loss):
+    def _record_eval(self, val_loss: float) -> bool:
         improved = self.metrics.note_val_loss(val_loss)
         best_val_loss = self.metrics.best_val_loss
         record = {"iter": self.step, "val_loss": val_loss, "best_val_loss": best_val_loss}
@@ -526,7 +545,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the run
 
-    def run(self):
+    def run(self) -> int:
         try:
             if self.eval_cfg.eval_only:
                 self._record_eval(self.evaluate())
@@ -545,7 +564,7 @@ class Trainer:
         logs.close()
         return 0
 
-    def _train(self):
+    def _train(self) -> None:
         # a fresh start found (or made) the folder free of other runs' files: nothing to truncate
         if self.resume_state is not None:
             self.metrics.truncate_after(self.step)
@@ -576,14 +595,14 @@ class Trainer:
             if bar is not None:
                 bar.close()  # ends the bar's line, so that an error message starts a line of its own
 
-    def _stop_requested(self, signals):
+    def _stop_requested(self, signals: StopSignals) -> bool:
         """Whether any process got SIGTERM / SIGINT (all processes agree, so all stop together)."""
         if not self.dist.enabled:
             return signals.received is not None
         flag = torch.tensor([float(signals.received is not None)], device=self.device)
         return bool(dist_utils.all_reduce_sum(flag, self.dist).item() > 0)
 
-    def _loop(self, signals, bar):
+    def _loop(self, signals: StopSignals, bar: tqdm | None) -> None:
         cfg = self.cfg
         max_iters = cfg.training.max_iters
         self.model.train()
@@ -664,7 +683,7 @@ class Trainer:
         if last_eval is None and self.step == max_iters and max_iters == 0:
             self._record_eval(self.evaluate())
 
-    def sample(self):
+    def sample(self) -> str | None:
         """Print a generation from the trained model (the `sample` section) and save it as
         <out_dir>/sample.txt (the main process; when sharded, every process runs the forwards)."""
         from runtime.sample import complete, decode
@@ -698,7 +717,7 @@ USER_ERRORS = (
 )
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """`python -m runtime train CONFIG [--section.field VALUE ...]`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from generated.parser import SPEC, build_arg_parser
@@ -711,7 +730,7 @@ def main(argv=None):
         console.error("train", f"one config file at most, got {' '.join(positionals)}")
         return console.EXIT_USAGE
     path = positionals[0] if positionals else None
-    trainer = None
+    trainer: Trainer | None = None
     try:
         resolved = resolve(path, argv=argv)
         trainer = Trainer(resolved.config, resolved)
