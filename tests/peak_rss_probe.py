@@ -3,6 +3,7 @@ this process's peak RSS, its share of the weights and the whole model's weights,
 With `checkpointer.init_from` set, also (after the RSS is read) the largest difference between the
 model's gathered weights and the source's, read whole in this process."""
 
+import gc
 import json
 import sys
 
@@ -38,4 +39,8 @@ sys.stdout.write(json.dumps(report) + "\n")  # one write: the processes share th
 sys.stdout.flush()
 if torch.distributed.is_initialized():  # leave together: rank 0 holds the store the others use
     torch.distributed.barrier()
+    trainer = params = (
+        None  # FSDP state in reference cycles goes before the groups (runtime/train.py)
+    )
+    gc.collect()
     torch.distributed.destroy_process_group()
