@@ -15,6 +15,7 @@ commands:
   train    train from a config: train [CONFIG] [--section.field VALUE ...]
   export   write a checkpoint as a Hugging Face folder: export CHECKPOINT OUT_DIR
   sample   generate text: sample SOURCE --prompt TEXT --max-new-tokens N --temperature T [--json]
+           (under torchrun: sharded, [--expert-parallel E])
   plan     parameters, FLOPs and memory per process: plan CONFIG [--world N] [--gpu-memory GiB]
 
 `COMMAND --help` describes a command; `train --help` lists every config flag.

@@ -8,6 +8,14 @@ latent and the rope key per layer, so each new token costs time linear in the co
 context passes max_seq_len, every step re-reads the last max_seq_len tokens (a sliding window, the
 same tokens the uncached path sees).
 
+Under torchrun (WORLD_SIZE > 1) the model is sharded instead of held whole by one process, as in
+training: built on the meta device, FSDP2 over WORLD_SIZE / E processes x `--expert-parallel E`,
+each process reading only its blocks of the weights (runtime/sources.py). Every process runs the
+same forwards (each gathers the FSDP shards or sends tokens to the experts' processes) and rank 0
+prints. A model too big for one process's memory samples this way:
+
+    torchrun --nproc_per_node 8 -m runtime sample CHECKPOINT --prompt TEXT --expert-parallel 8
+
 `--json` prints one object: `prompt` (the text given), `prompt_ids` (its token ids), `token_ids`
 (the new tokens' ids, max_new_tokens of them), `text` (the new tokens decoded), `tokenizer`
 (`bytes` or `bpe`) and `settings` (temperature, top_k, top_p, seed, kv_cache).
@@ -16,18 +24,22 @@ same tokens the uncached path sees).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import Tensor
 
 from generated import FIELDS, PATH
-from generated.config import SampleConfig
+from generated.config import DeviceConfig, DistributedConfig, SampleConfig
 from runtime.checkpoint import CheckpointError
 from runtime.model import Transformer
 from runtime.tokenizer import TextCodec
+
+if TYPE_CHECKING:
+    from runtime.sources import Source
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -170,6 +182,37 @@ def decode(codec: TextCodec | None, ids: list[int]) -> str:
     return codec.decode(ids) if codec is not None else " ".join(str(int(t)) for t in ids)
 
 
+def build_sharded_model(source: Source, expert_parallel: int, device_name: str) -> Transformer:
+    """Under torchrun: the source's model built on the meta device and sharded over the launch,
+    FSDP2 over WORLD_SIZE / expert_parallel processes x expert_parallel, each process reading only
+    the blocks of the weights it holds. Every process must then run the same forwards."""
+    from runtime import distributed as dist_utils
+    from runtime import parallel
+
+    world, rank, local_rank = dist_utils.launch_world()
+    cfg = source.model_config()
+    if expert_parallel < 1 or world % expert_parallel:
+        raise ValueError(f"--expert-parallel {expert_parallel} must divide WORLD_SIZE={world}")
+    if cfg.n_routed_experts % expert_parallel:
+        raise ValueError(
+            f"--expert-parallel {expert_parallel} must divide the model's "
+            f"{cfg.n_routed_experts} routed experts"
+        )
+    dist_cfg = DistributedConfig(
+        enabled=True, dp_shard=world // expert_parallel, expert_parallel=expert_parallel
+    )
+    device = dist_utils.resolve_device(DeviceConfig(device=device_name), local_rank, True)
+    launch = dist_utils.DistInfo(world, rank, local_rank, True)
+    dist_utils.init_distributed(launch, dist_cfg, device.type)
+    with torch.device("meta"):
+        model = Transformer(cfg, source.knobs)
+    parallel.apply(model, dist_cfg, parallel.resolve_layout(dist_cfg, world), device)
+    model.to_empty(device=device)
+    model.init_weights()  # the rotary tables; every weight is then read from the source
+    source.load_weights(model)
+    return model.eval()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime sample", description="Generate text from a model."
@@ -207,18 +250,33 @@ def main(argv: list[str]) -> int:
         "--no-kv-cache", action="store_true", help="rerun the whole context every token"
     )
     parser.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        help="under torchrun: split the routed experts over this many processes (the rest FSDP2)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object: prompt, prompt_ids, token_ids, text, tokenizer, settings",
     )
     args = parser.parse_args(argv)
 
+    from runtime import distributed as dist_utils
     from runtime.checkpoint import CheckpointError
     from runtime.sources import load_source
 
+    world, rank, _ = dist_utils.launch_world()
+    model: Transformer | None = None
     try:
         source = load_source(args.source)
-        model, codec = source.build_model(args.device), source.tokenizer
+        codec = source.tokenizer
+        if world > 1:
+            model = build_sharded_model(source, args.expert_parallel, args.device)
+        elif args.expert_parallel != 1:
+            raise ValueError("--expert-parallel needs several processes: launch with torchrun")
+        else:
+            model = source.build_model(args.device)
         if codec is None:  # a pre-tokenized corpus: the prompt is space-separated token ids
             prompt = [int(t) for t in args.prompt.split()]
         else:
@@ -245,6 +303,13 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if world > 1:  # the sharded model's state goes before its process groups (runtime/train.py)
+            model = None
+            gc.collect()
+            dist_utils.shutdown()
+    if rank != 0:
+        return 0
     new_ids = out[0, len(prompt) :].tolist()
     text = decode(codec, new_ids)
     if args.json:

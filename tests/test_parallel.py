@@ -344,6 +344,42 @@ def test_export_of_a_sharded_folder_streams_its_tensors(
     assert export_main([str(out), str(out)]) == 1
 
 
+def test_sample_under_torchrun_shards_the_model_and_draws_what_one_process_draws(
+    reference, sharded_checkpoint, tmp_path
+):
+    # `torchrun -m runtime sample`: the model is built on the meta device and sharded (FSDP2, or
+    # FSDP2 x expert parallel), each process reads its blocks, all run the forwards and rank 0
+    # prints; the tokens, greedy or drawn at temperature 1, are one process's
+    def sample(n, source, *extra):
+        launch = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+        cmd = [*(launch if n > 1 else [PYTHON]), "-m", "runtime", "sample", str(source),
+               "--prompt", "def", "--max-new-tokens", "12", "--json", *extra]  # fmt: skip
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+            env=dict(ENV, PYTHONPATH=REPO),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(printed) == 1, proc.stdout  # rank 0 alone
+        return printed[0]["token_ids"]
+
+    checkpoint_file = reference / "checkpoints" / f"ckpt_{STEPS:07d}.pt"
+    drawn = sample(1, checkpoint_file, "--temperature", "1", "--seed", "3")
+    assert len(set(drawn)) > 3  # a varied draw: a model that lost its weights would not match it
+    assert sample(2, checkpoint_file, "--temperature", "1", "--seed", "3") == drawn
+    ep2 = ("--temperature", "1", "--seed", "3", "--expert-parallel", "2")
+    assert sample(2, checkpoint_file, *ep2) == drawn
+    greedy = sample(1, sharded_checkpoint, "--temperature", "0")
+    assert sample(2, sharded_checkpoint, "--temperature", "0", "--expert-parallel", "2") == greedy
+    # a split the launch cannot make is one message, before any process group
+    proc = subprocess.run(
+        [PYTHON, "-m", "runtime", "sample", str(checkpoint_file), "--expert-parallel", "2"],
+        cwd=REPO, capture_output=True, text=True, env=dict(ENV, PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert proc.returncode == 1 and "needs several processes: launch with torchrun" in proc.stderr
+
+
 def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tmp_path):
     # the same 2.3 GB model as a bf16 Hugging Face folder (1.2 GB in 300 MB shards), init_from into 2
     # FSDP processes: each reads only its rows of each weight (1.7 GB peak RSS per process here;
