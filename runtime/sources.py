@@ -9,6 +9,10 @@ needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
   sharded checkpoint  a DCP folder of an FSDP / expert-parallel run (runtime/dcp_checkpoint.py)
   hf                  a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/hf.py)
 
+Opening a source checks its weights against its architecture (names from the headers or metadata,
+shapes on the meta device), so a config.json that does not fit its weights is one CheckpointError
+rather than an attempt to build the model it describes.
+
 A new kind is one `register_source(SourceKind(...))`: a `recognises(path)` test and a
 `load(path) -> Source`.
 
@@ -97,6 +101,29 @@ class Source:
             fields[MTP_DEPTH] = present
         return ModelConfig(**fields)  # type: ignore[arg-type]
 
+    def check_fits(self) -> None:
+        """CheckpointError unless the weights' names and shapes are those of the architecture the
+        fields describe (MTP modules without weights aside), checked on the meta device: a
+        config.json that does not fit its weights (a vocab_size of 3e8 over 256 rows, a million
+        layers over two) is refused before anything builds it. load_source calls it."""
+        try:
+            names = list(self.blocks())
+        except KeyError as error:  # a name this architecture has no place for
+            raise CheckpointError(f"cannot load the weights of {self.path}: {error}") from None
+        fields = dict(self.model_fields)
+        depth = int(fields.get(MTP_DEPTH, ModelConfig().mtp_depth))  # type: ignore[call-overload]
+        fields[MTP_DEPTH] = min(depth, len(self.mtp_modules_with_weights()))
+        cfg = ModelConfig(**fields)  # type: ignore[arg-type]
+        blocks = {k: self.blocks()[k] for k in names if self._kept(k, cfg)}
+        layers = {int(k.split(".")[1]) for k in blocks if k.startswith("layers.")}
+        if layers != set(range(cfg.n_layers)):  # before building n_layers modules, even on meta
+            raise CheckpointError(
+                f"{self.config_file or self.path}: the model has {cfg.n_layers} layers "
+                f"({N_LAYERS}) but the weights of {self.path} hold {len(layers)}"
+            )
+        with torch.device("meta"):
+            check_weights_fit(Transformer(cfg, self.knobs), blocks, self.path)
+
     @staticmethod
     def _kept(name: str, cfg: ModelConfig) -> bool:
         return not (name.startswith("mtp.") and int(name.split(".")[1]) >= cfg.mtp_depth)
@@ -113,10 +140,8 @@ class Source:
         shapes checked against that architecture first (export: never the whole model at once)."""
         from runtime.hf import is_stacked_experts
 
-        cfg = self.model_config()
+        cfg = self.model_config()  # load_source checked that the weights fit it
         blocks = {k: v for k, v in self.blocks().items() if self._kept(k, cfg)}
-        with torch.device("meta"):
-            check_weights_fit(Transformer(cfg, self.knobs), blocks, self.path)
 
         def read() -> Iterator[tuple[str, Tensor]]:
             for name, reader in blocks.items():
@@ -184,11 +209,15 @@ def register_source(kind: SourceKind, first: bool = False) -> SourceKind:
 
 
 def load_source(path: str) -> Source:
-    """The Source at `path`; UnknownSource if no kind recognises it. Reading errors: CheckpointError
-    (a damaged or foreign checkpoint), ValueError (an unsupported Hugging Face setting, named)."""
+    """The Source at `path`, its weights checked to fit its architecture (names and shapes, from
+    headers and metadata); UnknownSource if no kind recognises it. Reading errors: CheckpointError
+    (a damaged or foreign checkpoint, weights that do not fit), ValueError (an unsupported Hugging
+    Face setting, named)."""
     for kind in SOURCE_KINDS:
         if kind.recognises(path):
-            return kind.load(path)
+            source = kind.load(path)
+            source.check_fits()
+            return source
     kinds = ", ".join(k.what for k in SOURCE_KINDS)
     raise UnknownSource(f"{path!r} is none of: {kinds}")
 

@@ -33,7 +33,7 @@ def released():
 # ----------------------------------------------------------------------------- config.json
 
 
-def test_released_config_loads_unchanged(tmp_path):
+def test_released_config_loads_unchanged(tmp_path, monkeypatch):
     c = released()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no key is unknown
@@ -64,7 +64,11 @@ def test_released_config_loads_unchanged(tmp_path):
     # every key is used, checked or ignored
     known = hf_mod.HF_USED | set(hf_mod.HF_CHECKED) | set(hf_mod.HF_IGNORED)
     assert set(c) <= known
-    # the trainer's init_from takes the folder (the architecture fills the model section)
+    # the trainer's init_from takes the folder (the architecture fills the model section); the
+    # 700 GB of weights are not here, so load_source skips checking that they fit
+    from runtime.sources import Source
+
+    monkeypatch.setattr(Source, "check_fits", lambda self: None)
     (tmp_path / "r1").mkdir()
     shutil.copy(RELEASED, tmp_path / "r1" / "config.json")
     config = load_config(
@@ -397,3 +401,24 @@ def test_damaged_safetensors_are_one_clear_error_without_reading_them(tmp_path):
         assert "Traceback" not in str(info.value), name
     shard.write_bytes(data)
     load_source(str(fp8)).load_weights(Transformer(model.config))  # intact again: loads
+
+
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_any_model_is_built(tmp_path):
+    # load_source checks the weights' names and shapes against the architecture on the meta
+    # device: a config.json claiming a 3e8-token vocabulary (a 77 GB embedding) or far more layers
+    # than the weights hold is one CheckpointError, never an allocation of the model it describes
+    from runtime.checkpoint import CheckpointError
+
+    folder = tmp_path / "hf"
+    hf_mod.export_hf(make_model(), str(folder), mtp=False)
+    config = json.loads((folder / "config.json").read_text())
+    cases = {
+        "vocab_size": (300_000_000, r"embed.weight is \[256, 64\] in the checkpoint but \[3000"),
+        "num_hidden_layers": (1000, r"has 1000 layers \(n_layers\) but the weights .* hold 3"),
+    }
+    for key, (value, message) in cases.items():
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=message):
+            load_source(str(folder))
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_source(str(folder)).model_config().n_layers == 3
