@@ -252,7 +252,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--expert-parallel",
         type=int,
-        default=1,
+        default=FIELDS[PATH.system.distributed.expert_parallel].default,
         help="under torchrun: split the routed experts over this many processes (the rest FSDP2)",
     )
     parser.add_argument(
