@@ -1,8 +1,8 @@
 """Text generation: temperature, top-k and top-p sampling with an MLA KV cache.
 
 `python -m runtime sample SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
-[--top-p P] [--json]` where SOURCE is a trainer checkpoint file or a Hugging Face folder. Temperature
-0 is greedy. The prompt is encoded and the output decoded with the model's tokenizer (runtime/
+[--top-p P] [--json]` where SOURCE is a trainer checkpoint file, a sharded checkpoint folder or a
+Hugging Face folder. Temperature 0 is greedy. The prompt is encoded and the output decoded with the model's tokenizer (runtime/
 tokenizer.py: bytes, or the run's BPE). The cache (runtime/model.py: MLACache) keeps the compressed
 latent and the rope key per layer, so each new token costs time linear in the context; once the
 context passes max_seq_len, every step re-reads the last max_seq_len tokens (a sliding window, the
@@ -217,7 +217,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime sample", description="Generate text from a model."
     )
-    parser.add_argument("source", help="trainer checkpoint file or Hugging Face folder")
+    parser.add_argument(
+        "source", help="trainer checkpoint file, sharded checkpoint folder or Hugging Face folder"
+    )
     # defaults: the spec's `sample` section (the trainer's final sample uses the same fields)
     defaults = {
         name: FIELDS[getattr(PATH.sample, name)].default
