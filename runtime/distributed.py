@@ -113,9 +113,33 @@ def slow_cpu_dtype(device: torch.device, dtype: torch.dtype, path: str) -> str |
     )
 
 
-def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
-    """Gradient scaling, enabled for float16 only."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+class ShardedGradScaler(torch.amp.GradScaler):
+    """torch's GradScaler for a model sharded by FSDP2 / expert parallelism: each process checks
+    only the gradient blocks it holds for inf/NaN, so the verdict is all-reduced (max) over every
+    process before the step, and all skip together (a process that stepped while another skipped
+    would leave the shards of one model at different steps)."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.is_enabled():
+            return
+        super().unscale_(optimizer)
+        found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        assert self._scale is not None  # unscale_ above made it
+        verdict = torch.zeros((), device=self._scale.device)  # one collective on every process
+        for found_inf in found.values():
+            verdict = torch.maximum(verdict, found_inf.to(verdict.device))
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        for found_inf in found.values():
+            found_inf.copy_(verdict.reshape(found_inf.shape))
+
+
+def grad_scaler(
+    device: torch.device, dtype: torch.dtype, sharded: bool = False
+) -> torch.amp.GradScaler:
+    """Gradient scaling, enabled for float16 only; `sharded`: the verdict on inf/NaN gradients is
+    every process's (ShardedGradScaler)."""
+    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
+    return scaler_class(device.type, enabled=dtype == torch.float16)
 
 
 def init_distributed(launch: DistInfo, dist_cfg: DistributedConfig, device_type: str) -> DistInfo:

@@ -254,8 +254,8 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def setup(model: Transformer, cfg: Config, info: DistInfo, device: torch.device) -> Parallelism:
-    """The trainer's entry point: resolve the layout of this launch (DistInfo), refuse what a
-    sharded layout cannot run, then apply() it."""
+    """The trainer's entry point: resolve the layout of this launch (DistInfo), warn when the
+    FSDP param_dtype is slow on this CPU, then apply() it."""
     dist_cfg = cfg.system.distributed
     layout = resolve_layout(dist_cfg, info.world_size)
     # resolved up front, so that a bad value fails the same on one process as on many
@@ -265,12 +265,6 @@ def setup(model: Transformer, cfg: Config, info: DistInfo, device: torch.device)
         dist_cfg.reshard_after_forward,
     )
     if layout.sharded:
-        if DTYPES.get(cfg.system.device.dtype) == torch.float16:
-            raise SystemConfigError(
-                f"{PATH.system.device.dtype} float16 needs a gradient scaler, not supported with "
-                f"{PATH.system.distributed.dp_shard} / {PATH.system.distributed.expert_parallel} > 1; "
-                f"use bfloat16"
-            )
         param_dtype = fsdp_settings[0]
         slow = slow_cpu_dtype(device, param_dtype, PATH.system.distributed.param_dtype)
         if slow and info.is_main:

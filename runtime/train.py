@@ -277,7 +277,7 @@ class Trainer:
                 cfg.checkpointer, self.model, self.optimizer, self.dist.rank, self.dist.world_size
             )
         self.saves_here = self.is_main or self.parallel.sharded
-        self.scaler = dist_utils.grad_scaler(self.device, self.dtype)
+        self.scaler = dist_utils.grad_scaler(self.device, self.dtype, self.parallel.sharded)
         self.lr_schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr)
         self.metrics = MetricsWriter(cfg.out_dir, enabled=self.is_main, run_id=self.run_id)
         # the signal's name when SIGTERM / SIGINT ended the run early

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -293,6 +294,34 @@ def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
     for r in reports:
         assert r["local_weights_mb"] == pytest.approx(r["model_weights_mb"] / 2, rel=0.01)
         assert r["peak_rss_mb"] < r["model_weights_mb"], r  # whole weights alone would exceed it
+
+
+def test_float16_under_expert_parallel_and_fsdp2_matches_one_process(tmp_path, data_dir):
+    # float16 autocast with its gradient scaler on a sharded layout: the losses are one process's
+    fp16 = ("--system.device.dtype", "float16", "--sample.max_new_tokens", "0")
+    want = tmp_path / "one"
+    with warnings.catch_warnings():  # this CPU may lack native float16 matmul: slow, still exact
+        warnings.simplefilter("ignore")
+        one_process(want, data_dir, *fp16)
+    got = tmp_path / "ep2"
+    torchrun(2, got, data_dir, *fp16, "--system.distributed.expert_parallel", "2")
+    assert_same_losses(got, want)
+
+
+def test_the_float16_scaler_skips_on_every_process_when_one_block_overflows():
+    # under FSDP2 each process sees only its blocks of the gradients: the inf/NaN verdict is
+    # all-reduced, so an overflow in rank 1's block alone skips the step everywhere (a process
+    # stepping alone would leave the model's shards at different steps) and halves every scale
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           os.path.join(REPO, "tests", "sharded_scaler_probe.py")]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert all(not r["changed"] and r["scale"] == 2.0**15 for r in reports), reports
 
 
 def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_checkpoint, tmp_path):
