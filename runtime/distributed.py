@@ -1,6 +1,7 @@
 """Device, precision, torch.compile and DDP setup from the `system` section's subsections."""
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, cast
@@ -204,7 +205,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process groups; callers drop their model first. FSDP2 and expert-parallel state
+    holds tensors and collective handles in reference cycles: collected here, while the interpreter
+    is whole, not by its teardown, where gloo's threads can release them after Python is gone
+    (SIGABRT, "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -24,7 +24,6 @@ prints. A model too big for one process's memory samples this way:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from typing import TYPE_CHECKING, Literal, overload
@@ -306,9 +305,8 @@ def main(argv: list[str]) -> int:
         print(f"sample: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if world > 1:  # the sharded model's state goes before its process groups (runtime/train.py)
+        if world > 1:  # the sharded model goes before its process groups (dist_utils.shutdown)
             model = None
-            gc.collect()
             dist_utils.shutdown()
     if rank != 0:
         return 0

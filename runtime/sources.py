@@ -89,15 +89,19 @@ class Source:
     def model_config(self) -> ModelConfig:
         """The architecture the weights hold: MTP modules without weights are left out (with a
         warning)."""
+        return self._architecture(warn=True)
+
+    def _architecture(self, warn: bool) -> ModelConfig:
         fields = dict(self.model_fields)
         depth = int(fields.get(MTP_DEPTH, ModelConfig().mtp_depth))  # type: ignore[call-overload]
         present = len(self.mtp_modules_with_weights())
         if depth > present:
-            warnings.warn(
-                f"{self.path}: config says {depth} MTP modules but the weights hold {present}; "
-                f"using {present}",
-                stacklevel=3,
-            )
+            if warn:
+                warnings.warn(
+                    f"{self.path}: config says {depth} MTP modules but the weights hold {present}; "
+                    f"using {present}",
+                    stacklevel=4,
+                )
             fields[MTP_DEPTH] = present
         return ModelConfig(**fields)  # type: ignore[arg-type]
 
@@ -107,14 +111,11 @@ class Source:
         config.json that does not fit its weights (a vocab_size of 3e8 over 256 rows, a million
         layers over two) is refused before anything builds it. load_source calls it."""
         try:
-            names = list(self.blocks())
+            every = self.blocks()
         except KeyError as error:  # a name this architecture has no place for
             raise CheckpointError(f"cannot load the weights of {self.path}: {error}") from None
-        fields = dict(self.model_fields)
-        depth = int(fields.get(MTP_DEPTH, ModelConfig().mtp_depth))  # type: ignore[call-overload]
-        fields[MTP_DEPTH] = min(depth, len(self.mtp_modules_with_weights()))
-        cfg = ModelConfig(**fields)  # type: ignore[arg-type]
-        blocks = {k: self.blocks()[k] for k in names if self._kept(k, cfg)}
+        cfg = self._architecture(warn=False)  # users of the source warn about missing MTP
+        blocks = {k: v for k, v in every.items() if self._kept(k, cfg)}
         layers = {int(k.split(".")[1]) for k in blocks if k.startswith("layers.")}
         if layers != set(range(cfg.n_layers)):  # before building n_layers modules, even on meta
             raise CheckpointError(

@@ -24,7 +24,6 @@ DDP averages over processes, so the update equals the single-process one with th
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import random
@@ -747,9 +746,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return console.EXIT_INTERRUPTED
     finally:
         logs.close()
-        # FSDP2 and expert-parallel state holds tensors and collective handles in reference
-        # cycles; left to the interpreter's teardown, gloo's threads can release them after
-        # Python is gone (SIGABRT). Free them now, then the process groups.
-        trainer = None
-        gc.collect()
+        trainer = None  # its sharded state goes before the process groups (dist_utils.shutdown)
         dist_utils.shutdown()
