@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from runtime.distributed import grad_scaler
+from runtime.distributed import grad_scaler, shutdown
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
@@ -31,4 +31,4 @@ report = {"rank": dist.get_rank(), "changed": changed, "scale": scaler.get_scale
 sys.stdout.write(json.dumps(report) + "\n")  # one write: the processes share the pipe
 sys.stdout.flush()
 model = optimizer = None
-dist.destroy_process_group()
+shutdown()  # collects the FSDP state before the process groups go
