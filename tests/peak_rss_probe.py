@@ -3,7 +3,6 @@ this process's peak RSS, its share of the weights and the whole model's weights,
 With `checkpointer.init_from` set, also (after the RSS is read) the largest difference between the
 model's gathered weights and the source's, read whole in this process."""
 
-import gc
 import json
 import sys
 
@@ -11,6 +10,7 @@ import torch
 
 from generated.names import InitFrom
 from generated.parser import load_config
+from runtime.distributed import shutdown
 from runtime.sources import load_source
 from runtime.train import Trainer
 
@@ -39,8 +39,5 @@ sys.stdout.write(json.dumps(report) + "\n")  # one write: the processes share th
 sys.stdout.flush()
 if torch.distributed.is_initialized():  # leave together: rank 0 holds the store the others use
     torch.distributed.barrier()
-    trainer = params = (
-        None  # FSDP state in reference cycles goes before the groups (runtime/train.py)
-    )
-    gc.collect()
-    torch.distributed.destroy_process_group()
+    trainer = params = None  # its FSDP state goes before the process groups (shutdown collects it)
+    shutdown()
