@@ -8,9 +8,14 @@ import ast
 import difflib
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 from runtime.configlib import FieldSpec, LineDict, YAMLLoadError, check_value, load_yaml
+
+_T = TypeVar("_T")
 
 FIELD_ATTRIBUTES = {
     "pattern",
@@ -51,7 +56,7 @@ RULE_FUNCTIONS = {"len", "sum", "all", "any", "min", "max", "sorted", "zip", "ra
 class SpecError(Exception):
     """One or more problems in the spec; str() lists them as `file:line: message`."""
 
-    def __init__(self, problems):
+    def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
 
@@ -68,13 +73,13 @@ class Section:
     class_name: str
     doc: str
     shorthand: str | None
-    aliases: list
+    aliases: list[str]
     line: int
     policy: str = "overridable"
-    fields: list = field(default_factory=list)
-    sections: list = field(default_factory=list)
+    fields: list[Field] = field(default_factory=list)
+    sections: list["Section"] = field(default_factory=list)
 
-    def walk(self):
+    def walk(self) -> Iterator["Section"]:
         yield self
         for child in self.sections:
             yield from child.walk()
@@ -85,7 +90,7 @@ class Rule:
     check: str
     when: str | None
     message: str
-    paths: list  # the field paths it reads, in order of appearance
+    paths: list[str]  # the field paths it reads, in order of appearance
     check_code: str  # the expression over `c` (the root config)
     when_code: str | None
     line: int
@@ -96,7 +101,7 @@ class DerivedDefault:
     path: str
     expression: str
     code: str  # the expression over `c` (the root config)
-    paths: list
+    paths: list[str]
 
 
 @dataclass
@@ -105,33 +110,34 @@ class Spec:
     sha256: str
     version: int
     root: Section
-    rules: list
-    alias_versions: dict = field(default_factory=dict)  # alias path -> (since, removed or None)
-    derived: list = field(default_factory=list)  # DerivedDefault, in spec order
+    rules: list[Rule]
+    # alias path -> (since, removed or None)
+    alias_versions: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    derived: list[DerivedDefault] = field(default_factory=list)  # in spec order
 
-    def sections(self):
+    def sections(self) -> list[Section]:
         return list(self.root.walk())
 
-    def fields(self):
+    def fields(self) -> list[Field]:
         return [f for section in self.root.walk() for f in section.fields]
 
 
-def _join(prefix, name):
+def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
 class _Reader:
-    def __init__(self, filename):
+    def __init__(self, filename: str) -> None:
         self.filename = filename
-        self.problems = []
-        self.alias_versions = {}
-        self.derived_lines = {}
+        self.problems: list[str] = []
+        self.alias_versions: dict[str, tuple[int, int | None]] = {}
+        self.derived_lines: dict[str, int] = {}
         self.first_version = 1
 
-    def error(self, line, message):
+    def error(self, line: int, message: str) -> None:
         self.problems.append(f"{self.filename}:{line}: {message}")
 
-    def check_attributes(self, node, allowed, what):
+    def check_attributes(self, node: LineDict, allowed: set[str], what: str) -> None:
         for key in node:
             if key not in allowed:
                 hint = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -140,7 +146,7 @@ class _Reader:
                     node.key_lines[key], f"{what}: unknown spec attribute {key!r}{suggestion}"
                 )
 
-    def require(self, node, key, kind, what):
+    def require(self, node: LineDict, key: str, kind: type[_T], what: str) -> _T | None:
         if key not in node:
             self.error(node.line, f"{what}: missing required attribute {key!r}")
             return None
@@ -150,13 +156,13 @@ class _Reader:
             return None
         return value
 
-    def aliases(self, node, section_path, what):
+    def aliases(self, node: LineDict, section_path: str, what: str) -> list[str]:
         """Alias paths of a field or section; each item a name/path or {name, since, removed}."""
         items = node.get("aliases", [])
         if not isinstance(items, list):
             self.error(node.key_lines["aliases"], f"{what}: 'aliases' must be a list")
             return []
-        result = []
+        result: list[str] = []
         for item, line in zip(items, getattr(items, "item_lines", [node.line] * len(items))):
             since, removed = self.first_version, None
             if isinstance(item, LineDict):
@@ -191,7 +197,7 @@ class _Reader:
             result.append(path)
         return result
 
-    def policy(self, node, inherited, what):
+    def policy(self, node: LineDict, inherited: str, what: str) -> str:
         policy = node.get("policy", inherited)
         if policy not in POLICIES:
             self.error(
@@ -201,14 +207,14 @@ class _Reader:
             return inherited
         return policy
 
-    def string_list(self, node, key, what):
+    def string_list(self, node: LineDict, key: str, what: str) -> list[str]:
         value = node.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.error(node.key_lines[key], f"{what}: {key!r} must be a list of strings")
             return []
         return list(value)
 
-    def read_field(self, node, section_path, section_policy):
+    def read_field(self, node: object, section_path: str, section_policy: str) -> Field | None:
         if not isinstance(node, LineDict):
             self.error(
                 getattr(node, "line", 0),
@@ -230,7 +236,7 @@ class _Reader:
         doc = self.require(node, "doc", str, what) or ""
         if "default" not in node:
             self.error(node.line, f"{what}: missing required attribute 'default'")
-        bounds = {}
+        bounds: dict[str, float | None] = {}
         for key in ("min", "max", "gt"):
             value = node.get(key)
             if value is not None and (
@@ -344,7 +350,13 @@ class _Reader:
                 )
         return result
 
-    def read_section(self, node, parent_path, inherited_policy="overridable", is_root=False):
+    def read_section(
+        self,
+        node: object,
+        parent_path: str,
+        inherited_policy: str = "overridable",
+        is_root: bool = False,
+    ) -> Section | None:
         what = "root" if is_root else "section"
         if not isinstance(node, LineDict):
             self.error(getattr(node, "line", 0), f"{what} must be a mapping")
@@ -368,9 +380,9 @@ class _Reader:
             if parsed:
                 section.fields.append(parsed)
         for child in node.get("sections", []) or []:
-            parsed = self.read_section(child, path, section.policy)
-            if parsed:
-                section.sections.append(parsed)
+            parsed_section = self.read_section(child, path, section.policy)
+            if parsed_section:
+                section.sections.append(parsed_section)
         if section.shorthand is not None and section.shorthand not in {
             f.name for f in section.fields
         }:
@@ -381,34 +393,36 @@ class _Reader:
         return section
 
 
-def root_fields(root):
+def root_fields(root: Section) -> list[Field]:
     return [f for section in root.walk() for f in section.fields]
 
 
-def has_constants(f):
+def has_constants(f: FieldSpec) -> bool:
     """A str field with choices or sentinels gets a generated constants class."""
     return f.item_type == "str" and (f.choices is not None or bool(f.sentinels))
 
 
-def enum_class_name(field_name):
+def enum_class_name(field_name: str) -> str:
     """Name of the generated constants class of a choice or sentinel field: `schedule_type` ->
     `ScheduleType`."""
     return "".join(part.capitalize() for part in field_name.split("_"))
 
 
-def enum_member_name(value):
+def enum_member_name(value: str) -> str:
     """Constant name of a choice or sentinel value: `max-autotune` -> `MAX_AUTOTUNE`."""
     return value.upper().replace("-", "_").replace(".", "_")
 
 
-def _compile_expression(reader, text, line, sections, fields, what):
+def _compile_expression(
+    reader: _Reader, text: str, line: int, sections: set[str], fields: set[str], what: str
+) -> tuple[str | None, list[str]]:
     """Rewrite a rule expression over dotted field paths into one over `c`; collect the paths."""
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as error:
         reader.error(line, f"{what}: not a Python expression: {error.msg}")
         return None, []
-    paths = []
+    paths: list[str] = []
     bound = {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
     }
@@ -428,7 +442,7 @@ def _compile_expression(reader, text, line, sections, fields, what):
             reader.error(line, f"{what}: private attribute {node.attr!r} is not allowed")
 
     class Rewrite(ast.NodeTransformer):
-        def visit_Attribute(self, node):
+        def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
             dotted = ast.unparse(node)
             if dotted in fields:
                 if dotted not in paths:
@@ -445,7 +459,7 @@ def _compile_expression(reader, text, line, sections, fields, what):
                 return node
             return self.generic_visit(node)
 
-        def visit_Name(self, node):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
             if node.id in fields:
                 if node.id not in paths:
                     paths.append(node.id)
@@ -462,7 +476,7 @@ def _compile_expression(reader, text, line, sections, fields, what):
     return ast.unparse(tree), paths
 
 
-def load_spec(path, text=None):
+def load_spec(path: str | Path, text: str | bytes | None = None) -> Spec:
     """Read and validate the spec; raise SpecError listing every problem."""
     if text is None:
         with open(path, "rb") as spec_file:
@@ -490,7 +504,7 @@ def load_spec(path, text=None):
             root.sections.append(parsed)
 
     # Names: fields and sections are unique per section; aliases collide with nothing.
-    taken = {}
+    taken: dict[str, int] = {}
     for section in root.walk():
         for item in section.fields + section.sections:
             line = item.line
@@ -521,7 +535,7 @@ def load_spec(path, text=None):
                         item.line,
                         f"{item.path}: alias {alias!r} lives in {parent!r}, which is not a section",
                     )
-    class_names = {}
+    class_names: dict[str, int] = {}
     for section in root.walk():
         if section.class_name in class_names:
             reader.error(
@@ -532,7 +546,7 @@ def load_spec(path, text=None):
 
     field_paths = {f.path for s in root.walk() for f in s.fields}
     section_names = {s.path.split(".")[0] for s in root.walk() if s.path}
-    rules = []
+    rules: list[Rule] = []
     for node in document.get("rules", []) or []:
         if not isinstance(node, LineDict):
             reader.error(getattr(node, "line", 0), "each rule must be a mapping")
@@ -553,9 +567,11 @@ def load_spec(path, text=None):
                 reader, when, node.key_lines["when"], section_names, field_paths, what
             )
             paths += [p for p in when_paths if p not in paths]
+        if check_code is None:  # not an expression: reported, and load_spec raises below
+            continue
         rules.append(Rule(check, when, message, paths, check_code, when_code, node.line))
 
-    derived = []
+    derived: list[DerivedDefault] = []
     for f in root_fields(root):
         if f.derived is None:
             continue
@@ -572,8 +588,10 @@ def load_spec(path, text=None):
                 reader.derived_lines[f.path],
                 f"field {f.path}: a derived default cannot read itself",
             )
+        if code is None:  # not an expression: reported, and load_spec raises below
+            continue
         derived.append(DerivedDefault(f.path, f.derived, code, paths))
-    enum_names = {}
+    enum_names: dict[str, str] = {}
     for f in root_fields(root):
         if not has_constants(f):
             continue
