@@ -38,7 +38,7 @@ def _cpu_model():
 def _machine(malloc):
     import torch
 
-    from runtime.distributed import cpu_native_matmul
+    from runtime.distributed.utils import cpu_native_matmul
 
     return {
         "platform": platform.platform(),
@@ -71,7 +71,7 @@ def main(argv=None):
     suites = args.only or SUITES
     import torch
 
-    from runtime.distributed import tune_malloc
+    from runtime.distributed.utils import tune_malloc
 
     if args.threads:
         torch.set_num_threads(args.threads)

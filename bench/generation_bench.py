@@ -1,4 +1,4 @@
-"""Generation: runtime/sample.py's `generate` with the MLA latent KV cache against Hugging Face
+"""Generation: runtime/models/deepseek_v3/generation.py's `generate` with the MLA latent KV cache against Hugging Face
 transformers' `generate` (its DynamicCache) on the same model and weights: greedy, batch 1, fp32.
 
 The model is the trainer bench's (bench/trainer_bench.py) with its output head scaled up so greedy
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from generated.config import ModelConfig
-from runtime.hf import hf_config
-from runtime.model import Transformer
-from runtime.sample import generate
+from runtime.models.deepseek_v3.generation import generate
+from runtime.models.deepseek_v3.model import Transformer
+from runtime.models.deepseek_v3.state_dict_adapter import hf_config
 
 from .common import Target, interleaved_medians, spread
 from .trainer_bench import BENCH_MODEL, _hf_state_dict

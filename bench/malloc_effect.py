@@ -1,6 +1,6 @@
 """`python -m bench.malloc_effect`: the bf16 training step of ours and of HF's DeepseekV3ForCausalLM
 (the trainer bench's model, 16 experts, batch 4 x 512), once in a process with glibc's malloc
-defaults and once in a process with the settings the trainer makes on CPU (runtime/distributed.py:
+defaults and once in a process with the settings the trainer makes on CPU (runtime/distributed/utils.py:
 tune_malloc). The settings are process-wide, so each case is its own process, and in each the two
 steps are timed round-robin.
 
@@ -23,7 +23,7 @@ def _measure(tuned: bool, repeats: int) -> dict[str, float]:
     """Median ms of our and HF's bf16 step in this process."""
     import torch
 
-    from runtime.distributed import tune_malloc
+    from runtime.distributed.utils import tune_malloc
 
     from .common import interleaved_medians
     from .trainer_bench import EXPERTS, _hf_step, _our_step, autocast_bf16, bench_models

@@ -9,7 +9,7 @@ memory_peak), after one warm-up step so the optimizer state already exists: exac
 PyTorch's allocator, not the process's RSS (which malloc's caching and the interpreter blur).
 
 Full activation checkpointing is the trainer's own (`system.distributed.activation_checkpointing:
-full`, runtime/parallel.py: every block wrapped, routing loads counted once); HF's own
+full`, runtime/models/deepseek_v3/parallelize.py: every block wrapped, routing loads counted once); HF's own
 gradient_checkpointing_enable() is shown beside it.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from generated.names import ActivationCheckpointing
-from runtime.parallel import apply_activation_checkpointing
+from runtime.models.deepseek_v3.parallelize import apply_activation_checkpointing
 
 from .common import Target, memory_peak
 from .trainer_bench import (

@@ -16,8 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from generated.config import ModelConfig
-from runtime.model import MLP
-from runtime.moe import MoE, RoutingKnobs
+from runtime.models.deepseek_v3.model import MLP
+from runtime.models.deepseek_v3.moe import MoE, RoutingKnobs
 
 from .common import Target, interleaved_medians, profile_summary, spread
 

@@ -2,7 +2,7 @@
 
 A full step is forward, backward, AdamW step, zero_grad (and, for ours, the router-bias update).
 Our model and the peer are the same architecture, built from one ModelConfig (the peer through
-runtime/hf.py's config mapping, `DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(cfg)))`) and
+runtime/models/deepseek_v3/state_dict_adapter.py's config mapping, `DeepseekV3ForCausalLM(DeepseekV3Config(**hf_config(cfg)))`) and
 given our initial weights, so both route alike; the bench checks their logits agree. Both see the
 same batches, a new one each step as in training (cycling through BATCHES, so the experts' row counts
 change from step to step), in fp32, with the same thread count and the same optimizer (torch AdamW,
@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from runtime.balancer import MoEBalancer
-from runtime.distributed import cpu_native_matmul
-from runtime.hf import BLOCK_KEYS, TOP_KEYS, hf_config
-from runtime.loss import TrainingLoss
-from runtime.model import MLA, Transformer
-from runtime.moe import MoE
+from runtime.components.balancer import MoEBalancer
+from runtime.components.loss import TrainingLoss
+from runtime.distributed.utils import cpu_native_matmul
+from runtime.models.deepseek_v3.model import MLA, Transformer
+from runtime.models.deepseek_v3.moe import MoE
+from runtime.models.deepseek_v3.state_dict_adapter import BLOCK_KEYS, TOP_KEYS, hf_config
 
 from .common import Target, interleaved_medians, median_time, profile_summary, spread
 

@@ -6,7 +6,7 @@ installs without it; train, sample and export need the `train` extra).
 
 import sys
 
-from runtime import console
+from runtime.cli import console
 
 USAGE = f"""usage: deepseek-moe COMMAND [ARGS]   (or: python -m runtime COMMAND [ARGS])
 
@@ -22,11 +22,11 @@ commands:
 {console.__doc__.split("Exit codes", 1)[1].replace(", the same for every command:", "Exit codes:", 1)}"""
 
 COMMANDS = {
-    "config": ("runtime.config_cli", "main"),
-    "train": ("runtime.train", "main"),
-    "export": ("runtime.hf", "export_main"),
-    "sample": ("runtime.sample", "main"),
-    "plan": ("runtime.plan", "main"),
+    "config": ("runtime.cli.config", "main"),
+    "train": ("runtime.trainer.trainer", "main"),
+    "export": ("runtime.models.deepseek_v3.state_dict_adapter", "export_main"),
+    "sample": ("runtime.models.deepseek_v3.generation", "main"),
+    "plan": ("runtime.models.deepseek_v3.cost", "main"),
 }
 
 # imported by train / sample / export, not by the core (config-only) package

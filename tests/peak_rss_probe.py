@@ -10,9 +10,9 @@ import torch
 
 from generated.names import InitFrom
 from generated.parser import load_config
-from runtime.distributed import shutdown
-from runtime.sources import load_source
-from runtime.train import Trainer
+from runtime.distributed.utils import shutdown
+from runtime.interop.sources import load_source
+from runtime.trainer.trainer import Trainer
 
 trainer = Trainer(load_config(sys.argv[1], argv=sys.argv[2:]))
 params = list(trainer.model.parameters())

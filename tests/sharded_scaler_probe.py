@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from runtime.distributed import grad_scaler, shutdown
+from runtime.distributed.utils import grad_scaler, shutdown
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

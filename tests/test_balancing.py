@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
-from runtime.balancer import MoEBalancer
-from runtime.train import router_noise_rng
+from runtime.components.balancer import MoEBalancer
+from runtime.trainer.trainer import router_noise_rng
 from tiny import debug_model, training_loss
 
 

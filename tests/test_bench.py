@@ -105,8 +105,8 @@ def test_checkpointed_blocks_keep_the_gradients():
     from bench.memory_bench import saved_for_backward_bytes
     from generated.config import MoETrainingConfig, MTPTrainingConfig
     from generated.names import ActivationCheckpointing
-    from runtime.loss import TrainingLoss
-    from runtime.parallel import apply_activation_checkpointing
+    from runtime.components.loss import TrainingLoss
+    from runtime.models.deepseek_v3.parallelize import apply_activation_checkpointing
 
     torch.manual_seed(0)
     plain = _tiny().train()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from generated.parser import ConfigError, load_config, to_saved_dict
-from runtime import checkpoint as ckpt_mod
-from runtime.checkpoint import (
+from runtime.checkpoint import single_file as ckpt_mod
+from runtime.checkpoint.single_file import (
     Checkpointer,
     CheckpointError,
     atomic_save,
@@ -20,8 +20,8 @@ from runtime.checkpoint import (
     restore_rng_state,
     step_checkpoints,
 )
-from runtime.metrics import VOLATILE_KEYS
-from runtime.train import Trainer
+from runtime.components.metrics import VOLATILE_KEYS
+from runtime.trainer.trainer import Trainer
 from tiny import TINY_RUN_FLAGS
 
 TINY = TINY_RUN_FLAGS + [
@@ -274,7 +274,7 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
             )
         )
 
-    from runtime.hf import export_hf
+    from runtime.models.deepseek_v3.state_dict_adapter import export_hf
 
     export_hf(first.model, str(tmp_path / "hf"))
     trainer = Trainer(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from generated import ConfigAliasWarning, load_config
-from runtime import config_cli
+from runtime.cli import config as config_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -175,7 +175,7 @@ def test_migrate_bad_file_exits_2(tmp_path, capsys):
 
 def test_config_cli_does_not_import_torch():
     code = (
-        "import sys, runtime.config_cli, runtime.__main__; "
+        "import sys, runtime.cli.config, runtime.__main__; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -10,7 +10,7 @@ import pytest
 
 import generated as g
 from codegen.generate import render, write
-from runtime import config_cli
+from runtime.cli import config as config_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = Path("tests/data/features")

@@ -12,7 +12,7 @@ import pytest
 
 from bench.hostile_configs import MEMORY_LIMIT_MB, TIME_LIMIT_S, measure, write_hostile_documents
 from generated import ConfigError, load_config, resolve
-from runtime import console
+from runtime.cli import console
 from runtime.configlib import MAX_SHOWN_PROBLEMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_one_message_format_and_exit_code_for_user_mistakes(tmp_path):
 def test_wandb_without_a_login_is_one_clear_error(monkeypatch, tmp_path):
     wandb = pytest.importorskip("wandb")
     from generated.config import WandbConfig
-    from runtime.wandb_logger import WandbLogger, WandbUnavailable
+    from runtime.components.wandb_logger import WandbLogger, WandbUnavailable
 
     def refuse(**kwargs):
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")

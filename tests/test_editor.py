@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from generated import load_config
-from runtime import config_cli
+from runtime.cli import config as config_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

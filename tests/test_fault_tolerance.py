@@ -1,7 +1,7 @@
 """Fault tolerance (issue #5): SIGKILL at any moment, preemption signals, damaged or foreign
 checkpoints, non-finite numbers, disk trouble.
 
-Kills at precise points use the test-only hook of runtime/checkpoint.py: DEEPSEEK_MOE_FAULT=phase:N
+Kills at precise points use the test-only hook of runtime/checkpoint/single_file.py: DEEPSEEK_MOE_FAULT=phase:N
 makes the trainer SIGKILL itself the N-th time it reaches `phase` (step, eval, checkpoint_write,
 checkpoint_rename)."""
 
@@ -21,8 +21,8 @@ import torch
 from test_train import args
 
 from generated.parser import ConfigError, load_config
-from runtime import checkpoint as ckpt_mod
-from runtime.checkpoint import (
+from runtime.checkpoint import single_file as ckpt_mod
+from runtime.checkpoint.single_file import (
     FAULT_ENV,
     FAULT_PHASES,
     TEMP_FILE,
@@ -33,8 +33,8 @@ from runtime.checkpoint import (
     load_checkpoint,
     step_checkpoints,
 )
-from runtime.metrics import VOLATILE_KEYS, MetricsWriter, read_metrics
-from runtime.train import Trainer, main
+from runtime.components.metrics import VOLATILE_KEYS, MetricsWriter, read_metrics
+from runtime.trainer.trainer import Trainer, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != FAULT_ENV}

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from runtime import hf as hf_mod
-from runtime import sample as sample_mod
-from runtime.checkpoint import atomic_save
-from runtime.model import Transformer
-from runtime.sample import generate
-from runtime.sources import load_source
+from runtime.checkpoint.single_file import atomic_save
+from runtime.interop.sources import load_source
+from runtime.models.deepseek_v3 import generation as sample_mod
+from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
+from runtime.models.deepseek_v3.generation import generate
+from runtime.models.deepseek_v3.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 

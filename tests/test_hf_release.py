@@ -12,11 +12,11 @@ import torch
 
 from generated.config import ModelConfig
 from generated.parser import ConfigError, load_config, resolved_from_config
-from runtime import hf as hf_mod
-from runtime.model import Transformer
-from runtime.sample import generate
-from runtime.sources import load_source
-from runtime.train import Trainer
+from runtime.interop.sources import load_source
+from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
+from runtime.models.deepseek_v3.generation import generate
+from runtime.models.deepseek_v3.model import Transformer
+from runtime.trainer.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 from test_hf import load_hf, make_model  # noqa: E402
@@ -66,7 +66,7 @@ def test_released_config_loads_unchanged(tmp_path, monkeypatch):
     assert set(c) <= known
     # the trainer's init_from takes the folder (the architecture fills the model section); the
     # 700 GB of weights are not here, so load_source skips checking that they fit
-    from runtime.sources import Source
+    from runtime.interop.sources import Source
 
     monkeypatch.setattr(Source, "check_fits", lambda self: None)
     (tmp_path / "r1").mkdir()
@@ -356,7 +356,7 @@ def test_export_sharded_bf16(tmp_path):
 def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
     # what init_from into a sharded model reads: any block, FP8 ones dequantized with only their
     # own scales (offsets inside 128x128 scale blocks), experts stacked across the gate/up seam
-    from runtime.weight_blocks import hf_blocks
+    from runtime.interop.weight_blocks import hf_blocks
 
     fp8, _, _ = write_release_folder(tmp_path)
     whole = hf_mod.from_hf_state_dict(hf_mod.read_safetensors(str(fp8)), 2)
@@ -383,7 +383,7 @@ def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
 def test_damaged_safetensors_are_one_clear_error_without_reading_them(tmp_path):
     # init_from reads a folder by blocks: a truncated shard, a header claiming more bytes than the
     # file (checked before any allocation) or offsets outside it are a CheckpointError naming the file
-    from runtime.checkpoint import CheckpointError
+    from runtime.checkpoint.single_file import CheckpointError
 
     fp8, _, _ = write_release_folder(tmp_path)
     model = load_source(str(fp8)).build_model()
@@ -407,7 +407,7 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_any_model_is_b
     # load_source checks the weights' names and shapes against the architecture on the meta
     # device: a config.json claiming a 3e8-token vocabulary (a 77 GB embedding) or far more layers
     # than the weights hold is one CheckpointError, never an allocation of the model it describes
-    from runtime.checkpoint import CheckpointError
+    from runtime.checkpoint.single_file import CheckpointError
 
     folder = tmp_path / "hf"
     hf_mod.export_hf(make_model(), str(folder), mtp=False)

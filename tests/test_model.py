@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generated.config import ModelConfig
-from runtime.model import (
+from runtime.models.deepseek_v3.model import (
     MLA,
     MLP,
     RMSNorm,
@@ -14,7 +14,7 @@ from runtime.model import (
     model_rotary_tables,
     rotary_tables,
 )
-from runtime.moe import MoE
+from runtime.models.deepseek_v3.moe import MoE
 from tiny import debug_model, debug_model_config, training_loss
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig
-from runtime import moe as moe_mod
-from runtime.balancer import MoEBalancer
-from runtime.model import MLP, Transformer
-from runtime.moe import MoE, RoutingKnobs, capacity_keep
+from runtime.components.balancer import MoEBalancer
+from runtime.models.deepseek_v3 import moe as moe_mod
+from runtime.models.deepseek_v3.model import MLP, Transformer
+from runtime.models.deepseek_v3.moe import MoE, RoutingKnobs, capacity_keep
 from tiny import debug_model_config, training_loss
 
 LOSS = training_loss()

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
-from runtime.loss import TrainingLoss
-from runtime.model import Transformer
-from runtime.moe import RoutingKnobs
+from runtime.components.loss import TrainingLoss
+from runtime.models.deepseek_v3.model import Transformer
+from runtime.models.deepseek_v3.moe import RoutingKnobs
 from tiny import debug_model_config
 
 

@@ -26,11 +26,11 @@ UNRELATED = {
     ("data.py", "stdlib"): "sysconfig.get_paths() key",
     ("data.py", "bytes"): "byte count in the corpus cache metadata",
     ("data.py", "vocab_size"): "key of the BPE cache metadata",
-    ("hf.py", "float32"): "storage dtype of an export (config.json torch_dtype)",
-    ("hf.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",
-    ("hf.py", "default"): "Hugging Face rope_type of unscaled rotary embeddings",
+    ("state_dict_adapter.py", "float32"): "storage dtype of an export (config.json torch_dtype)",
+    ("state_dict_adapter.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",
+    ("state_dict_adapter.py", "default"): "Hugging Face rope_type of unscaled rotary embeddings",
     ("wandb_logger.py", "latest"): "wandb artifact alias",
-    ("train.py", "none"): "printed when there is no best validation loss yet",
+    ("trainer.py", "none"): "printed when there is no best validation loss yet",
 }
 
 

@@ -16,9 +16,9 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 def test_pyproject_declares_packages_extras_and_script():
     project = PYPROJECT["project"]
-    assert PYPROJECT["tool"]["setuptools"]["packages"] == [
+    assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == [
         "runtime",
-        "runtime.configlib",
+        "runtime.*",
         "generated",
         "codegen",
     ]
@@ -42,8 +42,14 @@ def test_console_script_target_runs(capsys):
 
 
 def test_missing_train_extra_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "runtime.sample", None)  # import fails like a missing module
-    monkeypatch.setattr(cli, "TRAIN_EXTRA_MODULES", cli.TRAIN_EXTRA_MODULES | {"runtime.sample"})
+    monkeypatch.setitem(
+        sys.modules, "runtime.models.deepseek_v3.generation", None
+    )  # import fails like a missing module
+    monkeypatch.setattr(
+        cli,
+        "TRAIN_EXTRA_MODULES",
+        cli.TRAIN_EXTRA_MODULES | {"runtime.models.deepseek_v3.generation"},
+    )
     assert cli.main(["sample", "x"]) == 1
     assert "pip install -e '.[train]'" in capsys.readouterr().err
 
@@ -78,6 +84,8 @@ def test_wheel_builds_offline_with_entry_point(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "runtime/__main__.py" in names and "generated/config.schema.json" in names
     assert "runtime/configlib/engine.py" in names  # the engine generated/ imports
+    packages = [p.relative_to(REPO).as_posix() for p in (REPO / "runtime").rglob("__init__.py")]
+    assert packages and set(packages) <= set(names)  # every subpackage of runtime/
     assert "codegen/templates/config.py.j2" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))

@@ -12,9 +12,9 @@ import torch
 from test_train import ENV, PYTHON, REPO, args, free_port, losses, metrics
 
 from generated.parser import load_config
-from runtime.plan import count_params
-from runtime.plan import main as plan_main
-from runtime.train import Trainer
+from runtime.models.deepseek_v3.cost import count_params
+from runtime.models.deepseek_v3.cost import main as plan_main
+from runtime.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,7 @@ def test_layout_matches_one_process(layout, reference, tmp_path, data_dir):
     ckpt = tmp_path / "run" / "checkpoints" / f"ckpt_{STEPS:07d}"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "checksums.json").is_file()
     full = torch.load(reference / "checkpoints" / f"ckpt_{STEPS:07d}.pt", weights_only=True)
-    from runtime.checkpoint import load_checkpoint
+    from runtime.checkpoint.single_file import load_checkpoint
 
     sharded = load_checkpoint(str(ckpt))  # what export and sample read
     for key, value in full["model"].items():
@@ -151,7 +151,7 @@ def test_rank_killed_during_sharded_save_resumes_from_previous(reference, tmp_pa
     assert [r["iter"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert_same_losses(tmp_path / "k", reference)
     # keep_last_n 2 kept both; a damaged shard is an error naming its file
-    from runtime.checkpoint import CheckpointError, load_checkpoint
+    from runtime.checkpoint.single_file import CheckpointError, load_checkpoint
 
     assert sorted(n for n in os.listdir(folder)) == ["ckpt_0000005", f"ckpt_{STEPS:07d}"]
     shard = folder / "ckpt_0000005" / "__1_0.distcp"
@@ -171,8 +171,8 @@ def test_fsdp_state_bytes_at_most_055_of_ddp(tmp_path, data_dir):
 
 
 def test_launch_layout_errors(tmp_path, data_dir, monkeypatch):
-    from runtime.distributed import SystemConfigError
-    from runtime.parallel import resolve_layout
+    from runtime.distributed.utils import SystemConfigError
+    from runtime.models.deepseek_v3.parallelize import resolve_layout
 
     cfg = load_config(argv=["--system.distributed.dp_shard", "2", "--system.distributed.dp_replicate", "2"])  # fmt: skip
     with pytest.raises(SystemConfigError, match="dp_replicate.*dp_shard.*expert_parallel"):
@@ -189,7 +189,7 @@ def test_launch_layout_errors(tmp_path, data_dir, monkeypatch):
 
 def test_plan_tiny_agrees_with_the_live_model(capsys):
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
-    from runtime.model import Transformer
+    from runtime.models.deepseek_v3.model import Transformer
 
     model = Transformer(cfg.model)
     main, mtp = count_params(cfg.model)
@@ -327,8 +327,8 @@ def test_the_float16_scaler_skips_on_every_process_when_one_block_overflows():
 def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_checkpoint, tmp_path):
     # export reads a stack of experts a few experts at a time: each box is read from the saved
     # shards it overlaps and no others (FSDP2 over 2 processes: rank 0 saved experts 0-1)
-    from runtime.checkpoint import CheckpointError
-    from runtime.dcp_checkpoint import model_tensors
+    from runtime.checkpoint.dcp import model_tensors
+    from runtime.checkpoint.single_file import CheckpointError
 
     name = "layers.1.ffn.experts.w13"
     whole = model_tensors(sharded_checkpoint)[name]
@@ -354,9 +354,13 @@ def test_export_of_a_sharded_folder_streams_its_tensors(
     # `export` reads a sharded folder one tensor at a time (no process group; a stack of experts
     # in pieces of EXPORT_PIECE_BYTES) and writes each shard when full: the folder holds exactly
     # the weights consolidated whole, bit for bit
-    from runtime import sources
-    from runtime.hf import export_main, read_safetensors, to_hf_state_dict
-    from runtime.sources import load_source
+    from runtime.interop import sources
+    from runtime.interop.sources import load_source
+    from runtime.models.deepseek_v3.state_dict_adapter import (
+        export_main,
+        read_safetensors,
+        to_hf_state_dict,
+    )
 
     monkeypatch.setattr(sources, "EXPORT_PIECE_BYTES", piece_bytes)
     out = tmp_path / "hf"
@@ -413,8 +417,8 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     # the same 2.3 GB model as a bf16 Hugging Face folder (1.2 GB in 300 MB shards), init_from into 2
     # FSDP processes: each reads only its rows of each weight (1.7 GB peak RSS per process here;
     # reading the folder whole in every process, as before, peaked at 5.7 GB)
-    from runtime.hf import export_hf
-    from runtime.model import Transformer
+    from runtime.models.deepseek_v3.model import Transformer
+    from runtime.models.deepseek_v3.state_dict_adapter import export_hf
 
     model = Transformer(load_config("configs/tiny.yaml", argv=list(BIG)).model)
     export_hf(model, str(tmp_path / "hf"), dtype="bfloat16", max_shard_size="300MB")
@@ -430,7 +434,7 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     # and `export` streams it, a tensor and a shard at a time (1.2 GB of bf16 in 300 MB shards:
     # 0.9 GB peak RSS here; built whole and converted, as before, it peaked at 8.6 GB)
     measure = (  # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's)
-        "import sys; from runtime.hf import export_main; "
+        "import sys; from runtime.models.deepseek_v3.state_dict_adapter import export_main; "
         "assert export_main(sys.argv[1:]) == 0; "
         "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
     )

@@ -4,7 +4,7 @@ incomplete registry fails when its module is imported."""
 import pytest
 
 from generated import FIELDS, PATH
-from runtime.registry import BRANCHING_FIELDS, Registry, RegistryIncomplete, all_registries
+from runtime.utils.registry import BRANCHING_FIELDS, Registry, RegistryIncomplete, all_registries
 
 CHOICES = {path: list(spec.choices) for path, spec in FIELDS.items() if spec.choices is not None}
 REGISTRIES = all_registries()
@@ -39,7 +39,7 @@ def test_branching_choice_fields_are_handled_by_the_model():
     import torch
 
     from generated.config import ModelConfig
-    from runtime.model import Transformer
+    from runtime.models.deepseek_v3.model import Transformer
 
     tokens = torch.arange(12).view(2, 6)
     outputs = []

@@ -11,10 +11,10 @@ import pytest
 
 from generated.config import LRScheduleConfig
 from generated.parser import ConfigError, load_config
-from runtime.checkpoint import load_checkpoint
-from runtime.data import DataError
-from runtime.schedule import lr_at, schedule_warnings
-from runtime.train import Trainer, main
+from runtime.checkpoint.single_file import load_checkpoint
+from runtime.components.data import DataError
+from runtime.components.lr_schedule import lr_at, schedule_warnings
+from runtime.trainer.trainer import Trainer, main
 from tiny import TINY_RUN_FLAGS
 
 TINY = TINY_RUN_FLAGS + [

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from generated.config import LRScheduleConfig
-from runtime.schedule import lr_at, phase_at
+from runtime.components.lr_schedule import lr_at, phase_at
 
 PEAK = 1e-3
 MIN = 1e-4

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from generated.parser import ConfigError, load_config
-from runtime import hf as hf_mod
-from runtime import sample as sample_mod
-from runtime.data import load_corpus
-from runtime.sample import filter_logits, generate
-from runtime.tokenizer import TextCodec
-from runtime.train import Trainer
+from runtime.components.data import load_corpus
+from runtime.components.tokenizer import TextCodec
+from runtime.models.deepseek_v3 import generation as sample_mod
+from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
+from runtime.models.deepseek_v3.generation import filter_logits, generate
+from runtime.trainer.trainer import Trainer
 from tiny import TINY_RUN_FLAGS, debug_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,7 +244,7 @@ def test_cache_grows_past_its_first_buffer():
 
 
 def test_end_of_run_sample_follows_every_sample_field():
-    # runtime.sample.complete is what the trainer's end-of-run sample runs with the `sample` section
+    # runtime.models.deepseek_v3.generation.complete is what the trainer's end-of-run sample runs with the `sample` section
     from generated.config import SampleConfig
 
     model = debug_model(max_seq_len=64).eval()

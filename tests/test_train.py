@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from generated.parser import load_config
-from runtime import distributed as dist_utils
-from runtime.data import DataError
-from runtime.distributed import SystemConfigError
-from runtime.train import NonFiniteLossError, Trainer, main
+from runtime.components.data import DataError
+from runtime.distributed import utils as dist_utils
+from runtime.distributed.utils import SystemConfigError
+from runtime.trainer.trainer import NonFiniteLossError, Trainer, main
 from tiny import TINY_RUN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,8 +305,8 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
 
 def test_device_resolution():
     from generated.config import DeviceConfig
-    from runtime.distributed import SystemConfigError as Err
-    from runtime.distributed import resolve_device
+    from runtime.distributed.utils import SystemConfigError as Err
+    from runtime.distributed.utils import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(DeviceConfig(device="auto")).type == expected

@@ -5,7 +5,7 @@ import torch
 from test_train import args, metrics
 
 from generated.parser import ConfigError, resolve
-from runtime.train import Trainer
+from runtime.trainer.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -24,9 +24,9 @@ from generated.config import (
     MTPTrainingConfig,
     TorchCompilationConfig,
 )
-from runtime import distributed as dist_utils
-from runtime import train as train_mod
-from runtime.schedule import lr_at, phase_at
+from runtime.components.lr_schedule import lr_at, phase_at
+from runtime.distributed import utils as dist_utils
+from runtime.trainer import trainer as train_mod
 from tiny import TINY_RUN_FLAGS
 
 TINY = TINY_RUN_FLAGS + [
@@ -258,11 +258,11 @@ def _section_fields(section):
 def test_each_component_reads_its_part_of_the_sections_it_takes(recorder):
     """Per component: the fields it reads are exactly its share of the sections it is given
     (nothing outside them, nothing of them left unread by the components that share a section)."""
-    from runtime.balancer import MoEBalancer
-    from runtime.loss import TrainingLoss
-    from runtime.model import Transformer
-    from runtime.moe import RoutingKnobs
-    from runtime.schedule import LRSchedule
+    from runtime.components.balancer import MoEBalancer
+    from runtime.components.loss import TrainingLoss
+    from runtime.components.lr_schedule import LRSchedule
+    from runtime.models.deepseek_v3.model import Transformer
+    from runtime.models.deepseek_v3.moe import RoutingKnobs
     from tiny import debug_model_config
 
     def reads_of(fn):

@@ -6,9 +6,9 @@ Each test states only what it changes: `debug_model_config(n_layers=3, mtp_depth
 import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
-from runtime.loss import TrainingLoss
-from runtime.model import Transformer
-from runtime.moe import RoutingKnobs
+from runtime.components.loss import TrainingLoss
+from runtime.models.deepseek_v3.model import Transformer
+from runtime.models.deepseek_v3.moe import RoutingKnobs
 
 DEBUG_MODEL = dict(
     vocab_size=64,

@@ -13,7 +13,7 @@ from torch import nn
 from generated import PATH
 from generated.config import DeviceConfig, DistributedConfig, TorchCompilationConfig
 from generated.names import Backend, Device, Dtype
-from runtime.registry import BACKENDS, DTYPES
+from runtime.utils.registry import BACKENDS, DTYPES
 
 
 class SystemConfigError(RuntimeError):

@@ -4,7 +4,7 @@ What a config costs before anything is launched, from the `model`, `training` an
 `system.distributed` sections alone (no torch, no weights):
 
   * parameters, total and activated per token, main model and MTP modules apart. Counted from the
-    same shapes runtime/model.py builds (tests check them against a live model exactly);
+    same shapes runtime/models/deepseek_v3/model.py builds (tests check them against a live model exactly);
     "activated" counts every weight a token's forward touches: embedding row, attention, dense MLPs,
     router, shared experts and top_k of the routed experts (the output head is counted whole).
   * training FLOPs per token: 6 x activated matmul weights (forward 2, backward 4; the embedding

@@ -3,14 +3,14 @@
 `python -m runtime sample SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
 [--top-p P] [--json]` where SOURCE is a trainer checkpoint file, a sharded checkpoint folder or a
 Hugging Face folder. Temperature 0 is greedy. The prompt is encoded and the output decoded with the model's tokenizer (runtime/
-tokenizer.py: bytes, or the run's BPE). The cache (runtime/model.py: MLACache) keeps the compressed
+tokenizer.py: bytes, or the run's BPE). The cache (runtime/models/deepseek_v3/model.py: MLACache) keeps the compressed
 latent and the rope key per layer, so each new token costs time linear in the context; once the
 context passes max_seq_len, every step re-reads the last max_seq_len tokens (a sliding window, the
 same tokens the uncached path sees).
 
 Under torchrun (WORLD_SIZE > 1) the model is sharded instead of held whole by one process, as in
 training: built on the meta device, FSDP2 over WORLD_SIZE / E processes x `--expert-parallel E`,
-each process reading only its blocks of the weights (runtime/sources.py). Every process runs the
+each process reading only its blocks of the weights (runtime/interop/sources.py). Every process runs the
 same forwards (each gathers the FSDP shards or sends tokens to the experts' processes) and rank 0
 prints. A model too big for one process's memory samples this way:
 
@@ -33,12 +33,12 @@ from torch import Tensor
 
 from generated import FIELDS, PATH
 from generated.config import DeviceConfig, DistributedConfig, SampleConfig
-from runtime.checkpoint import CheckpointError
-from runtime.model import Transformer
-from runtime.tokenizer import TextCodec
+from runtime.checkpoint.single_file import CheckpointError
+from runtime.components.tokenizer import TextCodec
+from runtime.models.deepseek_v3.model import Transformer
 
 if TYPE_CHECKING:
-    from runtime.sources import Source
+    from runtime.interop.sources import Source
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -148,7 +148,7 @@ def generate(
     return idx
 
 
-# mistakes `python -m runtime` reports as one line (runtime/console.py)
+# mistakes `python -m runtime` reports as one line (runtime/cli/console.py)
 USER_ERRORS = (ValueError, KeyError, CheckpointError)
 
 
@@ -185,8 +185,8 @@ def build_sharded_model(source: Source, expert_parallel: int, device_name: str) 
     """Under torchrun: the source's model built on the meta device and sharded over the launch,
     FSDP2 over WORLD_SIZE / expert_parallel processes x expert_parallel, each process reading only
     the blocks of the weights it holds. Every process must then run the same forwards."""
-    from runtime import distributed as dist_utils
-    from runtime import parallel
+    from runtime.distributed import utils as dist_utils
+    from runtime.models.deepseek_v3 import parallelize as parallel
 
     world, rank, local_rank = dist_utils.launch_world()
     cfg = source.model_config()
@@ -263,9 +263,9 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from runtime import distributed as dist_utils
-    from runtime.checkpoint import CheckpointError
-    from runtime.sources import load_source
+    from runtime.checkpoint.single_file import CheckpointError
+    from runtime.distributed import utils as dist_utils
+    from runtime.interop.sources import load_source
 
     world, rank, _ = dist_utils.launch_world()
     model: Transformer | None = None

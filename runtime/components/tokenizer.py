@@ -126,7 +126,7 @@ class TextCodec:
         return cls.from_json(state["kind"], state["json"])
 
     def save(self, path: str) -> None:
-        from runtime.checkpoint import atomic_write_bytes
+        from runtime.checkpoint.single_file import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_json().encode())
 

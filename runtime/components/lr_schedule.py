@@ -15,7 +15,7 @@ from typing import Any
 from generated import PATH
 from generated.config import LRScheduleConfig
 from generated.names import ScheduleType
-from runtime.registry import SCHEDULES
+from runtime.utils.registry import SCHEDULES
 
 INITIAL_PHASE = "initial"
 

@@ -3,17 +3,17 @@ checkpointing and FSDP2 (`fully_shard` per block, then the whole model), all fro
 
 World = dp_replicate x dp_shard x expert_parallel processes, on a 3-D DeviceMesh
 ("dp_replicate", "dp_shard", "ep") (rank = (r * dp_shard + s) * expert_parallel + e). Every process
-reads its own slice of the global batch (runtime/data.py), whatever the layout.
+reads its own slice of the global batch (runtime/components/data.py), whatever the layout.
 
-  * dp_shard = expert_parallel = 1: plain DDP (runtime/distributed.py), unchanged.
+  * dp_shard = expert_parallel = 1: plain DDP (runtime/distributed/utils.py), unchanged.
   * otherwise FSDP2. The non-expert weights of each block (attention, norms, router, shared
     experts, dense MLP) are sharded over the dp_shard x expert_parallel processes ("dp_shard_ep",
     a flattened mesh dimension) and replicated over dp_replicate (HSDP when that is > 1); the routed
-    experts are first split over "ep" (runtime/expert_parallel.py), then sharded by FSDP over
+    experts are first split over "ep" (runtime/distributed/expert_parallel.py), then sharded by FSDP over
     "dp_shard" (and replicated over "dp_replicate") when that group has more than one process.
     Embedding, head, norms and the MTP projections belong to the root `fully_shard`.
   * activation checkpointing (`none` | `selective` | `full`) turns on the blocks' own recomputation
-    (runtime/model.py: Block.recompute, torch.utils.checkpoint per half block; state-dict names
+    (runtime/models/deepseek_v3/model.py: Block.recompute, torch.utils.checkpoint per half block; state-dict names
     unchanged); it also applies without FSDP.
 
 Mixed precision: `param_dtype` is the dtype FSDP gathers weights in, `reduce_dtype` that of the
@@ -38,22 +38,22 @@ from torch import nn
 from generated import PATH
 from generated.config import Config, DistributedConfig
 from generated.names import ActivationCheckpointing
-from runtime.distributed import DistInfo, SystemConfigError, slow_cpu_dtype
-from runtime.plan import Layout, layout_for
-from runtime.registry import DTYPES
+from runtime.distributed.utils import DistInfo, SystemConfigError, slow_cpu_dtype
+from runtime.models.deepseek_v3.cost import Layout, layout_for
+from runtime.utils.registry import DTYPES
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule
 
-    from runtime.model import Block, Transformer
+    from runtime.models.deepseek_v3.model import Block, Transformer
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
 
 
 def resolve_layout(dist_cfg: DistributedConfig, world: int) -> Layout:
     """The layout of `world` processes (DistributedConfig); a SystemConfigError naming the fields when
-    the degrees do not multiply to the world size (the arithmetic is runtime/plan.py's)."""
+    the degrees do not multiply to the world size (the arithmetic is runtime/models/deepseek_v3/cost.py's)."""
     layout, problem = layout_for(dist_cfg, world)
     if problem is not None:
         raise SystemConfigError(f"launched with WORLD_SIZE={world}: {problem}")
@@ -84,7 +84,7 @@ def _fsdp_mesh(mesh: DeviceMesh, replicate: int, shard_dim: str) -> DeviceMesh:
 
 def blocks(model: Transformer) -> list[Block]:
     """Every transformer block, MTP blocks included."""
-    # the ModuleLists hold Blocks and MTPModules (runtime/model.py); iterating one yields nn.Module
+    # the ModuleLists hold Blocks and MTPModules (runtime/models/deepseek_v3/model.py); iterating one yields nn.Module
     return cast("list[Block]", [*model.layers, *(m.block for m in model.mtp)])
 
 
@@ -126,8 +126,8 @@ def apply(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from runtime.expert_parallel import ExpertParallel
-    from runtime.moe import MoE
+    from runtime.distributed.expert_parallel import ExpertParallel
+    from runtime.models.deepseek_v3.moe import MoE
 
     mesh = build_mesh(layout, device.type)
     mp = MixedPrecisionPolicy(

@@ -10,7 +10,7 @@ One MoE layer call on x (B, T, C):
   5. routed output + shared experts; returns the sequence-wise aux loss and the z-loss alongside.
 
 Load counts for the bias update and the logging statistics are accumulated as tensors (no host sync)
-and only turned into Python numbers by MoEBalancer.stats() (runtime/balancer.py).
+and only turned into Python numbers by MoEBalancer.stats() (runtime/components/balancer.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _default(path: str) -> Any:
 @dataclass(frozen=True)
 class RoutingKnobs:
     """The moe section's layer-level settings (spec defaults unless given): the rest of that section
-    is the loss's (runtime/loss.py) and the balancer's (runtime/balancer.py)."""
+    is the loss's (runtime/components/loss.py) and the balancer's (runtime/components/balancer.py)."""
 
     router_temperature: float = _default(PATH.moe.router_temperature)
     router_noise_scale: float = _default(PATH.moe.router_noise_scale)
@@ -392,7 +392,7 @@ def run_experts(
 ) -> Tensor:
     """SwiGLU of stacked experts w13 (E, 2I, C), w2 (E, C, I) on xs (M, C) sorted by expert, counts
     (E,) rows each -> (M, C): two grouped matmuls, or a padded bmm where that kernel is unavailable.
-    Shared by Experts (all experts) and runtime/expert_parallel.py (this process's experts)."""
+    Shared by Experts (all experts) and runtime/distributed/expert_parallel.py (this process's experts)."""
     dt = _compute_dtype(xs)
     xs, w13, w2 = xs.to(dt), w13.to(dt), w2.to(dt)
     if _grouped_mm_ok(xs, w13, w2):
@@ -444,7 +444,7 @@ class Experts(nn.Module):
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        # set by runtime/expert_parallel.py: (w13, w2) -> the local blocks the forward multiplies with
+        # set by runtime/distributed/expert_parallel.py: (w13, w2) -> the local blocks the forward multiplies with
         self.local_weights: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def forward(
@@ -508,7 +508,7 @@ class MoE(nn.Module):
         self.gate = Router(model, knobs)
         self.experts = Experts(model.n_routed_experts, model.dim, model.moe_inter_dim)
         self.shared_experts = shared_experts
-        # runtime/expert_parallel.py sets this when system.distributed.expert_parallel > 1: it then
+        # runtime/distributed/expert_parallel.py sets this when system.distributed.expert_parallel > 1: it then
         # owns the dispatch (all_to_all to the experts' processes and back)
         self.expert_parallel: Callable[[Tensor, Routing, Experts], Tensor] | None = None
         # plain attributes, not buffers: DDP would broadcast rank 0's buffers over every rank's counts
@@ -620,7 +620,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, load: Tensor, speed: float) -> None:
         """bias += speed * sign(mean load - load). load (E,) is already summed over processes;
-        speed is the scheduled one (runtime/balancer.py)."""
+        speed is the scheduled one (runtime/components/balancer.py)."""
         load = load.float()
         bias = self.gate.e_score_correction_bias
         bias += speed * torch.sign(load.mean() - load).to(bias)

@@ -39,11 +39,11 @@ from generated.config import DataConfig
 from generated.names import Dataset as DatasetChoice
 from generated.names import TokenDtype
 from generated.names import Tokenizer as TokenizerKind
-from runtime.checkpoint import default_file_mode
-from runtime.registry import DATASETS, TOKENIZERS
+from runtime.checkpoint.single_file import default_file_mode
+from runtime.utils.registry import DATASETS, TOKENIZERS
 
 if TYPE_CHECKING:
-    from runtime.tokenizer import TextCodec
+    from runtime.components.tokenizer import TextCodec
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
@@ -70,7 +70,7 @@ class Corpus:
     bytes_per_token: float | None = None  # text bytes per token (bits per byte); None: unknown
     codec: TextCodec | None = field(
         default=None, compare=False
-    )  # runtime.tokenizer.TextCodec of a bpe corpus
+    )  # runtime.components.tokenizer.TextCodec of a bpe corpus
 
     def array(self) -> np.memmap:
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", shape=(self.length,))
@@ -103,7 +103,7 @@ def _text_chunks(raw: np.ndarray, start: int, end: int, size: int = 1 << 20) -> 
 @TOKENIZERS.register(TokenizerKind.BPE)
 def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
     """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
-    from runtime.tokenizer import TextCodec
+    from runtime.components.tokenizer import TextCodec
 
     # the spec's rules keep `bin` corpora and vocabularies outside [256, 65536] away from here
     assert byte_corpus.is_bytes and vocab_size is not None and 256 <= vocab_size <= 65536

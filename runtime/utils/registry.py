@@ -79,29 +79,33 @@ class Registry:
         return f"Registry({self.field}: {', '.join(self.names())})"
 
 
-# data.dataset -> corpus builder (runtime/data.py)
+# data.dataset -> corpus builder (runtime/components/data.py)
 DATASETS = Registry(PATH.data.dataset, "dataset")
-# data.tokenizer -> (byte corpus, data, vocab_size) -> corpus of its tokens (runtime/data.py)
+# data.tokenizer -> (byte corpus, data, vocab_size) -> corpus of its tokens (runtime/components/data.py)
 TOKENIZERS = Registry(PATH.data.tokenizer, "tokenizer")
-# schedule.schedule_type -> lr multiplier after warm-up (runtime/schedule.py)
+# schedule.schedule_type -> lr multiplier after warm-up (runtime/components/lr_schedule.py)
 SCHEDULES = Registry(PATH.schedule.schedule_type, "schedule type")
-# system.device.dtype -> torch dtype (runtime/distributed.py)
+# system.device.dtype -> torch dtype (runtime/distributed/utils.py)
 DTYPES = Registry(PATH.system.device.dtype, "dtype")
-# system.distributed.backend -> resolver(device_type) -> process-group backend (runtime/distributed.py)
+# system.distributed.backend -> resolver(device_type) -> process-group backend (runtime/distributed/utils.py)
 BACKENDS = Registry(PATH.system.distributed.backend, "distributed backend")
 
-_IMPLEMENTING_MODULES = ("runtime.data", "runtime.schedule", "runtime.distributed")
+_IMPLEMENTING_MODULES = (
+    "runtime.components.data",
+    "runtime.components.lr_schedule",
+    "runtime.distributed.utils",
+)
 
 # Choice fields the code branches on directly, comparing with the generated constants.
 BRANCHING_FIELDS = {
-    PATH.model.score_func: "runtime/moe.py (router scoring)",
-    PATH.model.rope_scaling: "runtime/model.py (rotary tables and softmax scale)",
-    PATH.training.nonfinite_loss: "runtime/train.py (stop or skip the step)",
-    PATH.system.compile.compile_mode: "runtime/distributed.py (passed to torch.compile as is)",
-    PATH.data.token_dtype: "runtime/data.py (a numpy dtype name, used as is)",
-    PATH.system.distributed.param_dtype: "runtime/parallel.py (looked up in DTYPES, same names)",
-    PATH.system.distributed.reduce_dtype: "runtime/parallel.py (looked up in DTYPES, same names)",
-    PATH.system.distributed.activation_checkpointing: "runtime/parallel.py (which blocks to wrap)",
+    PATH.model.score_func: "runtime/models/deepseek_v3/moe.py (router scoring)",
+    PATH.model.rope_scaling: "runtime/models/deepseek_v3/model.py (rotary tables and softmax scale)",
+    PATH.training.nonfinite_loss: "runtime/trainer/trainer.py (stop or skip the step)",
+    PATH.system.compile.compile_mode: "runtime/distributed/utils.py (passed to torch.compile as is)",
+    PATH.data.token_dtype: "runtime/components/data.py (a numpy dtype name, used as is)",
+    PATH.system.distributed.param_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
+    PATH.system.distributed.reduce_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
+    PATH.system.distributed.activation_checkpointing: "runtime/models/deepseek_v3/parallelize.py (which blocks to wrap)",
 }
 
 

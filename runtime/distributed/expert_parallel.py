@@ -8,7 +8,7 @@ resumes them on any layout). Every process routes its own tokens over all E expe
   1. dispatch: the (token, slot) assignments sorted by expert; rows of x for the experts of process
      q go to q (all_to_all_single, uneven splits; the counts per expert go first in a small one)
   2. the received rows are regrouped by local expert (they arrive grouped by source process) and run
-     through this process's experts with the same grouped matmul as without EP (runtime/moe.py's
+     through this process's experts with the same grouped matmul as without EP (runtime/models/deepseek_v3/moe.py's
      run_experts)
   3. combine: the outputs go back the same way (the reverse all_to_all), are scaled by their routing
      weights on the token's own process and summed per token in fp32.
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from runtime.moe import Experts, Routing, expert_counts
+from runtime.models.deepseek_v3.moe import Experts, Routing, expert_counts
 
 
 class _AllToAll(torch.autograd.Function):

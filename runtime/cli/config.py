@@ -7,7 +7,7 @@
     diff A B                      the keys whose resolved values differ, with their sources
 
 Config flags (`--section.field VALUE`) may come before or after the file. Messages and exit codes
-are those of every command (runtime/console.py): 0 ok, 2 a config problem or a bad argument.
+are those of every command (runtime/cli/console.py): 0 ok, 2 a config problem or a bad argument.
 """
 
 import sys
@@ -27,7 +27,7 @@ from generated import (
     nest,
     resolve,
 )
-from runtime import console
+from runtime.cli import console
 
 PROG = "config"
 MODELINE_PREFIX = "# yaml-language-server:"

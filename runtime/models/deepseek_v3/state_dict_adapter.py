@@ -36,8 +36,8 @@ from torch import Tensor
 from generated import HF_NAMES, PATH
 from generated.config import ModelConfig
 from generated.names import RopeScaling, ScoreFunc
-from runtime.model import Transformer
-from runtime.tokenizer import TextCodec
+from runtime.components.tokenizer import TextCodec
+from runtime.models.deepseek_v3.model import Transformer
 
 # block-level keys: ours -> HF (relative to layers.{i}. / model.layers.{i}.)
 BLOCK_KEYS = {
@@ -541,7 +541,7 @@ def write_hf_folder(
     written when full, so at most one shard and one source tensor are in memory (a sharded
     checkpoint exports without ever being whole). dtype float32 or bfloat16 (the router's
     correction bias stays float32, as in DeepSeek's release). The tokenizer's files too when given
-    (a runtime.tokenizer.TextCodec). `mtp=False` leaves the MTP modules out (and says
+    (a runtime.components.tokenizer.TextCodec). `mtp=False` leaves the MTP modules out (and says
     num_nextn_predict_layers 0), so transformers loads the folder without UNEXPECTED keys.
     config.json is written last: a folder without it is no model source."""
     from safetensors.torch import save_file
@@ -621,12 +621,12 @@ def _is_mtp_key(name: str, n_layers: int) -> bool:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from runtime.checkpoint import CheckpointError
+    from runtime.checkpoint.single_file import CheckpointError
 
     return (ValueError, KeyError, CheckpointError)
 
 
-# mistakes `python -m runtime export` reports as one line (runtime/console.py)
+# mistakes `python -m runtime export` reports as one line (runtime/cli/console.py)
 USER_ERRORS = _user_errors()
 
 
@@ -649,8 +649,8 @@ def export_main(argv: list[str]) -> int:
         help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
     )
     args = parser.parse_args(argv)
-    from runtime.checkpoint import CheckpointError
-    from runtime.sources import load_source
+    from runtime.checkpoint.single_file import CheckpointError
+    from runtime.interop.sources import load_source
 
     try:
         if os.path.realpath(args.out_dir) == os.path.realpath(args.checkpoint):

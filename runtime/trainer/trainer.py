@@ -1,18 +1,18 @@
 """`python -m runtime train CONFIG [--section.field VALUE ...]`: the training loop.
 
 Step numbering: `Trainer.step` counts optimizer steps done. Optimizer step `s` (0-based) uses
-lr_at(s) and the loss of step s (runtime/loss.py); once it is done the run is at `iter = s + 1`, which is what
+lr_at(s) and the loss of step s (runtime/components/loss.py); once it is done the run is at `iter = s + 1`, which is what
 metrics.jsonl, evaluations and checkpoint names (`ckpt_{iter:07d}.pt`) refer to.
 
 Faults: SIGTERM / SIGINT stop the run after the current step with a checkpoint (exit 0; a second
 signal stops at once); a resumed run truncates metrics.jsonl to its checkpoint's step; see
-runtime/checkpoint.py for checksums, `latest` fallback and test-only fault injection.
+runtime/checkpoint/single_file.py for checksums, `latest` fallback and test-only fault injection.
 
-Logs (runtime/logs.py): the console and <out_dir>/train.log get the same timestamped lines, one per
+Logs (runtime/components/logs.py): the console and <out_dir>/train.log get the same timestamped lines, one per
 `log_interval` steps (step, loss, lr, tokens/s, ETA) and one per evaluation. A tqdm bar is shown
 only when stderr is a terminal, so a log piped to a file reads line by line.
 
-Run folders (runtime/rundir.py): a fresh run into an out_dir holding another run's files is a
+Run folders (runtime/trainer/run_folder.py): a fresh run into an out_dir holding another run's files is a
 config error unless `overwrite`; `resume_from latest` takes only the folder's own run's checkpoints.
 
 Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
@@ -55,9 +55,8 @@ from generated.parser import (
     resolved_from_config,
     to_saved_dict,
 )
-from runtime import console, logs, parallel
-from runtime import distributed as dist_utils
-from runtime.checkpoint import (
+from runtime.checkpoint.dcp import ShardedCheckpointer, load_full_into, load_into
+from runtime.checkpoint.single_file import (
     Checkpointer,
     CheckpointError,
     RNGState,
@@ -66,25 +65,28 @@ from runtime.checkpoint import (
     fault_point,
     load_components,
 )
-from runtime.data import DataError, DataModule, EvalBatchSampler
-from runtime.dcp_checkpoint import ShardedCheckpointer, load_full_into, load_into
-from runtime.logs import log
-from runtime.metrics import MetricsWriter, plot_losses
-from runtime.rundir import (
+from runtime.cli import console
+from runtime.components import logs
+from runtime.components.data import DataError, DataModule, EvalBatchSampler
+from runtime.components.logs import log
+from runtime.components.lr_schedule import LRSchedule, schedule_warnings
+from runtime.components.metrics import MetricsWriter, plot_losses
+from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec
+from runtime.components.wandb_logger import WandbLogger, WandbUnavailable
+from runtime.distributed import utils as dist_utils
+from runtime.models.deepseek_v3 import parallelize as parallel
+from runtime.trainer.run_folder import (
     SAMPLE_NAME,
     claim_for_fresh_start,
     new_run_id,
     read_run_id,
     write_run_file,
 )
-from runtime.schedule import LRSchedule, schedule_warnings
-from runtime.tokenizer import TOKENIZER_FILE, TextCodec
-from runtime.wandb_logger import WandbLogger, WandbUnavailable
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from runtime.model import Transformer
+    from runtime.models.deepseek_v3.model import Transformer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -246,10 +248,10 @@ class Trainer:
 
         for note in self.config_notes:
             self._say(f"config: {note}")
-        from runtime.balancer import MoEBalancer
-        from runtime.loss import TrainingLoss
-        from runtime.model import Transformer
-        from runtime.moe import RoutingKnobs
+        from runtime.components.balancer import MoEBalancer
+        from runtime.components.loss import TrainingLoss
+        from runtime.models.deepseek_v3.model import Transformer
+        from runtime.models.deepseek_v3.moe import RoutingKnobs
 
         # ---- the components: each owns its part of the run's state
         # sharded: built on the meta device and sharded before any weight exists; each process then
@@ -261,7 +263,7 @@ class Trainer:
             if load_weights is not None:
                 load_weights(self.model)
             self.model.to(self.device)
-        # FSDP2 / expert parallel / activation checkpointing, in place (runtime/parallel.py)
+        # FSDP2 / expert parallel / activation checkpointing, in place (runtime/models/deepseek_v3/parallelize.py)
         self.parallel = parallel.setup(self.model, cfg, self.dist, self.device)
         if on_meta:
             self.model.to_empty(device=self.device)
@@ -400,12 +402,12 @@ class Trainer:
     @staticmethod
     def _init_from(resolved: Resolved) -> tuple[Resolved, Callable[[Transformer], None] | None]:
         """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
-        source runtime/sources.py recognises. The source's architecture fills the model section; a
+        source runtime/interop/sources.py recognises. The source's architecture fills the model section; a
         model field this run sets explicitly to another value is a config error."""
         path = resolved.config.checkpointer.init_from
         if path == InitFrom.SCRATCH:
             return resolved, None
-        from runtime.sources import UnknownSource, load_source
+        from runtime.interop.sources import UnknownSource, load_source
 
         try:
             source = load_source(path)
@@ -685,7 +687,7 @@ class Trainer:
     def sample(self) -> str | None:
         """Print a generation from the trained model (the `sample` section) and save it as
         <out_dir>/sample.txt (the main process; when sharded, every process runs the forwards)."""
-        from runtime.sample import complete, decode
+        from runtime.models.deepseek_v3.generation import complete, decode
 
         settings = self.cfg.sample
         if self.codec is not None:

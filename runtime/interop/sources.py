@@ -6,8 +6,8 @@ needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
 
   checkpoint          a trainer checkpoint file (checksum and config hash verified, weights-only
                       unpickling, memory-mapped)
-  sharded checkpoint  a DCP folder of an FSDP / expert-parallel run (runtime/dcp_checkpoint.py)
-  hf                  a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/hf.py)
+  sharded checkpoint  a DCP folder of an FSDP / expert-parallel run (runtime/checkpoint/dcp.py)
+  hf                  a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/models/deepseek_v3/state_dict_adapter.py)
 
 Opening a source checks its weights against its architecture (names from the headers or metadata,
 shapes on the meta device), so a config.json that does not fit its weights is one CheckpointError
@@ -20,7 +20,7 @@ Three uses, all reading a weight (or a block of one) at a time: `build_model()` 
 architecture the weights hold, leaving out MTP modules that have no weights (a folder saved by
 transformers has none); `tensors()` (export) streams that architecture's weights; and
 `load_weights(model)` (init_from) fills a model the trainer built, whole or sharded, reading only
-the block of each weight this process holds (runtime/weight_blocks.py; a sharded folder through
+the block of each weight this process holds (runtime/interop/weight_blocks.py; a sharded folder through
 DCP), and MTP modules without weights keep their fresh initialisation, to be trained.
 """
 
@@ -40,10 +40,10 @@ from torch import Tensor
 from generated import PATH
 from generated.config import ModelConfig
 from generated.names import Dataset as DatasetChoice
-from runtime.checkpoint import CheckpointError, check_weights_fit, load_checkpoint
-from runtime.model import Transformer, local_block
-from runtime.moe import RoutingKnobs
-from runtime.tokenizer import TextCodec
+from runtime.checkpoint.single_file import CheckpointError, check_weights_fit, load_checkpoint
+from runtime.components.tokenizer import TextCodec
+from runtime.models.deepseek_v3.model import Transformer, local_block
+from runtime.models.deepseek_v3.moe import RoutingKnobs
 
 # export reads a stack of experts this many bytes at a time (a sharded folder: only the saved
 # shards that hold them); the rest of the model, one tensor at a time
@@ -63,7 +63,7 @@ class Source:
     model_fields: dict[str, object]  # spec model field name -> value (missing: spec default)
     read_weights: Callable[[], dict[str, Tensor]]  # the state dict, under this model's names
     tokenizer: TextCodec | None = None
-    # name -> block reader (runtime/weight_blocks.py) for loading a block at a time; default: weights()
+    # name -> block reader (runtime/interop/weight_blocks.py) for loading a block at a time; default: weights()
     read_blocks: Callable[[], Mapping[str, Any]] | None = None
     # loads the weights into a model itself (a sharded DCP folder: DCP reads each process's shards)
     load_into: Callable[[Transformer], None] | None = None
@@ -139,7 +139,7 @@ class Source:
     def tensors(self) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
         """(model_config(), its weights as (name, whole tensor) pairs read one at a time), names and
         shapes checked against that architecture first (export: never the whole model at once)."""
-        from runtime.hf import is_stacked_experts
+        from runtime.models.deepseek_v3.state_dict_adapter import is_stacked_experts
 
         cfg = self.model_config()  # load_source checked that the weights fit it
         blocks = {k: v for k, v in self.blocks().items() if self._kept(k, cfg)}
@@ -259,7 +259,7 @@ register_source(
 
 
 def _is_sharded_checkpoint(path: str) -> bool:
-    from runtime.dcp_checkpoint import is_sharded_checkpoint
+    from runtime.checkpoint.dcp import is_sharded_checkpoint
 
     return is_sharded_checkpoint(path)
 
@@ -267,8 +267,8 @@ def _is_sharded_checkpoint(path: str) -> bool:
 def _load_sharded_checkpoint(path: str) -> Source:
     # a sharded folder (FSDP / expert parallel runs): sample gathers its full weights in this one
     # process, export reads them a tensor at a time, and init_from lets DCP read each process's
-    # shards (runtime/dcp_checkpoint.py)
-    from runtime.dcp_checkpoint import load_full, load_meta, load_model_into, model_tensors
+    # shards (runtime/checkpoint/dcp.py)
+    from runtime.checkpoint.dcp import load_full, load_meta, load_model_into, model_tensors
 
     return _checkpoint_source(
         path,
@@ -297,8 +297,12 @@ def _is_hf_folder(path: str) -> bool:
 
 
 def _load_hf_folder(path: str) -> Source:
-    from runtime.hf import from_hf_state_dict, model_fields_from_hf_config, read_safetensors
-    from runtime.weight_blocks import hf_blocks
+    from runtime.interop.weight_blocks import hf_blocks
+    from runtime.models.deepseek_v3.state_dict_adapter import (
+        from_hf_state_dict,
+        model_fields_from_hf_config,
+        read_safetensors,
+    )
 
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:

@@ -1,7 +1,7 @@
 """Aux-loss-free balancing (DeepSeek-V3): the router biases' update rule and the load counts.
 
 The MoE layers count, in training-mode forwards, how many assignments each expert got
-(runtime/moe.py). After each applied optimizer step the balancer moves every layer's selection bias
+(runtime/models/deepseek_v3/moe.py). After each applied optimizer step the balancer moves every layer's selection bias
 by gamma(step) * sign(mean load - load), with the loads summed over processes; a skipped step
 discards its counts. gamma follows the moe section's schedule (bias_update_speed, then
 bias_update_speed_final from bias_update_speed_until on). The biases themselves are buffers of the
@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from generated.config import MoETrainingConfig
-from runtime.model import Transformer
-from runtime.moe import MoE
+from runtime.models.deepseek_v3.model import Transformer
+from runtime.models.deepseek_v3.moe import MoE
 
 
 class MoEBalancer:

@@ -17,7 +17,7 @@ killed save leaves only the temporary folder, which `latest` never considers and
 removes. Before loading, every file's checksum is verified; a mismatch or a missing file is an
 error naming that file (`latest` then falls back to an older checkpoint, as for single files).
 
-Test-only fault injection: the `checkpoint_write` phase of DEEPSEEK_MOE_FAULT (runtime/checkpoint.py)
+Test-only fault injection: the `checkpoint_write` phase of DEEPSEEK_MOE_FAULT (runtime/checkpoint/single_file.py)
 is reached after a process wrote its shards, only on the ranks listed in DEEPSEEK_MOE_FAULT_RANKS
 (comma-separated; all ranks when unset).
 """
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.checkpoint import (
+from runtime.checkpoint.single_file import (
     Checkpointer,
     CheckpointError,
     atomic_write_bytes,
@@ -205,7 +205,7 @@ def load_full_into(
 ) -> None:
     """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
     sharded model: each process keeps its own shards. The optimizer's indices follow
-    runtime/train.py's build_optimizer (matrices first, then vectors, each in parameters() order)."""
+    runtime/trainer/trainer.py's build_optimizer (matrices first, then vectors, each in parameters() order)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     names = [n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters()]

@@ -1,7 +1,7 @@
 """DeepSeek-V3 style Transformer: MLA attention, dense SwiGLU then DeepSeekMoE blocks, and MTP.
 
 Names follow the DeepSeek-V3 reference code (embed, layers.{i}.attn.wq_a/q_norm/wq_b/wkv_a/kv_norm/
-wkv_b/wo, ffn.w1/w2/w3, norm, head); runtime/hf.py maps them to the Hugging Face names. The maths
+wkv_b/wo, ffn.w1/w2/w3, norm, head); runtime/models/deepseek_v3/state_dict_adapter.py maps them to the Hugging Face names. The maths
 matches transformers' DeepseekV3ForCausalLM (fp32 logits agree to ~1e-6).
 """
 
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from generated.config import ModelConfig
 from generated.names import RopeScaling
-from runtime.moe import Experts, MoE, Router, RoutingKnobs
+from runtime.models.deepseek_v3.moe import Experts, MoE, Router, RoutingKnobs
 
 
 class _RMSNormFP32(torch.autograd.Function):
@@ -404,7 +404,9 @@ class Block(nn.Module):
                 shared = MLP(model.dim, model.n_shared_experts * model.moe_inter_dim)
             self.ffn = MoE(model, knobs, shared)
 
-    recompute = False  # activation checkpointing (runtime/parallel.py sets it)
+    recompute = (
+        False  # activation checkpointing (runtime/models/deepseek_v3/parallelize.py sets it)
+    )
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None
@@ -498,7 +500,7 @@ def _fill_normal(weight: Tensor, std: float, seed: int, per_expert: bool) -> Non
 
 @dataclass
 class ModelOutput:
-    """What forward computes; weighing it into a loss is runtime/loss.py's job."""
+    """What forward computes; weighing it into a loss is runtime/components/loss.py's job."""
 
     logits: Tensor  # (B, T, vocab) next-token logits
     mtp_logits: list[Tensor]  # per MTP depth k: (B, T, vocab) logits of token t + k + 1
@@ -545,7 +547,7 @@ class Transformer(nn.Module):
         zero router biases, the rotary tables. Each weight draws from its own generator, seeded from
         `init_seed` and its name (routed experts: and the expert's index), and each process fills
         only the block it holds: a model built on the meta device and sharded before its weights
-        exist (runtime/train.py under FSDP2 / expert parallelism) gets the numbers a whole model gets,
+        exist (runtime/trainer/trainer.py under FSDP2 / expert parallelism) gets the numbers a whole model gets,
         without ever holding more than one weight (one expert's) in full."""
         std, done = self.config.init_std, set()
 

@@ -16,9 +16,9 @@ import uuid
 from generated import PATH
 from generated.names import ResumeFrom
 from generated.parser import ConfigError, Problem, Source
-from runtime.checkpoint import BEST_NAME, atomic_write_bytes, step_checkpoints
-from runtime.logs import LOG_NAME
-from runtime.metrics import METRICS_NAME, PLOT_NAME
+from runtime.checkpoint.single_file import BEST_NAME, atomic_write_bytes, step_checkpoints
+from runtime.components.logs import LOG_NAME
+from runtime.components.metrics import METRICS_NAME, PLOT_NAME
 
 RUN_FILE = "run.json"
 SAMPLE_NAME = "sample.txt"

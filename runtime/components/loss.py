@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
-from runtime.model import ModelOutput
+from runtime.models.deepseek_v3.model import ModelOutput
 
 
 @dataclass

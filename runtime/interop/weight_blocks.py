@@ -2,7 +2,7 @@
 parallelism (each process reads only the blocks it holds), and into a whole model one tensor at a
 time.
 
-A "blocks" mapping (name -> a reader) is what runtime/sources.py's Source.load_weights copies from;
+A "blocks" mapping (name -> a reader) is what runtime/interop/sources.py's Source.load_weights copies from;
 a reader has `.shape` (the whole weight's) and `reader[index]` (index: one slice per dim) -> that
 block as a Tensor. A plain Tensor is one (a trainer checkpoint file read with mmap=True reads only
 the pages a block touches); for a Hugging Face folder, `hf_blocks` gives readers over its
@@ -20,8 +20,13 @@ import struct
 import torch
 from torch import Tensor
 
-from runtime.checkpoint import CheckpointError
-from runtime.hf import dequantize_fp8, fp8_block, hf_weight_plan, safetensors_files
+from runtime.checkpoint.single_file import CheckpointError
+from runtime.models.deepseek_v3.state_dict_adapter import (
+    dequantize_fp8,
+    fp8_block,
+    hf_weight_plan,
+    safetensors_files,
+)
 
 SCALE_SUFFIX = "_scale_inv"
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header

@@ -410,10 +410,10 @@ def load_checkpoint(
     Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects.
     mmap=True maps the tensors' storage from the file (pages are read when used) instead of
     reading it all.
-    A sharded checkpoint folder (runtime/dcp_checkpoint.py) gives its full weights, or with
+    A sharded checkpoint folder (runtime/checkpoint/dcp.py) gives its full weights, or with
     weights=False only its metadata (the resuming trainer loads the shards itself)."""
     if os.path.isdir(path):
-        from runtime.dcp_checkpoint import load_full, load_meta
+        from runtime.checkpoint.dcp import load_full, load_meta
 
         rank = int(os.environ.get("RANK", "0"))
         return load_full(path) if weights else load_meta(path, rank)

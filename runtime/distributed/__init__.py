@@ -1,0 +1,2 @@
+"""Process groups, the parallel layout and its mesh, expert-parallel dispatch, precision and
+compilation."""

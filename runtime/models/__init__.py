@@ -1,0 +1,1 @@
+"""Model families. Each registers a ModelSpec: build, parallelize, state-dict adapter, cost."""

@@ -1,0 +1,1 @@
+"""DeepSeek-V3: MLA attention, DeepSeekMoE routing, multi-token prediction."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic files, signals, fault injection, the choice registries."""
