@@ -6,18 +6,12 @@ Generated code records the ENGINE_VERSION it was made for and calls `require_eng
 so a generated/ folder from another version of this package fails at once with the fix.
 """
 
-from .engine import (
-    BASE_KEY,
-    RESERVED_KEYS,
-    VERSION_KEY,
-    ConfigSpec,
-    Resolved,
-    coerce,
-    get_path,
-    validate_instance,
-)
+from .engine import ConfigSpec
 from .errors import MAX_SHOWN_PROBLEMS, ConfigAliasWarning, ConfigError, Problem, Problems, Source
 from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
+from .layers import BASE_KEY, RESERVED_KEYS, VERSION_KEY
+from .resolve import Resolved
+from .values import coerce, get_path, validate_instance
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
 ENGINE_VERSION = 1

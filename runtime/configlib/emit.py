@@ -1,0 +1,107 @@
+"""Writing configs out: a config as a plain dict, as flat {field path: value}, as the dict saved
+with a checkpoint (with its spec version), as canonical YAML; nesting flat values by section; and
+migrating a config file's text to canonical names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, Problem, Problems, Source
+from .fields import shown
+from .layers import BASE_KEY, VERSION_KEY, Assignment, Layer, walk_mapping
+from .values import coerce, get_path
+from .yamllines import LineDict, YAMLLoadError, load_yaml
+
+if TYPE_CHECKING:
+    from .engine import ConfigSpec
+
+
+def config_to_dict(config: Any) -> dict:
+    """A plain nested dict of a config, canonical names, spec order."""
+    return dataclasses.asdict(config)
+
+
+def flat_values(spec: ConfigSpec, config: Any) -> dict[str, Any]:
+    """{dotted field path: value} of a config, in spec order."""
+    return {path: get_path(config, path) for path in spec.fields}
+
+
+def to_saved_dict(spec: ConfigSpec, config: Any) -> dict:
+    """The dict to store with a checkpoint: the config plus the spec version it was written for."""
+    return {VERSION_KEY: spec.version, **config_to_dict(config)}
+
+
+def _yaml_text(tree: Mapping) -> str:
+    import yaml
+
+    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def dump_yaml(spec: ConfigSpec, config: Any) -> str:
+    """Canonical YAML of a resolved config; loading it gives an equal config."""
+    return _yaml_text(to_saved_dict(spec, config))
+
+
+def nest(spec: ConfigSpec, values: Mapping[str, Any]) -> dict:
+    """A nested dict, sections in spec order, of {dotted field path: value}."""
+    tree: dict = {}
+    for path in sorted(values, key=spec.field_order.__getitem__):
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = values[path]
+    return tree
+
+
+def migrate_text(spec: ConfigSpec, text: str | bytes, filename: str) -> str:
+    """The same config with every old name rewritten to its canonical key; values unchanged."""
+    problems = Problems()
+    try:
+        document = load_yaml(text)
+    except YAMLLoadError as error:
+        raise ConfigError(
+            [Problem("", error.message, Source("file", filename, error.line), "file")]
+        ) from None
+    if document is None:
+        return ""
+    if not isinstance(document, LineDict):
+        raise ConfigError(
+            [
+                Problem(
+                    "",
+                    "a config file must be a mapping of sections",
+                    Source("file", filename, 1),
+                    "key",
+                )
+            ]
+        )
+    layer = Layer()
+    walk_mapping(spec, document, "", filename, layer, problems)
+    if problems:
+        raise ConfigError(problems)
+    assignments = []
+    seen: dict[str, Assignment] = {}
+    for item in layer.assignments:
+        coerced = coerce(spec.fields[item.path], item.value)
+        item.value = list(coerced) if isinstance(coerced, list) else coerced
+        if item.path in seen:
+            first = seen[item.path]
+            if first.value != item.value:
+                message = f"given twice with different values: {first.written!r} = {shown(first.value)} ({first.source}) and {item.written!r} = {shown(item.value)}"
+                problems.append(Problem(item.path, message, item.source, "duplicate"))
+            continue
+        seen[item.path] = item
+        assignments.append(item)
+    if problems:
+        raise ConfigError(problems)
+    tree = {
+        VERSION_KEY: spec.version,
+        **nest(spec, {item.path: item.value for item in assignments}),
+    }
+    if BASE_KEY in document:
+        tree = {BASE_KEY: document[BASE_KEY], **tree}
+    return _yaml_text(tree)

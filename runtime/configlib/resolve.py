@@ -1,0 +1,213 @@
+"""Resolving layers into a config: merge them over the spec defaults (later layers win), apply old
+names (warning, or refusing names removed from the spec), check every value, compute derived
+defaults left null, build the dataclasses and check the cross-field rules.
+
+Every problem is collected; one `ConfigError` raises them all at the end.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import DEFAULT_SOURCE, ConfigAliasWarning, ConfigError, Problem, Problems, Source
+from .fields import check_value, shown
+from .layers import Assignment, Layer, dict_layer
+from .values import coerce, get_path, join_path
+
+if TYPE_CHECKING:
+    from .engine import ConfigSpec
+
+
+@dataclass
+class Resolved:
+    """A resolved config and where each value came from."""
+
+    config: Any
+    sources: dict[str, Source]  # field path -> Source of the winning value
+    overridden: dict[str, list[tuple[Any, Source]]]  # field path -> values that lost, oldest first
+    warnings: list[str] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same kind: 1e-3 == 0.001, but true != 1."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def resolve_layers(spec: ConfigSpec, layers: list[Layer], problems: Problems) -> Resolved:
+    """The config of layers applied in order over the spec defaults, every value checked.
+
+    An old name warns with stacklevel 5, which reaches the caller of `ConfigSpec.resolve` (it calls
+    this function, which calls `_merge`, which calls `_apply_renames`): keep that chain."""
+    notes: list[str] = []
+    values, sources, overridden = _merge(spec, layers, problems, notes)
+    bad = _check_values(spec, values, sources, problems)
+    for path in bad:
+        values[path] = spec.fields[
+            path
+        ].default  # keep building so rules over other fields still run
+    fill_derived(spec, values, sources, bad, problems)
+    config = build(spec, "", values)
+    check_rules(spec, config, bad, sources, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Resolved(config, sources, overridden, notes)
+
+
+def resolve_dict(spec: ConfigSpec, mapping: Mapping) -> Resolved:
+    """The config of a plain nested dict (e.g. one saved in a checkpoint)."""
+    problems = Problems()
+    layer = dict_layer(spec, mapping, problems)
+    return resolve_layers(spec, [layer], problems)
+
+
+def _merge(
+    spec: ConfigSpec, layers: list[Layer], problems: Problems, notes: list[str]
+) -> tuple[dict[str, Any], dict[str, Source], dict[str, list]]:
+    """Apply layers in order; later flags win. Within one file the same field may be given
+    twice (under its name and an old name) only with the same value, and each is checked."""
+    values = {path: field_spec.default for path, field_spec in spec.fields.items()}
+    sources = {path: DEFAULT_SOURCE for path in spec.fields}
+    overridden: dict[str, list] = {}
+    for layer in layers:
+        _apply_renames(spec, layer, problems, notes)
+        seen: dict[str, Assignment] = {}
+        for item in layer.assignments:
+            if item.path in seen and item.source.kind != "cli":
+                _check_repeat(spec, seen[item.path], item, problems)
+                continue
+            seen[item.path] = item
+            overridden.setdefault(item.path, []).append((values[item.path], sources[item.path]))
+            values[item.path] = item.value
+            sources[item.path] = item.source
+    return values, sources, overridden
+
+
+def _check_repeat(
+    spec: ConfigSpec, first: Assignment, again: Assignment, problems: Problems
+) -> None:
+    """A field given a second time in one file: its value is checked as if it came first
+    (so the order of a canonical key and its old name does not matter), then compared."""
+    field_spec = spec.fields[again.path]
+    value = coerce(field_spec, again.value)
+    problem = check_value(field_spec, _plain(value))
+    if problem:
+        problems.append(
+            Problem(again.path, f"{problem} (given as {again.written!r})", again.source, "value")
+        )
+    elif check_value(field_spec, _plain(coerce(field_spec, first.value))) is None and not _same(
+        coerce(field_spec, first.value), value
+    ):  # 1e-3 and 0.001 agree; true and 1 do not (a bad first value is reported on its own)
+        message = (
+            f"given twice with different values: {first.written!r} = {shown(first.value)} "
+            f"({first.source}) and {again.written!r} = {shown(again.value)}"
+        )
+        problems.append(Problem(again.path, message, again.source, "duplicate"))
+
+
+def _apply_renames(spec: ConfigSpec, layer: Layer, problems: Problems, notes: list[str]) -> None:
+    for rename in layer.renames:
+        since, removed = spec.alias_versions[rename.written]
+        if removed is not None and removed <= spec.version:
+            if layer.spec_version is None or layer.spec_version >= removed:
+                message = (
+                    f"{rename.written!r} was renamed to {rename.canonical!r} in spec version {since} and removed in "
+                    f"version {removed}; run `python -m runtime config migrate FILE` to rewrite it"
+                )
+                problems.append(Problem(rename.written, message, rename.source, "key"))
+                continue
+            notes.append(
+                f"{rename.source}: upgraded {rename.written!r} to {rename.canonical!r} (written for spec version {layer.spec_version})"
+            )
+            continue
+        note = f"{rename.source}: {rename.written!r} is an old name of {rename.canonical!r}; it still works, but write {rename.canonical!r}"
+        notes.append(note)
+        warnings.warn(note, ConfigAliasWarning, stacklevel=5)  # see resolve_layers
+
+
+def _check_values(spec: ConfigSpec, values: dict, sources: dict, problems: Problems) -> set[str]:
+    bad = set()
+    for path, field_spec in spec.fields.items():
+        value = coerce(field_spec, values[path])
+        if isinstance(value, list):
+            value = list(value)  # drop the line-tracking list type
+        values[path] = value
+        problem = check_value(field_spec, value)
+        if problem:
+            problems.append(Problem(path, problem, sources[path], "value"))
+            bad.add(path)
+    return bad
+
+
+def build(spec: ConfigSpec, section_path: str, values: Mapping[str, Any]) -> Any:
+    """The dataclass of a section (and its subsections) from {dotted field path: value}."""
+    section = spec.sections[section_path]
+    kwargs = {name: values[join_path(section_path, name)] for name in section.fields}
+    kwargs.update(
+        {name: build(spec, join_path(section_path, name), values) for name in section.sections}
+    )
+    return section.cls(**kwargs)
+
+
+def fill_derived(
+    spec: ConfigSpec, values: dict, sources: dict, bad: set[str], problems: Problems
+) -> None:
+    """Compute each derived default left null, from the fields it reads."""
+    for path, derived in spec.derived.items():
+        if values[path] is not None or path in bad:
+            continue
+        if any(p in bad for p in derived.paths):
+            bad.add(path)
+            continue
+        value = coerce(spec.fields[path], derived.compute(build(spec, "", values)))
+        source = Source("derived", expression=derived.expression)
+        problem = check_value(spec.fields[path], value)
+        if problem:
+            problems.append(
+                Problem(
+                    path,
+                    f"{problem} (its default is derived: {derived.expression})",
+                    source,
+                    "value",
+                )
+            )
+            bad.add(path)
+            continue
+        values[path] = value
+        sources[path] = source
+
+
+def check_rules(
+    spec: ConfigSpec,
+    config: Any,
+    bad: set[str],
+    sources: Mapping[str, Source],
+    problems: Problems,
+) -> None:
+    """Check each cross-field rule whose fields all passed their own checks."""
+    for rule in spec.rules:
+        if any(path in bad for path in rule.paths):
+            continue
+        if rule.applies is not None and not rule.applies(config):
+            continue
+        if rule.holds(config):
+            continue
+        given = [p for p in rule.paths if sources[p].explicit]
+        blamed = given[-1] if given else rule.paths[0]
+        detail = ", ".join(f"{p} = {get_path(config, p)!r} ({sources[p]})" for p in rule.paths)
+        problems.append(
+            Problem(
+                blamed,
+                f"{rule.message}: `{rule.check}` does not hold ({detail})",
+                sources[blamed],
+                "rule",
+            )
+        )
