@@ -23,12 +23,14 @@ generate: setup
 	$(PY) -m codegen.generate
 
 # Regenerates in memory and fails with a diff and the fix command if generated/ is stale; lints
-# the hand-written code (ruff; black formats generated/) and type-checks the config engine.
+# the hand-written code (ruff; black formats generated/), checks the import layers (import-linter,
+# contracts in pyproject.toml) and type-checks runtime/ and codegen/ (mypy).
 check: setup
 	$(PY) -m codegen.generate --check
 	$(PY) -m runtime config validate configs/*.yaml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 test: setup

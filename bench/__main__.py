@@ -38,7 +38,7 @@ def _cpu_model():
 def _machine(malloc):
     import torch
 
-    from runtime.distributed.utils import cpu_native_matmul
+    from runtime.distributed.precision import cpu_native_matmul
 
     return {
         "platform": platform.platform(),

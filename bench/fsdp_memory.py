@@ -29,7 +29,7 @@ FLAGS = [
 def worker(argv):
     """One process of the measured run (under torchrun): train one step, report the bytes."""
     from generated.parser import load_config
-    from runtime.models.deepseek_v3.parallelize import state_bytes
+    from runtime.distributed.data_parallel import state_bytes
     from runtime.trainer.trainer import Trainer
 
     trainer = Trainer(load_config(argv=argv))

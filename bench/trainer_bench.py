@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
 from runtime.components.balancer import MoEBalancer
 from runtime.components.loss import TrainingLoss
-from runtime.distributed.utils import cpu_native_matmul
+from runtime.distributed.precision import cpu_native_matmul
 from runtime.models.deepseek_v3.model import MLA, Transformer
 from runtime.models.deepseek_v3.moe import MoE
 from runtime.models.deepseek_v3.state_dict_adapter import BLOCK_KEYS, TOP_KEYS, hf_config

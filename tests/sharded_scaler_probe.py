@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from runtime.distributed.utils import grad_scaler, shutdown
+from runtime.distributed.precision import grad_scaler
+from runtime.distributed.utils import shutdown
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

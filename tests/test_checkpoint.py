@@ -10,16 +10,15 @@ import torch
 
 from generated.parser import ConfigError, load_config, to_saved_dict
 from runtime.checkpoint import single_file as ckpt_mod
-from runtime.checkpoint.single_file import (
-    Checkpointer,
+from runtime.checkpoint.format import (
     CheckpointError,
-    atomic_save,
     capture_rng_state,
     checkpoint_name,
-    load_checkpoint,
     restore_rng_state,
     step_checkpoints,
 )
+from runtime.checkpoint.manager import CheckpointManager, find_resume
+from runtime.checkpoint.single_file import atomic_save, load_checkpoint
 from runtime.components.metrics import VOLATILE_KEYS
 from runtime.trainer.trainer import Trainer
 from tiny import TINY_RUN_FLAGS
@@ -87,12 +86,23 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
+class _Plain:
+    """A Stateful component whose state is a fixed dict."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
 def _checkpointer(tmp_path, **fields):
-    """A Checkpointer of a resolved config (save_dir is derived from out_dir when left null)."""
+    """A CheckpointManager of a resolved config (save_dir is derived from out_dir when left null)
+    over one stand-in model."""
     config = load_config(
         argv=["--out_dir", str(tmp_path), *[f"--checkpointer.{k}={v}" for k, v in fields.items()]]
     )
-    return Checkpointer(config.checkpointer)
+    return CheckpointManager(config.checkpointer, {"model": _Plain({})})
 
 
 def test_checkpointer_policy_and_retention(tmp_path):
@@ -107,11 +117,12 @@ def test_checkpointer_policy_and_retention(tmp_path):
     other = tmp_path / "elsewhere"
     assert _checkpointer(tmp_path, save_dir=str(other)).dir == str(other)
     for step in range(1, 6):
-        c.save({"model": {}, "step": step}, step)
+        c.save(step, {"step": step})
     assert [s for s, _ in step_checkpoints(c.dir)] == [4, 5]
-    assert _checkpointer(tmp_path / "empty", resume_from="latest").load_resume() == (None, None)
+    empty = _checkpointer(tmp_path / "empty", resume_from="latest")
+    assert find_resume(empty.cfg) == (None, None)
     with pytest.raises(CheckpointError, match="no checkpoint file"):
-        _checkpointer(tmp_path, resume_from=str(tmp_path / "nope.pt")).load_resume()
+        find_resume(_checkpointer(tmp_path, resume_from=str(tmp_path / "nope.pt")).cfg)
 
 
 def test_checkpoint_contents(tmp_path, data_dir):
@@ -274,7 +285,7 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
             )
         )
 
-    from runtime.models.deepseek_v3.state_dict_adapter import export_hf
+    from runtime.interop.hf_folder import export_hf
 
     export_hf(first.model, str(tmp_path / "hf"))
     trainer = Trainer(

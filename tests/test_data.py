@@ -56,7 +56,7 @@ def test_stdlib_corpus_is_the_sorted_stdlib_sources_cached(data_dir, monkeypatch
     assert not [n for n in os.listdir(data_dir) if n.endswith(".tmp")]
     # reused, not rebuilt
     mtime = os.stat(corpus.path).st_mtime_ns
-    monkeypatch.setattr(data_mod, "_atomic_write", lambda *a: pytest.fail("cache rebuilt"))
+    monkeypatch.setattr(data_mod, "atomic_write_chunks", lambda *a: pytest.fail("cache rebuilt"))
     assert load_corpus(DataConfig(data_dir=data_dir)) == corpus
     assert os.stat(corpus.path).st_mtime_ns == mtime
 

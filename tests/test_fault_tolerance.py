@@ -22,19 +22,13 @@ from test_train import args
 
 from generated.parser import ConfigError, load_config
 from runtime.checkpoint import single_file as ckpt_mod
-from runtime.checkpoint.single_file import (
-    FAULT_ENV,
-    FAULT_PHASES,
-    TEMP_FILE,
-    TRAILER_LEN,
-    CheckpointError,
-    atomic_save,
-    checkpoint_name,
-    load_checkpoint,
-    step_checkpoints,
-)
+from runtime.checkpoint.format import CheckpointError, checkpoint_name, step_checkpoints
+from runtime.checkpoint.single_file import TEMP_FILE, TRAILER_LEN, atomic_save, load_checkpoint
+from runtime.cli.train import main
 from runtime.components.metrics import VOLATILE_KEYS, MetricsWriter, read_metrics
-from runtime.trainer.trainer import Trainer, main
+from runtime.trainer.trainer import Trainer
+from runtime.utils import faults
+from runtime.utils.faults import FAULT_ENV, FAULT_PHASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
@@ -543,11 +537,11 @@ def test_metrics_truncation_drops_a_torn_last_line_only(tmp_path):
 
 
 def test_fault_spec_is_validated(monkeypatch):
-    monkeypatch.setattr(ckpt_mod, "_fault_plan", None)
+    monkeypatch.setattr(faults, "_fault_plan", None)
     monkeypatch.setenv(FAULT_ENV, "stepp:1")
     with pytest.raises(ValueError, match="DEEPSEEK_MOE_FAULT"):
-        ckpt_mod.fault_point("step")
-    monkeypatch.setattr(ckpt_mod, "_fault_plan", None)
+        faults.fault_point("step")
+    monkeypatch.setattr(faults, "_fault_plan", None)
     monkeypatch.setenv(FAULT_ENV, "eval:2")
-    ckpt_mod.fault_point("eval")  # the first time: nothing happens
-    assert ckpt_mod._fault_plan == {"eval": 1}
+    faults.fault_point("eval")  # the first time: nothing happens
+    assert faults._fault_plan == {"eval": 1}

@@ -10,8 +10,10 @@ import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
 from runtime.checkpoint.single_file import atomic_save
+from runtime.cli import export as export_cli
+from runtime.cli import sample as sample_cli
+from runtime.interop.hf_folder import export_hf
 from runtime.interop.sources import load_source
-from runtime.models.deepseek_v3 import generation as sample_mod
 from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
 from runtime.models.deepseek_v3.generation import generate
 from runtime.models.deepseek_v3.model import Transformer
@@ -74,7 +76,7 @@ def load_hf(folder):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_and_greedy_match_transformers(variant, tmp_path):
     model = make_model(**VARIANTS[variant])
-    hf_mod.export_hf(model, str(tmp_path))
+    export_hf(model, str(tmp_path))
     ref = load_hf(str(tmp_path))
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -115,7 +117,7 @@ def test_round_trip_and_clis(tmp_path, capsys):
     }
     atomic_save({"step": 0, "model": model.state_dict(), "config": config}, str(ckpt))
     out_dir = tmp_path / "hf"
-    assert hf_mod.export_main([str(ckpt), str(out_dir)]) == 0
+    assert export_cli.main([str(ckpt), str(out_dir)]) == 0
 
     with open(out_dir / "config.json") as f:
         cj = json.load(f)
@@ -180,21 +182,21 @@ def test_round_trip_and_clis(tmp_path, capsys):
             "0",
             "--json",
         ]
-        assert sample_mod.main(args) == 0
+        assert sample_cli.main(args) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["token_ids"] == expected
         assert printed["text"] == bytes(expected).decode("utf-8", errors="replace")
     # sampling with a temperature is reproducible under the same seed
     args = [str(ckpt), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "1.0", "--json"]
-    sample_mod.main(args)
+    sample_cli.main(args)
     first = json.loads(capsys.readouterr().out)["token_ids"]
-    sample_mod.main(args)
+    sample_cli.main(args)
     assert json.loads(capsys.readouterr().out)["token_ids"] == first
 
 
 def test_transformers_saved_folder_imports(tmp_path):
     model = make_model(q_lora_rank=0, mtp_depth=1)
-    hf_mod.export_hf(model, str(tmp_path / "a"))
+    export_hf(model, str(tmp_path / "a"))
     load_hf(str(tmp_path / "a")).save_pretrained(str(tmp_path / "b"))
     source = load_source(str(tmp_path / "b"))
     assert source.model_fields["mtp_depth"] == 1 and not source.mtp_modules_with_weights()
@@ -216,7 +218,7 @@ def test_transformers_saved_folder_imports(tmp_path):
 def test_softmax_export_refused(tmp_path, capsys):
     model = make_model(score_func="softmax")
     with pytest.raises(ValueError, match="sigmoid"):
-        hf_mod.export_hf(model, str(tmp_path / "out"))
+        export_hf(model, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "config.json")
     ckpt = tmp_path / "ckpt.pt"
     atomic_save(
@@ -230,7 +232,7 @@ def test_softmax_export_refused(tmp_path, capsys):
         },
         str(ckpt),
     )
-    assert hf_mod.export_main([str(ckpt), str(tmp_path / "out")]) == 1
+    assert export_cli.main([str(ckpt), str(tmp_path / "out")]) == 1
     assert "sigmoid" in capsys.readouterr().err
 
 

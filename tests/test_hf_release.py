@@ -12,11 +12,14 @@ import torch
 
 from generated.config import ModelConfig
 from generated.parser import ConfigError, load_config, resolved_from_config
+from runtime.cli import export as export_cli
+from runtime.interop.hf_folder import export_hf
+from runtime.interop.safetensors import dequantize_fp8, read_safetensors
 from runtime.interop.sources import load_source
 from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
 from runtime.models.deepseek_v3.generation import generate
 from runtime.models.deepseek_v3.model import Transformer
-from runtime.trainer.trainer import Trainer
+from runtime.trainer.prepare import init_from
 
 transformers = pytest.importorskip("transformers")
 from test_hf import load_hf, make_model  # noqa: E402
@@ -74,7 +77,7 @@ def test_released_config_loads_unchanged(tmp_path, monkeypatch):
     config = load_config(
         argv=["--checkpointer.init_from", str(tmp_path / "r1"), "--training.seq_len", "128"]
     )
-    resolved, _ = Trainer._init_from(resolved_from_config(config))
+    resolved, _ = init_from(resolved_from_config(config))
     assert resolved.config.model == cfg
 
 
@@ -106,7 +109,7 @@ def test_unsupported_values_are_config_errors_naming_the_key(tmp_path, key, valu
     (folder / "config.json").write_text(json.dumps(c))
     config = load_config(argv=["--checkpointer.init_from", str(folder)])
     with pytest.raises(ConfigError, match=f"checkpointer.init_from: .*{name}"):
-        Trainer._init_from(resolved_from_config(config))
+        init_from(resolved_from_config(config))
 
 
 def test_unknown_keys_warn_and_config_md_lists_the_ignored_and_checked_keys():
@@ -140,7 +143,7 @@ YARN = {
 @pytest.mark.parametrize("variant", sorted(YARN))
 def test_yarn_logits_match_transformers(variant, tmp_path):
     model = make_model(**YARN[variant])
-    hf_mod.export_hf(model, str(tmp_path))
+    export_hf(model, str(tmp_path))
     ref = load_hf(str(tmp_path))
     assert ref.config.rope_parameters["rope_type"] == "yarn"
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -188,11 +191,11 @@ def test_dequantize_partial_edge_blocks():
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
     q, s = quantize_fp8(w)
     assert s.shape == (3, 2)  # 128 + 128 + 44 rows, 128 + 72 columns
-    got = hf_mod.dequantize_fp8(q, s, (128, 128))
+    got = dequantize_fp8(q, s, (128, 128))
     torch.testing.assert_close(got, dequantize_loop(q, s), rtol=0, atol=0)
     assert (got - w).abs().max() < 0.07 * w.abs().max()  # e4m3 precision
     with pytest.raises(ValueError, match="blocks needs"):
-        hf_mod.dequantize_fp8(q, s[:2], (128, 128), "x.weight")
+        dequantize_fp8(q, s[:2], (128, 128), "x.weight")
 
 
 TINY_RELEASE = dict(  # the released config's keys with dimensions small enough for CPU
@@ -323,10 +326,10 @@ def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path)
 
 def test_export_sharded_bf16(tmp_path):
     model = make_model(q_lora_rank=24, mtp_depth=1)
-    hf_mod.export_hf(model, str(tmp_path / "fp32"))
+    export_hf(model, str(tmp_path / "fp32"))
     out = tmp_path / "out"
     args = [str(tmp_path / "fp32"), str(out), "--dtype", "bfloat16", "--max-shard-size", "40KB"]
-    assert hf_mod.export_main(args) == 0
+    assert export_cli.main(args) == 0
     with open(out / "model.safetensors.index.json") as f:
         weight_map = json.load(f)["weight_map"]
     shards = sorted(set(weight_map.values()))
@@ -348,7 +351,7 @@ def test_export_sharded_bf16(tmp_path):
     with torch.no_grad():
         assert (back(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-4
     # fp32 under the limit: one file, and the old shards are gone
-    hf_mod.export_hf(model, str(out))
+    export_hf(model, str(out))
     assert sorted(n for n in os.listdir(out) if n.startswith("model")) == ["model.safetensors"]
     assert (out / "config.json").exists()
 
@@ -359,8 +362,8 @@ def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
     from runtime.interop.weight_blocks import hf_blocks
 
     fp8, _, _ = write_release_folder(tmp_path)
-    whole = hf_mod.from_hf_state_dict(hf_mod.read_safetensors(str(fp8)), 2)
-    blocks = hf_blocks(str(fp8), 2)
+    whole = hf_mod.from_hf_state_dict(read_safetensors(str(fp8), lambda: (128, 128)), 2)
+    blocks = hf_blocks(str(fp8), 2, hf_mod, lambda: (128, 128))
     assert sorted(blocks) == sorted(whole)
     g = torch.Generator().manual_seed(0)
     for name, full in whole.items():
@@ -383,7 +386,7 @@ def test_blocks_of_a_release_folder_equal_the_whole_weights_blocks(tmp_path):
 def test_damaged_safetensors_are_one_clear_error_without_reading_them(tmp_path):
     # init_from reads a folder by blocks: a truncated shard, a header claiming more bytes than the
     # file (checked before any allocation) or offsets outside it are a CheckpointError naming the file
-    from runtime.checkpoint.single_file import CheckpointError
+    from runtime.checkpoint.format import CheckpointError
 
     fp8, _, _ = write_release_folder(tmp_path)
     model = load_source(str(fp8)).build_model()
@@ -407,10 +410,10 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_any_model_is_b
     # load_source checks the weights' names and shapes against the architecture on the meta
     # device: a config.json claiming a 3e8-token vocabulary (a 77 GB embedding) or far more layers
     # than the weights hold is one CheckpointError, never an allocation of the model it describes
-    from runtime.checkpoint.single_file import CheckpointError
+    from runtime.checkpoint.format import CheckpointError
 
     folder = tmp_path / "hf"
-    hf_mod.export_hf(make_model(), str(folder), mtp=False)
+    export_hf(make_model(), str(folder), mtp=False)
     config = json.loads((folder / "config.json").read_text())
     cases = {
         "vocab_size": (300_000_000, r"embed.weight is \[256, 64\] in the checkpoint but \[3000"),

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from generated.config import ModelConfig
+from runtime.models.deepseek_v3.kernels import causal_attention
 from runtime.models.deepseek_v3.model import (
     MLA,
     MLP,
     RMSNorm,
     Transformer,
     apply_rotary,
-    causal_attention,
     model_rotary_tables,
     rotary_tables,
 )

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig
 from runtime.components.balancer import MoEBalancer
+from runtime.models.deepseek_v3 import kernels
 from runtime.models.deepseek_v3 import moe as moe_mod
 from runtime.models.deepseek_v3.model import MLP, Transformer
 from runtime.models.deepseek_v3.moe import MoE, RoutingKnobs, capacity_keep
@@ -59,11 +60,11 @@ def test_dispatch_matches_reference_loop(model_kw, moe_kw, grouped, monkeypatch)
     with torch.no_grad():
         layer.gate.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(3, 10, DIM)
-    assert moe_mod._grouped_mm_ok(
+    assert kernels.grouped_mm_ok(
         x, layer.experts.w13, layer.experts.w2
     )  # CPU fp32 runs _grouped_mm
     if not grouped:  # the padded-bmm path used where _grouped_mm is unavailable
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a: False)
+        monkeypatch.setattr(kernels, "grouped_mm_ok", lambda *a: False)
 
     def run(reference):
         layer.zero_grad()
@@ -452,25 +453,25 @@ def test_bf16_cpu_groups_are_padded_to_the_row_quantum_and_match_unpadded(monkey
     rw = torch.rand(M, generator=g).requires_grad_()
     gy = torch.randn(M, C, generator=g).bfloat16()
     seen = []
-    grouped = moe_mod._grouped_swiglu
+    grouped = kernels.grouped_swiglu
 
     def spy(xs_, w13_, w2_, offs, rw_):
         seen.append(offs.clone())
         return grouped(xs_, w13_, w2_, offs, rw_)
 
-    monkeypatch.setattr(moe_mod, "_grouped_swiglu", spy)
+    monkeypatch.setattr(kernels, "grouped_swiglu", spy)
 
     def run(quantum):
-        monkeypatch.setattr(moe_mod, "ROW_QUANTUM", quantum)
-        y = moe_mod.run_experts(xs, counts, w13, w2, row_weights=rw)
+        monkeypatch.setattr(kernels, "ROW_QUANTUM", quantum)
+        y = kernels.run_experts(xs, counts, w13, w2, row_weights=rw)
         return (y, *torch.autograd.grad(y, [xs, w13, w2, rw], gy))
 
     padded, plain = run(16), run(1)
-    assert moe_mod.row_quantum(xs) == 1  # the second run took the unpadded path
+    assert kernels.row_quantum(xs) == 1  # the second run took the unpadded path
     sizes = torch.diff(seen[0], prepend=seen[0].new_zeros(1))
     assert sizes.tolist() == [0, 16, 32, 16, 32]
     assert torch.equal(seen[1], counts.cumsum(0).int())
     for a, b in zip(padded, plain):
         assert a.dtype == b.dtype and torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-    assert moe_mod.row_quantum(xs.float()) == 1  # fp32 (MKL) keeps exact groups
+    assert kernels.row_quantum(xs.float()) == 1  # fp32 (MKL) keeps exact groups

@@ -30,7 +30,9 @@ UNRELATED = {
     ("state_dict_adapter.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",
     ("state_dict_adapter.py", "default"): "Hugging Face rope_type of unscaled rotary embeddings",
     ("wandb_logger.py", "latest"): "wandb artifact alias",
-    ("trainer.py", "none"): "printed when there is no best validation loss yet",
+    ("metrics.py", "none"): "printed when there is no best validation loss yet",
+    ("hf_folder.py", "float32"): "storage dtype of an export",
+    ("hf_folder.py", "bfloat16"): "storage dtype of an export",
 }
 
 

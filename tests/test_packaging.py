@@ -8,7 +8,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from runtime import __main__ as cli
+from runtime.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -42,13 +42,9 @@ def test_console_script_target_runs(capsys):
 
 
 def test_missing_train_extra_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(
-        sys.modules, "runtime.models.deepseek_v3.generation", None
-    )  # import fails like a missing module
+    monkeypatch.setitem(sys.modules, "runtime.cli.sample", None)  # fails like a missing module
     monkeypatch.setattr(
-        cli,
-        "TRAIN_EXTRA_MODULES",
-        cli.TRAIN_EXTRA_MODULES | {"runtime.models.deepseek_v3.generation"},
+        cli, "TRAIN_EXTRA_MODULES", cli.TRAIN_EXTRA_MODULES | {"runtime.cli.sample"}
     )
     assert cli.main(["sample", "x"]) == 1
     assert "pip install -e '.[train]'" in capsys.readouterr().err

@@ -12,8 +12,8 @@ import torch
 from test_train import ENV, PYTHON, REPO, args, free_port, losses, metrics
 
 from generated.parser import load_config
+from runtime.cli.plan import main as plan_main
 from runtime.models.deepseek_v3.cost import count_params
-from runtime.models.deepseek_v3.cost import main as plan_main
 from runtime.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,9 +113,9 @@ def test_layout_matches_one_process(layout, reference, tmp_path, data_dir):
     ckpt = tmp_path / "run" / "checkpoints" / f"ckpt_{STEPS:07d}"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "checksums.json").is_file()
     full = torch.load(reference / "checkpoints" / f"ckpt_{STEPS:07d}.pt", weights_only=True)
-    from runtime.checkpoint.single_file import load_checkpoint
+    from runtime.checkpoint.dcp import load_full
 
-    sharded = load_checkpoint(str(ckpt))  # what export and sample read
+    sharded = load_full(str(ckpt))  # what export and sample read
     for key, value in full["model"].items():
         torch.testing.assert_close(sharded["model"][key], value, rtol=1e-4, atol=1e-5)
 
@@ -151,7 +151,8 @@ def test_rank_killed_during_sharded_save_resumes_from_previous(reference, tmp_pa
     assert [r["iter"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert_same_losses(tmp_path / "k", reference)
     # keep_last_n 2 kept both; a damaged shard is an error naming its file
-    from runtime.checkpoint.single_file import CheckpointError, load_checkpoint
+    from runtime.checkpoint.format import CheckpointError
+    from runtime.checkpoint.manager import read_checkpoint
 
     assert sorted(n for n in os.listdir(folder)) == ["ckpt_0000005", f"ckpt_{STEPS:07d}"]
     shard = folder / "ckpt_0000005" / "__1_0.distcp"
@@ -159,7 +160,7 @@ def test_rank_killed_during_sharded_save_resumes_from_previous(reference, tmp_pa
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="__1_0.distcp"):
-        load_checkpoint(str(folder / "ckpt_0000005"))
+        read_checkpoint(str(folder / "ckpt_0000005"))
 
 
 def test_fsdp_state_bytes_at_most_055_of_ddp(tmp_path, data_dir):
@@ -171,8 +172,7 @@ def test_fsdp_state_bytes_at_most_055_of_ddp(tmp_path, data_dir):
 
 
 def test_launch_layout_errors(tmp_path, data_dir, monkeypatch):
-    from runtime.distributed.utils import SystemConfigError
-    from runtime.models.deepseek_v3.parallelize import resolve_layout
+    from runtime.distributed.layout import SystemConfigError, resolve_layout
 
     cfg = load_config(argv=["--system.distributed.dp_shard", "2", "--system.distributed.dp_replicate", "2"])  # fmt: skip
     with pytest.raises(SystemConfigError, match="dp_replicate.*dp_shard.*expert_parallel"):
@@ -328,7 +328,7 @@ def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_che
     # export reads a stack of experts a few experts at a time: each box is read from the saved
     # shards it overlaps and no others (FSDP2 over 2 processes: rank 0 saved experts 0-1)
     from runtime.checkpoint.dcp import model_tensors
-    from runtime.checkpoint.single_file import CheckpointError
+    from runtime.checkpoint.format import CheckpointError
 
     name = "layers.1.ffn.experts.w13"
     whole = model_tensors(sharded_checkpoint)[name]
@@ -354,20 +354,18 @@ def test_export_of_a_sharded_folder_streams_its_tensors(
     # `export` reads a sharded folder one tensor at a time (no process group; a stack of experts
     # in pieces of EXPORT_PIECE_BYTES) and writes each shard when full: the folder holds exactly
     # the weights consolidated whole, bit for bit
+    from runtime.cli.export import main as export_main
     from runtime.interop import sources
+    from runtime.interop.safetensors import read_safetensors
     from runtime.interop.sources import load_source
-    from runtime.models.deepseek_v3.state_dict_adapter import (
-        export_main,
-        read_safetensors,
-        to_hf_state_dict,
-    )
+    from runtime.models.deepseek_v3.state_dict_adapter import to_hf_state_dict
 
     monkeypatch.setattr(sources, "EXPORT_PIECE_BYTES", piece_bytes)
     out = tmp_path / "hf"
     assert export_main([str(sharded_checkpoint), str(out), "--max-shard-size", "20KB"]) == 0
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 3 and (out / "config.json").is_file()
     assert not list(out.glob("*.partial"))
-    got = read_safetensors(str(out))
+    got = read_safetensors(str(out), lambda: (128, 128))  # no FP8 weights: never called
     want = to_hf_state_dict(load_source(str(sharded_checkpoint)).build_model())
     assert sorted(got) == sorted(want)
     for key, value in want.items():
@@ -417,8 +415,8 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     # the same 2.3 GB model as a bf16 Hugging Face folder (1.2 GB in 300 MB shards), init_from into 2
     # FSDP processes: each reads only its rows of each weight (1.7 GB peak RSS per process here;
     # reading the folder whole in every process, as before, peaked at 5.7 GB)
+    from runtime.interop.hf_folder import export_hf
     from runtime.models.deepseek_v3.model import Transformer
-    from runtime.models.deepseek_v3.state_dict_adapter import export_hf
 
     model = Transformer(load_config("configs/tiny.yaml", argv=list(BIG)).model)
     export_hf(model, str(tmp_path / "hf"), dtype="bfloat16", max_shard_size="300MB")
@@ -434,7 +432,7 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     # and `export` streams it, a tensor and a shard at a time (1.2 GB of bf16 in 300 MB shards:
     # 0.9 GB peak RSS here; built whole and converted, as before, it peaked at 8.6 GB)
     measure = (  # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's)
-        "import sys; from runtime.models.deepseek_v3.state_dict_adapter import export_main; "
+        "import sys; from runtime.cli.export import main as export_main; "
         "assert export_main(sys.argv[1:]) == 0; "
         "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
     )

@@ -3,6 +3,10 @@ incomplete registry fails when its module is imported."""
 
 import pytest
 
+import runtime.components.data  # noqa: F401  (the modules that fill the registries)
+import runtime.components.lr_schedule  # noqa: F401
+import runtime.distributed.precision  # noqa: F401
+import runtime.distributed.utils  # noqa: F401
 from generated import FIELDS, PATH
 from runtime.utils.registry import BRANCHING_FIELDS, Registry, RegistryIncomplete, all_registries
 

@@ -12,9 +12,10 @@ import pytest
 from generated.config import LRScheduleConfig
 from generated.parser import ConfigError, load_config
 from runtime.checkpoint.single_file import load_checkpoint
+from runtime.cli.train import main
 from runtime.components.data import DataError
 from runtime.components.lr_schedule import lr_at, schedule_warnings
-from runtime.trainer.trainer import Trainer, main
+from runtime.trainer.trainer import Trainer
 from tiny import TINY_RUN_FLAGS
 
 TINY = TINY_RUN_FLAGS + [

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from generated.parser import ConfigError, load_config
+from runtime.cli import export as export_cli
+from runtime.cli import sample as sample_cli
 from runtime.components.data import load_corpus
 from runtime.components.tokenizer import TextCodec
-from runtime.models.deepseek_v3 import generation as sample_mod
-from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
+from runtime.interop.hf_folder import export_hf
 from runtime.models.deepseek_v3.generation import filter_logits, generate
-from runtime.trainer.trainer import Trainer
+from runtime.trainer.trainer import Trainer, complete
 from tiny import TINY_RUN_FLAGS, debug_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,7 +158,7 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(
     from transformers import AutoTokenizer, DeepseekV3ForCausalLM
 
     ckpt = str(tmp_path / "o" / "checkpoints" / "ckpt_0000002.pt")
-    assert hf_mod.export_main([ckpt, str(tmp_path / "hf")]) == 0
+    assert export_cli.main([ckpt, str(tmp_path / "hf")]) == 0
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert (
         hf_tok.encode(TEXT) == trainer.codec.encode(TEXT)
@@ -166,7 +167,7 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(
     # the MTP layer is what transformers calls UNEXPECTED; --no-mtp leaves it out
     _, info = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
     assert info["unexpected_keys"] and all(".layers.2." in k for k in info["unexpected_keys"])
-    assert hf_mod.export_main([ckpt, str(tmp_path / "hf_nomtp"), "--no-mtp"]) == 0
+    assert export_cli.main([ckpt, str(tmp_path / "hf_nomtp"), "--no-mtp"]) == 0
     _, info = DeepseekV3ForCausalLM.from_pretrained(
         str(tmp_path / "hf_nomtp"), output_loading_info=True
     )
@@ -176,7 +177,7 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(
     outs = []
     for source in (ckpt, str(tmp_path / "hf_nomtp")):
         assert (
-            sample_mod.main(
+            sample_cli.main(
                 [
                     source,
                     "--prompt",
@@ -213,7 +214,7 @@ def test_byte_runs_export_a_byte_tokenizer(tmp_path, data_dir):
     ]
     trainer = Trainer(load_config(argv=args))
     assert trainer.codec.kind == "bytes"
-    hf_mod.export_hf(trainer.model, str(tmp_path / "hf"), tokenizer=trainer.codec)
+    export_hf(trainer.model, str(tmp_path / "hf"), tokenizer=trainer.codec)
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -252,7 +253,7 @@ def test_end_of_run_sample_follows_every_sample_field():
 
     def run(seed=0, **fields):
         settings = SampleConfig(**{"max_new_tokens": 12, **fields})
-        return sample_mod.complete(model, prompt, settings, torch.Generator().manual_seed(seed))
+        return complete(generate, model, prompt, settings, torch.Generator().manual_seed(seed))
 
     greedy = run(temperature=0.0)
     assert greedy[:3] == prompt and len(greedy) == 3 + 12  # prompt kept, max_new_tokens added

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from generated.parser import load_config
+from runtime.cli.train import main
 from runtime.components.data import DataError
-from runtime.distributed import utils as dist_utils
-from runtime.distributed.utils import SystemConfigError
-from runtime.trainer.trainer import NonFiniteLossError, Trainer, main
+from runtime.distributed import precision
+from runtime.distributed.layout import SystemConfigError
+from runtime.trainer.trainer import NonFiniteLossError, Trainer
 from tiny import TINY_RUN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +247,7 @@ def test_low_precision_on_a_cpu_without_native_matmul_warns(
     tmp_path, data_dir, monkeypatch, native
 ):
     # an AVX2-only CPU emulates bf16 matmuls hundreds of times slower than fp32: say so, run anyway
-    monkeypatch.setattr(dist_utils, "cpu_native_matmul", lambda dtype: native)
+    monkeypatch.setattr(precision, "cpu_native_matmul", lambda dtype: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run(
@@ -305,7 +306,7 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
 
 def test_device_resolution():
     from generated.config import DeviceConfig
-    from runtime.distributed.utils import SystemConfigError as Err
+    from runtime.distributed.layout import SystemConfigError as Err
     from runtime.distributed.utils import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"

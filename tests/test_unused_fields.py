@@ -26,6 +26,9 @@ from generated.config import (
 )
 from runtime.components.lr_schedule import lr_at, phase_at
 from runtime.distributed import utils as dist_utils
+from runtime.distributed.compile import compile_module
+from runtime.distributed.data_parallel import ddp_options
+from runtime.trainer import prepare as prepare_mod
 from runtime.trainer import trainer as train_mod
 from tiny import TINY_RUN_FLAGS
 
@@ -121,8 +124,11 @@ def recorder(monkeypatch):
         monkeypatch.setattr(train_mod, name, rec.paused_call(getattr(gparser, name)))
     # these build a new config (derived defaults, resume, init_from): keep recording reads of the
     # one they return
-    for name in ("resolved_from_config", "reconcile_with_checkpoint", "adopt_values"):
-        monkeypatch.setattr(train_mod, name, rec.rewrapping_call(getattr(gparser, name)))
+    monkeypatch.setattr(
+        train_mod, "resolved_from_config", rec.rewrapping_call(gparser.resolved_from_config)
+    )
+    for name in ("reconcile_with_checkpoint", "adopt_values"):
+        monkeypatch.setattr(prepare_mod, name, rec.rewrapping_call(getattr(gparser, name)))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield rec
@@ -236,11 +242,11 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
             phase_at(step, schedule)
     # compile_mode is read only when compiling (torch.compile is lazy: nothing compiles here)
     compile_cfg = recorder.wrap(TorchCompilationConfig(compile=True), "system.compile")
-    dist_utils.compile_module(torch.nn.Linear(1, 1), compile_cfg)
+    compile_module(torch.nn.Linear(1, 1), compile_cfg)
     # what the trainer reads only under torchrun (test_train runs it for real with 2 processes)
     distributed = cfg.system.distributed
     dist_utils.process_group_backend(distributed, "cpu")
-    dist_utils.ddp_options(distributed)
+    ddp_options(distributed)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(dist_utils.SystemConfigError):
         dist_utils.check_launch(distributed)

@@ -17,7 +17,7 @@ killed save leaves only the temporary folder, which `latest` never considers and
 removes. Before loading, every file's checksum is verified; a mismatch or a missing file is an
 error naming that file (`latest` then falls back to an older checkpoint, as for single files).
 
-Test-only fault injection: the `checkpoint_write` phase of DEEPSEEK_MOE_FAULT (runtime/checkpoint/single_file.py)
+Test-only fault injection: the `checkpoint_write` phase of DEEPSEEK_MOE_FAULT (runtime/utils/faults.py)
 is reached after a process wrote its shards, only on the ranks listed in DEEPSEEK_MOE_FAULT_RANKS
 (comma-separated; all ranks when unset).
 """
@@ -39,22 +39,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.checkpoint.single_file import (
-    Checkpointer,
-    CheckpointError,
-    atomic_write_bytes,
-    capture_rng_state,
-    config_digest,
-    describe_os_error,
-    fault_point,
-)
+from runtime.checkpoint.format import CheckpointError, capture_rng_state, config_digest
+from runtime.checkpoint.single_file import FileWriter
+from runtime.utils.faults import fault_point
+from runtime.utils.files import atomic_write_bytes, describe_os_error
 
 if TYPE_CHECKING:  # DCP is imported where it is used: it costs train's start 0.75 s
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadPlanner
-
-    from generated.config import CheckpointerConfig
 
 SHARDED_DIR = re.compile(r"^ckpt_(\d+)$")
 TEMP_DIR = re.compile(r"^\.(ckpt_\d+|best)\.tmp$")
@@ -205,7 +198,8 @@ def load_full_into(
 ) -> None:
     """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
     sharded model: each process keeps its own shards. The optimizer's indices follow
-    runtime/trainer/trainer.py's build_optimizer (matrices first, then vectors, each in parameters() order)."""
+    runtime/components/optimizer.py's build_optimizer (matrices first, then vectors, each in
+    parameters() order)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     names = [n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters()]
@@ -355,31 +349,29 @@ def model_tensors(path: str) -> dict[str, _ModelTensor]:
     return out
 
 
-class ShardedCheckpointer(Checkpointer):
-    """The `checkpointer` section's policy (interval, keep_last_n, best) with DCP folders. Every
-    process calls save / save_best together (collectives inside)."""
+class ShardedWriter(FileWriter):
+    """Writes the checkpoints of `folder` as DCP folders: every process calls write() together
+    (collectives inside), each writing the shards it holds of `model` and `optimizer`."""
 
     def __init__(
-        self,
-        checkpointer: CheckpointerConfig,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        rank: int,
-        world: int,
+        self, folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int
     ) -> None:
-        super().__init__(checkpointer)
+        super().__init__(folder)
         self.model, self.optimizer = model, optimizer
         self.rank, self.world = rank, world
 
+    def name(self, step: int) -> str:
+        return sharded_name(step)
+
     @property
-    def best_path(self) -> str:
-        return os.path.join(self.dir, BEST_DIR)
+    def best_name(self) -> str:
+        return BEST_DIR
 
     def _faulty(self) -> bool:
         ranks = os.environ.get(FAULT_RANKS_ENV)
         return ranks is None or str(self.rank) in ranks.split(",")
 
-    def _write(self, state: Mapping[str, Any], path: str) -> None:
+    def write(self, state: Mapping[str, Any], path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         tmp = os.path.join(self.dir, "." + os.path.basename(path) + ".tmp")
@@ -420,13 +412,6 @@ class ShardedCheckpointer(Checkpointer):
                 f"cannot write checkpoint {path}: {describe_os_error(error)}"
             ) from None
         dist.barrier()
-
-    def step_name(self, step: int) -> str:
-        return sharded_name(step)
-
-    def prune(self) -> list[str]:
-        # after the collective write every process sees the same folders; one removes them
-        return super().prune() if self.rank == 0 else []
 
     def remove_stale_temps(self) -> list[str]:
         removed = super().remove_stale_temps()

@@ -14,6 +14,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from runtime.configlib import ConfigError
+from runtime.utils.files import describe_os_error
+
 EXIT_OK = 0
 """Success."""
 EXIT_FAILURE = 1
@@ -72,10 +75,9 @@ def run_command(
     prog: str, body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()
 ) -> int:
     """Run a command's body and turn the user's mistakes into one message and an exit code:
-    ConfigError and missing/unreadable inputs exit EXIT_USAGE, `user_errors` exit EXIT_FAILURE.
-    Anything else is a bug and keeps its traceback."""
-    from runtime.configlib import ConfigError
-
+    ConfigError and missing/unreadable inputs exit EXIT_USAGE, `user_errors` and what else the OS
+    refused (a full disk, a read-only folder) exit EXIT_FAILURE, Ctrl-C EXIT_INTERRUPTED. Anything
+    else is a bug and keeps its traceback. Every command's `main` runs its work through this."""
     with warnings_as_messages(prog):
         try:
             return body()
@@ -84,10 +86,12 @@ def run_command(
             return EXIT_USAGE
         except OSError as exc:
             message = user_input_error(exc)
-            if message is None:
-                raise
-            error(prog, message)
-            return EXIT_USAGE
+            if message is not None:
+                error(prog, message)
+                return EXIT_USAGE
+            where = f" ({exc.filename})" if exc.filename else ""
+            error(prog, f"{describe_os_error(exc)}{where}")
+            return EXIT_FAILURE
         except user_errors as exc:
             error(prog, exc)
             return EXIT_FAILURE

@@ -11,20 +11,25 @@ is the counts not yet applied. It also reads the routing statistics for the metr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from generated.config import MoETrainingConfig
-from runtime.models.deepseek_v3.model import Transformer
-from runtime.models.deepseek_v3.moe import MoE
+
+if TYPE_CHECKING:
+    from runtime.models.deepseek_v3.moe import MoE
 
 
 class MoEBalancer:
     """Stateful (state_dict / load_state_dict): the pending load counts of `model`'s MoE layers."""
 
-    def __init__(self, model: Transformer, moe: MoETrainingConfig):
-        self.layers: list[tuple[int, MoE]] = model.moe_layers()
+    def __init__(self, model: nn.Module, moe: MoETrainingConfig):
+        # (layer index, MoE layer) of a model with routed experts (its family lists them)
+        moe_layers = getattr(model, "moe_layers", None)
+        self.layers: list[tuple[int, MoE]] = moe_layers() if moe_layers is not None else []
         self.speed = moe.bias_update_speed
         self.speed_until = moe.bias_update_speed_until
         self.speed_final = moe.bias_update_speed_final

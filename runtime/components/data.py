@@ -24,10 +24,9 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +38,9 @@ from generated.config import DataConfig
 from generated.names import Dataset as DatasetChoice
 from generated.names import TokenDtype
 from generated.names import Tokenizer as TokenizerKind
-from runtime.checkpoint.single_file import default_file_mode
+from runtime.components.tokenizer import TextCodec
+from runtime.utils.files import atomic_write_chunks
 from runtime.utils.registry import DATASETS, TOKENIZERS
-
-if TYPE_CHECKING:
-    from runtime.components.tokenizer import TextCodec
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
@@ -103,8 +100,6 @@ def _text_chunks(raw: np.ndarray, start: int, end: int, size: int = 1 << 20) -> 
 @TOKENIZERS.register(TokenizerKind.BPE)
 def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
     """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
-    from runtime.components.tokenizer import TextCodec
-
     # the spec's rules keep `bin` corpora and vocabularies outside [256, 65536] away from here
     assert byte_corpus.is_bytes and vocab_size is not None and 256 <= vocab_size <= 65536
     stem = os.path.join(data.data_dir, f"{byte_corpus.name}.bpe{vocab_size}")
@@ -141,10 +136,10 @@ def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) ->
     bytes_per_token = float(
         codec.token_bytes()[ids[val_start:val_end]].sum() / max(1, val_end - val_start)
     )
-    _atomic_write(bin_path, [ids.tobytes()])
-    _atomic_write(tok_path, [codec.to_json().encode()])
+    atomic_write_chunks(bin_path, [ids.tobytes()])
+    atomic_write_chunks(tok_path, [codec.to_json().encode()])
     meta.update(tokens=int(len(ids)), bytes_per_token=bytes_per_token)
-    _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    atomic_write_chunks(meta_path, [json.dumps(meta, indent=1).encode()])
     return Corpus(
         byte_corpus.name,
         bin_path,
@@ -199,24 +194,6 @@ def _fingerprint(root: str, files: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would keep a shared cache private
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _cached_bytes_corpus(
     name: str, data_dir: str, root: str, files: list[str], select_text: bool
 ) -> Corpus:
@@ -243,9 +220,9 @@ def _cached_bytes_corpus(
             if not select_text or _is_text(raw):
                 yield raw
 
-    _atomic_write(bin_path, chunks())
+    atomic_write_chunks(bin_path, chunks())
     meta["bytes"] = os.path.getsize(bin_path)
-    _atomic_write(meta_path, [json.dumps(meta, indent=1).encode()])
+    atomic_write_chunks(meta_path, [json.dumps(meta, indent=1).encode()])
     if meta["bytes"] == 0:
         raise DataError(f"dataset {name!r}: no text found under {root}")
     return Corpus(name, bin_path, "uint8", meta["bytes"], True, 1.0)

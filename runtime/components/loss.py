@@ -10,13 +10,16 @@ linear warm-up over warmup_steps).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
-from runtime.models.deepseek_v3.model import ModelOutput
+
+if TYPE_CHECKING:  # the output of a model family's forward
+    from runtime.models.deepseek_v3.model import ModelOutput
 
 
 @dataclass

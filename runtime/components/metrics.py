@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step and per evaluation) and the loss plot."""
+"""metrics.jsonl (one JSON object per logged step and per evaluation), the loss plot, and the
+processor that sends each step's numbers to the jsonl, wandb, the log and the progress bar."""
 
 import datetime
 import json
@@ -6,6 +7,9 @@ import math
 import os
 import time
 from typing import Any
+
+from runtime.components import logs
+from runtime.components.wandb_logger import WandbLogger
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -158,3 +162,91 @@ def plot_losses(out_dir: str) -> str | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class MetricsProcessor:
+    """Where a step's and an evaluation's numbers go, all from here: metrics.jsonl (every
+    `log_interval` steps and every evaluation), wandb, the log line (console and train.log) and, on
+    a terminal, the progress bar (every step). Only the main process writes; the others pass
+    through."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        wandb: WandbLogger,
+        *,
+        max_iters: int,
+        bytes_per_token: float | None,
+        show_bar: bool,
+    ) -> None:
+        self.writer, self.wandb = writer, wandb
+        self.max_iters = max_iters
+        self.bytes_per_token = bytes_per_token  # None: unknown (a pre-tokenized corpus)
+        self.show_bar = show_bar
+        self.bar: Any = None
+
+    # ---- the progress bar (a bar in a file is one long line of \r updates: terminals only)
+
+    def open_bar(self, step: int) -> None:
+        if not self.show_bar:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.max_iters, initial=step, dynamic_ncols=True, desc="train")
+        console = logs.console_handler()
+        if console is not None:
+            console.bar = self.bar
+
+    def close_bar(self) -> None:
+        """Ends the bar's line, so that what is printed next starts a line of its own."""
+        console = logs.console_handler()
+        if console is not None:
+            console.bar = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # ---- steps and evaluations
+
+    def step(self, metrics: dict[str, Any], tokens_per_s: float) -> None:
+        """Every step: the bar."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{tokens_per_s:,.0f}",
+            )
+
+    def log_step(self, record: dict[str, Any], eta_s: float) -> None:
+        """A logged step (`record` has iter, the step's metrics, tokens_per_s and the routing
+        statistics): jsonl, wandb and the log line."""
+        step = record["iter"]
+        self.writer.write(record)
+        self.wandb.log(record, step=step)
+        skipped = " (skipped)" if record.get("skipped") else ""
+        logs.log.info(
+            f"step {step}/{self.max_iters} | loss {record['loss']:.4f}{skipped} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s | eta {logs.format_duration(eta_s)}"
+        )
+
+    def log_eval(self, step: int, val_loss: float) -> bool:
+        """An evaluation's loss (and bits per byte where the bytes are known); returns whether it
+        improved on the best so far."""
+        improved = self.writer.note_val_loss(val_loss)
+        best_val_loss = self.writer.best_val_loss
+        record: dict[str, Any] = {
+            "iter": step,
+            "val_loss": val_loss,
+            "best_val_loss": best_val_loss,
+        }
+        bpb = ""
+        if self.bytes_per_token is not None:
+            # nats per token -> bits per byte of text: comparable across tokenizers
+            record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            bpb = f", {record['val_bpb']:.4f} bits/byte"
+        self.writer.write(record)
+        self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=step)
+        best = "none" if best_val_loss is None else f"{best_val_loss:.4f}"
+        logs.log.info(f"step {step}: val loss {val_loss:.4f}{bpb} (best {best})")
+        return improved

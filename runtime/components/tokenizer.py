@@ -19,6 +19,7 @@ import numpy as np
 
 from generated import PATH
 from generated.names import Tokenizer as TokenizerKind
+from runtime.utils.files import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
@@ -126,8 +127,6 @@ class TextCodec:
         return cls.from_json(state["kind"], state["json"])
 
     def save(self, path: str) -> None:
-        from runtime.checkpoint.single_file import atomic_write_bytes
-
         atomic_write_bytes(path, self.to_json().encode())
 
     def save_hf(self, folder: str, model_max_length: int) -> None:
@@ -157,3 +156,9 @@ class TextCodec:
                 kind = json.load(f).get("deepseek_moe_tokenizer", TokenizerKind.BPE)
         with open(path, encoding="utf-8") as f:
             return cls.from_json(kind, f.read())
+
+
+def decode(codec: TextCodec | None, ids: list[int]) -> str:
+    """Text of token ids with the model's tokenizer; space-separated ids without one (a
+    pre-tokenized corpus)."""
+    return codec.decode(ids) if codec is not None else " ".join(str(int(t)) for t in ids)

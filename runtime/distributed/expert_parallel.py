@@ -8,8 +8,7 @@ resumes them on any layout). Every process routes its own tokens over all E expe
   1. dispatch: the (token, slot) assignments sorted by expert; rows of x for the experts of process
      q go to q (all_to_all_single, uneven splits; the counts per expert go first in a small one)
   2. the received rows are regrouped by local expert (they arrive grouped by source process) and run
-     through this process's experts with the same grouped matmul as without EP (runtime/models/deepseek_v3/moe.py's
-     run_experts)
+     through this process's experts (the model's module: the same grouped matmul as without EP)
   3. combine: the outputs go back the same way (the reverse all_to_all), are scaled by their routing
      weights on the token's own process and summed per token in fp32.
 
@@ -26,13 +25,33 @@ ids) and Transformer.update_router_biases sums them over every process. Capacity
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from runtime.models.deepseek_v3.moe import Experts, Routing, expert_counts
+
+class Assignment(Protocol):
+    """What a router decided for N tokens over all E experts (the MoE layer's routing)."""
+
+    idx: Tensor  # (N, K) chosen experts
+    weights: Tensor  # (N, K) routing weights
+    keep: Tensor | None  # (N, K) bool, False for assignments dropped over capacity; None = dropless
+    max_rows: int | None  # with keep: most rows any expert can get
+
+
+# (rows sorted by local expert, rows per local expert, capacity or None) -> the experts' outputs;
+# a module's __call__, so that FSDP's hooks gather its weights
+LocalExperts = Callable[[Tensor, Tensor, int | None], Tensor]
+
+
+def expert_counts(flat_e: Tensor, n_experts: int) -> Tensor:
+    """(E,) int64 number of entries of flat_e equal to each expert. Like bincount, but with a static
+    output shape, so torch.compile captures it without a graph break."""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_e.device)
+    return counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,7 +108,7 @@ class ExpertParallel:
         scale = 1.0 / self.size
         return _ScaleGrad.apply(_local(w13), scale), _ScaleGrad.apply(_local(w2), scale)
 
-    def __call__(self, x: Tensor, r: Routing, experts: Experts) -> Tensor:
+    def __call__(self, x: Tensor, r: Assignment, experts: LocalExperts) -> Tensor:
         """x (N, C) this process's tokens, r their routing over all E experts -> routed output
         (N, C) fp32."""
         N, K = r.idx.shape

@@ -1,29 +1,18 @@
-"""Device, precision, torch.compile and DDP setup from the `system` section's subsections."""
+"""Processes and devices: the torchrun launch, the process group and its collectives, the
+device, a weight's local block, and the allocator settings on CPU."""
 
-import contextlib
 import gc
 import os
 from dataclasses import dataclass
-from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from generated import PATH
-from generated.config import DeviceConfig, DistributedConfig, TorchCompilationConfig
-from generated.names import Backend, Device, Dtype
-from runtime.utils.registry import BACKENDS, DTYPES
-
-
-class SystemConfigError(RuntimeError):
-    """The `system` settings cannot run here (bad device, multi-process launch without DDP...)."""
-
-
-DTYPES.register(Dtype.FLOAT32, torch.float32)
-DTYPES.register(Dtype.BFLOAT16, torch.bfloat16)
-DTYPES.register(Dtype.FLOAT16, torch.float16)
-DTYPES.complete()
+from generated.config import DeviceConfig, DistributedConfig
+from generated.names import Backend, Device
+from runtime.distributed.layout import SystemConfigError
+from runtime.utils.registry import BACKENDS
 
 BACKENDS.register(
     Backend.AUTO, lambda device_type: Backend.NCCL if device_type == "cuda" else Backend.GLOO
@@ -74,75 +63,6 @@ def resolve_device(
     return device
 
 
-def autocast_dtype(device_cfg: DeviceConfig) -> torch.dtype:
-    return DTYPES.get(device_cfg.dtype)
-
-
-def autocast_context(
-    device: torch.device, dtype: torch.dtype
-) -> contextlib.AbstractContextManager[object]:
-    """Autocast of forward and loss; a no-op for float32 (weights stay float32 in every case)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def cpu_native_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` matrices with native instructions. bfloat16 and float16
-    CPU matmuls go through oneDNN, which needs AVX512 (bf16: AVX512-BF16 or AMX best) for them; on
-    an AVX2-only CPU it falls back to a reference kernel: 0.27 GFLOP/s for a 2048^3 bf16 matmul
-    against 143 for float32, measured on a 2-core AVX2 EPYC."""
-    if dtype == torch.float32:
-        return True
-    check = {
-        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-    }[dtype]
-    return bool(check())
-
-
-def slow_cpu_dtype(device: torch.device, dtype: torch.dtype, path: str) -> str | None:
-    """A warning when the setting at `path` puts `dtype` matmuls on a CPU without native support
-    for them, else None."""
-    if device.type != "cpu" or cpu_native_matmul(dtype):
-        return None
-    name = str(dtype).removeprefix("torch.")
-    return (
-        f"{path} is {name} but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
-        f"{name} matmul: oneDNN falls back to a reference kernel, hundreds of times slower than "
-        f"float32 here; use float32 on this machine"
-    )
-
-
-class ShardedGradScaler(torch.amp.GradScaler):
-    """torch's GradScaler for a model sharded by FSDP2 / expert parallelism: each process checks
-    only the gradient blocks it holds for inf/NaN, so the verdict is all-reduced (max) over every
-    process before the step, and all skip together (a process that stepped while another skipped
-    would leave the shards of one model at different steps)."""
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.is_enabled():
-            return
-        super().unscale_(optimizer)
-        found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        assert self._scale is not None  # unscale_ above made it
-        verdict = torch.zeros((), device=self._scale.device)  # one collective on every process
-        for found_inf in found.values():
-            verdict = torch.maximum(verdict, found_inf.to(verdict.device))
-        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
-        for found_inf in found.values():
-            found_inf.copy_(verdict.reshape(found_inf.shape))
-
-
-def grad_scaler(
-    device: torch.device, dtype: torch.dtype, sharded: bool = False
-) -> torch.amp.GradScaler:
-    """Gradient scaling, enabled for float16 only; `sharded`: the verdict on inf/NaN gradients is
-    every process's (ShardedGradScaler)."""
-    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
-    return scaler_class(device.type, enabled=dtype == torch.float16)
-
-
 def init_distributed(launch: DistInfo, dist_cfg: DistributedConfig, device_type: str) -> DistInfo:
     """Initialise the process group of a checked multi-process `launch` (from check_launch);
     `enabled: true` in a single process runs without DDP."""
@@ -168,29 +88,6 @@ def check_launch(dist_cfg: DistributedConfig) -> DistInfo:
 
 def process_group_backend(dist_cfg: DistributedConfig, device_type: str) -> str:
     return BACKENDS.get(dist_cfg.backend)(device_type)
-
-
-def ddp_options(dist_cfg: DistributedConfig) -> dict[str, Any]:
-    """Keyword arguments of DistributedDataParallel from DistributedConfig."""
-    return {
-        "bucket_cap_mb": dist_cfg.ddp_bucket_cap_mb,
-        "find_unused_parameters": dist_cfg.find_unused_parameters,
-    }
-
-
-def wrap_ddp(module: nn.Module, dist_cfg: DistributedConfig, device: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, **ddp_options(dist_cfg))
-
-
-def compile_module(module: nn.Module, compile_cfg: TorchCompilationConfig) -> nn.Module:
-    """torch.compile(module, mode=compile_mode) when TorchCompilationConfig.compile is set."""
-    if not compile_cfg.compile:
-        return module
-    # the spec's choices are torch's modes; torch.compile of a Module is an OptimizedModule
-    return cast(nn.Module, torch.compile(module, mode=str(compile_cfg.compile_mode)))
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -236,3 +133,18 @@ def tune_malloc() -> dict[str, int] | None:
     except (OSError, AttributeError):
         return None
     return {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 64 << 20} if ok else None
+
+
+def local_block(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(the block this process holds, its shape, its offset in the whole weight); a plain tensor
+    is its own block, a DTensor (FSDP2 / expert-parallel shard) its local tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(
+            weight.shape, weight.device_mesh, weight.placements
+        )
+        return weight.to_local(), tuple(shape), tuple(offset)
+    return weight, tuple(weight.shape), (0,) * weight.dim()

@@ -7,7 +7,7 @@ needs only the architecture) and the tokenizer (or None). Kinds, tried in order:
   checkpoint          a trainer checkpoint file (checksum and config hash verified, weights-only
                       unpickling, memory-mapped)
   sharded checkpoint  a DCP folder of an FSDP / expert-parallel run (runtime/checkpoint/dcp.py)
-  hf                  a Hugging Face DeepseekV3 folder (config.json + safetensors, runtime/models/deepseek_v3/state_dict_adapter.py)
+  hf                  a Hugging Face folder (config.json + safetensors) of a registered family
 
 Opening a source checks its weights against its architecture (names from the headers or metadata,
 shapes on the meta device), so a config.json that does not fit its weights is one CheckpointError
@@ -16,12 +16,15 @@ rather than an attempt to build the model it describes.
 A new kind is one `register_source(SourceKind(...))`: a `recognises(path)` test and a
 `load(path) -> Source`.
 
-Three uses, all reading a weight (or a block of one) at a time: `build_model()` (sample) builds the
-architecture the weights hold, leaving out MTP modules that have no weights (a folder saved by
-transformers has none); `tensors()` (export) streams that architecture's weights; and
-`load_weights(model)` (init_from) fills a model the trainer built, whole or sharded, reading only
-the block of each weight this process holds (runtime/interop/weight_blocks.py; a sharded folder through
-DCP), and MTP modules without weights keep their fresh initialisation, to be trained.
+Every source belongs to a model family (its ModelSpec, runtime/models/spec.py): a Hugging Face
+folder by its config.json model_type, a checkpoint of this trainer to the default family. Three
+uses, all reading a weight (or a block of one) at a time: `build_model()` (sample) builds the
+architecture the weights hold (runtime/models/build.py), leaving out MTP modules that have no
+weights (a folder saved by transformers has none); `tensors()` (export) streams that
+architecture's weights; and `load_weights(model)` (init_from) fills a model the trainer built,
+whole or sharded, reading only the block of each weight this process holds (weight_blocks.py; a
+sharded folder through DCP), and MTP modules without weights keep their fresh initialisation, to
+be trained.
 """
 
 from __future__ import annotations
@@ -35,15 +38,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from generated import PATH
-from generated.config import ModelConfig
+from generated.config import DistributedConfig, ModelConfig, MoETrainingConfig
 from generated.names import Dataset as DatasetChoice
-from runtime.checkpoint.single_file import CheckpointError, check_weights_fit, load_checkpoint
+from generated.parser import config_from_dict
+from runtime.checkpoint.dcp import (
+    is_sharded_checkpoint,
+    load_full,
+    load_meta,
+    load_model_into,
+    model_tensors,
+)
+from runtime.checkpoint.format import CheckpointError, check_weights_fit
+from runtime.checkpoint.single_file import load_checkpoint
 from runtime.components.tokenizer import TextCodec
-from runtime.models.deepseek_v3.model import Transformer, local_block
-from runtime.models.deepseek_v3.moe import RoutingKnobs
+from runtime.distributed.utils import local_block
+from runtime.interop.safetensors import read_safetensors
+from runtime.interop.weight_blocks import hf_blocks
+from runtime.models import ModelSpec, get_model_spec, spec_for_hf
+from runtime.models.build import build_model
 
 # export reads a stack of experts this many bytes at a time (a sharded folder: only the saved
 # shards that hold them); the rest of the model, one tensor at a time
@@ -60,14 +75,15 @@ class UnknownSource(CheckpointError):
 class Source:
     kind: str  # the SourceKind's name
     path: str
+    spec: ModelSpec  # the model family
     model_fields: dict[str, object]  # spec model field name -> value (missing: spec default)
     read_weights: Callable[[], dict[str, Tensor]]  # the state dict, under this model's names
     tokenizer: TextCodec | None = None
     # name -> block reader (runtime/interop/weight_blocks.py) for loading a block at a time; default: weights()
     read_blocks: Callable[[], Mapping[str, Any]] | None = None
     # loads the weights into a model itself (a sharded DCP folder: DCP reads each process's shards)
-    load_into: Callable[[Transformer], None] | None = None
-    knobs: RoutingKnobs = field(default_factory=RoutingKnobs)  # routing the weights trained with
+    load_into: Callable[[nn.Module], None] | None = None
+    moe: MoETrainingConfig | None = None  # the routing settings the weights trained with
     config_file: str = ""  # where the architecture was read (config.json, or the checkpoint)
     _weights: dict[str, Tensor] | None = field(default=None, repr=False)
     _blocks: Mapping[str, Any] | None = field(default=None, repr=False)
@@ -123,31 +139,37 @@ class Source:
                 f"({N_LAYERS}) but the weights of {self.path} hold {len(layers)}"
             )
         with torch.device("meta"):
-            check_weights_fit(Transformer(cfg, self.knobs), blocks, self.path)
+            check_weights_fit(self.spec.build(cfg, self.moe), blocks, self.path)
 
     @staticmethod
     def _kept(name: str, cfg: ModelConfig) -> bool:
         return not (name.startswith("mtp.") and int(name.split(".")[1]) >= cfg.mtp_depth)
 
-    def build_model(self, device: str | torch.device = "cpu") -> Transformer:
-        """The model the weights describe (model_config()), in eval mode, filled a weight at a time
-        (load_weights): the model plus one weight in memory, never a second copy of the model."""
-        model = Transformer(self.model_config(), self.knobs)
-        self.load_weights(model)
-        return model.to(device).eval()
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The model the weights describe (model_config()) in this one process, in eval mode,
+        filled a weight at a time (load_weights): the model plus one weight in memory, never a
+        second copy of the model."""
+        model, _ = build_model(
+            self.spec,
+            self.model_config(),
+            self.moe,
+            DistributedConfig(),
+            1,
+            torch.device(device),
+            self.load_weights,
+        )
+        return model.eval()
 
     def tensors(self) -> tuple[ModelConfig, Iterator[tuple[str, Tensor]]]:
         """(model_config(), its weights as (name, whole tensor) pairs read one at a time), names and
         shapes checked against that architecture first (export: never the whole model at once)."""
-        from runtime.models.deepseek_v3.state_dict_adapter import is_stacked_experts
-
         cfg = self.model_config()  # load_source checked that the weights fit it
         blocks = {k: v for k, v in self.blocks().items() if self._kept(k, cfg)}
 
         def read() -> Iterator[tuple[str, Tensor]]:
             for name, reader in blocks.items():
                 whole = [slice(None) for _ in reader.shape]
-                if not is_stacked_experts(name):
+                if not self.spec.adapter.is_stacked_experts(name):
                     yield name, reader[tuple(whole)]
                     continue
                 # a stack of experts (~30 GB a layer in float32 at DeepSeek-V3's size) in pieces
@@ -158,7 +180,7 @@ class Source:
 
         return cfg, read()
 
-    def load_weights(self, model: Transformer) -> None:
+    def load_weights(self, model: nn.Module) -> None:
         """Copy the weights into `model` (same architecture), whole or sharded by FSDP2 / expert
         parallelism: each process reads and copies only the block of each weight it holds, one
         weight at a time. MTP modules the source has no weights for keep theirs (with a warning).
@@ -171,7 +193,7 @@ class Source:
         except (KeyError, ValueError) as error:  # names or scales that do not fit, named
             raise CheckpointError(f"cannot load the weights of {self.path}: {error}") from None
 
-    def _copy_blocks(self, model: Transformer) -> None:
+    def _copy_blocks(self, model: nn.Module) -> None:
         blocks = self.blocks()
         own = model.state_dict(keep_vars=True)
         wanted = {k.split(".")[1] for k in own if k.startswith("mtp.")}
@@ -227,8 +249,6 @@ def load_source(path: str) -> Source:
 
 
 def _checkpoint_source(path: str, state: dict, **readers: Any) -> Source:
-    from generated.parser import config_from_dict
-
     config = config_from_dict(state["config"])
     codec: TextCodec | None
     if state.get("tokenizer"):
@@ -238,9 +258,10 @@ def _checkpoint_source(path: str, state: dict, **readers: Any) -> Source:
     return Source(
         kind="checkpoint",
         path=path,
+        spec=get_model_spec(),
         model_fields=dict(state["config"]["model"]),
         tokenizer=codec,
-        knobs=RoutingKnobs.from_config(config.moe),
+        moe=config.moe,
         config_file=path,
         **readers,
     )
@@ -258,18 +279,10 @@ register_source(
 )
 
 
-def _is_sharded_checkpoint(path: str) -> bool:
-    from runtime.checkpoint.dcp import is_sharded_checkpoint
-
-    return is_sharded_checkpoint(path)
-
-
 def _load_sharded_checkpoint(path: str) -> Source:
     # a sharded folder (FSDP / expert parallel runs): sample gathers its full weights in this one
     # process, export reads them a tensor at a time, and init_from lets DCP read each process's
     # shards (runtime/checkpoint/dcp.py)
-    from runtime.checkpoint.dcp import load_full, load_meta, load_model_into, model_tensors
-
     return _checkpoint_source(
         path,
         load_meta(path),  # verifies every file's checksum and the config hash first
@@ -282,7 +295,7 @@ def _load_sharded_checkpoint(path: str) -> Source:
 register_source(
     SourceKind(
         "sharded checkpoint",
-        _is_sharded_checkpoint,
+        is_sharded_checkpoint,
         _load_sharded_checkpoint,
         "a sharded checkpoint folder",
     )
@@ -297,23 +310,27 @@ def _is_hf_folder(path: str) -> bool:
 
 
 def _load_hf_folder(path: str) -> Source:
-    from runtime.interop.weight_blocks import hf_blocks
-    from runtime.models.deepseek_v3.state_dict_adapter import (
-        from_hf_state_dict,
-        model_fields_from_hf_config,
-        read_safetensors,
-    )
-
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
-        fields = model_fields_from_hf_config(json.load(f), config_path)
+        config_json = json.load(f)
+    # an unknown model_type goes to the default family, whose adapter names the unsupported key
+    spec = spec_for_hf(config_json.get("model_type")) or get_model_spec()
+    adapter = spec.adapter
+    fields = adapter.model_fields_from_hf_config(config_json, config_path)
     n_layers = int(fields.get(N_LAYERS, ModelConfig().n_layers))  # type: ignore[call-overload]
+
+    def fp8_block() -> tuple[int, int]:
+        return adapter.fp8_block(config_json, config_path)
+
     return Source(
         kind="hf",
         path=path,
+        spec=spec,
         model_fields=fields,
-        read_weights=lambda: from_hf_state_dict(read_safetensors(path), n_layers),
-        read_blocks=lambda: hf_blocks(path, n_layers),
+        read_weights=lambda: adapter.from_hf_state_dict(
+            read_safetensors(path, fp8_block), n_layers
+        ),
+        read_blocks=lambda: hf_blocks(path, n_layers, adapter, fp8_block),
         tokenizer=TextCodec.from_folder(path),
         config_file=config_path,
     )

@@ -5,7 +5,7 @@ metrics row and checkpoint. A fresh start into a folder holding another run's re
 (metrics.jsonl, or step / best checkpoints in the save folder) is a config error unless `overwrite`
 is set, which deletes them and the rest of that run's files (log, run.json, plot, sample,
 tokenizer) first. `resume_from latest` takes only checkpoints of
-the folder's own run (see Checkpointer.load_resume).
+the folder's own run (see runtime/checkpoint/manager.py: find_resume).
 """
 
 import datetime
@@ -16,9 +16,10 @@ import uuid
 from generated import PATH
 from generated.names import ResumeFrom
 from generated.parser import ConfigError, Problem, Source
-from runtime.checkpoint.single_file import BEST_NAME, atomic_write_bytes, step_checkpoints
+from runtime.checkpoint.format import BEST_NAME, step_checkpoints
 from runtime.components.logs import LOG_NAME
 from runtime.components.metrics import METRICS_NAME, PLOT_NAME
+from runtime.utils.files import atomic_write_bytes
 
 RUN_FILE = "run.json"
 SAMPLE_NAME = "sample.txt"

@@ -9,7 +9,6 @@ Choice fields whose code branches on the constants directly are listed in BRANCH
 
 from __future__ import annotations
 
-import importlib
 from enum import StrEnum
 from typing import Any
 
@@ -85,23 +84,17 @@ DATASETS = Registry(PATH.data.dataset, "dataset")
 TOKENIZERS = Registry(PATH.data.tokenizer, "tokenizer")
 # schedule.schedule_type -> lr multiplier after warm-up (runtime/components/lr_schedule.py)
 SCHEDULES = Registry(PATH.schedule.schedule_type, "schedule type")
-# system.device.dtype -> torch dtype (runtime/distributed/utils.py)
+# system.device.dtype -> torch dtype (runtime/distributed/precision.py)
 DTYPES = Registry(PATH.system.device.dtype, "dtype")
 # system.distributed.backend -> resolver(device_type) -> process-group backend (runtime/distributed/utils.py)
 BACKENDS = Registry(PATH.system.distributed.backend, "distributed backend")
-
-_IMPLEMENTING_MODULES = (
-    "runtime.components.data",
-    "runtime.components.lr_schedule",
-    "runtime.distributed.utils",
-)
 
 # Choice fields the code branches on directly, comparing with the generated constants.
 BRANCHING_FIELDS = {
     PATH.model.score_func: "runtime/models/deepseek_v3/moe.py (router scoring)",
     PATH.model.rope_scaling: "runtime/models/deepseek_v3/model.py (rotary tables and softmax scale)",
     PATH.training.nonfinite_loss: "runtime/trainer/trainer.py (stop or skip the step)",
-    PATH.system.compile.compile_mode: "runtime/distributed/utils.py (passed to torch.compile as is)",
+    PATH.system.compile.compile_mode: "runtime/distributed/compile.py (passed to torch.compile as is)",
     PATH.data.token_dtype: "runtime/components/data.py (a numpy dtype name, used as is)",
     PATH.system.distributed.param_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
     PATH.system.distributed.reduce_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
@@ -110,7 +103,6 @@ BRANCHING_FIELDS = {
 
 
 def all_registries() -> dict[str, Registry]:
-    """Every registry, keyed by the spec field it implements, with all implementations loaded."""
-    for module in _IMPLEMENTING_MODULES:
-        importlib.import_module(module)
+    """Every registry, keyed by the spec field it implements (complete once the modules named in
+    each registry's comment above are imported)."""
     return {r.field: r for r in (DATASETS, TOKENIZERS, SCHEDULES, DTYPES, BACKENDS)}

@@ -1,10 +1,8 @@
-"""`python -m runtime plan CONFIG [--section.field VALUE ...] [--world N] [--gpu-memory GiB]`.
-
-What a config costs before anything is launched, from the `model`, `training` and
-`system.distributed` sections alone (no torch, no weights):
+"""What a DeepSeek-V3 config costs before anything is launched (the numbers behind `plan`), from
+the `model`, `training` and `system.distributed` sections alone (imports no torch, reads no weights):
 
   * parameters, total and activated per token, main model and MTP modules apart. Counted from the
-    same shapes runtime/models/deepseek_v3/model.py builds (tests check them against a live model exactly);
+    same shapes model.py builds (tests check them against a live model exactly);
     "activated" counts every weight a token's forward touches: embedding row, attention, dense MLPs,
     router, shared experts and top_k of the routed experts (the output head is counted whole).
   * training FLOPs per token: 6 x activated matmul weights (forward 2, backward 4; the embedding
@@ -17,20 +15,18 @@ What a config costs before anything is launched, from the `model`, `training` an
     block, divided down by activation checkpointing) and the fp32 logits of the head(s). An estimate,
     not a measurement: allocator slack, gathered FSDP blocks and communication buffers come on top.
 
-It warns (and exits 1) when the estimate does not fit `--gpu-memory` (default 80 GiB, an H100's).
+The plan warns when the estimate does not fit the given GPU memory.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from generated import PATH
-from generated.config import Config, DistributedConfig, ModelConfig
+from generated.config import Config, ModelConfig
 from generated.names import ActivationCheckpointing, Dtype
+from runtime.distributed.layout import Layout, layout_for
 
 GIB = 1024**3
 DTYPE_BYTES: dict[str, int] = {Dtype.FLOAT32: 4, Dtype.BFLOAT16: 2, Dtype.FLOAT16: 2}
@@ -106,41 +102,6 @@ def attention_flops_per_token(m: ModelConfig, seq_len: int, layers: int) -> floa
         * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
         * (seq_len / 2)
     )
-
-
-@dataclass
-class Layout:
-    world: int
-    dp_replicate: int
-    dp_shard: int
-    expert_parallel: int
-
-    @property
-    def sharded(self) -> bool:
-        """FSDP2 (and sharded checkpoints) rather than DDP / a single process."""
-        return self.dp_shard > 1 or self.expert_parallel > 1
-
-
-def layout_for(dist_cfg: DistributedConfig, world: int) -> tuple[Layout, str | None]:
-    """The layout of `world` processes and the problem with it (None when it is consistent).
-    dp_replicate null means whatever the other degrees leave of the world."""
-    S, E = dist_cfg.dp_shard, dist_cfg.expert_parallel
-    R = dist_cfg.dp_replicate
-    if R is None:
-        if world % (S * E):
-            problem: str | None = (
-                f"{PATH.system.distributed.dp_shard} ({S}) * {PATH.system.distributed.expert_parallel} "
-                f"({E}) does not divide {world} processes"
-            )
-            return Layout(world, 1, S, E), problem
-        R = world // (S * E)
-    problem = None
-    if R * S * E != world:
-        problem = (
-            f"{PATH.system.distributed.dp_replicate} ({R}) * {PATH.system.distributed.dp_shard} ({S}) * "
-            f"{PATH.system.distributed.expert_parallel} ({E}) = {R * S * E}, but {world} processes"
-        )
-    return Layout(world, R, S, E), problem
 
 
 def activation_bytes(cfg: Config, layout: Layout) -> float:
@@ -227,59 +188,3 @@ def plan(cfg: Config, world: int, gpu_memory_gib: float) -> dict[str, Any]:
             f"{PATH.training.batch_size} / {PATH.training.seq_len}"
         )
     return result
-
-
-def _b(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:,.2f}{unit}"
-    return f"{n:,.0f}"
-
-
-def format_plan(result: dict[str, Any]) -> str:
-    p, mem, lay = result["params"], result["memory_per_process_bytes"], result["layout"]
-    lines = [
-        f"parameters      main {_b(p['main']['total'])} total, {_b(p['main']['active'])} activated per token "
-        f"({p['main']['total']:,} / {p['main']['active']:,})",
-        f"                mtp  {_b(p['mtp']['total'])} total, {_b(p['mtp']['active'])} activated "
-        f"({p['mtp']['total']:,} / {p['mtp']['active']:,})",
-        f"flops per token main {result['flops_per_token']['main']:.3e}, "
-        f"mtp {result['flops_per_token']['mtp']:.3e} (training: forward + backward)",
-        f"layout          {lay['world']} processes = dp_replicate {lay['dp_replicate']} x "
-        f"dp_shard {lay['dp_shard']} x expert_parallel {lay['expert_parallel']}"
-        + (" (FSDP2)" if lay["dp_shard"] > 1 or lay["expert_parallel"] > 1 else " (DDP)"),
-        "memory/process  "
-        + ", ".join(
-            f"{k} {mem[k] / GIB:,.2f} GiB"
-            for k in ("weights", "grads", "optimizer", "activations_estimate")
-        )
-        + f"; total {mem['total'] / GIB:,.2f} GiB of {result['gpu_memory_gib']:g} GiB",
-    ]
-    lines += [f"warning: {w}" for w in result["warnings"]]
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime plan",
-        description="Parameters, FLOPs and per-process memory of a config (no torch needed).",
-    )
-    parser.add_argument("config", help="config file")
-    parser.add_argument("--world", type=int, default=1, help="processes (default 1)")
-    parser.add_argument(
-        "--gpu-memory", type=float, default=80.0, help="GiB per process (default 80)"
-    )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    known, overrides = parser.parse_known_args(argv)
-    if known.world < 1:
-        parser.error("--world must be at least 1")
-    from generated.parser import ConfigError, resolve
-
-    try:
-        cfg = resolve(known.config, argv=overrides).config
-    except ConfigError as error:
-        print(f"plan: error: {error}", file=sys.stderr)
-        return 2
-    result = plan(cfg, known.world, known.gpu_memory)
-    print(json.dumps(result, indent=2) if known.json else format_plan(result))
-    return 1 if result["warnings"] else 0

@@ -21,31 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from generated.config import ModelConfig
 from generated.names import RopeScaling
+from runtime.distributed.utils import local_block
+from runtime.models.deepseek_v3.kernels import RMSNormFP32, SwiGLU, causal_attention
 from runtime.models.deepseek_v3.moe import Experts, MoE, Router, RoutingKnobs
-
-
-class _RMSNormFP32(torch.autograd.Function):
-    """fp32 RMSNorm with a hand-written backward: 3 passes over x forward, 7 backward (autograd's
-    composite takes about 4 and 10); ~35% faster on CPU, same maths."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # 1 / rms, (..., 1)
-        ctx.save_for_backward(x, weight, r)
-        return (x * r).mul_(weight)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, weight, r = ctx.saved_tensors
-        xhat = x * r
-        g_w = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        g_x = None
-        if ctx.needs_input_grad[0]:
-            g_xhat = g * weight
-            dot = torch.linalg.vecdot(g_xhat, xhat).unsqueeze(-1).div_(x.shape[-1])
-            g_x = torch.addcmul(g_xhat, xhat, dot, value=-1).mul_(r)
-        return g_x, g_w, None
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +40,7 @@ class RMSNorm(nn.Module):
                 r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
                 r = r.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
                 return (x * r).mul_(self.weight)
-            return _RMSNormFP32.apply(x, self.weight, self.eps)
+            return RMSNormFP32.apply(x, self.weight, self.eps)
         # normalise in fp32, scale in the input dtype (as HF does)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -149,70 +127,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     sin = sin[:T, None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-ATTN_BLOCK = 128  # query rows per block of the CPU causal attention
-
-
-def _attention_blocks(T: int) -> list[tuple[int, int]]:
-    n = max(1, T // ATTN_BLOCK)
-    bounds = [T * i // n for i in range(n + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-class _BlockedCausalAttention(torch.autograd.Function):
-    """q, k (BH, T, dk), v (BH, T, dv) -> (BH, T, dv), causal; query rows in blocks, each against only
-    the keys up to its last row. Keeps each block's probabilities for the backward (what autograd
-    keeps too) and accumulates the key and value gradients in place, block by block, where
-    autograd would add full-size (BH, T, d) zero-padded gradients per block."""
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        BH, T, _ = q.shape
-        mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-        out = q.new_empty(BH, T, v.shape[-1])
-        probs = []
-        for r0, r1 in _attention_blocks(T):
-            # the mask is added inside the matmul; rows r0..r1 see keys 0..r1
-            s = torch.baddbmm(mask[r0:r1, :r1], q[:, r0:r1], k[:, :r1].transpose(1, 2), alpha=scale)
-            p = torch.softmax(s, dim=-1)  # (BH, r1 - r0, r1)
-            out[:, r0:r1].baddbmm_(p, v[:, :r1], beta=0)
-            probs.append(p)
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, *probs)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, *probs = ctx.saved_tensors
-        g = g.contiguous()
-        dq = torch.empty_like(q)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for (r0, r1), p in zip(_attention_blocks(q.shape[1]), probs):
-            g_block = g[:, r0:r1]  # (BH, n, dv)
-            dv[:, :r1].baddbmm_(p.transpose(1, 2), g_block)
-            dp = torch.bmm(g_block, v[:, :r1].transpose(1, 2))  # (BH, n, r1)
-            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-            dq[:, r0:r1].baddbmm_(ds, k[:, :r1], beta=0, alpha=ctx.scale)
-            dk[:, :r1].baddbmm_(ds.transpose(1, 2), q[:, r0:r1], alpha=ctx.scale)
-        return dq, dk, dv, None
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal softmax attention: q, k (B, H, T, dk), v (B, H, T, dv) -> (B, H, T, dv).
-
-    Off CPU this is F.scaled_dot_product_attention. On CPU, SDPA's flash kernel needs dk == dv (not
-    so in MLA), so it takes the math path: full T x T scores plus mask passes. Here query rows go in
-    blocks of ATTN_BLOCK (_BlockedCausalAttention), so the fully masked upper-right blocks are never
-    computed (5/8 of the score FLOPs at 4 blocks). Same maths; the blocks are a static loop.
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    B, H, T, _ = q.shape
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    qf, kf, vf = (t.reshape(B * H, T, t.shape[-1]).to(dt) for t in (q, k, v))
-    with torch.autocast("cpu", enabled=False):  # one dtype inside, forward and backward
-        return _BlockedCausalAttention.apply(qf, kf, vf, scale).view(B, H, T, -1)
 
 
 class MLACache:
@@ -339,33 +253,6 @@ class MLA(nn.Module):
         return self.wo(y.reshape(B, S, H * self.v_dim))  # (B, S, C)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """w2(silu(w1 x) * w3 x) keeping only x, w1 x and w3 x for the backward: silu(w1 x) and the
-    product are recomputed there (two elementwise passes) instead of held from the forward to the
-    backward, 2 of autograd's 4 (tokens, hidden) tensors per MLP. Same maths; all in one dtype."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-        a, b = F.linear(x, w1), F.linear(x, w3)
-        ctx.save_for_backward(x, w1, w3, w2, a, b)
-        return F.linear(F.silu(a).mul_(b), w2)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x, w1, w3, w2, a, b = ctx.saved_tensors
-        s = F.silu(a)
-        g2 = g.flatten(0, -2)
-        g_w2 = g2.t() @ (s * b).flatten(0, -2)  # (dim, hidden)
-        g_p = g @ w2  # (..., hidden)
-        g_b = g_p * s
-        del s  # (tokens, hidden) each: free before the next one is allocated
-        g_a = torch.ops.aten.silu_backward(g_p.mul_(b), a).flatten(0, -2)
-        g_b = g_b.flatten(0, -2)
-        g_x = torch.addmm(g_a @ w1, g_b, w3).view(x.shape)  # no separate sum of the two
-        x2 = x.flatten(0, -2)
-        return g_x, g_a.t() @ x2, g_b.t() @ x2, g_w2
-
-
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -382,7 +269,7 @@ class MLP(nn.Module):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):  # one dtype inside, forward and backward
             w = (self.w1.weight.to(dt), self.w3.weight.to(dt), self.w2.weight.to(dt))
-            return _SwiGLU.apply(x.to(dt), *w)
+            return SwiGLU.apply(x.to(dt), *w)
 
 
 class Block(nn.Module):
@@ -460,21 +347,6 @@ class MTPModule(nn.Module):
 def _weight_seed(base: int, name: str, expert: int = -1) -> int:
     """A generator seed for one weight (one expert's block of it), the same in every process."""
     return (base * 1_000_003 + zlib.crc32(f"{name}#{expert}".encode())) % 2**63
-
-
-def local_block(weight: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
-    """(the block this process holds, its shape, its offset in the whole weight); a plain tensor
-    is its own block, a DTensor (FSDP2 / expert-parallel shard) its local tensor."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(weight, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(
-            weight.shape, weight.device_mesh, weight.placements
-        )
-        return weight.to_local(), tuple(shape), tuple(offset)
-    return weight, tuple(weight.shape), (0,) * weight.dim()
 
 
 def _fill_normal(weight: Tensor, std: float, seed: int, per_expert: bool) -> None:

@@ -16,7 +16,6 @@ and only turned into Python numbers by MoEBalancer.stats() (runtime/components/b
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from torch import Tensor, nn
 from generated import FIELDS, PATH
 from generated.config import ModelConfig, MoETrainingConfig
 from generated.names import ScoreFunc
+from runtime.distributed.expert_parallel import expert_counts
+from runtime.models.deepseek_v3.kernels import Combine, Dispatch, compute_dtype, run_experts
 
 
 def _default(path: str) -> Any:
@@ -131,13 +132,6 @@ class Router(nn.Module):
         return logits, scores, idx, weights
 
 
-def expert_counts(flat_e: Tensor, n_experts: int) -> Tensor:
-    """(E,) int64 number of entries of flat_e equal to each expert. Like bincount, but with a static
-    output shape, so torch.compile captures it without a graph break."""
-    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_e.device)
-    return counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))
-
-
 def capacity_keep(idx: Tensor, n_seqs: int, n_experts: int, capacity: int) -> Tensor:
     """(N, K) bool mask of the assignments kept: in each sequence, each expert takes its first
     `capacity` assignments in position order (then slot order, i.e. a token's better-ranked experts
@@ -157,276 +151,6 @@ def capacity_keep(idx: Tensor, n_seqs: int, n_experts: int, capacity: int) -> Te
     rank_sorted = torch.arange(N * K, device=idx.device) - starts[group[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
     return (rank < capacity).view_as(idx)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
-@functools.cache
-def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
-    """Probe once per device and dtype: does torch._grouped_mm run forward and backward, and agree
-    with plain matmuls? (CPU takes every float dtype; CUDA kernels may want bf16 and sm80+.)
-    Deterministic inputs: the probe must not consume the seeded RNG."""
-    dev = torch.device(device)
-
-    def make(*shape: int) -> Tensor:
-        n = math.prod(shape)
-        t = torch.arange(n, device=dev, dtype=torch.float32).mul(0.37).sin().view(*shape)
-        return t.to(dtype)
-
-    try:
-        # own (identity) saved-tensor hooks: a probe first reached inside activation checkpointing
-        # must not add its tensors to the checkpointed region's (the recomputation would not)
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autocast(dev.type, enabled=False),
-            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
-        ):
-            x = make(10, 16).requires_grad_(True)
-            w = make(3, 32, 16).requires_grad_(True)
-            offs = torch.tensor([4, 4, 10], dtype=torch.int32, device=dev)  # with an empty group
-            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-            ref = torch.cat([x[:4] @ w[0].T, x[4:] @ w[2].T])
-            g = make(10, 32)
-            got = (y, *torch.autograd.grad(y, (x, w), g))
-            want = (ref, *torch.autograd.grad(ref, (x, w), g))
-            return all(
-                torch.allclose(a.float(), b.float(), rtol=5e-2, atol=5e-2)
-                for a, b in zip(got, want)
-            )
-    except Exception:  # unsupported device, dtype or architecture
-        return False
-
-
-@torch.compiler.assume_constant_result
-def _grouped_mm_probe(device: str, dtype: torch.dtype) -> bool:
-    # under torch.compile the probe runs once at trace time and its answer is a constant of the graph
-    return _grouped_mm_works(device, dtype)
-
-
-def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
-    """Whether to use torch._grouped_mm: it wants 16-byte aligned rows, and a one-off probe per device
-    and dtype decides whether it runs there. (It runs inside the opaque custom ops below, so under
-    torch.compile too, whatever dtype its meta function would accept.)"""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    align = 16 // x.element_size()
-    if any(w.shape[-1] % align or w.shape[-2] % align for w in weights):
-        return False
-    return _grouped_mm_probe(str(x.device), x.dtype)
-
-
-# ----------------------------------------------------------------------------- grouped SwiGLU
-# All experts' SwiGLU as two grouped matmuls, with a hand-written backward. Custom ops, so that
-# torch.compile treats them as opaque kernels (no recompiles on the token counts, no meta-function
-# dtype limits) and the eager step runs no autograd glue between the matmuls. The routing weight of
-# each row scales the activation before the down projection (w2 is linear, so this equals scaling
-# the expert output, on I instead of C columns). Weight gradients come out in the parameters' own
-# layout, so AccumulateGrad keeps them without a copy.
-
-
-@torch.library.custom_op("deepseek_moe::grouped_swiglu", mutates_args=())
-def _grouped_swiglu(
-    xs: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, rw: Tensor
-) -> tuple[Tensor, Tensor]:
-    """xs (M, C) sorted by expert, w13 (E, 2I, C), w2 (E, C, I), offs (E,) int32 row ends, rw (M,)
-    -> y (M, C), and for the backward h = xs w13^T (M, 2I). Only h is kept: the backward recomputes
-    silu(gate) * up from it (two elementwise passes) rather than holding 3 more (M, I) tensors per
-    layer until the backward (12 MB a layer at 8192 rows and I = 256, fp32)."""
-    h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
-    g, u = h.chunk(2, dim=-1)
-    a = F.silu(g).mul_(u).mul_(rw.unsqueeze(1))
-    return torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs), h
-
-
-@_grouped_swiglu.register_fake
-def _(xs: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
-    M, I = xs.shape[0], w2.shape[2]
-    return xs.new_empty(M, w2.shape[1]), xs.new_empty(M, 2 * I)
-
-
-@torch.library.custom_op("deepseek_moe::grouped_swiglu_backward", mutates_args=())
-def _grouped_swiglu_backward(
-    gy: Tensor,
-    xs: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-    offs: Tensor,
-    rw: Tensor,
-    h: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> grads of xs (M, C), w13 (E, 2I, C), w2 (E, C, I), rw (M,)."""
-    gy = gy.contiguous()
-    I = w2.shape[-1]
-    s = F.silu(h[:, :I])  # recomputed from h: s = silu(gate), su = s * up, a = su * rw
-    su = s * h[:, I:]
-    a = su * rw.unsqueeze(1)
-    g_a = torch._grouped_mm(gy, w2, offs=offs)  # (M, I)
-    g_w2 = torch._grouped_mm(gy.t(), a, offs=offs)  # (E, C, I); empty groups get zeros
-    g_rw = torch.linalg.vecdot(g_a, su)  # (M,)
-    g_a.mul_(rw.unsqueeze(1))  # now the grad of su
-    g_h = torch.empty_like(h)
-    torch.mul(g_a, s, out=g_h[:, I:])  # up
-    g_h[:, :I] = torch.ops.aten.silu_backward(g_a.mul_(h[:, I:]), h[:, :I])  # gate
-    g_xs = torch._grouped_mm(g_h, w13, offs=offs)  # (M, C)
-    g_w13 = torch._grouped_mm(g_h.t(), xs, offs=offs)  # (E, 2I, C)
-    return g_xs, g_w13, g_w2, g_rw
-
-
-@_grouped_swiglu_backward.register_fake
-def _(
-    gy: Tensor, xs: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, rw: Tensor, h: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (
-        xs.new_empty(xs.shape),
-        w13.new_empty(w13.shape),
-        w2.new_empty(w2.shape),
-        rw.new_empty(rw.shape),
-    )
-
-
-def _grouped_swiglu_setup(
-    ctx: Any, inputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]
-) -> None:
-    xs, w13, w2, offs, rw = inputs
-    _, h = output
-    ctx.mark_non_differentiable(h)
-    ctx.save_for_backward(xs, w13, w2, offs, rw, h)
-
-
-def _grouped_swiglu_grad(
-    ctx: Any, gy: Tensor, *_: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, None, Tensor]:
-    g_xs, g_w13, g_w2, g_rw = _grouped_swiglu_backward(gy, *ctx.saved_tensors)
-    return g_xs, g_w13, g_w2, None, g_rw
-
-
-_grouped_swiglu.register_autograd(_grouped_swiglu_grad, setup_context=_grouped_swiglu_setup)
-
-
-class _Dispatch(torch.autograd.Function):
-    """Dropless dispatch: xs = x[tok], each token's K copies in expert order (tok = order // K).
-    The backward gathers the copies back with the inverse permutation and sums them (no scatter)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, tok)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
-        (inv,) = ctx.saved_tensors
-        return _unpermute_sum(g, inv, ctx.k), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """Dropless combine, the adjoint of _Dispatch: out[n] = sum over its K rows of ys (fp32)."""
-
-    @staticmethod
-    def forward(ctx: Any, ys: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(tok)
-        ctx.dtype = ys.dtype
-        # summed in ys's dtype (K terms each), then widened: N rows to cast instead of N*K
-        return _unpermute_sum(ys, inv, k).float()
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
-        (tok,) = ctx.saved_tensors
-        return g.index_select(0, tok).to(ctx.dtype), None, None, None
-
-
-def _unpermute_sum(ys: Tensor, inv: Tensor, k: int) -> Tensor:
-    # ys (N*K, C) in expert order -> (N, C): row n sums ys[inv[n*K : n*K + K]]. embedding_bag does
-    # the gather and the sum in one pass (2-3x faster on CPU than index_select + sum)
-    return F.embedding_bag(inv.view(-1, k), ys, mode="sum")
-
-
-# CPU bf16/fp16 matmuls go through oneDNN, which builds (JIT-compiles) a kernel per shape and caches
-# it (1024 entries). Each expert's row count changes with every batch, so the shapes kept changing
-# and a training step paid for new kernels (and fresh memory for them) again and again: 509 ms against
-# 420 ms for a bf16 step of the bench model with a new batch each step. Groups padded with zero rows to
-# a multiple of ROW_QUANTUM take a few dozen shapes that stay cached, for about ROW_QUANTUM / 2 rows of
-# padding per expert (~3% of the expert FLOPs at 256 rows each). fp32 (MKL) and CUDA need none of it.
-ROW_QUANTUM = 16
-
-
-def row_quantum(xs: Tensor) -> int:
-    """The multiple to pad each expert's rows to before the grouped matmuls (1: no padding)."""
-    if xs.device.type == "cpu" and xs.dtype in (torch.bfloat16, torch.float16):
-        return ROW_QUANTUM
-    return 1
-
-
-def _padded_groups_swiglu(
-    xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, rw: Tensor, quantum: int
-) -> Tensor:
-    """_grouped_swiglu with every group padded with zero rows to a multiple of `quantum`: xs (M, C)
-    sorted by expert, counts (E,) -> (M, C). The padded buffer has a fixed size (an upper bound), so
-    there is no host sync; rows past the last group are never computed and never read back."""
-    M, E = xs.shape[0], counts.shape[0]
-    padded = (counts + (quantum - 1)) // quantum * quantum  # (E,)
-    shift = (padded - counts).cumsum(0) - (padded - counts)  # (E,) padded start - real start
-    rows = torch.arange(M, device=xs.device)
-    expert = torch.searchsorted(counts.cumsum(0), rows, right=True)  # (M,) expert of each row
-    dst = rows + shift[expert]  # (M,) each row's place in the padded layout
-    size = M + E * (quantum - 1)
-    xp = xs.new_zeros(size, xs.shape[1]).index_copy(0, dst, xs)  # (size, C)
-    rwp = rw.new_zeros(size).index_copy(0, dst, rw)
-    offs = padded.cumsum(0).to(torch.int32)
-    return _grouped_swiglu(xp, w13, w2, offs, rwp)[0].index_select(0, dst)
-
-
-def run_experts(
-    xs: Tensor,
-    counts: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-    capacity: int | None = None,
-    row_weights: Tensor | None = None,
-) -> Tensor:
-    """SwiGLU of stacked experts w13 (E, 2I, C), w2 (E, C, I) on xs (M, C) sorted by expert, counts
-    (E,) rows each -> (M, C): two grouped matmuls, or a padded bmm where that kernel is unavailable.
-    Shared by Experts (all experts) and runtime/distributed/expert_parallel.py (this process's experts)."""
-    dt = _compute_dtype(xs)
-    xs, w13, w2 = xs.to(dt), w13.to(dt), w2.to(dt)
-    if _grouped_mm_ok(xs, w13, w2):
-        rw = xs.new_ones(xs.shape[0]) if row_weights is None else row_weights.to(dt)
-        quantum = row_quantum(xs)
-        if quantum > 1:
-            return _padded_groups_swiglu(xs, counts, w13, w2, rw, quantum)
-        offs = counts.cumsum(0).to(torch.int32)
-        return _grouped_swiglu(xs, w13, w2, offs, rw)[0]
-    y = _padded_bmm(xs, counts, w13, w2, capacity)
-    return y if row_weights is None else y * row_weights.to(dt).unsqueeze(1)
-
-
-def _padded_bmm(
-    xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor, capacity: int | None
-) -> Tensor:
-    # every expert's rows padded to C slots, then two bmm's; C needs one host sync when dropless
-    M, E = xs.shape[0], w13.shape[0]
-    C = int(counts.max()) if capacity is None else min(capacity, M)
-    C = max(C, 1)
-    starts = counts.cumsum(0) - counts  # (E,)
-    slot = torch.arange(C, device=xs.device)
-    valid = slot[None, :] < counts[:, None]  # (E, C)
-    src = torch.where(valid, starts[:, None] + slot[None, :], M)  # padding reads the zero row
-    xp = torch.cat([xs, xs.new_zeros(1, xs.shape[1])])[src]  # (E, C, C_in)
-    h = torch.bmm(xp, w13.transpose(1, 2))  # (E, C, 2I)
-    g, u = h.chunk(2, dim=-1)
-    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).flatten(0, 1)  # (E*C, C_in)
-    # row r of the sorted input sits in slot r - starts[e] of its expert e
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(E, device=xs.device), counts, output_size=M
-    )
-    row = torch.arange(M, device=xs.device)
-    return y[expert_of_row * C + row - starts[expert_of_row]]
 
 
 FEW_ROWS = 8  # at most this many (token, expert) rows without grad on CPU: Experts.forward_few
@@ -471,7 +195,7 @@ class Experts(nn.Module):
         Each chosen expert's weights are used as views, one token's rows at a time, so only K
         experts are read; the CPU grouped matmul would loop over all E groups, mostly empty. One
         host sync (the chosen experts)."""
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         xd = x.to(dt)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for n, (chosen, scale) in enumerate(zip(idx.tolist(), weights.tolist())):
@@ -580,15 +304,15 @@ class MoE(nn.Module):
             )
             tok = order // K
             # cast before the gather: half the rows to cast, half the bytes to gather (under autocast)
-            xs = _Dispatch.apply(x.to(_compute_dtype(x)), tok, inv, K)  # (N*K, C)
+            xs = Dispatch.apply(x.to(compute_dtype(x)), tok, inv, K)  # (N*K, C)
             ys = self.experts(xs, counts, None, r.weights.flatten()[order])
-            return _Combine.apply(ys, tok, inv, K)  # (N, C) fp32
+            return Combine.apply(ys, tok, inv, K)  # (N, C) fp32
         sel = r.keep.flatten().nonzero().squeeze(1)  # (M,) kept assignments; one host sync
         order = sel[flat_e[sel].argsort(stable=True)]
         counts = expert_counts(flat_e[sel], self.n_experts)
         tok = order // K  # (M,)
         y = self.experts(
-            x.to(_compute_dtype(x))[tok], counts, r.max_rows, r.weights.flatten()[order]
+            x.to(compute_dtype(x))[tok], counts, r.max_rows, r.weights.flatten()[order]
         )
         return torch.zeros(N, x.shape[1], device=x.device, dtype=torch.float32).index_add(
             0, tok, y.float()

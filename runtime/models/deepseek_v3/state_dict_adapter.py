@@ -1,34 +1,22 @@
-"""Hugging Face interop: export to and import from a DeepseekV3ForCausalLM folder.
+"""The Hugging Face state-dict adapter of DeepSeek-V3: names and config mapping, both ways.
 
-A folder is config.json (model_type deepseek_v3) plus model.safetensors (or sharded safetensors with
-model.safetensors.index.json) using the released DeepSeek-V3 key names: per-expert
+A Hugging Face DeepseekV3ForCausalLM folder (read and written by runtime/interop/) holds config.json
+(model_type deepseek_v3) and safetensors under the released DeepSeek-V3 key names: per-expert
 `mlp.experts.{j}.{gate,up,down}_proj.weight` (transformers fuses them into gate_up_proj/down_proj
 on load; fused keys are accepted on import too) and the MTP modules at layer index
 `num_hidden_layers + k` (embed_tokens, enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and
-the block's usual names). DeepSeek's released block-FP8 weights (float8_e4m3fn with a
-`weight_scale_inv` per 128x128 block) are dequantized to float32 on load. Every config.json key
-is used, checked against the one value this model implements (ValueError naming it) or ignored
-(HF_IGNORED, also listed in the spec's model section doc). transformers itself is not imported.
-
-With a tokenizer (every checkpoint of a text corpus has one: bytes or the run's BPE) the folder
-also gets tokenizer.json and tokenizer_config.json, so AutoTokenizer.from_pretrained loads it.
-transformers' DeepseekV3ForCausalLM has no MTP module: it reports the MTP layer's weights as
-UNEXPECTED keys on load and ignores them (harmless; `--no-mtp` writes a folder without them).
-
-`python -m runtime export CHECKPOINT OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB] [--no-mtp]`
--> export_main.
+the block's usual names). Every config.json key is used, checked against the one value this model
+implements (ValueError naming it) or ignored (HF_IGNORED, also listed in the spec's model section
+doc); quantization_config gives the block shape of DeepSeek's FP8 weights (fp8_block).
+transformers itself is not imported.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
 import re
-import sys
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,8 +24,9 @@ from torch import Tensor
 from generated import HF_NAMES, PATH
 from generated.config import ModelConfig
 from generated.names import RopeScaling, ScoreFunc
-from runtime.components.tokenizer import TextCodec
-from runtime.models.deepseek_v3.model import Transformer
+
+if TYPE_CHECKING:
+    from runtime.models.deepseek_v3.model import Transformer
 
 # block-level keys: ours -> HF (relative to layers.{i}. / model.layers.{i}.)
 BLOCK_KEYS = {
@@ -435,241 +424,3 @@ def from_hf_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
         else:  # (E, C, I)
             out[name] = torch.stack([hf[k] for k in recipe[1]])
     return out
-
-
-def dequantize_fp8(
-    w: Tensor,
-    scale_inv: Tensor,
-    block: tuple[int, int],
-    name: str = "",
-    offset: tuple[int, int] = (0, 0),
-) -> Tensor:
-    """DeepSeek's block FP8 -> float32: w (R, C) float8_e4m3fn, each br x bc block times its scale.
-    w may be a block of a larger weight that starts at `offset` (r0, c0); scale_inv then holds the
-    scales of the blocks it touches (rows r0 // br .. (r0 + R - 1) // br, likewise for columns).
-    Edge blocks may be partial."""
-    br, bc = block
-    R, C = w.shape
-    r0, c0 = offset
-    want = (-(-(r0 + R) // br) - r0 // br, -(-(c0 + C) // bc) - c0 // bc)
-    if tuple(scale_inv.shape) != want:
-        whole = "" if offset == (0, 0) else f" at offset {offset}"
-        raise ValueError(
-            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {R}x{C} weight{whole} in "
-            f"{br}x{bc} blocks needs {want}"
-        )
-    s = scale_inv.float().repeat_interleave(br, 0)[r0 % br : r0 % br + R]
-    s = s.repeat_interleave(bc, 1)[:, c0 % bc : c0 % bc + C]
-    return w.float() * s
-
-
-def safetensors_files(folder: str) -> list[str]:
-    """The weight files of a folder: the shards model.safetensors.index.json names, or
-    model.safetensors."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        return ["model.safetensors"]
-    with open(index) as f:
-        return sorted(set(json.load(f)["weight_map"].values()))
-
-
-def read_safetensors(folder: str) -> dict[str, Tensor]:
-    """Every tensor of a folder (model.safetensors, or the shards model.safetensors.index.json
-    names), FP8 weights dequantized with their `weight_scale_inv` to float32."""
-    from safetensors.torch import load_file
-
-    out: dict[str, Tensor] = {}
-    for shard in safetensors_files(folder):
-        out.update(load_file(os.path.join(folder, shard)))
-    scales = [k for k in out if k.endswith(".weight_scale_inv")]
-    if scales or any(t.dtype == torch.float8_e4m3fn for t in out.values()):
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path) as f:
-            block = fp8_block(json.load(f), config_path)
-        for k in scales:
-            w = k[: -len("_scale_inv")]
-            if w not in out:
-                raise KeyError(f"{folder}: {k} has no weight {w}")
-            out[w] = dequantize_fp8(out[w], out.pop(k), block, w)
-        left = [k for k, t in out.items() if t.dtype == torch.float8_e4m3fn]
-        if left:
-            raise KeyError(f"{folder}: FP8 weights without a weight_scale_inv: {left[:5]}")
-    return out
-
-
-def _parse_size(text: str | int) -> int:
-    """'5GB', '200MB', '10KB' or a byte count -> bytes (decimal units, as transformers)."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
-
-
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def export_hf(
-    model: Transformer,
-    out_dir: str,
-    dtype: str = "float32",
-    max_shard_size: str | int = "5GB",
-    tokenizer: TextCodec | None = None,
-    mtp: bool = True,
-) -> None:
-    """write_hf_folder for a model in memory."""
-    write_hf_folder(
-        out_dir, model.config, model.state_dict().items(), dtype, max_shard_size, tokenizer, mtp
-    )
-
-
-def write_hf_folder(
-    out_dir: str,
-    cfg: ModelConfig,
-    tensors: Iterable[tuple[str, Tensor]],
-    dtype: str = "float32",
-    max_shard_size: str | int = "5GB",
-    tokenizer: TextCodec | None = None,
-    mtp: bool = True,
-) -> None:
-    """Write the weights `tensors` ((our name, tensor) pairs of a model of `cfg`; a stack of experts
-    may come as several pairs of consecutive experts, in order) and config.json to
-    out_dir: model.safetensors, or, above max_shard_size bytes, model-0000i-of-0000n.safetensors
-    shards and model.safetensors.index.json. The pairs are taken one at a time and each shard is
-    written when full, so at most one shard and one source tensor are in memory (a sharded
-    checkpoint exports without ever being whole). dtype float32 or bfloat16 (the router's
-    correction bias stays float32, as in DeepSeek's release). The tokenizer's files too when given
-    (a runtime.components.tokenizer.TextCodec). `mtp=False` leaves the MTP modules out (and says
-    num_nextn_predict_layers 0), so transformers loads the folder without UNEXPECTED keys.
-    config.json is written last: a folder without it is no model source."""
-    from safetensors.torch import save_file
-
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype must be float32 or bfloat16, got {dtype!r}")
-    limit = _parse_size(max_shard_size)
-    model_cfg = cfg if mtp else dataclasses.replace(cfg, mtp_depth=0)
-    config = hf_config(model_cfg)  # refuses softmax scoring before writing anything
-    config["torch_dtype"] = config["dtype"] = dtype
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # an earlier export's files would confuse loaders
-        if re.fullmatch(
-            r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json", stale
-        ):
-            os.remove(os.path.join(out_dir, stale))
-        elif re.fullmatch(r"model-\d{5}\.safetensors\.partial", stale):
-            os.remove(os.path.join(out_dir, stale))
-    shards: list[list[str]] = []  # the keys of each shard written
-    shard: dict[str, Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        shards.append(list(shard))
-        name = f"model-{len(shards):05d}.safetensors.partial"
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-        shard.clear()
-
-    experts_written: dict[str, int] = {}  # a stack of experts may come in consecutive pieces
-    for name, t in tensors:
-        if not mtp and name.startswith("mtp."):
-            continue
-        first = 0
-        if is_stacked_experts(name):
-            first = experts_written.get(name, 0)
-            experts_written[name] = first + t.shape[0]
-        for key, v in hf_tensors(name, t, model_cfg, first):
-            keep = (
-                torch.float32 if key.endswith("e_score_correction_bias") else EXPORT_DTYPES[dtype]
-            )
-            v = _stored(v, keep)
-            n = v.numel() * v.element_size()
-            if shard and size + n > limit:  # a tensor above the limit gets a shard of its own
-                flush()
-                size = 0
-            shard[key] = v
-            size += n
-            total += n
-    flush()
-    if len(shards) == 1:
-        os.replace(
-            os.path.join(out_dir, "model-00001.safetensors.partial"),
-            os.path.join(out_dir, "model.safetensors"),
-        )
-    else:
-        weight_map = {}
-        for i, keys in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(
-                os.path.join(out_dir, f"model-{i:05d}.safetensors.partial"),
-                os.path.join(out_dir, name),
-            )
-            weight_map.update({k: name for k in keys})
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            f.write("\n")
-    if tokenizer is not None:
-        tokenizer.save_hf(out_dir, model_max_length=cfg.max_seq_len)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-
-
-def _is_mtp_key(name: str, n_layers: int) -> bool:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return m is not None and int(m[1]) >= n_layers
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from runtime.checkpoint.single_file import CheckpointError
-
-    return (ValueError, KeyError, CheckpointError)
-
-
-# mistakes `python -m runtime export` reports as one line (runtime/cli/console.py)
-USER_ERRORS = _user_errors()
-
-
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime export",
-        description="Write a checkpoint as a Hugging Face DeepseekV3 folder.",
-    )
-    parser.add_argument("checkpoint", help="trainer checkpoint file (or a Hugging Face folder)")
-    parser.add_argument(
-        "out_dir", help="folder to write config.json, the weights and the tokenizer to"
-    )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument(
-        "--max-shard-size", default="5GB", help="shard above this many bytes (5GB, 200MB, 1000)"
-    )
-    parser.add_argument(
-        "--no-mtp",
-        action="store_true",
-        help="leave out the MTP modules (transformers has none and reports their weights as UNEXPECTED keys)",
-    )
-    args = parser.parse_args(argv)
-    from runtime.checkpoint.single_file import CheckpointError
-    from runtime.interop.sources import load_source
-
-    try:
-        if os.path.realpath(args.out_dir) == os.path.realpath(args.checkpoint):
-            raise ValueError(f"{args.out_dir} is the checkpoint itself; export to another folder")
-        source = load_source(args.checkpoint)
-        cfg, tensors = source.tensors()  # one at a time: a sharded checkpoint is never whole
-        write_hf_folder(
-            args.out_dir,
-            cfg,
-            tensors,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            tokenizer=source.tokenizer,
-            mtp=not args.no_mtp,
-        )
-    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
-    with torch.device("meta"):
-        written = Transformer(dataclasses.replace(cfg, mtp_depth=0) if args.no_mtp else cfg)
-    print(f"wrote {args.out_dir} ({written.num_params():,} parameters)")
-    return 0

@@ -1,0 +1,140 @@
+"""Preparing a run, before any component is built: the config settled with the checkpoint it
+resumes (or with init_from's architecture), the resume state, the initial weights and the run
+folder.
+
+  * resume: `checkpointer.resume_from` names a checkpoint, or `latest` takes the newest usable one
+    of the folder's own run (runtime/checkpoint/manager.py: find_resume); the config is reconciled
+    with the one saved in it under the spec's checkpoint policies.
+  * init_from (a fresh run): a model source (runtime/interop/sources.py) whose architecture fills
+    the model section; a model field the run sets explicitly to another value is a config error.
+  * the run folder (main process): claimed for this run before anything is written to it
+    (run_folder.py), and train.log opened in it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from torch import nn
+
+from generated import PATH
+from generated.config import Config
+from generated.names import InitFrom, ResumeFrom
+from generated.parser import (
+    ConfigError,
+    Problem,
+    Resolved,
+    Source,
+    adopt_values,
+    reconcile_with_checkpoint,
+)
+from runtime.checkpoint.format import CheckpointError
+from runtime.checkpoint.manager import find_resume
+from runtime.components import logs
+from runtime.components.lr_schedule import schedule_warnings
+from runtime.distributed.utils import launch_world
+from runtime.interop.sources import UnknownSource, load_source
+from runtime.trainer.run_folder import (
+    claim_for_fresh_start,
+    new_run_id,
+    read_run_id,
+    write_run_file,
+)
+
+
+@dataclass
+class RunSetup:
+    """What a run starts from."""
+
+    config: Config
+    notes: list[str] = field(default_factory=list)  # how the config was reconciled
+    resume_path: str | None = None  # the checkpoint resumed from
+    resume_state: dict[str, Any] | None = None  # its state (a sharded one: metadata only)
+    load_weights: Callable[[nn.Module], None] | None = None  # init_from's weights, fresh runs
+    run_id: str | None = None  # main process only
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume_state is not None
+
+
+def prepare_run(resolved: Resolved) -> RunSetup:
+    """Settle the config, the resume state, the initial weights and (main process) the run
+    folder. `resolved` (from generated.parser.resolve) says which values were set explicitly: the
+    checkpoint policies of the spec use it on resume and for init_from."""
+    _, rank, _ = launch_world()
+    is_main = rank == 0
+    logs.configure(enabled=is_main)
+    checkpointer, out_dir = resolved.config.checkpointer, resolved.config.out_dir
+    folder_run = read_run_id(out_dir) if checkpointer.resume_from == ResumeFrom.LATEST else None
+    path, state = find_resume(checkpointer, run_id=folder_run, warn=logs.log.warning, rank=rank)
+    if state is not None:
+        assert path is not None  # find_resume returns a state with its path
+        resolved, notes = reconcile_with_checkpoint(resolved, state["config"], path)
+        setup = RunSetup(resolved.config, notes, path, state)
+    else:
+        resolved, load_weights = init_from(resolved)
+        setup = RunSetup(resolved.config, load_weights=load_weights)
+    cfg = setup.config
+    if is_main:
+        setup.run_id = claim_run_folder(cfg, setup)
+    if not cfg.evaluator.eval_only:
+        for text in schedule_warnings(cfg.schedule, cfg.training.max_iters):
+            logs.log.warning(f"warning: {text}")
+    return setup
+
+
+def init_from(resolved: Resolved) -> tuple[Resolved, Callable[[nn.Module], None] | None]:
+    """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
+    source runtime/interop/sources.py recognises. The source's architecture fills the model
+    section; a model field this run sets explicitly to another value is a config error."""
+    path = resolved.config.checkpointer.init_from
+    if path == InitFrom.SCRATCH:
+        return resolved, None
+    try:
+        source = load_source(path)
+    except UnknownSource as error:
+        raise CheckpointError(
+            f"{PATH.checkpointer.init_from} must be {InitFrom.SCRATCH!r} or a model source; {error}"
+        ) from None
+    except ValueError as error:  # an unsupported Hugging Face setting, named by its key
+        problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", path, 1))
+        raise ConfigError([problem]) from None
+    fields = {f"{PATH.model.SECTION}.{k}": v for k, v in source.model_fields.items()}
+    return adopt_values(resolved, fields, source.config_file), source.load_weights
+
+
+def claim_run_folder(cfg: Config, setup: RunSetup) -> str:
+    """The run id, after making sure out_dir holds no other run's files (main process only)."""
+    out_dir, state = cfg.out_dir, setup.resume_state
+    assert cfg.checkpointer.save_dir is not None  # a derived default, filled when resolved
+    folder_run = read_run_id(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if cfg.evaluator.eval_only:  # writes one metrics row, claims nothing
+        run_id = (state or {}).get("run_id") or folder_run or new_run_id()
+    elif state is not None:
+        run_id = state.get("run_id") or folder_run or new_run_id()
+        if folder_run is not None and folder_run != run_id and not cfg.overwrite:
+            message = (
+                f"{out_dir} holds run {folder_run}, but checkpoint {setup.resume_path} is of run "
+                f"{run_id}; resume into that run's {PATH.out_dir}, or pass --{PATH.overwrite} true"
+            )
+            raise ConfigError([Problem(PATH.out_dir, message, Source("file", out_dir, 0), "file")])
+        write_run_file(out_dir, run_id)
+    else:
+        # resume_from latest with no checkpoint yet: the folder's own run starts over
+        restart = cfg.checkpointer.resume_from is not None and folder_run is not None
+        removed = claim_for_fresh_start(
+            out_dir, cfg.checkpointer.save_dir, overwrite=cfg.overwrite, restart_same_run=restart
+        )
+        run_id = cast(str, folder_run) if restart else new_run_id()  # restart: folder_run set
+        write_run_file(out_dir, run_id)
+        if removed:
+            logs.log.info(f"removed {len(removed)} files of the previous run in {out_dir}")
+    logs.add_file(os.path.join(out_dir, logs.LOG_NAME))
+    resumed = f", resumed from {setup.resume_path}" if state is not None else ""
+    logs.log.info(f"run {run_id} in {out_dir}{resumed}")
+    return run_id
