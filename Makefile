@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: setup generate check test train bench clean
+.PHONY: setup generate check test test-fast train bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ check: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The tests that are neither slow nor multiprocess (markers in pyproject.toml): under 3 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not multiprocess"
 
 train: setup
 	$(PY) -m runtime train configs/tiny.yaml

@@ -20,6 +20,7 @@ SUITES = (
     "generation_bench",
     "config_bench",
     "fsdp_memory",
+    "data_bench",
 )
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -1,6 +1,6 @@
 """Per-process bytes of weights + gradients + AdamW state: DDP vs FSDP2 on 2 gloo processes.
 
-Counted from the live tensors (runtime/models/deepseek_v3/parallelize.py: state_bytes) right before the first
+Counted from the live tensors (runtime/distributed/data_parallel.py: state_bytes) right before the first
 `optimizer.zero_grad`, i.e. with gradients and optimizer state both allocated; a DTensor counts its
 local shard. `python -m bench.fsdp_memory` prints both and their ratio (also part of `make bench`).
 """

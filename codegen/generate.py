@@ -35,6 +35,7 @@ from .spec import (
     enum_member_name,
     has_constants,
     load_spec,
+    record_fields,
 )
 
 CODEGEN_DIR = Path(__file__).resolve().parent
@@ -89,6 +90,8 @@ def _literal(values: Iterable[object]) -> str:
 
 def _field_view(f: Field, spec: Spec) -> dict[str, Any]:
     annotation = _literal(f.choices) if f.choices is not None else f.type
+    if f.record is not None:
+        annotation = f"list[{f.record.name}]"
     annotation += " | None" if f.nullable else ""
     if f.is_list:
         default_code = (
@@ -107,6 +110,13 @@ def _field_view(f: Field, spec: Spec) -> dict[str, Any]:
             constraints.append(("each item " if f.is_list else "") + f"{symbol} {bound}")
     if f.pattern is not None:
         constraints.append(f.pattern_doc or f"matches `{f.pattern}`")
+    record = None
+    if f.record is not None:
+        record = _record_view(f, spec)
+        keys = ", ".join(
+            f"`{rf['name']}`" + (" (required)" if rf["required"] else "") for rf in record["fields"]
+        )
+        constraints.append(f"each item a mapping of {keys}: see [below](#{record['anchor']})")
     return {
         "name": f.name,
         "path": f.path,
@@ -134,6 +144,33 @@ def _field_view(f: Field, spec: Spec) -> dict[str, Any]:
         "derived": f.derived,
         "pattern": f.pattern,
         "pattern_doc": f.pattern_doc,
+        "required": f.required,
+        "record": record,
+    }
+
+
+def _record_view(f: Field, spec: Spec) -> dict[str, Any]:
+    """A list[record] field's record: its class and fields (for the dataclass, the FIELDS
+    entry, PATH and the docs)."""
+    assert f.record is not None
+    fields = [_field_view(rf, spec) for rf in record_fields(f)]
+    for view in fields:
+        facts = [f"`{view['type_text']}`"]
+        facts.append("required" if view["required"] else f"default `{view['default_yaml']}`")
+        facts += [view["constraint_text"]] if view["constraint_text"] else []
+        view["summary"] = ", ".join(facts)
+    shown = sorted(fields, key=lambda view: not view["required"])[:2]  # required keys first
+    example = ", ".join(f"{view['name']}: {view['name'].upper()}" for view in shown)
+    return {
+        "class_name": f.record.name,
+        "path": f.path,
+        "doc": f.doc,
+        "doc_text": f.doc.replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
+        "title": f"`{f.path}` items",
+        "path_class": ".".join(["PATH", *f.path.split(".")[:-1], f.record.name]),
+        "anchor": f.path.replace(".", "") + "-items",
+        "fields": fields,
+        "flag_example": f"--{f.path} '[{{{example}}}, ...]'",
     }
 
 
@@ -218,9 +255,22 @@ def _item_schema(type_name: str, f: Field) -> dict[str, Any]:
     return schema
 
 
+def _record_schema(f: Field) -> dict[str, Any]:
+    """Schema of one item of a list[record] field: a mapping of exactly the record's keys."""
+    fields = record_fields(f)
+    return {
+        "type": "object",
+        "properties": {rf.name: _field_schema(rf) for rf in fields},
+        "required": [rf.name for rf in fields if rf.required],
+        "additionalProperties": False,
+    }
+
+
 def _json_type(f: Field) -> dict[str, Any]:
     schema: dict[str, Any]
-    if f.is_list:
+    if f.record is not None:
+        schema = {"type": "array", "items": _record_schema(f)}
+    elif f.is_list:
         schema = {"type": "array", "items": _item_schema(f.item_type, f)}
     else:
         schema = _item_schema(f.type, f)
@@ -232,11 +282,10 @@ def _json_type(f: Field) -> dict[str, Any]:
 
 
 def _field_schema(f: Field) -> dict[str, Any]:
-    return {
-        **_json_type(f),
-        "description": f.doc,
-        "default": list(f.default) if f.is_list else f.default,
-    }
+    schema = {**_json_type(f), "description": f.doc}
+    if not f.required:  # a record's field without a default is required instead
+        schema["default"] = list(f.default) if f.is_list else f.default
+    return schema
 
 
 def _schema(spec: Spec, header_text: str) -> str:
@@ -312,13 +361,22 @@ def _path_tree(section: Section) -> dict[str, Any]:
         "name": section.name,
         "path": section.path,
         "fields": [(f.name, f.path) for f in section.fields],
+        "records": [
+            {
+                "class_name": f.record.name,
+                "path": f.path,
+                "fields": [(rf.name, rf.path) for rf in record_fields(f)],
+            }
+            for f in section.fields
+            if f.record is not None
+        ],
         "sections": [_path_tree(child) for child in section.sections],
     }
 
 
 def _constant_classes(spec: Spec) -> list[dict[str, Any]]:
     classes: list[dict[str, Any]] = []
-    for f in spec.fields():
+    for f in [g for parent in spec.fields() for g in [parent, *record_fields(parent)]]:
         values = list(f.choices or ()) + [value for value, _ in f.sentinels]
         if has_constants(f):
             kind = "choices" if f.choices is not None else "special values"
@@ -361,12 +419,14 @@ def render(
         "header_text": header_text,
         "sections": sections,
         "fields": [_field_view(f, spec) for f in spec.fields()],
+        "records": [_record_view(f, spec) for f in spec.record_lists()],
         "aliases": _aliases(spec),
         "alias_versions": sorted(spec.alias_versions.items()),
         "rules": spec.rules,
         "derived": spec.derived,
         "hf_names": [(f.path, f.hf) for f in spec.fields() if f.hf is not None],
-        "class_names": [s["class_name"] for s in sections],
+        "class_names": [s["class_name"] for s in sections]
+        + [f.record.name for f in spec.record_lists() if f.record is not None],
         "constant_classes": _constant_classes(spec),
         "path_tree": _path_tree(spec.root),
         "schema_exceptions": SCHEMA_EXCEPTIONS,

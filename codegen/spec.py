@@ -7,13 +7,22 @@ generated.
 import ast
 import difflib
 import hashlib
+import keyword
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from runtime.configlib import FieldSpec, LineDict, YAMLLoadError, check_value, load_yaml
+from runtime.configlib import (
+    RECORD_LIST,
+    FieldSpec,
+    LineDict,
+    RecordSpec,
+    YAMLLoadError,
+    check_value,
+    load_yaml,
+)
 
 _T = TypeVar("_T")
 
@@ -33,7 +42,22 @@ FIELD_ATTRIBUTES = {
     "hf",
     "sentinels",
     "derived",
+    "record",
+    "fields",
 }
+RECORD_FIELD_ATTRIBUTES = {
+    "name",
+    "type",
+    "default",
+    "doc",
+    "choices",
+    "min",
+    "max",
+    "gt",
+    "pattern",
+    "pattern_doc",
+}
+"""What a record's field may say (it has no old names, policy, derived default or sentinels)."""
 SECTION_ATTRIBUTES = {
     "name",
     "class",
@@ -120,6 +144,19 @@ class Spec:
 
     def fields(self) -> list[Field]:
         return [f for section in self.root.walk() for f in section.fields]
+
+    def record_lists(self) -> list[Field]:
+        """The list[record] fields, in spec order."""
+        return [f for f in self.fields() if f.record is not None]
+
+    def record_fields(self) -> list[Field]:
+        """The fields of every record, in spec order (paths like `data.sources[].weight`)."""
+        return [rf for f in self.record_lists() for rf in record_fields(f)]
+
+
+def record_fields(f: FieldSpec) -> list[Field]:
+    """The fields of a list[record] field's record (none for other fields)."""
+    return [rf for rf in f.record.fields if isinstance(rf, Field)] if f.record else []
 
 
 def _join(prefix: str, name: str) -> str:
@@ -214,27 +251,55 @@ class _Reader:
             return []
         return list(value)
 
-    def read_field(self, node: object, section_path: str, section_policy: str) -> Field | None:
+    def read_field(
+        self,
+        node: object,
+        section_path: str,
+        section_policy: str,
+        record_of: str | None = None,
+    ) -> Field | None:
+        """A field of a section, or of the record of the list[record] field `record_of` (its
+        path), whose path is then `record_of[].name` and whose missing default means required."""
         if not isinstance(node, LineDict):
-            self.error(
-                getattr(node, "line", 0),
-                f"section {section_path or '<root>'}: each field must be a mapping",
-            )
+            where = f"record of {record_of}" if record_of else f"section {section_path or '<root>'}"
+            self.error(getattr(node, "line", 0), f"{where}: each field must be a mapping")
             return None
         name = self.require(node, "name", str, "field")
-        what = f"field {_join(section_path, name or '?')}"
-        self.check_attributes(node, FIELD_ATTRIBUTES, what)
+        path = f"{record_of}[].{name or '?'}" if record_of else _join(section_path, name or "?")
+        what = f"field {path}"
+        if record_of is None:
+            self.check_attributes(node, FIELD_ATTRIBUTES, what)
+        else:
+            for key in node:
+                if key in FIELD_ATTRIBUTES - RECORD_FIELD_ATTRIBUTES:
+                    self.error(
+                        node.key_lines[key],
+                        f"{what}: {key!r} does not apply to a record's field (it may have {', '.join(sorted(RECORD_FIELD_ATTRIBUTES))})",
+                    )
+            self.check_attributes(node, FIELD_ATTRIBUTES | RECORD_FIELD_ATTRIBUTES, what)
+            if name is not None and (not name.isidentifier() or keyword.iskeyword(name)):
+                self.error(
+                    node.key_lines["name"],
+                    f"{what}: a record's field name must be a Python identifier",
+                )
         type_text = self.require(node, "type", str, what) or "str"
         nullable = type_text.endswith("?")
         base = type_text.rstrip("?")
-        if base not in BASE_TYPES:
+        if base == RECORD_LIST and record_of is not None:
+            self.error(
+                node.key_lines["type"],
+                f"{what}: a record's field cannot itself be a {RECORD_LIST} (records do not nest)",
+            )
+            base = "str"
+        elif base not in BASE_TYPES and base != RECORD_LIST:
             self.error(
                 node.key_lines.get("type", node.line),
-                f"{what}: unknown type {type_text!r} (one of {', '.join(sorted(BASE_TYPES))}, optionally with ?)",
+                f"{what}: unknown type {type_text!r} (one of {', '.join(sorted(BASE_TYPES))}, optionally with ?, or {RECORD_LIST})",
             )
             base = "str"
         doc = self.require(node, "doc", str, what) or ""
-        if "default" not in node:
+        required = record_of is not None and "default" not in node
+        if "default" not in node and record_of is None:
             self.error(node.line, f"{what}: missing required attribute 'default'")
         bounds: dict[str, float | None] = {}
         for key in ("min", "max", "gt"):
@@ -255,7 +320,7 @@ class _Reader:
         if choices is not None and not isinstance(choices, list):
             self.error(node.key_lines["choices"], f"{what}: 'choices' must be a list")
             choices = None
-        aliases = self.aliases(node, section_path, what)
+        aliases = self.aliases(node, section_path, what) if record_of is None else []
         hf = node.get("hf")
         if hf is not None and (not isinstance(hf, str) or not hf.isidentifier()):
             self.error(
@@ -263,10 +328,10 @@ class _Reader:
                 f"{what}: 'hf' must be the Hugging Face config.json key (an identifier)",
             )
             hf = None
-        if hf is not None and hf != name:
-            path = _join(section_path, hf)  # the Hugging Face name also loads as an old name
-            self.alias_versions[path] = (self.first_version, None)
-            aliases.append(path)
+        if hf is not None and hf != name and record_of is None:
+            hf_path = _join(section_path, hf)  # the Hugging Face name also loads as an old name
+            self.alias_versions[hf_path] = (self.first_version, None)
+            aliases.append(hf_path)
         sentinels = node.get("sentinels", {})
         if not isinstance(sentinels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in sentinels.items()
@@ -314,10 +379,20 @@ class _Reader:
                     node.key_lines["derived"],
                     f"{what}: a derived default needs a nullable type and default null (null means derived)",
                 )
+        if base == RECORD_LIST:
+            return self.read_record_list(
+                node, what, path, doc, nullable, choices, hf, aliases, section_policy
+            )
+        if "record" in node or "fields" in node:
+            key = "record" if "record" in node else "fields"
+            self.error(
+                node.key_lines[key],
+                f"{what}: 'record' and 'fields' only apply to {RECORD_LIST} fields",
+            )
         result = Field(
             policy=self.policy(node, section_policy, what),
             name=name or "?",
-            path=_join(section_path, name or "?"),
+            path=path,
             type=base,
             nullable=nullable,
             default=node.get("default"),
@@ -333,6 +408,7 @@ class _Reader:
             derived=derived,
             pattern=pattern,
             pattern_doc=pattern_doc,
+            required=required,
         )
         self.derived_lines[result.path] = node.key_lines.get("derived", node.line)
         if "default" in node:
@@ -349,6 +425,86 @@ class _Reader:
                     node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}"
                 )
         return result
+
+    def read_record_list(
+        self,
+        node: LineDict,
+        what: str,
+        path: str,
+        doc: str,
+        nullable: bool,
+        choices: list | None,
+        hf: str | None,
+        aliases: list[str],
+        section_policy: str,
+    ) -> Field:
+        """A list[record] field: its record's class name and fields; the default must be []."""
+        if nullable:
+            self.error(
+                node.key_lines["type"],
+                f"{what}: a {RECORD_LIST} field cannot be nullable (an empty list means none)",
+            )
+        if "default" in node and node["default"] != []:
+            self.error(
+                node.key_lines["default"],
+                f"{what}: the default of a {RECORD_LIST} field must be [] (an empty list)",
+            )
+        for key, value in (("choices", choices), ("hf", hf)):
+            if value is not None:
+                self.error(
+                    node.key_lines[key], f"{what}: {key!r} does not apply to a {RECORD_LIST} field"
+                )
+        policy = self.policy(node, section_policy, what)
+        class_name = node.get("record")
+        if "record" not in node:
+            self.error(
+                node.line,
+                f"{what}: a {RECORD_LIST} field needs 'record': the class name of its items (e.g. DataSource)",
+            )
+            class_name = "?"
+        elif (
+            not isinstance(class_name, str)
+            or not class_name.isidentifier()
+            or not class_name[0].isupper()
+        ):
+            self.error(
+                node.key_lines["record"],
+                f"{what}: 'record' must be a class name (an identifier starting with a capital letter)",
+            )
+            class_name = "?"
+        items = node.get("fields")
+        fields: list[Field] = []
+        if not isinstance(items, list) or not items:
+            self.error(
+                node.key_lines.get("fields", node.line),
+                f"{what}: a {RECORD_LIST} field needs 'fields': a list of the record's fields (at least one)",
+            )
+            items = []
+        lines: dict[str, int] = {}
+        for child in items:
+            parsed = self.read_field(child, "", policy, record_of=path)
+            if parsed is None:
+                continue
+            if parsed.name in lines:
+                self.error(
+                    parsed.line,
+                    f"field {parsed.path}: duplicate name {parsed.name!r} in the record (first declared on line {lines[parsed.name]})",
+                )
+                continue
+            lines[parsed.name] = parsed.line
+            fields.append(parsed)
+        return Field(
+            policy=policy,
+            name=path.rsplit(".", 1)[-1],
+            path=path,
+            type=RECORD_LIST,
+            nullable=False,
+            default=[],
+            doc=" ".join(doc.split()),
+            aliases=tuple(aliases),
+            line=node.line,
+            record=RecordSpec(name=class_name, cls=None, fields=tuple(fields)),
+        )
 
     def read_section(
         self,
@@ -543,6 +699,15 @@ def load_spec(path: str | Path, text: str | bytes | None = None) -> Spec:
                 f"duplicate class name {section.class_name!r} (also line {class_names[section.class_name]})",
             )
         class_names.setdefault(section.class_name, section.line)
+    for f in root_fields(root):
+        if f.record is None or f.record.name == "?":
+            continue
+        if f.record.name in class_names:
+            reader.error(
+                f.line,
+                f"field {f.path}: record class name {f.record.name!r} is taken (also line {class_names[f.record.name]})",
+            )
+        class_names.setdefault(f.record.name, f.line)
 
     field_paths = {f.path for s in root.walk() for f in s.fields}
     section_names = {s.path.split(".")[0] for s in root.walk() if s.path}
@@ -592,14 +757,15 @@ def load_spec(path: str | Path, text: str | bytes | None = None) -> Spec:
             continue
         derived.append(DerivedDefault(f.path, f.derived, code, paths))
     enum_names: dict[str, str] = {}
-    for f in root_fields(root):
+    every_field = [g for parent in root_fields(root) for g in [parent, *record_fields(parent)]]
+    for f in every_field:
         if not has_constants(f):
             continue
         name = enum_class_name(f.name)
         if name in enum_names or name in class_names:
             reader.error(
                 f.line,
-                f"field {f.path}: its constants class {name!r} collides with {enum_names.get(name) or 'a section class'}",
+                f"field {f.path}: its constants class {name!r} collides with {enum_names.get(name) or 'a section or record class'}",
             )
         enum_names[name] = f.path
         for value in list(f.choices or ()) + [value for value, _ in f.sentinels]:

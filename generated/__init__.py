@@ -23,6 +23,7 @@ from .config import (
     DeviceConfig,
     TorchCompilationConfig,
     DistributedConfig,
+    DataSource,
 )
 from .names import CONSTANTS, PATH
 from .parser import (

@@ -4,6 +4,11 @@ special values of the fields that have them.
 
     PATH.training.max_iters        == "training.max_iters"
     ScheduleType.COSINE            == "cosine" (a str: compares and hashes like the value)
+
+The keys of the items of a list[record] field have paths with `[]` for the item
+(`runtime.configlib.item_path` puts an index in):
+
+    PATH.data.DataSource.path == "data.sources[].path"
 """
 
 from enum import StrEnum
@@ -106,6 +111,9 @@ class PATH:
         SECTION = "data"
         dataset = "data.dataset"
         path = "data.path"
+        sources = "data.sources"
+        validation = "data.validation"
+        document_mask = "data.document_mask"
         token_dtype = "data.token_dtype"
         data_dir = "data.data_dir"
         train_split = "data.train_split"
@@ -113,6 +121,13 @@ class PATH:
         tokenizer = "data.tokenizer"
         num_workers = "data.num_workers"
         pin_memory = "data.pin_memory"
+
+        class DataSource:
+            """Paths of the keys of each `data.sources` item (`[]`: any item; `item_path(path, i)` gives item i's)."""
+
+            FIELD = "data.sources"
+            path = "data.sources[].path"
+            weight = "data.sources[].weight"
 
     class evaluator:
         SECTION = "evaluator"
@@ -222,7 +237,7 @@ class TokenDtype(StrEnum):
 
 
 class Tokenizer(StrEnum):
-    """The choices of `data.tokenizer`."""
+    """The special values of `data.tokenizer`."""
 
     BYTES = "bytes"
     BPE = "bpe"

@@ -19,7 +19,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 require_engine(ENGINE_VERSION)
 
 ALIASES = {
@@ -267,19 +267,37 @@ RULES = (
     ),
     Rule(
         check="model.vocab_size >= 256",
-        when="data.dataset != 'bin'",
+        when="data.dataset != 'bin' and len(data.sources) == 0 and data.tokenizer in ('bytes', 'bpe')",
         message="the byte corpora (stdlib, text_dir) need a vocabulary of at least 256",
-        paths=("model.vocab_size", "data.dataset"),
+        paths=("model.vocab_size", "data.dataset", "data.sources", "data.tokenizer"),
         holds=lambda c: c.model.vocab_size >= 256,
-        applies=lambda c: c.data.dataset != "bin",
+        applies=lambda c: c.data.dataset != "bin"
+        and len(c.data.sources) == 0
+        and (c.data.tokenizer in ("bytes", "bpe")),
     ),
     Rule(
         check="data.dataset != 'bin'",
         when="data.tokenizer == 'bpe'",
-        message="a bin corpus is tokens already; it takes the bytes tokenizer",
+        message="a bin corpus is tokens already; it takes the bytes tokenizer or the path of the one that made it",
         paths=("data.dataset", "data.tokenizer"),
         holds=lambda c: c.data.dataset != "bin",
         applies=lambda c: c.data.tokenizer == "bpe",
+    ),
+    Rule(
+        check="len(data.sources) == 0",
+        when="data.tokenizer == 'bpe'",
+        message="bpe trains on a stdlib or text_dir corpus; prepared sources carry their tokenizer",
+        paths=("data.sources", "data.tokenizer"),
+        holds=lambda c: len(c.data.sources) == 0,
+        applies=lambda c: c.data.tokenizer == "bpe",
+    ),
+    Rule(
+        check="len(data.sources) > 0",
+        when="data.validation is not None",
+        message="a validation source goes with data.sources",
+        paths=("data.sources", "data.validation"),
+        holds=lambda c: len(c.data.sources) > 0,
+        applies=lambda c: c.data.validation is not None,
     ),
     Rule(
         check="model.vocab_size <= 65536",

@@ -1,4 +1,5 @@
-"""Fixtures shared by the trainer tests."""
+"""pytest fixtures shared by the tests. Plain shared code (paths, the debug model, running the
+trainer, metrics readers) is in helpers.py, which test modules import: `from helpers import ...`."""
 
 import pytest
 import torch

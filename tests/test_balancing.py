@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
+from helpers import debug_model, training_loss
 from runtime.components.balancer import MoEBalancer
 from runtime.trainer.trainer import router_noise_rng
-from tiny import debug_model, training_loss
 
 
 def test_balance_loss_is_summed_over_moe_layers():

@@ -4,16 +4,14 @@ No timing is asserted."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import debug_model
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, debug_model
 
 
+@pytest.mark.slow
 def test_quick_moe_bench_writes_results(tmp_path):
     out = tmp_path / "results.json"
     subprocess.run(
@@ -125,6 +123,7 @@ def test_checkpointed_blocks_keep_the_gradients():
     assert 0 < saved["wrapped"] < saved["plain"]
 
 
+@pytest.mark.slow
 def test_quick_memory_and_generation_benches(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "results.json"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from generated.parser import ConfigError, load_config, to_saved_dict
+from helpers import TINY_RUN_FLAGS, metrics, run_trainer, trainer_args
 from runtime.checkpoint import single_file as ckpt_mod
 from runtime.checkpoint.format import (
     CheckpointError,
@@ -21,9 +22,9 @@ from runtime.checkpoint.manager import CheckpointManager, find_resume
 from runtime.checkpoint.single_file import atomic_save, load_checkpoint
 from runtime.components.metrics import VOLATILE_KEYS
 from runtime.trainer.trainer import Trainer
-from tiny import TINY_RUN_FLAGS
 
-TINY = TINY_RUN_FLAGS + [
+# short evaluations, two warm-up steps
+FLAGS = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters",
     "2",
     "--schedule.warmup_iters",
@@ -37,18 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(out_dir, data_dir, *extra):
-    return load_config(argv=TINY + ["--out_dir", str(out_dir), "--data.data_dir", data_dir, *extra])
+    return load_config(argv=trainer_args(out_dir, data_dir, *extra, flags=FLAGS))
 
 
 def train(out_dir, data_dir, *extra):
-    trainer = Trainer(config(out_dir, data_dir, *extra))
-    assert trainer.run() == 0
-    return trainer
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_trainer(out_dir, data_dir, *extra, flags=FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +157,7 @@ def test_checkpoint_contents(tmp_path, data_dir):
     assert isinstance(state["metrics"]["best_val_loss"], float)
     best = torch.load(folder / "best.pt", weights_only=True)
     assert best["metrics"]["best_val_loss"] == min(
-        r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r
+        r["val_loss"] for r in metrics(tmp_path / "out") if "val_loss" in r
     )
 
 
@@ -242,7 +236,7 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
     def strip(records):
         return [{k: v for k, v in r.items() if k not in VOLATILE_KEYS} for r in records]
 
-    full, part = strip(read_metrics(tmp_path / "full")), strip(read_metrics(tmp_path / "part"))
+    full, part = strip(metrics(tmp_path / "full")), strip(metrics(tmp_path / "part"))
     assert [r["iter"] for r in part if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert part == full  # losses, MoE stats and val losses, exactly
     a = torch.load(tmp_path / "full" / "checkpoints" / "ckpt_0000006.pt", weights_only=True)[

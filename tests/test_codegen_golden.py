@@ -16,13 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from codegen.generate import render
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CASES_DIR = REPO / "tests" / "data" / "codegen"
 CASES = sorted(p.name for p in CASES_DIR.iterdir() if (p / "spec.yaml").is_file())
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

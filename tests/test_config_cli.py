@@ -4,14 +4,13 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
 from generated import ConfigAliasWarning, load_config
+from helpers import REPO
 from runtime.cli import config as config_cli
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CONFIG_IDS = [p.name for p in CONFIGS]
 

@@ -10,9 +10,9 @@ import pytest
 
 import generated as g
 from codegen.generate import render, write
+from helpers import REPO
 from runtime.cli import config as config_cli
 
-REPO = Path(__file__).resolve().parents[1]
 FEATURES = Path("tests/data/features")
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 

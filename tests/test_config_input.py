@@ -1,22 +1,18 @@
-"""Config input (issue 13): bounded cost for any document, YAML semantics, one message format
+"""Config input: bounded cost for any document, YAML semantics, one message format
 and exit codes, command lines in any order. The hostile documents run in a subprocess that
 reports its own time and peak memory."""
 
-import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
 from bench.hostile_configs import MEMORY_LIMIT_MB, TIME_LIMIT_S, measure, write_hostile_documents
 from generated import ConfigError, load_config, resolve
+from helpers import ENV, REPO
 from runtime.cli import console
 from runtime.configlib import MAX_SHOWN_PROBLEMS
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def test_hostile_documents_cost_bounded_time_and_memory(tmp_path):
@@ -151,6 +147,7 @@ def test_usage_lists_every_command_and_the_exit_codes():
     assert "2   bad input" in usage
 
 
+@pytest.mark.slow
 def test_one_message_format_and_exit_code_for_user_mistakes(tmp_path):
     legacy = run("config", "show", "configs/legacy_deepseek3.yaml")
     assert legacy.returncode == 0 and legacy.stderr.startswith("config: warning: ")

@@ -4,7 +4,6 @@ rejects broken ones. tests/test_schema_agreement.py compares schema and validato
 
 import json
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -12,9 +11,9 @@ import yaml
 
 from generated import ALIASES, FIELDS, RULES, SECTIONS, config_to_dict, dump_yaml, load_config
 from generated.parser import migrate_text
+from helpers import REPO
 from runtime.configlib import load_yaml
 
-REPO = Path(__file__).resolve().parents[1]
 MARKDOWN = (REPO / "generated" / "CONFIG.md").read_text()
 SCHEMA = json.loads((REPO / "generated" / "config.schema.json").read_text())
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -147,7 +146,13 @@ def field_types(schema):
 
 
 def test_schema_has_every_field_with_its_type_and_default():
-    expected = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+    expected = {
+        "int": "integer",
+        "float": "number",
+        "bool": "boolean",
+        "str": "string",
+        "record": "object",
+    }
     for path, spec in FIELDS.items():
         section, _, name = path.rpartition(".")
         node = section_schema(section)["properties"][name]

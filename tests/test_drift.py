@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 COPIED = [
     "spec",
     "codegen",
@@ -84,6 +85,7 @@ def test_make_uses_the_existing_venv(tree):
     assert "codegen.generate --check" in dry.stdout
 
 
+@pytest.mark.slow
 def test_check_passes_on_a_pristine_copy(tree):
     code, output = make(tree, "check")
     assert code == 0, output
@@ -91,6 +93,7 @@ def test_check_passes_on_a_pristine_copy(tree):
     assert "configs/tiny.yaml: ok" in output
 
 
+@pytest.mark.slow
 def test_editing_a_default_is_caught_then_fixed_everywhere(tree):
     spec = tree / "spec" / "config.yaml"
     text = spec.read_text()

@@ -3,15 +3,14 @@
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from generated import load_config
+from helpers import REPO
 from runtime.cli import config as config_cli
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 MODELINE = "# yaml-language-server: $schema=../generated/config.schema.json"
 

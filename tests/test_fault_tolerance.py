@@ -1,7 +1,7 @@
-"""Fault tolerance (issue #5): SIGKILL at any moment, preemption signals, damaged or foreign
+"""Fault tolerance: SIGKILL at any moment, preemption signals, damaged or foreign
 checkpoints, non-finite numbers, disk trouble.
 
-Kills at precise points use the test-only hook of runtime/checkpoint/single_file.py: DEEPSEEK_MOE_FAULT=phase:N
+Kills at precise points use the test-only hook of runtime/utils/faults.py: DEEPSEEK_MOE_FAULT=phase:N
 makes the trainer SIGKILL itself the N-th time it reaches `phase` (step, eval, checkpoint_write,
 checkpoint_rename)."""
 
@@ -13,14 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from test_train import args
 
 from generated.parser import ConfigError, load_config
+from helpers import ENV, PYTHON, REPO, run_trainer, trainer_args
 from runtime.checkpoint import single_file as ckpt_mod
 from runtime.checkpoint.format import CheckpointError, checkpoint_name, step_checkpoints
 from runtime.checkpoint.single_file import TEMP_FILE, TRAILER_LEN, atomic_save, load_checkpoint
@@ -30,9 +29,7 @@ from runtime.trainer.trainer import Trainer
 from runtime.utils import faults
 from runtime.utils.faults import FAULT_ENV, FAULT_PHASES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+LAUNCH_ENV = dict(ENV, PYTHONUNBUFFERED="1")  # the tests read a launch's output while it runs
 MAX_ITERS = 48
 # eval every 3 steps, a step checkpoint every 2 (and best.pt after improving evaluations): kills land
 # at every relative position of steps, evaluations and writes
@@ -51,12 +48,7 @@ CHAIN = (
 TRAINING = re.compile(rb"training steps \d+")  # logged once the loop (and its signal handlers) runs
 
 
-@pytest.fixture(autouse=True)
-def quick(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Launch:
@@ -68,8 +60,8 @@ class Launch:
         Launch.count += 1
         base = f"{out}.{Launch.count}"
         self.stdout_path, self.stderr_path = base + ".out", base + ".err"
-        env = dict(ENV, **({FAULT_ENV: fault} if fault else {}))
-        cmd = [sys.executable, "-m", "runtime", "train", *args(out, data_dir, *CHAIN, *extra)]
+        env = dict(LAUNCH_ENV, **({FAULT_ENV: fault} if fault else {}))
+        cmd = [PYTHON, "-m", "runtime", "train", *trainer_args(out, data_dir, *CHAIN, *extra)]
         with open(self.stdout_path, "wb") as so, open(self.stderr_path, "wb") as se:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=so, stderr=se, env=env)
 
@@ -138,6 +130,8 @@ def reference(tmp_path_factory, data_dir):
 # SIGKILL at any moment
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(
     tmp_path, data_dir, reference
 ):
@@ -188,6 +182,8 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(
 # preemption
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_preemption_signal_finishes_the_step_saves_and_exits_0(tmp_path, data_dir, reference, sig):
     out = str(tmp_path / "run")
@@ -213,12 +209,6 @@ def test_preemption_signal_finishes_the_step_saves_and_exits_0(tmp_path, data_di
 # damaged, foreign and hostile checkpoints
 
 
-def run(out_dir, data_dir, *extra):
-    trainer = Trainer(load_config(argv=args(out_dir, data_dir, *extra)))
-    assert trainer.run() == 0
-    return trainer
-
-
 SMALL = (
     "--checkpointer.save_interval",
     "1",
@@ -232,7 +222,7 @@ SMALL = (
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("good")
-    run(out, data_dir, "--training.max_iters", "1", *SMALL)
+    run_trainer(out, data_dir, "--training.max_iters", "1", *SMALL)
     return str(out / "checkpoints" / checkpoint_name(1))
 
 
@@ -282,9 +272,9 @@ def test_a_pickled_arbitrary_object_is_never_unpickled(tmp_path):
 
 
 def test_latest_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, data_dir, capsys):
-    run(tmp_path / "full", data_dir, "--training.max_iters", "6", *SMALL)
+    run_trainer(tmp_path / "full", data_dir, "--training.max_iters", "6", *SMALL)
     out = tmp_path / "part"
-    run(out, data_dir, "--training.max_iters", "4", *SMALL)
+    run_trainer(out, data_dir, "--training.max_iters", "4", *SMALL)
     folder = out / "checkpoints"
     with open(folder / checkpoint_name(4), "r+b") as f:  # a flipped byte
         f.seek(1000)
@@ -304,14 +294,14 @@ def test_latest_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, dat
     with pytest.raises(CheckpointError, match="checksum mismatch") as error:
         Trainer(
             load_config(
-                argv=args(
+                argv=trainer_args(
                     out, data_dir, "--checkpointer.resume_from", str(folder / checkpoint_name(4))
                 )
             )
         )
     assert checkpoint_name(4) in str(error.value)
     capsys.readouterr()
-    resumed = run(
+    resumed = run_trainer(
         out, data_dir, "--training.max_iters", "6", "--checkpointer.resume_from", "latest", *SMALL
     )
     assert resumed.resumed_from.endswith(checkpoint_name(1))
@@ -327,20 +317,24 @@ def test_latest_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, dat
         with open(path, "r+b") as f:
             f.truncate(100)
     with pytest.raises(CheckpointError, match="none of the 6 step checkpoints"):
-        Trainer(load_config(argv=args(out, data_dir, "--checkpointer.resume_from", "latest")))
+        Trainer(
+            load_config(argv=trainer_args(out, data_dir, "--checkpointer.resume_from", "latest"))
+        )
 
 
 def test_foreign_checkpoints_are_clear_errors(tmp_path, data_dir, good_checkpoint):
     # another architecture: the config error names the field, both values and the file
     other = tmp_path / "other"
-    run(other, data_dir, "--training.max_iters", "1", "--model.dim", "48")
+    run_trainer(other, data_dir, "--training.max_iters", "1", "--model.dim", "48")
     out = tmp_path / "run"
     os.makedirs(out / "checkpoints")
     shutil.copy(
         other / "checkpoints" / checkpoint_name(1), out / "checkpoints" / checkpoint_name(1)
     )
     with pytest.raises(ConfigError) as error:
-        Trainer(load_config(argv=args(out, data_dir, "--checkpointer.resume_from", "latest")))
+        Trainer(
+            load_config(argv=trainer_args(out, data_dir, "--checkpointer.resume_from", "latest"))
+        )
     assert "model.dim" in str(error.value) and str(out / "checkpoints" / checkpoint_name(1)) in str(
         error.value
     )
@@ -352,7 +346,7 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path, data_dir, good_checkpoin
     atomic_save(state, path)
     for flag in ("--checkpointer.resume_from", "--checkpointer.init_from"):
         with pytest.raises(CheckpointError) as error:
-            Trainer(load_config(argv=args(tmp_path / "x", data_dir, flag, path)))
+            Trainer(load_config(argv=trainer_args(tmp_path / "x", data_dir, flag, path)))
         assert path in str(error.value) and key in str(error.value) and "[3, 5]" in str(error.value)
 
 
@@ -404,7 +398,7 @@ def test_nonfinite_stops_naming_the_step_and_saves_nothing_after(
 ):
     poison_from_step(monkeypatch, 2, how)
     out = tmp_path / "o"
-    assert main(args(out, data_dir, "--training.max_iters", "4", *SMALL)) == 1
+    assert main(trainer_args(out, data_dir, "--training.max_iters", "4", *SMALL)) == 1
     err = capsys.readouterr().err
     assert (
         re.search(rf"^train: error: {re.escape(what)}.* at step 3; ", err, re.M)
@@ -416,7 +410,7 @@ def test_nonfinite_stops_naming_the_step_and_saves_nothing_after(
 def test_nonfinite_skip_drops_the_steps(tmp_path, data_dir, monkeypatch):
     poison_from_step(monkeypatch, 2, "grad")
     out = tmp_path / "o"
-    trainer = run(
+    trainer = run_trainer(
         out, data_dir, "--training.max_iters", "4", "--training.nonfinite_loss", "skip", *SMALL
     )
     assert [r.get("skipped", False) for r in run_metrics(out) if "loss" in r] == [
@@ -443,7 +437,7 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     out = tmp_path / "o"
-    assert main(args(out, data_dir, "--training.max_iters", "3", *SMALL)) == 1
+    assert main(trainer_args(out, data_dir, "--training.max_iters", "3", *SMALL)) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("train: error:")]
     assert len(lines) == 1 and "Traceback" not in err
@@ -479,7 +473,7 @@ def test_disk_full_during_a_save_is_one_clear_line_and_keeps_the_old_checkpoints
         "--checkpointer.save_best",
         "false",
     )
-    assert main(args(out, data_dir, *flags)) == 1
+    assert main(trainer_args(out, data_dir, *flags)) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("train: error:")]
     assert "Traceback" not in err and len(lines) == 1
@@ -495,7 +489,7 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, 
     folder = blocker / "sub"  # not writable even by root
     assert (
         main(
-            args(
+            trainer_args(
                 tmp_path / "o",
                 data_dir,
                 "--training.max_iters",

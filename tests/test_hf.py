@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from generated.config import ModelConfig, MoETrainingConfig, MTPTrainingConfig
+from helpers import load_hf, make_model
 from runtime.checkpoint.single_file import atomic_save
 from runtime.cli import export as export_cli
 from runtime.cli import sample as sample_cli
@@ -16,7 +17,6 @@ from runtime.interop.hf_folder import export_hf
 from runtime.interop.sources import load_source
 from runtime.models.deepseek_v3 import state_dict_adapter as hf_mod
 from runtime.models.deepseek_v3.generation import generate
-from runtime.models.deepseek_v3.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,53 +24,6 @@ VARIANTS = {
     "plain_q": dict(q_lora_rank=0),
     "lora_q": dict(q_lora_rank=24, n_shared_experts=2, norm_topk_prob=False, first_k_dense=2),
 }
-
-
-def make_model(**kw):
-    base = dict(
-        vocab_size=256,
-        dim=64,
-        inter_dim=96,
-        moe_inter_dim=32,
-        n_layers=3,
-        first_k_dense=1,
-        n_heads=4,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        max_seq_len=64,
-        rope_theta=500.0,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        top_k=3,
-        n_group=4,
-        topk_group=2,
-        route_scale=2.5,
-        mtp_depth=1,
-    )
-    base.update(kw)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**base))
-    with torch.no_grad():
-        for (
-            p
-        ) in model.parameters():  # larger weights than the init make routing and logits less flat
-            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-        for _, layer in model.moe_layers():
-            layer.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model.eval()
-
-
-def load_hf(folder):
-    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, output_loading_info=True
-    )
-    assert (
-        info["missing_keys"] == set() or info["missing_keys"] == []
-    )  # every HF weight came from the file
-    assert info["mismatched_keys"] == set() or info["mismatched_keys"] == []
-    return model.eval()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -2,7 +2,6 @@
 FP8 weights in sharded safetensors with the MTP layer, and sharded / bf16 export."""
 
 import json
-import math
 import os
 import shutil
 import warnings
@@ -12,6 +11,16 @@ import torch
 
 from generated.config import ModelConfig
 from generated.parser import ConfigError, load_config, resolved_from_config
+from helpers import (
+    RELEASED,
+    REPO,
+    dequantize_loop,
+    load_hf,
+    make_model,
+    quantize_fp8,
+    released,
+    write_release_folder,
+)
 from runtime.cli import export as export_cli
 from runtime.interop.hf_folder import export_hf
 from runtime.interop.safetensors import dequantize_fp8, read_safetensors
@@ -22,15 +31,6 @@ from runtime.models.deepseek_v3.model import Transformer
 from runtime.trainer.prepare import init_from
 
 transformers = pytest.importorskip("transformers")
-from test_hf import load_hf, make_model  # noqa: E402
-
-RELEASED = os.path.join(os.path.dirname(__file__), "data", "deepseek_v3_config.json")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def released():
-    with open(RELEASED) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -72,6 +72,7 @@ def test_released_config_loads_unchanged(tmp_path, monkeypatch):
     from runtime.interop.sources import Source
 
     monkeypatch.setattr(Source, "check_fits", lambda self: None)
+    monkeypatch.setattr(Source, "mtp_modules_with_weights", lambda self: {0})  # as released
     (tmp_path / "r1").mkdir()
     shutil.copy(RELEASED, tmp_path / "r1" / "config.json")
     config = load_config(
@@ -163,30 +164,6 @@ def test_yarn_logits_match_transformers(variant, tmp_path):
 # ----------------------------------------------------------------------------- FP8 / shards / MTP
 
 
-def quantize_fp8(w, block=(128, 128)):
-    """DeepSeek's block FP8: per block scale = amax / 448; returns (fp8 weight, weight_scale_inv)."""
-    R, C = w.shape
-    br, bc = block
-    scale = torch.empty(math.ceil(R / br), math.ceil(C / bc))
-    q = torch.empty(R, C, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            blk = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc]
-            s = blk.abs().max().clamp(min=1e-12) / 448.0
-            scale[i, j] = s
-            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = (blk / s).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def dequantize_loop(q, scale, block=(128, 128)):
-    out = q.float()
-    br, bc = block
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            out[i * br : (i + 1) * br, j * bc : (j + 1) * bc] *= scale[i, j]
-    return out
-
-
 def test_dequantize_partial_edge_blocks():
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
     q, s = quantize_fp8(w)
@@ -196,78 +173,6 @@ def test_dequantize_partial_edge_blocks():
     assert (got - w).abs().max() < 0.07 * w.abs().max()  # e4m3 precision
     with pytest.raises(ValueError, match="blocks needs"):
         dequantize_fp8(q, s[:2], (128, 128), "x.weight")
-
-
-TINY_RELEASE = dict(  # the released config's keys with dimensions small enough for CPU
-    hidden_size=144,
-    intermediate_size=160,
-    moe_intermediate_size=32,
-    num_hidden_layers=2,
-    first_k_dense_replace=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    q_lora_rank=24,
-    kv_lora_rank=16,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    vocab_size=256,
-    max_position_embeddings=64,
-    n_routed_experts=8,
-    num_experts_per_tok=3,
-    n_group=4,
-    topk_group=2,
-    rope_scaling={**released()["rope_scaling"], "original_max_position_embeddings": 16},
-)
-FP8_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight")  # linear layers, as in the release
-
-
-def write_release_folder(tmp_path):
-    """(fp8 folder, dequantized reference folder, dequantized HF tensors) of a random tiny model,
-    in the released layout: 3 shards + index, FP8 linear weights with 128x128 weight_scale_inv,
-    bf16 elsewhere, fp32 correction bias, MTP layer at index num_hidden_layers."""
-    c = {**released(), **TINY_RELEASE}
-    fields = hf_mod.model_fields_from_hf_config(c)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**fields))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-        for _, layer in model.moe_layers():
-            layer.gate.e_score_correction_bias.normal_(0, 0.05)
-    sd = hf_mod.to_hf_state_dict(model)
-    stored, dequant = {}, {}
-    for k, v in sd.items():
-        if k.endswith(FP8_SUFFIXES) and "eh_proj" not in k:
-            q, s = quantize_fp8(v)
-            stored[k], stored[k + "_scale_inv"] = q, s
-            dequant[k] = dequantize_loop(q, s)
-        elif k.endswith("e_score_correction_bias"):
-            stored[k] = dequant[k] = v
-        else:
-            stored[k] = v.to(torch.bfloat16)
-            dequant[k] = stored[k].float()
-    from safetensors.torch import save_file
-
-    fp8 = tmp_path / "fp8"
-    fp8.mkdir()
-    (fp8 / "config.json").write_text(json.dumps(c, indent=2))
-    keys = sorted(stored)
-    weight_map = {}
-    for i, part in enumerate([keys[0::3], keys[1::3], keys[2::3]], start=1):
-        name = f"model-{i:05d}-of-00003.safetensors"
-        save_file({k: stored[k] for k in part}, str(fp8 / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (fp8 / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    ref_config = {k: v for k, v in c.items() if k not in ("quantization_config", "auto_map")}
-    ref_config.update(bos_token_id=None, eos_token_id=None, torch_dtype="float32")
-    (ref / "config.json").write_text(json.dumps(ref_config))
-    save_file(dequant, str(ref / "model.safetensors"), metadata={"format": "pt"})
-    return fp8, ref, dequant
 
 
 def test_release_format_fp8_sharded_with_mtp_samples_like_transformers(tmp_path):

@@ -2,15 +2,15 @@
 key path and location; no other exception escapes and nothing in them is executed."""
 
 import os
-from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import generated as g
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [
     yaml.safe_load((REPO / "configs" / name).read_text())
     for name in ("tiny.yaml", "deepseek_v3.yaml", "legacy_deepseek3.yaml")
@@ -138,6 +138,7 @@ def hostile_text(draw):
     return draw(mutated_document())
 
 
+@pytest.mark.slow
 @settings(
     max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
 )

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from generated.config import ModelConfig
+from helpers import debug_model, debug_model_config, training_loss
 from runtime.models.deepseek_v3.kernels import causal_attention
 from runtime.models.deepseek_v3.model import (
     MLA,
@@ -15,7 +16,6 @@ from runtime.models.deepseek_v3.model import (
     rotary_tables,
 )
 from runtime.models.deepseek_v3.moe import MoE
-from tiny import debug_model, debug_model_config, training_loss
 
 
 def make_model(**kw):

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig
+from helpers import debug_model_config, training_loss
 from runtime.components.balancer import MoEBalancer
 from runtime.models.deepseek_v3 import kernels
 from runtime.models.deepseek_v3 import moe as moe_mod
 from runtime.models.deepseek_v3.model import MLP, Transformer
 from runtime.models.deepseek_v3.moe import MoE, RoutingKnobs, capacity_keep
-from tiny import debug_model_config, training_loss
 
 LOSS = training_loss()
 
@@ -134,7 +134,7 @@ def test_capacity_dropping_in_layer():
 
 def test_token_dropping_is_causal_and_training_only():
     # a whole model with tight capacity: changing tokens after t never changes outputs at or before t
-    from tiny import debug_model
+    from helpers import debug_model
 
     model = debug_model(MoETrainingConfig(drop_tokens=True, capacity_factor=0.5), n_layers=3)
     model.train()
@@ -348,6 +348,8 @@ def _ddp_worker(rank, world, init_file, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_bias_update_all_reduces_loads(tmp_path):
     import torch.multiprocessing as mp
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from generated.config import MoETrainingConfig, MTPTrainingConfig
+from helpers import debug_model_config
 from runtime.components.loss import TrainingLoss
 from runtime.models.deepseek_v3.model import Transformer
 from runtime.models.deepseek_v3.moe import RoutingKnobs
-from tiny import debug_model_config
 
 
 class Model:

@@ -23,9 +23,13 @@ HF_KEYS = {name: path for path, name in HF_NAMES.items()}
 # The same word meaning something other than the config value; each entry says what it is.
 UNRELATED = {
     ("console.py", "default"): "warnings.simplefilter action",
-    ("data.py", "stdlib"): "sysconfig.get_paths() key",
-    ("data.py", "bytes"): "byte count in the corpus cache metadata",
-    ("data.py", "vocab_size"): "key of the BPE cache metadata",
+    ("corpus.py", "stdlib"): "sysconfig.get_paths() key",
+    ("corpus.py", "bytes"): "byte count in the corpus cache metadata",
+    ("corpus.py", "vocab_size"): "key of the BPE cache metadata",
+    ("prepare.py", "bytes"): "byte count of an input in the dataset manifest",
+    ("prepare.py", "vocab_size"): "key of the dataset manifest's tokenizer record",
+    ("data.py", "vocab_size"): "key of the dataset manifest's tokenizer record (data inspect)",
+    ("mixture.py", "vocab_size"): "key of the dataset manifest's tokenizer record",
     ("state_dict_adapter.py", "float32"): "storage dtype of an export (config.json torch_dtype)",
     ("state_dict_adapter.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",
     ("state_dict_adapter.py", "default"): "Hugging Face rope_type of unscaled rotary embeddings",

@@ -6,11 +6,10 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from pathlib import Path
 
+from helpers import REPO
 from runtime.cli import main as cli
 
-REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 

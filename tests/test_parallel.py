@@ -9,12 +9,21 @@ import warnings
 
 import pytest
 import torch
-from test_train import ENV, PYTHON, REPO, args, free_port, losses, metrics
 
 from generated.parser import load_config
+from helpers import (
+    ENV,
+    PYTHON,
+    REPO,
+    free_port,
+    losses,
+    metrics,
+    run_trainer,
+    trainer_args,
+    write_release_folder,
+)
 from runtime.cli.plan import main as plan_main
 from runtime.models.deepseek_v3.cost import count_params
-from runtime.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,9 +45,9 @@ def torchrun(n, out, data_dir, *extra, env=None, check=True):
     cmd = [
         PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "runtime", "train", *args(out, data_dir, *COMMON, *DIST, *extra),
+        "-m", "runtime", "train", *trainer_args(out, data_dir, *COMMON, *DIST, *extra),
     ]  # fmt: skip
-    run_env = dict(ENV, PYTHONPATH=REPO, **(env or {}))
+    run_env = dict(ENV, **(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=run_env)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,9 +55,7 @@ def torchrun(n, out, data_dir, *extra, env=None, check=True):
 
 
 def one_process(out, data_dir, *extra):
-    trainer = Trainer(load_config(argv=args(out, data_dir, *COMMON, *extra)))
-    assert trainer.run() == 0
-    return trainer
+    return run_trainer(out, data_dir, *COMMON, *extra)
 
 
 def assert_same_losses(got, want, keys=("loss", "main_loss", "grad_norm", "val_loss")):
@@ -100,6 +107,8 @@ LAYOUTS = {  # fmt: skip
 }
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_one_process(layout, reference, tmp_path, data_dir):
     n, flags = LAYOUTS[layout]
@@ -120,6 +129,8 @@ def test_layout_matches_one_process(layout, reference, tmp_path, data_dir):
         torch.testing.assert_close(sharded["model"][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resharding_resume_2_to_1_and_1_to_2(reference, tmp_path, data_dir):
     # saved by 2 FSDP processes at step 5, resumed on 1 process
     torchrun(2, tmp_path / "a", data_dir, "--system.distributed.dp_shard", "2",
@@ -135,6 +146,8 @@ def test_resharding_resume_2_to_1_and_1_to_2(reference, tmp_path, data_dir):
     assert_same_losses(tmp_path / "b", reference)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_rank_killed_during_sharded_save_resumes_from_previous(reference, tmp_path, data_dir):
     flags = ("--system.distributed.dp_shard", "2", "--checkpointer.save_interval", "5",
              "--checkpointer.save_best", "false")  # fmt: skip
@@ -163,6 +176,8 @@ def test_rank_killed_during_sharded_save_resumes_from_previous(reference, tmp_pa
         read_checkpoint(str(folder / "ckpt_0000005"))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fsdp_state_bytes_at_most_055_of_ddp(tmp_path, data_dir):
     """Weights + gradients + AdamW state per process, from live tensors (bench/fsdp_memory.py)."""
     from bench.fsdp_memory import measure
@@ -238,9 +253,7 @@ def probe(config, *flags, n=2):
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         os.path.join(REPO, "tests", "peak_rss_probe.py"), str(config), *flags,
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO)
-    )
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == n, proc.stdout
@@ -256,13 +269,13 @@ def sharded_checkpoint(tmp_path_factory, data_dir):
     return out / "checkpoints" / "ckpt_0000002"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_init_from_fills_each_process_shards_exactly(
     reference, sharded_checkpoint, tmp_path, data_dir
 ):
     # every kind of source into a model sharded by FSDP2 or expert parallelism, built on the meta
     # device: each process reads only its blocks; gathered, the weights are the source's, bit for bit
-    from test_hf_release import write_release_folder
-
     fp8_folder, _, _ = write_release_folder(tmp_path)  # block FP8, 3 shards, MTP layer
     config = tmp_path / "init.yaml"
     config.write_text("seed: 7\n")  # the architecture comes from each source
@@ -286,6 +299,8 @@ BIG = ("--model.dim", "1024", "--model.n_layers", "6", "--model.n_heads", "8", "
        "--model.n_routed_experts", "64", "--model.moe_inter_dim", "512")  # 2.3 GB of fp32 weights  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
     # built on the meta device, then each process fills only its shards: a 2.3 GB model on 2 processes
     # peaks at its 1.2 GB half plus the interpreter (~1.5 GB here); built whole first it peaked at 2.9
@@ -296,6 +311,8 @@ def test_sharded_weights_are_never_whole_in_one_process(tmp_path):
         assert r["peak_rss_mb"] < r["model_weights_mb"], r  # whole weights alone would exceed it
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_float16_under_expert_parallel_and_fsdp2_matches_one_process(tmp_path, data_dir):
     # float16 autocast with its gradient scaler on a sharded layout: the losses are one process's
     fp16 = ("--system.device.dtype", "float16", "--sample.max_new_tokens", "0")
@@ -308,6 +325,8 @@ def test_float16_under_expert_parallel_and_fsdp2_matches_one_process(tmp_path, d
     assert_same_losses(got, want)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_float16_scaler_skips_on_every_process_when_one_block_overflows():
     # under FSDP2 each process sees only its blocks of the gradients: the inf/NaN verdict is
     # all-reduced, so an overflow in rank 1's block alone skips the step everywhere (a process
@@ -315,15 +334,14 @@ def test_the_float16_scaler_skips_on_every_process_when_one_block_overflows():
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "sharded_scaler_probe.py")]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO)
-    )
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(not r["changed"] and r["scale"] == 2.0**15 for r in reports), reports
 
 
+@pytest.mark.multiprocess
 def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_checkpoint, tmp_path):
     # export reads a stack of experts a few experts at a time: each box is read from the saved
     # shards it overlaps and no others (FSDP2 over 2 processes: rank 0 saved experts 0-1)
@@ -347,6 +365,7 @@ def test_a_box_of_a_sharded_folder_reads_only_the_shards_it_overlaps(sharded_che
         w[1:3]  # expert 2 is in the missing shard
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("piece_bytes", [512 << 20, 1], ids=["whole-stacks", "expert-by-expert"])
 def test_export_of_a_sharded_folder_streams_its_tensors(
     sharded_checkpoint, tmp_path, monkeypatch, piece_bytes
@@ -375,6 +394,8 @@ def test_export_of_a_sharded_folder_streams_its_tensors(
     assert export_main([str(out), str(out)]) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sample_under_torchrun_shards_the_model_and_draws_what_one_process_draws(
     reference, sharded_checkpoint, tmp_path
 ):
@@ -388,7 +409,7 @@ def test_sample_under_torchrun_shards_the_model_and_draws_what_one_process_draws
                "--prompt", "def", "--max-new-tokens", "12", "--json", *extra]  # fmt: skip
         proc = subprocess.run(
             cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-            env=dict(ENV, PYTHONPATH=REPO),
+            env=ENV,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -406,11 +427,13 @@ def test_sample_under_torchrun_shards_the_model_and_draws_what_one_process_draws
     # a split the launch cannot make is one message, before any process group
     proc = subprocess.run(
         [PYTHON, "-m", "runtime", "sample", str(checkpoint_file), "--expert-parallel", "2"],
-        cwd=REPO, capture_output=True, text=True, env=dict(ENV, PYTHONPATH=REPO),
+        cwd=REPO, capture_output=True, text=True, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 1 and "needs several processes: launch with torchrun" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tmp_path):
     # the same 2.3 GB model as a bf16 Hugging Face folder (1.2 GB in 300 MB shards), init_from into 2
     # FSDP processes: each reads only its rows of each weight (1.7 GB peak RSS per process here;
@@ -439,7 +462,7 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     proc = subprocess.run(
         [PYTHON, "-c", measure, str(tmp_path / "hf"), str(tmp_path / "again"),
          "--dtype", "bfloat16", "--max-shard-size", "300MB"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO),
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = int(proc.stdout.split()[-1]) / 1024
@@ -453,7 +476,7 @@ def test_init_from_export_and_sample_of_a_release_folder_hold_no_second_model(tm
     )
     proc = subprocess.run(
         [PYTHON, "-c", measure, str(tmp_path / "hf")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(ENV, PYTHONPATH=REPO),
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = int(proc.stdout.split()[-1]) / 1024

@@ -105,7 +105,7 @@ def test_rope_scaling_choices_change_the_model():
     # transformers in tests/test_hf_release.py)
     import torch
 
-    from tiny import debug_model
+    from helpers import debug_model
 
     tokens = torch.arange(24).view(2, 12)
     outputs = []

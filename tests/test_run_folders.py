@@ -11,46 +11,34 @@ import pytest
 
 from generated.config import LRScheduleConfig
 from generated.parser import ConfigError, load_config
+from helpers import TINY_RUN_FLAGS, metrics, run_trainer, trainer_args
 from runtime.checkpoint.single_file import load_checkpoint
 from runtime.cli.train import main
 from runtime.components.data import DataError
 from runtime.components.lr_schedule import lr_at, schedule_warnings
 from runtime.trainer.trainer import Trainer
-from tiny import TINY_RUN_FLAGS
 
-TINY = TINY_RUN_FLAGS + [
+# short evaluations, a log line every step, and two steps unless a test says otherwise
+FLAGS = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters",
     "1",
     "--schedule.warmup_iters",
     "1",
     "--training.log_interval",
     "1",
+    "--training.max_iters",
+    "2",
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(out_dir, data_dir, *extra):
-    return TINY + [
-        "--out_dir",
-        str(out_dir),
-        "--data.data_dir",
-        data_dir,
-        "--training.max_iters",
-        "2",
-        *extra,
-    ]
+    return trainer_args(out_dir, data_dir, *extra, flags=FLAGS)
 
 
 def run(out_dir, data_dir, *extra):
-    trainer = Trainer(load_config(argv=args(out_dir, data_dir, *extra)))
-    assert trainer.run() == 0
-    return trainer
-
-
-def rows(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_trainer(out_dir, data_dir, *extra, flags=FLAGS)
 
 
 def test_second_run_into_a_used_folder_is_a_config_error(tmp_path, data_dir, capsys):
@@ -81,7 +69,9 @@ def test_second_run_into_a_used_folder_is_a_config_error(tmp_path, data_dir, cap
     )
     second = json.loads((out / "run.json").read_text())["run_id"]
     assert second != first.run_id
-    assert {r["run_id"] for r in rows(out)} == {second} and max(r["iter"] for r in rows(out)) == 1
+    assert {r["run_id"] for r in metrics(out)} == {second} and max(
+        r["iter"] for r in metrics(out)
+    ) == 1
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt_0000001.pt"]
     assert first.run_id not in (out / "train.log").read_text()
 
@@ -143,9 +133,9 @@ def test_latest_resumes_only_the_folders_run(tmp_path, data_dir, capsys):
         "3",
     )
     assert resumed.step == 3 and resumed.run_id == a.run_id
-    assert {r["run_id"] for r in rows(tmp_path / "a")} == {a.run_id}
-    assert [r["elapsed_s"] for r in rows(tmp_path / "a")] == sorted(
-        r["elapsed_s"] for r in rows(tmp_path / "a")
+    assert {r["run_id"] for r in metrics(tmp_path / "a")} == {a.run_id}
+    assert [r["elapsed_s"] for r in metrics(tmp_path / "a")] == sorted(
+        r["elapsed_s"] for r in metrics(tmp_path / "a")
     )
 
 
@@ -156,7 +146,7 @@ def test_resume_latest_before_the_first_checkpoint_restarts_the_same_run(tmp_pat
         os.unlink(out / "checkpoints" / name)
     again = run(out, data_dir, "--checkpointer.resume_from", "latest")
     assert again.resumed_from is None and again.run_id == first.run_id
-    assert [r["iter"] for r in rows(out) if "loss" in r] == [1, 2]  # started over, no duplicates
+    assert [r["iter"] for r in metrics(out) if "loss" in r] == [1, 2]  # started over, no duplicates
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -222,7 +212,7 @@ def test_lr_decay_iters_follows_max_iters(tmp_path, data_dir):
 
 
 def test_schedule_that_does_not_fit_the_run_warns(tmp_path, data_dir, capsys):
-    # the case: a 30-step run with the default 50 warm-up steps never leaves warm-up
+    # a 30-step run with the default 50 warm-up steps never leaves warm-up
     warnings = schedule_warnings(schedule("--training.max_iters", "30"), 30)
     assert len(warnings) == 1 and "never leaves warm-up" in warnings[0]
     ends_early = schedule_warnings(LRScheduleConfig(warmup_iters=5, lr_decay_iters=20), 30)

@@ -1,4 +1,5 @@
-"""One test per discrepancy of the seed analysis (/work/shared/seed/config-discrepancies.md, §1-§9).
+"""One test per discrepancy (§1-§9) of the user's analysis of the old trainer's config
+discrepancies (shared/seed/config-discrepancies.md).
 
 Each test loads YAML written the way the old trainer's files were and checks the reconciled
 behaviour: the missing fields exist with defaults, the old names load into the canonical fields
@@ -7,7 +8,6 @@ with a warning naming the canonical key, and the moved keys land in their new se
 
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +26,7 @@ from generated import (
     WandbConfig,
     load_config,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def load_with_warnings(text, **kwargs):

@@ -6,13 +6,11 @@ Each bad spec below marks the line the error must point at with `# <-`.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from codegen.spec import SpecError, load_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 GOOD = """\
 version: 1

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from generated.parser import ConfigError, load_config
+from helpers import TINY_RUN_FLAGS, debug_model, trainer_args
 from runtime.cli import export as export_cli
 from runtime.cli import sample as sample_cli
-from runtime.components.data import load_corpus
+from runtime.components.data.corpus import load_corpus
 from runtime.components.tokenizer import TextCodec
 from runtime.interop.hf_folder import export_hf
 from runtime.models.deepseek_v3.generation import filter_logits, generate
 from runtime.trainer.trainer import Trainer, complete
-from tiny import TINY_RUN_FLAGS, debug_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = "héllo wörld\n  def f(x):\n\treturn x * 2  # 🙂\n"
@@ -119,12 +119,12 @@ def text_corpus(tmp_path_factory):
 
 
 def bpe_args(out, text_corpus, data_dir, *extra):
-    return TINY_RUN_FLAGS + [
-        "--out_dir", str(out), "--data.data_dir", data_dir, "--data.dataset", "text_dir", "--data.path", text_corpus,
+    return trainer_args(
+        out, data_dir, "--data.dataset", "text_dir", "--data.path", text_corpus,
         "--data.tokenizer", "bpe", "--model.vocab_size", "320", "--training.max_iters", "2",
         "--schedule.warmup_iters", "1", "--evaluator.eval_iters", "1", "--model.mtp_depth", "1",
-        "--sample.max_new_tokens", "6", *extra,
-    ]  # fmt: skip
+        "--sample.max_new_tokens", "6", *extra, flags=TINY_RUN_FLAGS,
+    )  # fmt: skip
 
 
 def test_bpe_trains_caches_and_goes_through_training_and_export(
@@ -200,10 +200,8 @@ def test_bpe_trains_caches_and_goes_through_training_and_export(
 
 
 def test_byte_runs_export_a_byte_tokenizer(tmp_path, data_dir):
-    args = TINY_RUN_FLAGS + [
-        "--out_dir",
-        str(tmp_path / "o"),
-        "--data.data_dir",
+    args = trainer_args(
+        tmp_path / "o",
         data_dir,
         "--training.max_iters",
         "1",
@@ -211,7 +209,8 @@ def test_byte_runs_export_a_byte_tokenizer(tmp_path, data_dir):
         "1",
         "--schedule.warmup_iters",
         "0",
-    ]
+        flags=TINY_RUN_FLAGS,
+    )
     trainer = Trainer(load_config(argv=args))
     assert trainer.codec.kind == "bytes"
     export_hf(trainer.model, str(tmp_path / "hf"), tokenizer=trainer.codec)

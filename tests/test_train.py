@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,60 +15,20 @@ import pytest
 import torch
 
 from generated.parser import load_config
+from helpers import ENV, PYTHON, REPO, free_port, losses, metrics, run_trainer, trainer_args
 from runtime.cli.train import main
 from runtime.components.data import DataError
 from runtime.distributed import precision
 from runtime.distributed.layout import SystemConfigError
 from runtime.trainer.trainer import NonFiniteLossError, Trainer
-from tiny import TINY_RUN_FLAGS
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-TINY = TINY_RUN_FLAGS + [
-    "--evaluator.eval_iters",
-    "2",
-    "--schedule.warmup_iters",
-    "1",
-    "--schedule.lr_decay_iters",
-    "20",
-    "--training.log_interval",
-    "1",
-]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def args(out_dir, data_dir, *extra):
-    return TINY + ["--out_dir", str(out_dir), "--data.data_dir", data_dir, *extra]
-
-
-def run(out_dir, data_dir, *extra):
-    trainer = Trainer(load_config(argv=args(out_dir, data_dir, *extra)))
-    assert trainer.run() == 0
-    return trainer
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out_dir, key="loss"):
-    return [r[key] for r in metrics(out_dir) if key in r]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_run_writes_every_output(tmp_path, data_dir):
     out = tmp_path / "out"
     cmd = [
@@ -78,7 +37,7 @@ def test_cli_run_writes_every_output(tmp_path, data_dir):
         "runtime",
         "train",
         os.path.join(REPO, "configs", "tiny.yaml"),
-        *args(out, data_dir),
+        *trainer_args(out, data_dir),
         "--training.max_iters",
         "4",
         "--evaluator.eval_interval",
@@ -99,7 +58,7 @@ def test_cli_run_writes_every_output(tmp_path, data_dir):
     ]
     assert len(step_lines) == 2
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| eta 0:00",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 4/4 \| loss \d+\.\d{4} \(main \d+\.\d{4}\) \| lr \S+ \| [\d,]+ tok/s \| eta 0:00",
         step_lines[-1],
     ), step_lines[-1]
     # train.log holds the same lines as the console (stdout and stderr), timestamps included
@@ -162,9 +121,9 @@ def test_same_seed_same_losses(tmp_path, data_dir):
         "--evaluator.eval_interval",
         "3",
     )
-    run(tmp_path / "a", data_dir, *extra)
-    run(tmp_path / "b", data_dir, *extra)
-    run(tmp_path / "c", data_dir, *extra, "--seed", "7")
+    run_trainer(tmp_path / "a", data_dir, *extra)
+    run_trainer(tmp_path / "b", data_dir, *extra)
+    run_trainer(tmp_path / "c", data_dir, *extra, "--seed", "7")
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert losses(tmp_path / "a", "val_loss") == losses(tmp_path / "b", "val_loss")
     assert losses(tmp_path / "a") != losses(tmp_path / "c")
@@ -172,7 +131,7 @@ def test_same_seed_same_losses(tmp_path, data_dir):
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
     # accum 2 x batch 1 reads the same windows as accum 1 x batch 2
-    run(
+    run_trainer(
         tmp_path / "acc",
         data_dir,
         "--training.max_iters",
@@ -184,7 +143,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
         "--evaluator.eval_interval",
         "3",
     )
-    run(
+    run_trainer(
         tmp_path / "big",
         data_dir,
         "--training.max_iters",
@@ -201,19 +160,19 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
 
 
 def test_grad_clip_zero_disables_clipping(tmp_path, data_dir):
-    run(tmp_path / "o", data_dir, "--training.max_iters", "1", "--optimizer.grad_clip", "0")
+    run_trainer(tmp_path / "o", data_dir, "--training.max_iters", "1", "--optimizer.grad_clip", "0")
     assert "grad_norm" not in metrics(tmp_path / "o")[0]
 
 
 def test_eval_only(tmp_path, data_dir, capsys):
-    assert main(args(tmp_path / "o", data_dir, "--evaluator.eval_only", "true")) == 0
+    assert main(trainer_args(tmp_path / "o", data_dir, "--evaluator.eval_only", "true")) == 0
     records = metrics(tmp_path / "o")
     assert len(records) == 1 and records[0]["iter"] == 0 and records[0]["val_loss"] > 5
     assert not os.path.exists(tmp_path / "o" / "checkpoints")
 
 
 def test_multi_phase_reports_phases(tmp_path, data_dir):
-    run(
+    run_trainer(
         tmp_path / "o",
         data_dir,
         "--training.max_iters",
@@ -234,7 +193,7 @@ def test_multi_phase_reports_phases(tmp_path, data_dir):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_autocast_dtypes(tmp_path, data_dir, dtype):
-    trainer = run(
+    trainer = run_trainer(
         tmp_path / "o", data_dir, "--training.max_iters", "2", "--system.device.dtype", dtype
     )
     assert trainer.scaler.is_enabled() == (dtype == "float16")
@@ -250,7 +209,7 @@ def test_low_precision_on_a_cpu_without_native_matmul_warns(
     monkeypatch.setattr(precision, "cpu_native_matmul", lambda dtype: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run(
+        run_trainer(
             tmp_path / "o",
             data_dir,
             "--training.max_iters",
@@ -279,14 +238,16 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
         return trainer
 
     trainer = poisoned(
-        Trainer(load_config(argv=args(tmp_path / "stop", data_dir, "--training.max_iters", "3")))
+        Trainer(
+            load_config(argv=trainer_args(tmp_path / "stop", data_dir, "--training.max_iters", "3"))
+        )
     )
     with pytest.raises(NonFiniteLossError, match="step 2"):
         trainer.run()
     trainer = poisoned(
         Trainer(
             load_config(
-                argv=args(
+                argv=trainer_args(
                     tmp_path / "skip",
                     data_dir,
                     "--training.max_iters",
@@ -321,11 +282,11 @@ def test_launch_errors(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemConfigError, match="system.distributed.enabled"):
-        Trainer(load_config(argv=args(tmp_path / "o", data_dir)))
+        Trainer(load_config(argv=trainer_args(tmp_path / "o", data_dir)))
     with pytest.raises(DataError, match="gradient_accumulation_steps"):
         Trainer(
             load_config(
-                argv=args(
+                argv=trainer_args(
                     tmp_path / "o",
                     data_dir,
                     "--system.distributed.enabled",
@@ -337,6 +298,8 @@ def test_launch_errors(tmp_path, data_dir, monkeypatch):
         )
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_two_processes_match_one(tmp_path, data_dir):
     common = (
         "--training.max_iters",
@@ -348,7 +311,7 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir):
         "--checkpointer.save_interval",
         "0",
     )
-    run(tmp_path / "one", data_dir, *common)
+    run_trainer(tmp_path / "one", data_dir, *common)
     cmd = [
         PYTHON,
         "-m",
@@ -362,7 +325,7 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir):
         "-m",
         "runtime",
         "train",
-        *args(
+        *trainer_args(
             tmp_path / "two",
             data_dir,
             *common,
@@ -398,7 +361,7 @@ def test_wandb_offline(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     out = tmp_path / "o"
-    run(
+    run_trainer(
         out,
         data_dir,
         "--training.max_iters",
@@ -443,13 +406,13 @@ def test_wandb_offline(tmp_path, data_dir, monkeypatch):
 
 def test_wandb_missing_is_a_clear_error_before_training(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-    assert main(args(tmp_path / "o", data_dir, "--wandb.enabled", "true")) == 1
+    assert main(trainer_args(tmp_path / "o", data_dir, "--wandb.enabled", "true")) == 1
     assert "wandb" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
 
 
 def test_val_loss_falls(tmp_path, data_dir):
-    run(
+    run_trainer(
         tmp_path / "o",
         data_dir,
         "--training.max_iters",
@@ -480,7 +443,7 @@ def test_val_loss_falls(tmp_path, data_dir):
 
 def shrink_flags(path, out_dir, data_dir):
     cfg = load_config(path)
-    flags = args(
+    flags = trainer_args(
         out_dir,
         data_dir,
         "--model.vocab_size",
@@ -531,7 +494,14 @@ def test_there_are_example_configs():
     assert load_config(os.path.join(REPO, "configs", COMPILED_CONFIG)).system.compile.compile
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path",
+    [  # compiling takes long on CPU
+        pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) == COMPILED_CONFIG else p
+        for p in CONFIGS
+    ],
+    ids=os.path.basename,
+)
 def test_example_config_runs(path, tmp_path, data_dir):
     trainer = Trainer(load_config(path, argv=shrink_flags(path, tmp_path, data_dir)))
     assert trainer.run() == 0
@@ -571,7 +541,7 @@ class FakeFloat16Scaler:
 def test_bias_moves_only_on_applied_steps(tmp_path, data_dir):
     trainer = Trainer(
         load_config(
-            argv=args(
+            argv=trainer_args(
                 tmp_path / "o",
                 data_dir,
                 "--training.nonfinite_loss",

@@ -1,16 +1,12 @@
 """Checkpoint policies of the spec at work in the trainer: resume and init_from."""
 
 import pytest
-import torch
-from test_train import args, metrics
 
 from generated.parser import ConfigError, resolve
+from helpers import metrics, trainer_args
 from runtime.trainer.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def quick():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(*argv):
@@ -19,10 +15,10 @@ def trainer(*argv):
 
 
 def test_resume_with_another_architecture_is_an_error_naming_field_and_values(tmp_path, data_dir):
-    assert trainer(*args(tmp_path, data_dir, "--training.max_iters", "2")).run() == 0
+    assert trainer(*trainer_args(tmp_path, data_dir, "--training.max_iters", "2")).run() == 0
     with pytest.raises(ConfigError) as error:
         trainer(
-            *args(
+            *trainer_args(
                 tmp_path,
                 data_dir,
                 "--training.max_iters",
@@ -44,7 +40,7 @@ def test_resume_with_another_architecture_is_an_error_naming_field_and_values(tm
 
 
 def test_resume_takes_from_checkpoint_fields_unless_given(tmp_path, data_dir):
-    base = args(tmp_path, data_dir)
+    base = trainer_args(tmp_path, data_dir)
     # The first run used batch size 3; the resumed run does not say, so it keeps 3.
     assert trainer(*base, "--training.max_iters", "2", "--training.batch_size", "3").run() == 0
     idx = base.index("--training.batch_size")
@@ -62,7 +58,7 @@ def test_init_from_checkpoint_takes_its_architecture_and_refuses_explicit_confli
     tmp_path, data_dir
 ):
     first = tmp_path / "first"
-    assert trainer(*args(first, data_dir, "--training.max_iters", "1")).run() == 0
+    assert trainer(*trainer_args(first, data_dir, "--training.max_iters", "1")).run() == 0
     checkpoint = str(next((first / "checkpoints").glob("ckpt_*.pt")))
     # Model fields left at their defaults take the checkpoint's values ...
     adopted = trainer(

@@ -20,6 +20,7 @@ commands:
   sample   generate text: sample SOURCE --prompt TEXT --max-new-tokens N --temperature T [--json]
            (under torchrun: sharded, [--expert-parallel E])
   plan     parameters, FLOPs and memory per process: plan CONFIG [--world N] [--gpu-memory GiB]
+  data     prepare INPUT... --tokenizer SRC --out DIR (a corpus into a dataset folder) | inspect DIR
 
 `COMMAND --help` describes a command; `train --help` lists every config flag.
 {console.__doc__.split("Exit codes", 1)[1].replace(", the same for every command:", "Exit codes:", 1)}"""
@@ -30,6 +31,7 @@ COMMANDS = {  # name -> module of this package with its `main`
     "export": "runtime.cli.export",
     "sample": "runtime.cli.sample",
     "plan": "runtime.cli.plan",
+    "data": "runtime.cli.data",
 }
 
 # imported by train / sample / export, not by the core (config-only) package

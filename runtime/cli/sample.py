@@ -131,8 +131,16 @@ def _sample(args: argparse.Namespace) -> int:
         else:
             model = source.build_model(args.device)
         cfg = model_config(model)
-        if codec is None:  # a pre-tokenized corpus: the prompt is space-separated token ids
-            prompt = [int(t) for t in args.prompt.split()]
+        if codec is None:  # token ids without a tokenizer: the prompt is space-separated ids
+            try:
+                prompt = [int(t) for t in args.prompt.split()]
+            except ValueError:
+                console.error(
+                    PROG,
+                    f"{args.source} has no text tokenizer (it was trained on token ids): --prompt "
+                    f"takes token ids separated by spaces, got {args.prompt!r}",
+                )
+                return console.EXIT_USAGE
         else:
             prompt = codec.encode(args.prompt)
         if not prompt:

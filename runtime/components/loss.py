@@ -35,7 +35,12 @@ class LossOutput:
 class TrainingLoss:
     """Combines a ModelOutput into the loss of optimizer step `step`."""
 
-    def __init__(self, moe: MoETrainingConfig, mtp: MTPTrainingConfig):
+    def __init__(
+        self, moe: MoETrainingConfig, mtp: MTPTrainingConfig, document_eos: int | None = None
+    ):
+        """`document_eos`: the end-of-document id when attention is masked per document
+        (`data.document_mask`), else None."""
+        self.document_eos = document_eos
         self.aux_loss_weight = moe.aux_loss_weight
         self.z_loss_weight = moe.z_loss_weight
         self.mtp_loss_weight = mtp.mtp_loss_weight
@@ -54,7 +59,9 @@ class TrainingLoss:
     def __call__(self, model: nn.Module, window: Tensor, step: int) -> LossOutput:
         """window (B, T + 1 + D) of a model with D MTP modules (or a DDP / compile wrapper of it):
         inputs window[:, :-1], targets window[:, 1:]."""
-        return self.combine(model(window[:, :-1], mtp=True), window[:, 1:], step)
+        masks = {} if self.document_eos is None else {"eos_id": self.document_eos}
+        out = model(window[:, :-1], mtp=True, **masks)
+        return self.combine(out, window[:, 1:], step)
 
     def combine(self, out: ModelOutput, targets: Tensor, step: int) -> LossOutput:
         """targets (B, T + D): the main logits predict targets[:, :T], depth k targets[:, k:T+k]."""

@@ -184,6 +184,7 @@ class MetricsProcessor:
         self.bytes_per_token = bytes_per_token  # None: unknown (a pre-tokenized corpus)
         self.show_bar = show_bar
         self.bar: Any = None
+        self._epochs: dict[str, float] = {}  # each mixture source's epochs at the last log
 
     # ---- the progress bar (a bar in a file is one long line of \r updates: terminals only)
 
@@ -225,10 +226,18 @@ class MetricsProcessor:
         self.writer.write(record)
         self.wandb.log(record, step=step)
         skipped = " (skipped)" if record.get("skipped") else ""
+        # the total carries the MTP, balance and z terms; the main loss is the next-token one
         logs.log.info(
-            f"step {step}/{self.max_iters} | loss {record['loss']:.4f}{skipped} | lr {record['lr']:.2e} | "
+            f"step {step}/{self.max_iters} | loss {record['loss']:.4f}{skipped} "
+            f"(main {record['main_loss']:.4f}) | lr {record['lr']:.2e} | "
             f"{record['tokens_per_s']:,.0f} tok/s | eta {logs.format_duration(eta_s)}"
         )
+        for key, epochs in record.items():  # a mixture source read through: say so once
+            if key.startswith("data/") and key.endswith("/epochs"):
+                if int(epochs) > int(self._epochs.get(key, epochs)):
+                    name = key[len("data/") : -len("/epochs")]
+                    logs.log.info(f"data source {name}: epoch {int(epochs) + 1} begins")
+                self._epochs[key] = epochs
 
     def log_eval(self, step: int, val_loss: float) -> bool:
         """An evaluation's loss (and bits per byte where the bytes are known); returns whether it

@@ -8,14 +8,27 @@ so a generated/ folder from another version of this package fails at once with t
 
 from .engine import ConfigSpec
 from .errors import MAX_SHOWN_PROBLEMS, ConfigAliasWarning, ConfigError, Problem, Problems, Source
-from .fields import Derived, FieldSpec, Rule, SectionSpec, check_value, shown
+from .fields import (
+    RECORD_LIST,
+    Derived,
+    FieldSpec,
+    RecordProblem,
+    RecordSpec,
+    Rule,
+    SectionSpec,
+    check_value,
+    item_path,
+    record_problems,
+    shown,
+)
 from .layers import BASE_KEY, RESERVED_KEYS, VERSION_KEY
 from .resolve import Resolved
-from .values import coerce, get_path, validate_instance
+from .values import coerce, get_path, validate_instance, validate_record
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
-ENGINE_VERSION = 1
-"""Bump when the tables generated/ passes in change shape; the generator writes the new number."""
+ENGINE_VERSION = 2
+"""Bump when the tables generated/ passes in change shape; the generator writes the new number.
+2: list[record] fields (FieldSpec.record, FieldSpec.required, RecordSpec, validate_record)."""
 
 
 class EngineMismatch(ImportError):
@@ -47,6 +60,9 @@ __all__ = [
     "MAX_SHOWN_PROBLEMS",
     "Problem",
     "Problems",
+    "RECORD_LIST",
+    "RecordProblem",
+    "RecordSpec",
     "Resolved",
     "Rule",
     "SectionSpec",
@@ -55,8 +71,11 @@ __all__ = [
     "check_value",
     "coerce",
     "get_path",
+    "item_path",
     "load_yaml",
+    "record_problems",
     "require_engine",
     "shown",
     "validate_instance",
+    "validate_record",
 ]

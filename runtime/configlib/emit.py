@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, Problem, Problems, Source
 from .fields import shown
 from .layers import BASE_KEY, VERSION_KEY, Assignment, Layer, walk_mapping
-from .values import coerce, get_path
+from .values import coerce, get_path, record_items
 from .yamllines import LineDict, YAMLLoadError, load_yaml
 
 if TYPE_CHECKING:
@@ -25,8 +25,13 @@ def config_to_dict(config: Any) -> dict:
 
 
 def flat_values(spec: ConfigSpec, config: Any) -> dict[str, Any]:
-    """{dotted field path: value} of a config, in spec order."""
-    return {path: get_path(config, path) for path in spec.fields}
+    """{dotted field path: value} of a config, in spec order. The items of a list[record] field
+    are plain dicts of their keys (as in a config file), not the record's dataclasses."""
+    values = {}
+    for path, field_spec in spec.fields.items():
+        value = get_path(config, path)
+        values[path] = record_items(field_spec, value) if field_spec.record else value
+    return values
 
 
 def to_saved_dict(spec: ConfigSpec, config: Any) -> dict:

@@ -48,7 +48,15 @@ def flag_paths(spec: ConfigSpec) -> dict[str, str]:
 
 def parse_flag_value(field_spec: FieldSpec, text: str) -> Any:
     """A flag's text as the value YAML would give it. A str field takes the text as is (null
-    and ~ are null, as in a file); a list field also takes `a,b` for `[a, b]`."""
+    and ~ are null, as in a file); a list field also takes `a,b` for `[a, b]`. A list[record]
+    field takes YAML flow syntax (`[{path: a, weight: 0.7}, {path: b}]`); empty text is `[]`."""
+    if field_spec.record is not None:
+        if not text.strip():
+            return []
+        try:
+            return load_yaml(text)
+        except YAMLLoadError as error:
+            return f"<unparsable: {error.message}>"
     if field_spec.is_list and not text.lstrip().startswith("["):
         items = [item.strip() for item in text.split(",")] if text.strip() else []
         item_type = field_spec.item_type
@@ -180,6 +188,12 @@ def _add_flag(group: argparse._ArgumentGroup, field_spec: FieldSpec) -> None:
     aliases = [f"--{alias}" for alias in field_spec.aliases]
     extra = f" Old names: {', '.join(aliases)}." if aliases else ""
     choices = f" One of: {', '.join(map(str, field_spec.choices))}." if field_spec.choices else ""
+    if field_spec.record is not None:
+        keys = ", ".join(
+            f"{f.name}: {f.type_text.upper()}" + ("" if f.required else f" = {f.default!r}")
+            for f in field_spec.record.fields
+        )
+        choices = f" Each item: {{{keys}}}; give the list in YAML flow syntax, '[{{...}}, ...]'."
     help_text = f"{field_spec.doc}{choices} Default: {field_spec.default!r}.{extra}"
     group.add_argument(
         f"--{field_spec.path}",

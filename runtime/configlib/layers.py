@@ -108,8 +108,16 @@ def walk_mapping(
         if canonical in spec.sections:
             _assign_section(spec, canonical, value, source, written, layer, problems, file)
         elif canonical in spec.fields:
-            if isinstance(value, dict):
-                type_text = spec.fields[canonical].type_text
+            field_spec = spec.fields[canonical]
+            if isinstance(value, dict) and field_spec.record is not None:
+                found = ", ".join(shown(k, 30) for k in list(value)[:5])
+                message = (
+                    f"expected a list of {field_spec.record.name} items, found a single mapping "
+                    f"with keys {found}; start each item with `- ` (or write [{{...}}, ...])"
+                )
+                problems.append(Problem(canonical, message, source, "value"))
+            elif isinstance(value, dict):
+                type_text = field_spec.type_text
                 found = ", ".join(shown(k, 30) for k in list(value)[:5])
                 message = f"is a single {type_text} value, not a section; found a mapping with keys {found}"
                 problems.append(Problem(canonical, message, source, "key"))

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import DEFAULT_SOURCE, ConfigAliasWarning, ConfigError, Problem, Problems, Source
-from .fields import check_value, shown
+from .fields import FieldSpec, RecordProblem, check_value, record_problems, shown
 from .layers import Assignment, Layer, dict_layer
-from .values import coerce, get_path, join_path
+from .values import build_records, coerce, get_path, join_path, record_items
+from .yamllines import LineDict, LineList
 
 if TYPE_CHECKING:
     from .engine import ConfigSpec
@@ -39,7 +40,18 @@ def _same(a: Any, b: Any) -> bool:
     """Equal and of the same kind: 1e-3 == 0.001, but true != 1."""
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
     return type(a) is type(b) and a == b
+
+
+def _normal(field_spec: FieldSpec, value: Any) -> Any:
+    """A value coerced to its field's type; the items of a valid list[record] value completed
+    with their defaults, so that `{path: a}` and `{path: a, weight: 1.0}` compare equal."""
+    value = coerce(field_spec, value)
+    if field_spec.record is not None and check_value(field_spec, value) is None:
+        return record_items(field_spec, value)
+    return value
 
 
 def resolve_layers(spec: ConfigSpec, layers: list[Layer], problems: Problems) -> Resolved:
@@ -97,14 +109,14 @@ def _check_repeat(
     """A field given a second time in one file: its value is checked as if it came first
     (so the order of a canonical key and its old name does not matter), then compared."""
     field_spec = spec.fields[again.path]
-    value = coerce(field_spec, again.value)
+    value = _normal(field_spec, again.value)
     problem = check_value(field_spec, _plain(value))
     if problem:
         problems.append(
             Problem(again.path, f"{problem} (given as {again.written!r})", again.source, "value")
         )
     elif check_value(field_spec, _plain(coerce(field_spec, first.value))) is None and not _same(
-        coerce(field_spec, first.value), value
+        _normal(field_spec, first.value), value
     ):  # 1e-3 and 0.001 agree; true and 1 do not (a bad first value is reported on its own)
         message = (
             f"given twice with different values: {first.written!r} = {shown(first.value)} "
@@ -136,6 +148,16 @@ def _apply_renames(spec: ConfigSpec, layer: Layer, problems: Problems, notes: li
 def _check_values(spec: ConfigSpec, values: dict, sources: dict, problems: Problems) -> set[str]:
     bad = set()
     for path, field_spec in spec.fields.items():
+        if field_spec.record is not None:
+            found = record_problems(field_spec, values[path])
+            for item in found:
+                source = _item_source(sources[path], values[path], item)
+                problems.append(Problem(item.path(path), item.message, source, item.kind))
+            if found:
+                bad.add(path)
+            else:
+                values[path] = record_items(field_spec, values[path])
+            continue
         value = coerce(field_spec, values[path])
         if isinstance(value, list):
             value = list(value)  # drop the line-tracking list type
@@ -147,10 +169,29 @@ def _check_values(spec: ConfigSpec, values: dict, sources: dict, problems: Probl
     return bad
 
 
+def _item_source(source: Source, value: Any, problem: RecordProblem) -> Source:
+    """Where a problem of a list[record] value was written: the line of the item's key, or of the
+    item, when the value came from a file (a flag or a dict has no lines of its own)."""
+    if source.kind != "file" or not isinstance(value, LineList) or problem.index is None:
+        return source
+    if problem.index >= len(value.item_lines):
+        return source
+    line = value.item_lines[problem.index]
+    item = value[problem.index]
+    if problem.key is not None and isinstance(item, LineDict):
+        line = item.key_lines.get(problem.key, line)
+    return Source("file", source.file, line) if line else source
+
+
 def build(spec: ConfigSpec, section_path: str, values: Mapping[str, Any]) -> Any:
-    """The dataclass of a section (and its subsections) from {dotted field path: value}."""
+    """The dataclass of a section (and its subsections) from {dotted field path: value}; the
+    items of a list[record] field, plain mappings there, become the record's dataclasses."""
     section = spec.sections[section_path]
-    kwargs = {name: values[join_path(section_path, name)] for name in section.fields}
+    kwargs: dict[str, Any] = {}
+    for name in section.fields:
+        field_spec = spec.fields[join_path(section_path, name)]
+        value = values[field_spec.path]
+        kwargs[name] = build_records(field_spec, value) if field_spec.record else value
     kwargs.update(
         {name: build(spec, join_path(section_path, name), values) for name in section.sections}
     )

@@ -1,17 +1,18 @@
 """Field paths and values outside the layered load.
 
 Dotted key paths (join, parent, last key), reading a field from a config object (`get_path`),
-bringing a YAML or JSON value to its field's Python type (`coerce`), and checking a dataclass
-built in code (`validate_instance`, called from the generated __post_init__).
+bringing a YAML or JSON value to its field's Python type (`coerce`, defined in fields.py beside
+the check it comes before), the items of a list[record] field as plain mappings (`record_items`,
+defaults filled) and as the record's dataclasses (`build_records`), and checking a dataclass built
+in code (`validate_instance` and `validate_record`, called from the generated __post_init__).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from .fields import FieldSpec, SectionSpec, check_value
+from .fields import FieldSpec, SectionSpec, check_value, coerce, record_problems, shown
 
 
 def join_path(prefix: str, name: str) -> str:
@@ -37,29 +38,35 @@ def get_path(config: Any, path: str) -> Any:
     return value
 
 
-def coerce(spec: FieldSpec, value: Any) -> Any:
-    """The value in the field's Python type where YAML or JSON spell it another way: an int for a
-    float field, an integral float (4.0) for an int field. Anything else is left for the check."""
-    if isinstance(value, list):
-        return [_coerce_item(spec.item_type, item) for item in value]
-    if not spec.is_list:
-        return _coerce_item(spec.type, value)
-    return value
+def record_items(spec: FieldSpec, value: Any) -> Any:
+    """The canonical value of a valid list[record] value: a list of plain dicts holding every key
+    of the record, in spec order, defaults filled and values coerced (None stays None)."""
+    record = spec.record
+    assert record is not None, spec.path
+    if value is None:
+        return None
+    items = []
+    for item in coerce(spec, value):
+        items.append(
+            {f.name: item[f.name] if f.name in item else _fresh(f.default) for f in record.fields}
+        )
+    return items
 
 
-def _coerce_item(type_name: str, value: Any) -> Any:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and type(value) is not str:
-        return str.__str__(value)  # a generated constant (StrEnum) is stored as its plain value
-    if type_name == "float" and isinstance(value, int):
-        try:
-            return float(value)
-        except OverflowError:
-            return math.inf if value > 0 else -math.inf  # rejected as non-finite by the check
-    if type_name == "int" and isinstance(value, float) and value.is_integer():
-        return int(value)  # JSON and JSON Schema do not tell 4.0 from 4
-    return value
+def _fresh(default: Any) -> Any:
+    return list(default) if isinstance(default, list) else default
+
+
+def build_records(spec: FieldSpec, value: Any) -> Any:
+    """The record dataclasses of a list[record] value given as mappings (instances stay)."""
+    record = spec.record
+    assert record is not None and record.cls is not None, spec.path
+    if value is None:
+        return None
+    cls = record.cls
+    if all(isinstance(item, cls) for item in value):
+        return list(value)
+    return [cls(**item) for item in record_items(spec, value)]
 
 
 def validate_instance(
@@ -72,12 +79,43 @@ def validate_instance(
     problems = []
     for name in section.fields:
         spec = fields[join_path(section.path, name)]
-        problem = check_value(spec, getattr(instance, name))
+        value = getattr(instance, name)
+        if spec.record is not None:
+            problems += _record_list_problems(spec, value)
+            continue
+        problem = check_value(spec, value)
         if problem:
             problems.append(f"{spec.path}: {problem}")
     for name in section.sections:
         child = sections[join_path(section.path, name)]
         if not isinstance(getattr(instance, name), child.cls):
             problems.append(f"{child.path}: expected a {child.cls.__name__}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _record_list_problems(spec: FieldSpec, value: Any) -> list[str]:
+    """A list[record] field of a dataclass built in code holds instances of the record's class."""
+    record = spec.record
+    assert record is not None and record.cls is not None, spec.path
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if not isinstance(item, record.cls):
+                return [f"{spec.path}[{index}]: expected a {record.name}, found {shown(item)}"]
+    return [
+        f"{problem.path(spec.path)}: {problem.message}" for problem in record_problems(spec, value)
+    ]
+
+
+def validate_record(instance: Any, spec: FieldSpec) -> None:
+    """Check a record built in code (called from its __post_init__); ValueError on bad values,
+    naming the keys as `data.sources[].weight` (the record does not know its index)."""
+    record = spec.record
+    assert record is not None, spec.path
+    problems = []
+    for field_spec in record.fields:
+        problem = check_value(field_spec, getattr(instance, field_spec.name))
+        if problem:
+            problems.append(f"{field_spec.path}: {problem}")
     if problems:
         raise ValueError("; ".join(problems))

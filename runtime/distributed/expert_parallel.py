@@ -19,7 +19,7 @@ through the all_to_all backward and is averaged only over the remaining data-par
 the expert weights pass through a gradient scale of 1/P.
 
 Balancing needs nothing new: each process counts its tokens' assignments over all E experts (global
-ids) and Transformer.update_router_biases sums them over every process. Capacity dropping
+ids) and the balancer (runtime/components/balancer.py) sums them over every process. Capacity dropping
 (`moe.drop_tokens`) is decided per sequence, before dispatch, so it is the same on any layout.
 """
 

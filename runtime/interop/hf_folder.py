@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from generated.config import ModelConfig
-from runtime.components.tokenizer import TextCodec
+from runtime.components.tokenizer import SPECIAL, TextCodec
 from runtime.models import StateDictAdapter, get_model_spec, model_config
 
 
@@ -140,6 +140,14 @@ def write_hf_folder(
             f.write("\n")
     if tokenizer is not None:
         tokenizer.save_hf(out_dir, model_max_length=cfg.max_seq_len)
+        # the special ids travel with the model too: generate() stops at eos, pads with pad
+        special = {f"{name}_token_id": getattr(tokenizer, f"{name}_id") for name in SPECIAL}
+        config.update(special)
+        generation = {k: v for k, v in special.items() if v is not None}
+        if generation:
+            text = json.dumps({**generation, "_from_model_config": False}, indent=2) + "\n"
+            with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+                f.write(text)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -53,7 +53,7 @@ from runtime.checkpoint.dcp import (
 )
 from runtime.checkpoint.format import CheckpointError, check_weights_fit
 from runtime.checkpoint.single_file import load_checkpoint
-from runtime.components.tokenizer import TextCodec
+from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec
 from runtime.distributed.utils import local_block
 from runtime.interop.safetensors import read_safetensors
 from runtime.interop.weight_blocks import hf_blocks
@@ -79,6 +79,9 @@ class Source:
     model_fields: dict[str, object]  # spec model field name -> value (missing: spec default)
     read_weights: Callable[[], dict[str, Tensor]]  # the state dict, under this model's names
     tokenizer: TextCodec | None = None
+    # a folder holding the tokenizer as tokenizer.json (+ tokenizer_config.json): what
+    # data.tokenizer can name; None when the source has none of its own in that form
+    tokenizer_path: str | None = None
     # name -> block reader (runtime/interop/weight_blocks.py) for loading a block at a time; default: weights()
     read_blocks: Callable[[], Mapping[str, Any]] | None = None
     # loads the weights into a model itself (a sharded DCP folder: DCP reads each process's shards)
@@ -194,9 +197,14 @@ class Source:
             raise CheckpointError(f"cannot load the weights of {self.path}: {error}") from None
 
     def _copy_blocks(self, model: nn.Module) -> None:
-        blocks = self.blocks()
         own = model.state_dict(keep_vars=True)
         wanted = {k.split(".")[1] for k in own if k.startswith("mtp.")}
+        # a model built with fewer MTP modules than the source holds takes the first ones
+        blocks = {
+            k: v
+            for k, v in self.blocks().items()
+            if not k.startswith("mtp.") or k.split(".")[1] in wanted
+        }
         absent = sorted(wanted - {str(m) for m in self.mtp_modules_with_weights()})
         if absent:
             warnings.warn(
@@ -332,6 +340,7 @@ def _load_hf_folder(path: str) -> Source:
         ),
         read_blocks=lambda: hf_blocks(path, n_layers, adapter, fp8_block),
         tokenizer=TextCodec.from_folder(path),
+        tokenizer_path=path if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else None,
         config_file=config_path,
     )
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from generated import PATH
 from generated.config import Config
-from generated.names import InitFrom, ResumeFrom
+from generated.names import InitFrom, ResumeFrom, Tokenizer
 from generated.parser import (
     ConfigError,
     Problem,
@@ -35,7 +35,9 @@ from runtime.checkpoint.format import CheckpointError
 from runtime.checkpoint.manager import find_resume
 from runtime.components import logs
 from runtime.components.lr_schedule import schedule_warnings
+from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec, TokenizerError
 from runtime.distributed.utils import launch_world
+from runtime.interop.sources import Source as ModelSource
 from runtime.interop.sources import UnknownSource, load_source
 from runtime.trainer.run_folder import (
     claim_for_fresh_start,
@@ -90,10 +92,13 @@ def prepare_run(resolved: Resolved) -> RunSetup:
 def init_from(resolved: Resolved) -> tuple[Resolved, Callable[[nn.Module], None] | None]:
     """(resolved config, weight loader or None) for checkpointer.init_from: scratch, or any
     source runtime/interop/sources.py recognises. The source's architecture fills the model
-    section; a model field this run sets explicitly to another value is a config error."""
+    section; a model field this run sets explicitly to another value is a config error, except
+    `model.mtp_depth`: the MTP modules the source has weights for, unless the run says how many
+    it trains (0: none; more: the extra ones start fresh). Its tokenizer becomes the run's
+    (settle_tokenizer)."""
     path = resolved.config.checkpointer.init_from
     if path == InitFrom.SCRATCH:
-        return resolved, None
+        return settle_tokenizer(resolved, None), None
     try:
         source = load_source(path)
     except UnknownSource as error:
@@ -104,7 +109,52 @@ def init_from(resolved: Resolved) -> tuple[Resolved, Callable[[nn.Module], None]
         problem = Problem(PATH.checkpointer.init_from, str(error), Source("file", path, 1))
         raise ConfigError([problem]) from None
     fields = {f"{PATH.model.SECTION}.{k}": v for k, v in source.model_fields.items()}
-    return adopt_values(resolved, fields, source.config_file), source.load_weights
+    # the MTP modules are the weights' (a folder saved by transformers has none, whatever its
+    # config.json says), unless this run sets the depth itself
+    fields[PATH.model.mtp_depth] = len(source.mtp_modules_with_weights())
+    if resolved.sources[PATH.model.mtp_depth].explicit:
+        del fields[PATH.model.mtp_depth]
+    resolved = adopt_values(resolved, fields, source.config_file)
+    return settle_tokenizer(resolved, source), source.load_weights
+
+
+def settle_tokenizer(resolved: Resolved, source: ModelSource | None) -> Resolved:
+    """The run's tokenizer (`data.tokenizer`) where the config leaves it at its default: the
+    init_from source's own (a Hugging Face folder holding tokenizer.json), else the first prepared
+    dataset's of `data.sources`. A tokenizer the config names that gives other ids than the
+    source's is a config error: the weights would read every token as another."""
+    data = resolved.config.data
+    where = resolved.sources[PATH.data.tokenizer]
+    if not where.explicit:
+        found = source.tokenizer_path if source is not None else None
+        origin = source.config_file if source is not None else ""
+        if found is None:
+            prepared = [
+                s.path for s in data.sources if os.path.isfile(os.path.join(s.path, TOKENIZER_FILE))
+            ]
+            found, origin = (prepared[0], prepared[0]) if prepared else (None, "")
+        if found is not None:
+            return adopt_values(resolved, {PATH.data.tokenizer: found}, origin)
+    if source is None or source.tokenizer_path is None or source.tokenizer is None:
+        return resolved  # nothing of the source's own to compare with
+    theirs = source.tokenizer
+    if data.tokenizer == Tokenizer.BPE:
+        mine = None  # trained on the corpus later: its ids cannot be the source's
+    elif data.tokenizer == Tokenizer.BYTES:
+        mine = TextCodec.bytes()
+    else:
+        try:
+            mine = TextCodec.from_path(data.tokenizer)
+        except TokenizerError as error:
+            raise ConfigError([Problem(PATH.data.tokenizer, str(error), where)]) from None
+    if mine is None or not mine.same_ids_as(theirs):
+        message = (
+            f"{data.tokenizer!r} gives other token ids than the tokenizer of "
+            f"{PATH.checkpointer.init_from} {source.path}, so its weights would read every token as "
+            f"another; leave {PATH.data.tokenizer} unset (the source's is used) or set it to {source.path}"
+        )
+        raise ConfigError([Problem(PATH.data.tokenizer, message, where)])
+    return resolved
 
 
 def claim_run_folder(cfg: Config, setup: RunSetup) -> str:

@@ -19,12 +19,20 @@ from generated.parser import ConfigError, Problem, Source
 from runtime.checkpoint.format import BEST_NAME, step_checkpoints
 from runtime.components.logs import LOG_NAME
 from runtime.components.metrics import METRICS_NAME, PLOT_NAME
+from runtime.components.tokenizer import HF_CONFIG_FILE, TOKENIZER_FILE
 from runtime.utils.files import atomic_write_bytes
 
 RUN_FILE = "run.json"
 SAMPLE_NAME = "sample.txt"
-TOKENIZER_NAME = "tokenizer.json"
-RUN_FILES = (RUN_FILE, METRICS_NAME, LOG_NAME, PLOT_NAME, SAMPLE_NAME, TOKENIZER_NAME)
+RUN_FILES = (
+    RUN_FILE,
+    METRICS_NAME,
+    LOG_NAME,
+    PLOT_NAME,
+    SAMPLE_NAME,
+    TOKENIZER_FILE,
+    HF_CONFIG_FILE,
+)
 
 
 def new_run_id() -> str:

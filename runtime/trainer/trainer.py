@@ -52,7 +52,7 @@ from runtime.components.loss import TrainingLoss
 from runtime.components.lr_schedule import LRSchedule
 from runtime.components.metrics import MetricsProcessor, MetricsWriter, plot_losses
 from runtime.components.optimizer import build_optimizer
-from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec, decode
+from runtime.components.tokenizer import TextCodec, decode
 from runtime.components.wandb_logger import WandbLogger
 from runtime.distributed import utils as dist_utils
 from runtime.distributed.compile import compile_module
@@ -125,17 +125,16 @@ class Trainer:
         )
         self.window = cfg.training.seq_len + 1 + cfg.model.mtp_depth
         self.data = self._build_data()
-        # text <-> tokens for the sample, the checkpoint and export; None for a pre-tokenized .bin
-        self.codec: TextCodec | None = self.data.corpus.codec or (
-            TextCodec.bytes() if self.data.corpus.is_bytes else None
-        )
+        # text <-> tokens for the sample, the checkpoint and export; None for token ids alone
+        self.codec: TextCodec | None = self.data.codec
         self._init_processes()
         self.spec = get_model_spec()
         self.model, self.parallel = build_model(
             self.spec, cfg.model, cfg.moe, cfg.system.distributed, self.dist.world_size,
             self.device, run.load_weights, is_main=self.is_main,
         )  # fmt: skip
-        self.loss = TrainingLoss(cfg.moe, cfg.mtp)
+        document_eos = self.data.eos_id if cfg.data.document_mask else None
+        self.loss = TrainingLoss(cfg.moe, cfg.mtp, document_eos)
         self.balancer = MoEBalancer(self.model, cfg.moe)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scaler = grad_scaler(self.device, self.dtype, self.parallel.sharded)
@@ -178,6 +177,7 @@ class Trainer:
             world_size=self.launch.world_size,
             rank=self.launch.rank,
             vocab_size=cfg.model.vocab_size,
+            stride=training.seq_len,
         )
 
     def _init_processes(self) -> None:
@@ -204,14 +204,15 @@ class Trainer:
             logs.log.info(f"config: {note}")
 
     def _write_run_files(self) -> None:
-        """config.yaml and the tokenizer in out_dir (main process)."""
+        """config.yaml and the tokenizer (tokenizer.json, tokenizer_config.json: what
+        AutoTokenizer reads) in out_dir (main process)."""
         if not self.is_main:
             return
         os.makedirs(self.cfg.out_dir, exist_ok=True)
         with open(os.path.join(self.cfg.out_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(self.cfg))
         if self.codec is not None:
-            self.codec.save(os.path.join(self.cfg.out_dir, TOKENIZER_FILE))
+            self.codec.save_hf(self.cfg.out_dir, model_max_length=self.cfg.model.max_seq_len)
 
     def components(self) -> dict[str, Any]:
         """The run's Stateful parts, by checkpoint key (the RNG last: loading it restores it)."""
@@ -338,7 +339,7 @@ class Trainer:
             self.metrics,
             self.wandb,
             max_iters=self.cfg.training.max_iters,
-            bytes_per_token=self.data.corpus.bytes_per_token,
+            bytes_per_token=self.data.bytes_per_token,
             show_bar=self.is_main and sys.stderr.isatty(),  # a bar in a file: one long line
         )
         try:
@@ -412,7 +413,13 @@ class Trainer:
         if not will_log:
             return
         done = self.step + 1
-        record = {"iter": done, **metrics, "tokens_per_s": tokens_per_s, **self.balancer.stats()}
+        record = {
+            "iter": done,
+            **metrics,
+            "tokens_per_s": tokens_per_s,
+            **self.balancer.stats(),
+            **self.data.source_stats(done),
+        }
         per_step = (time.perf_counter() - self.loop_start) / (done - self.first_step)
         self.processor.log_step(record, per_step * (self.cfg.training.max_iters - done))
         self.window_tokens, self.window_time = 0, 0.0
@@ -461,9 +468,8 @@ class Trainer:
         settings = self.cfg.sample
         if self.codec is not None:
             prompt = self.codec.encode(settings.prompt)
-        else:  # a pre-tokenized corpus: the first tokens of the validation split
-            start = self.data.val_set.start
-            prompt = [int(t) for t in self.data.corpus.array()[start : start + 4]]
+        else:  # token ids without a tokenizer: the first tokens of the validation data
+            prompt = self.data.prompt_tokens(4)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         ids = complete(self.spec.generate, self.model, prompt, settings, generator)
         if not self.is_main:

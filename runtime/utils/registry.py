@@ -78,10 +78,8 @@ class Registry:
         return f"Registry({self.field}: {', '.join(self.names())})"
 
 
-# data.dataset -> corpus builder (runtime/components/data.py)
+# data.dataset -> corpus builder (runtime/components/data/corpus.py)
 DATASETS = Registry(PATH.data.dataset, "dataset")
-# data.tokenizer -> (byte corpus, data, vocab_size) -> corpus of its tokens (runtime/components/data.py)
-TOKENIZERS = Registry(PATH.data.tokenizer, "tokenizer")
 # schedule.schedule_type -> lr multiplier after warm-up (runtime/components/lr_schedule.py)
 SCHEDULES = Registry(PATH.schedule.schedule_type, "schedule type")
 # system.device.dtype -> torch dtype (runtime/distributed/precision.py)
@@ -95,7 +93,7 @@ BRANCHING_FIELDS = {
     PATH.model.rope_scaling: "runtime/models/deepseek_v3/model.py (rotary tables and softmax scale)",
     PATH.training.nonfinite_loss: "runtime/trainer/trainer.py (stop or skip the step)",
     PATH.system.compile.compile_mode: "runtime/distributed/compile.py (passed to torch.compile as is)",
-    PATH.data.token_dtype: "runtime/components/data.py (a numpy dtype name, used as is)",
+    PATH.data.token_dtype: "runtime/components/data/corpus.py (a numpy dtype name, used as is)",
     PATH.system.distributed.param_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
     PATH.system.distributed.reduce_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
     PATH.system.distributed.activation_checkpointing: "runtime/models/deepseek_v3/parallelize.py (which blocks to wrap)",
@@ -105,4 +103,4 @@ BRANCHING_FIELDS = {
 def all_registries() -> dict[str, Registry]:
     """Every registry, keyed by the spec field it implements (complete once the modules named in
     each registry's comment above are imported)."""
-    return {r.field: r for r in (DATASETS, TOKENIZERS, SCHEDULES, DTYPES, BACKENDS)}
+    return {r.field: r for r in (DATASETS, SCHEDULES, DTYPES, BACKENDS)}

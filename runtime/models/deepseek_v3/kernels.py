@@ -93,14 +93,24 @@ class BlockedCausalAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal softmax attention: q, k (B, H, T, dk), v (B, H, T, dv) -> (B, H, T, dv).
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, docs: Tensor | None = None
+) -> Tensor:
+    """Causal softmax attention: q, k (B, H, T, dk), v (B, H, T, dv) -> (B, H, T, dv); with
+    `docs` (B, T) document ids, a query attends only to keys of its own document (block-diagonal
+    causal: the mask F.scaled_dot_product_attention takes).
 
-    Off CPU this is F.scaled_dot_product_attention. On CPU, SDPA's flash kernel needs dk == dv (not
-    so in MLA), so it takes the math path: full T x T scores plus mask passes. Here query rows go in
-    blocks of ATTN_BLOCK (BlockedCausalAttention), so the fully masked upper-right blocks are never
-    computed (5/8 of the score FLOPs at 4 blocks). Same maths; the blocks are a static loop.
+    Off CPU, and with documents, this is F.scaled_dot_product_attention. On CPU, SDPA's flash
+    kernel needs dk == dv (not so in MLA), so it takes the math path: full T x T scores plus mask
+    passes. Without documents, query rows go in blocks of ATTN_BLOCK (BlockedCausalAttention), so
+    the fully masked upper-right blocks are never computed (5/8 of the score FLOPs at 4 blocks).
+    Same maths; the blocks are a static loop.
     """
+    if docs is not None:
+        T = q.shape[2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (docs[:, :, None] == docs[:, None, :]) & causal  # (B, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     B, H, T, _ = q.shape

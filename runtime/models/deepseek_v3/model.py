@@ -198,8 +198,16 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)  # qk_head_dim**-0.5, times the yarn mscale^2
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None, layer: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: MLACache | None = None,
+        layer: int = 0,
+        docs: Tensor | None = None,
     ) -> Tensor:
+        """x (B, T, C) -> (B, T, C); `docs` (B, T): each position's document (document_ids),
+        attention then stays inside documents."""
         if cache is not None:
             return self._forward_cached(x, cos, sin, cache, layer)
         B, T, _ = x.shape
@@ -214,7 +222,7 @@ class MLA(nn.Module):
         # heads-major copies straight from the cat: (B, H, T, qk)
         q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)
         k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2).expand(-1, H, -1, -1)], dim=-1)
-        y = causal_attention(q, k, v.transpose(1, 2), self.softmax_scale)  # (B, H, T, v)
+        y = causal_attention(q, k, v.transpose(1, 2), self.softmax_scale, docs)  # (B, H, T, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))  # (B, T, C)
 
     def _forward_cached(
@@ -296,16 +304,22 @@ class Block(nn.Module):
     )
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: MLACache | None = None,
+        docs: Tensor | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """x (B, T, C) -> (x, [(aux term, z term)] of its MoE layer; [] for a dense block)."""
+        """x (B, T, C) -> (x, [(aux term, z term)] of its MoE layer; [] for a dense block);
+        `docs` (B, T): attention within documents only."""
         attention, feed_forward = self._attention, self._feed_forward
         if self.recompute and torch.is_grad_enabled():
             # each half recomputed on its own (norm included): the backward of one half never
             # holds the other's activations; only the two half inputs (B, T, C) are kept
             attention = functools.partial(checkpoint, attention, use_reentrant=False)
             feed_forward = functools.partial(checkpoint, feed_forward, use_reentrant=False)
-        x = x + attention(x, cos, sin, cache)
+        x = x + attention(x, cos, sin, cache, docs)
         if not self.is_moe:
             return x + feed_forward(x), []
         if cache is not None:  # generation: no loss terms
@@ -313,8 +327,10 @@ class Block(nn.Module):
         y, aux, z = feed_forward(x)
         return x + y, [(aux, z)]
 
-    def _attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None) -> Tensor:
-        return self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
+    def _attention(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None, docs: Tensor | None
+    ) -> Tensor:
+        return self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id, docs)
 
     def _feed_forward(self, x: Tensor) -> Any:  # a Tensor (MLP), or MoE's (out, aux, z)
         return self.ffn(self.ffn_norm(x))
@@ -337,11 +353,18 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(model.dim, model.norm_eps)
 
     def forward(
-        self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor
+        self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, docs: Tensor | None = None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         # h_prev, emb (B, T, C); the embedding half comes first
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin)
+        return self.block(h, cos, sin, docs=docs)
+
+
+def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
+    """tokens (B, T) -> (B, T) int64: each position's document within the window, counted from 0
+    at the first token; an EOS belongs to the document it ends (exclusive cumulative sum)."""
+    ends = (tokens == eos_id).long()
+    return ends.cumsum(dim=1) - ends
 
 
 def _weight_seed(base: int, name: str, expert: int = -1) -> int:
@@ -419,7 +442,7 @@ class Transformer(nn.Module):
         zero router biases, the rotary tables. Each weight draws from its own generator, seeded from
         `init_seed` and its name (routed experts: and the expert's index), and each process fills
         only the block it holds: a model built on the meta device and sharded before its weights
-        exist (runtime/trainer/trainer.py under FSDP2 / expert parallelism) gets the numbers a whole model gets,
+        exist (runtime/models/build.py under FSDP2 / expert parallelism) gets the numbers a whole model gets,
         without ever holding more than one weight (one expert's) in full."""
         std, done = self.config.init_std, set()
 
@@ -460,7 +483,11 @@ class Transformer(nn.Module):
         return [(b.layer_id, b.ffn) for b in blocks if isinstance(b.ffn, MoE)]
 
     def forward(
-        self, tokens: Tensor, cache: MLACache | None = None, mtp: bool = False
+        self,
+        tokens: Tensor,
+        cache: MLACache | None = None,
+        mtp: bool = False,
+        eos_id: int | None = None,
     ) -> ModelOutput:
         """tokens (B, T) int64 -> ModelOutput with logits (B, T, vocab).
 
@@ -468,6 +495,13 @@ class Transformer(nn.Module):
         first T and MTP depth k embeds tokens[:, k : T + k], so logits[:, t] and mtp_logits[k-1][:, t]
         predict tokens t + 1 and t + k + 1 of the full sequence. With `cache` (from new_cache(),
         inference only), tokens are the next ones after those already cached; no MTP.
+
+        `eos_id` (document masking): attention does not cross the end of a document; each token
+        attends only to earlier tokens of its own document (the EOS belongs to the document it
+        ends). Positions are not restarted: rotary attention depends on relative positions only,
+        so a document's logits are the same wherever it starts in the window. The MTP modules mask
+        by the same documents: position t combines the state of token t with the embedding of
+        token t + k, and attends to the positions of token t's document only.
         """
         D = self.config.mtp_depth if mtp else 0
         T = tokens.shape[1] - D
@@ -480,9 +514,12 @@ class Transformer(nn.Module):
                 f"{what} of {start + T} tokens is longer than max_seq_len={self.config.max_seq_len}"
             )
         terms: list[tuple[Tensor, Tensor]] = []
+        docs = document_ids(tokens, eos_id) if eos_id is not None and cache is None else None
         h = self.embed(tokens[:, :T])  # (B, T, C)
         for layer in self.layers:
-            h, t = layer(h, self.rope_cos, self.rope_sin, cache)
+            h, t = layer(
+                h, self.rope_cos, self.rope_sin, cache, None if docs is None else docs[:, :T]
+            )
             terms += t
         if cache is not None:
             cache.pos = start + T
@@ -491,7 +528,10 @@ class Transformer(nn.Module):
         mtp_logits = []
         for k, module in enumerate(cast(Iterable[MTPModule], self.mtp[:D]), start=1):
             # each depth reads the previous one's normed state (what its head reads)
-            h, t = module(h, self.embed(tokens[:, k : T + k]), self.rope_cos, self.rope_sin)
+            mtp_docs = None if docs is None else docs[:, :T]
+            h, t = module(
+                h, self.embed(tokens[:, k : T + k]), self.rope_cos, self.rope_sin, mtp_docs
+            )
             terms += t
             h = module.norm(h)
             mtp_logits.append(self.head(h))

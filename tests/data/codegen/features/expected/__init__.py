@@ -12,6 +12,7 @@ from .config import (
     LoopConfig,
     SysConfig,
     DistConfig,
+    Stage,
 )
 from .names import CONSTANTS, PATH
 from .parser import (

@@ -4,6 +4,11 @@ special values of the fields that have them.
 
     PATH.training.max_iters        == "training.max_iters"
     ScheduleType.COSINE            == "cosine" (a str: compares and hashes like the value)
+
+The keys of the items of a list[record] field have paths with `[]` for the item
+(`runtime.configlib.item_path` puts an index in):
+
+    PATH.loop.Stage.label == "loop.stages[].label"
 """
 
 from enum import StrEnum
@@ -32,6 +37,17 @@ class PATH:
         tags = "loop.tags"
         ratios = "loop.ratios"
         temperature = "loop.temperature"
+        stages = "loop.stages"
+
+        class Stage:
+            """Paths of the keys of each `loop.stages` item (`[]`: any item; `item_path(path, i)` gives item i's)."""
+
+            FIELD = "loop.stages"
+            label = "loop.stages[].label"
+            steps = "loop.stages[].steps"
+            mode = "loop.stages[].mode"
+            lrs = "loop.stages[].lrs"
+            note = "loop.stages[].note"
 
     class sys:
         SECTION = "sys"
@@ -55,6 +71,13 @@ class Resume(StrEnum):
     LATEST = "latest"
 
 
+class Mode(StrEnum):
+    """The choices of `loop.stages[].mode`."""
+
+    FAST = "fast"
+    SLOW = "slow"
+
+
 class Backend(StrEnum):
     """The choices of `sys.dist.backend`."""
 
@@ -65,6 +88,7 @@ class Backend(StrEnum):
 CONSTANTS = {
     "net.act": Act,
     "loop.resume": Resume,
+    "loop.stages[].mode": Mode,
     "sys.dist.backend": Backend,
 }
 """Field path -> the StrEnum of its choices or special values."""

@@ -19,7 +19,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 require_engine(ENGINE_VERSION)
 
 ALIASES = {
@@ -28,11 +28,13 @@ ALIASES = {
     "net.d_model": "net.width",
     "net.dim_old": "net.width",
     "net.hidden_size": "net.width",
+    "loop.phases": "loop.stages",
     "sys.backend": "sys.dist.backend",
 }
 """Old key path -> canonical path (renames inside a section and moves between sections)."""
 
 ALIAS_VERSIONS = {
+    "loop.phases": (1, None),
     "loop.seed": (1, None),
     "net.d_model": (2, None),
     "net.dim_old": (1, 2),
@@ -70,6 +72,14 @@ RULES = (
         message="at most one ratio per milestone",
         paths=("loop.ratios", "loop.milestones"),
         holds=lambda c: len(c.loop.ratios) <= max(1, len(c.loop.milestones)),
+        applies=None,
+    ),
+    Rule(
+        check="sum(s.steps for s in loop.stages) <= loop.steps",
+        when=None,
+        message="the stages must fit in the run",
+        paths=("loop.stages", "loop.steps"),
+        holds=lambda c: sum((s.steps for s in c.loop.stages)) <= c.loop.steps,
         applies=None,
     ),
 )

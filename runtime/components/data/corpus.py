@@ -1,4 +1,5 @@
-"""Training data: corpora (cached token files), deterministic resumable window sampling, loaders.
+"""The `dataset` corpora (used when `data.sources` is empty): one flat token stream each, windows
+at offsets drawn per sample.
 
 A corpus is one flat token file, memory-mapped. `stdlib` and `text_dir` are bytes (vocab 256),
 encoded once into `<data_dir>/<dataset>.bin` (uint8) with a `<dataset>.json` fingerprint next to
@@ -9,39 +10,41 @@ and the whole text encoded with it, cached as `<dataset>.bpe<V>.tokenizer.json`,
 and `.json` (fingerprint, token count, bytes per validation token), rebuilt when the bytes, the
 split or the vocabulary size change. The token split then takes the same fractions of the tokens.
 
-Sampling. Every training window is a pure function of (seed, sample id): its start offset is drawn
-from a counter-based generator seeded with (seed, stream, sample id). Optimizer step `s` consumes
-the global micro-batches `m = 0 .. gradient_accumulation_steps-1`, micro-batch `m` holds the
-sample ids `(s * accum + m) * batch_size + b`; process `r` of `W` takes the contiguous slice of
-micro-batches `r * accum/W .. (r+1) * accum/W - 1`. So the data position is just the step: resuming
-at step N (`StepBatchSampler(start_step=N)`) gives exactly the batches of the uninterrupted run,
-and W processes see the same global batch as one process with the same global settings.
+A `bin` file or a byte corpus may also name a released tokenizer (`data.tokenizer`: a path): the
+bytes are then encoded with it (cached by the tokenizer's digest), and a `bin` file's tokens are
+taken to be its ids. Sampling: item `i` of a split starts at an offset drawn from a generator
+seeded with (seed, stream, i); which sample ids a step reads is sampling.py's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from generated import PATH
 from generated.config import DataConfig
 from generated.names import Dataset as DatasetChoice
 from generated.names import TokenDtype
 from generated.names import Tokenizer as TokenizerKind
-from runtime.components.tokenizer import TextCodec
+from runtime.components.data.errors import DataError
+from runtime.components.tokenizer import TextCodec, TokenizerError
 from runtime.utils.files import atomic_write_chunks
-from runtime.utils.registry import DATASETS, TOKENIZERS
+from runtime.utils.registry import DATASETS
 
+# files of records (JSON lines, parquet) that `data prepare` reads and text_dir must not
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet")
 TRAIN_STREAM = 0
 VAL_STREAM = 1
 CACHE_VERSION = 1
@@ -49,10 +52,6 @@ CACHE_VERSION = 1
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
-
-
-class DataError(RuntimeError):
-    """The configured data cannot be used (missing path, too small for a window, ...)."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +74,53 @@ class Corpus:
 
 def load_corpus(data: DataConfig, vocab_size: int | None = None) -> Corpus:
     """The corpus of the `data` section (DataConfig), building its caches if needed; `vocab_size`
-    (model.vocab_size) is the size of a `bpe` tokenizer."""
+    (model.vocab_size) is the size of a `bpe` tokenizer and the bound every id is checked
+    against. `data.tokenizer`: `bytes` keeps byte corpora as they are, `bpe` trains one on them,
+    a path encodes them with that tokenizer; a `bin` file is tokens already (with a path, the
+    tokenizer that made them, for the sample and export)."""
     corpus = DATASETS.get(data.dataset)(data)
-    return TOKENIZERS.get(data.tokenizer)(corpus, data, vocab_size)
+    if data.tokenizer == TokenizerKind.BYTES:
+        pass
+    elif data.tokenizer == TokenizerKind.BPE:
+        corpus = bpe_corpus(corpus, data, vocab_size)
+    elif data.dataset == DatasetChoice.BIN:
+        corpus = dataclasses.replace(corpus, codec=_pretrained(data.tokenizer))
+    else:
+        corpus = pretrained_corpus(corpus, data, _pretrained(data.tokenizer))
+    if data.dataset == DatasetChoice.BIN and vocab_size is not None:
+        check_bin_ids(corpus, vocab_size)
+    return corpus
 
 
-@TOKENIZERS.register(TokenizerKind.BYTES)
-def _bytes_tokens(corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
-    return corpus  # byte corpora are bytes already; a `bin` corpus is its own tokens
+def _pretrained(path: str) -> TextCodec:
+    try:
+        return TextCodec.from_path(path)
+    except TokenizerError as error:
+        raise DataError(f"{PATH.data.tokenizer}: {error}") from None
+
+
+def check_bin_ids(corpus: Corpus, vocab_size: int) -> None:
+    """DataError naming the file and offset of the first id at or above the vocabulary, checked
+    once at load; and one for a uint32 file declared uint16 (every second 16-bit word zero)."""
+    tokens = corpus.array()
+    chunk = 1 << 24
+    for start in range(0, corpus.length, chunk):
+        block = tokens[start : start + chunk]
+        hits = np.flatnonzero(block >= vocab_size)
+        if len(hits):
+            at = start + int(hits[0])
+            raise DataError(
+                f"{corpus.path}: token {at:,} is id {int(tokens[at])}, outside the model's "
+                f"vocabulary of {vocab_size:,} ({PATH.model.vocab_size}); is "
+                f"{PATH.data.token_dtype} ({corpus.dtype}) the file's?"
+            )
+    if corpus.dtype == TokenDtype.UINT16 and corpus.length >= 64 and corpus.length % 2 == 0:
+        high = tokens[1 : min(corpus.length, 1 << 20) : 2]
+        if not high.any() and tokens[0 : min(corpus.length, 1 << 20) : 2].any():
+            raise DataError(
+                f"{corpus.path}: every second 16-bit word is zero: this looks like a uint32 file "
+                f"read as uint16; set {PATH.data.token_dtype}: {TokenDtype.UINT32}"
+            )
 
 
 def _text_chunks(raw: np.ndarray, start: int, end: int, size: int = 1 << 20) -> Iterator[str]:
@@ -97,7 +135,6 @@ def _text_chunks(raw: np.ndarray, start: int, end: int, size: int = 1 << 20) -> 
         a = b
 
 
-@TOKENIZERS.register(TokenizerKind.BPE)
 def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) -> Corpus:
     """The byte corpus encoded with a byte-level BPE trained on its training split (cached)."""
     # the spec's rules keep `bin` corpora and vocabularies outside [256, 65536] away from here
@@ -148,6 +185,36 @@ def bpe_corpus(byte_corpus: Corpus, data: DataConfig, vocab_size: int | None) ->
         False,
         bytes_per_token,
         codec,
+    )
+
+
+def pretrained_corpus(byte_corpus: Corpus, data: DataConfig, codec: TextCodec) -> Corpus:
+    """The byte corpus encoded with a released tokenizer (cached by the tokenizer's digest)."""
+    tokenizer_sha = hashlib.sha256(codec.to_json().encode()).hexdigest()
+    dtype = np.dtype(np.uint16) if codec.vocab_size <= 65536 else np.dtype(np.uint32)
+    stem = os.path.join(data.data_dir, f"{byte_corpus.name}.tok{tokenizer_sha[:12]}")
+    bin_path, meta_path = stem + ".bin", stem + ".json"
+    with open(os.path.join(data.data_dir, f"{byte_corpus.name}.json")) as f:
+        source = json.load(f)
+    meta = {"version": CACHE_VERSION, "source_fingerprint": source["fingerprint"],
+            "tokenizer_sha256": tokenizer_sha, "dtype": dtype.name}  # fmt: skip
+    if os.path.exists(bin_path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} == meta and old.get("tokens", -1) * dtype.itemsize == (
+            os.path.getsize(bin_path)
+        ):
+            return Corpus(byte_corpus.name, bin_path, dtype.name, old["tokens"], False,
+                          old["bytes_per_token"], codec)  # fmt: skip
+    raw = byte_corpus.array()
+    pieces = codec.encode_batch(list(_text_chunks(raw, 0, byte_corpus.length)))
+    ids = np.concatenate([np.asarray(p, dtype=dtype) for p in pieces])
+    bytes_per_token = byte_corpus.length / max(1, len(ids))
+    atomic_write_chunks(bin_path, [ids.tobytes()])
+    meta.update(tokens=int(len(ids)), bytes_per_token=bytes_per_token)
+    atomic_write_chunks(meta_path, [json.dumps(meta, indent=1).encode()])
+    return Corpus(
+        byte_corpus.name, bin_path, dtype.name, int(len(ids)), False, bytes_per_token, codec
     )
 
 
@@ -213,18 +280,28 @@ def _cached_bytes_corpus(
         if {k: old.get(k) for k in meta} == meta and old.get("bytes") == os.path.getsize(bin_path):
             return Corpus(name, bin_path, "uint8", old["bytes"], True, 1.0)
 
+    skipped: list[str] = []
+
     def chunks() -> Iterator[bytes]:
         for rel in files:
             with open(os.path.join(root, rel), "rb") as f:
                 raw = f.read()
             if not select_text or _is_text(raw):
                 yield raw
+            else:
+                skipped.append(rel)
 
     atomic_write_chunks(bin_path, chunks())
     meta["bytes"] = os.path.getsize(bin_path)
     atomic_write_chunks(meta_path, [json.dumps(meta, indent=1).encode()])
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
     if meta["bytes"] == 0:
-        raise DataError(f"dataset {name!r}: no text found under {root}")
+        why = f": skipped {shown} (not UTF-8 text)" if skipped else ": no files"
+        raise DataError(f"dataset {str(name)!r}: no text under {root}{why}")
+    if skipped:
+        warnings.warn(
+            f"dataset {str(name)!r}: skipped {shown} under {root}: not UTF-8 text", stacklevel=3
+        )
     return Corpus(name, bin_path, "uint8", meta["bytes"], True, 1.0)
 
 
@@ -245,8 +322,17 @@ def text_dir_corpus(data: DataConfig) -> Corpus:
             f"{PATH.data.path} must be an existing folder for the {DatasetChoice.TEXT_DIR} dataset, got {data.path!r}"
         )
     root = os.path.realpath(data.path)
+    files = _text_files(root)
+    records = [f for f in files if f.lower().endswith(RECORD_SUFFIXES)]
+    if records:  # their bytes would train as text: JSON escapes, parquet pages
+        raise DataError(
+            f"{PATH.data.path}: {root} holds record files ({', '.join(records[:3])}"
+            f"{' ...' if len(records) > 3 else ''}), which the {DatasetChoice.TEXT_DIR} dataset would "
+            f"read as raw bytes; tokenize them with `deepseek-moe data prepare {data.path} --tokenizer "
+            f"SRC --out DIR` and train on {PATH.data.sources}"
+        )
     return _cached_bytes_corpus(
-        DatasetChoice.TEXT_DIR, data.data_dir, root, _text_files(root), select_text=True
+        DatasetChoice.TEXT_DIR, data.data_dir, root, files, select_text=True
     )
 
 
@@ -273,7 +359,6 @@ def bin_corpus(data: DataConfig) -> Corpus:
 
 
 DATASETS.complete()
-TOKENIZERS.complete()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,163 +406,3 @@ class WindowDataset(Dataset):
         state = dict(self.__dict__)
         state["_data"] = None
         return state
-
-
-def micro_batches_per_rank(grad_accum: int, world_size: int) -> int:
-    """Micro-batches each of `world_size` processes runs per optimizer step."""
-    if grad_accum % world_size:
-        raise DataError(
-            f"{PATH.training.gradient_accumulation_steps} ({grad_accum}) must divide by the number of "
-            f"processes ({world_size})"
-        )
-    return grad_accum // world_size
-
-
-class StepBatchSampler(Sampler):
-    """Yields this process's micro-batches (lists of sample ids) for steps start_step..end_step-1.
-
-    Its whole state is `start_step`: resuming builds a new sampler at the resumed step."""
-
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        grad_accum: int,
-        world_size: int,
-        rank: int,
-        start_step: int,
-        end_step: int,
-    ) -> None:
-        self.batch_size, self.grad_accum = batch_size, grad_accum
-        self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
-        self.rank, self.start_step, self.end_step = rank, start_step, end_step
-
-    def micro_batch_ids(self, step: int, micro: int) -> list[int]:
-        """Sample ids of this rank's `micro`-th micro-batch of optimizer step `step`."""
-        global_micro = step * self.grad_accum + self.rank * self.micro_per_rank + micro
-        first = global_micro * self.batch_size
-        return list(range(first, first + self.batch_size))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.end_step):
-            for micro in range(self.micro_per_rank):
-                yield self.micro_batch_ids(step, micro)
-
-    def __len__(self) -> int:
-        return max(0, self.end_step - self.start_step) * self.micro_per_rank
-
-
-class EvalBatchSampler(Sampler):
-    """The fixed validation batches: batch `i` (of `eval_iters`) holds sample ids
-    i*batch_size .. (i+1)*batch_size-1; process `r` of `W` takes batches r, r+W, ... Its first
-    `counted` batches are its share of the loss. With `even=True` every process gets the same number
-    of batches (a sharded model runs collectives in each forward, so every process must run as many):
-    a process with one batch fewer repeats batch 0 after its own, and that repeat is not counted."""
-
-    def __init__(
-        self, *, batch_size: int, eval_iters: int, world_size: int, rank: int, even: bool = False
-    ) -> None:
-        self.batch_size, self.eval_iters, self.world_size, self.rank = (
-            batch_size,
-            eval_iters,
-            world_size,
-            rank,
-        )
-        self.counted = len(range(rank, eval_iters, world_size))
-        self.total = -(-eval_iters // world_size) if even else self.counted
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for i in range(self.rank, self.eval_iters, self.world_size):
-            yield list(range(i * self.batch_size, (i + 1) * self.batch_size))
-        for _ in range(self.total - self.counted):
-            yield list(range(self.batch_size))
-
-    def __len__(self) -> int:
-        return self.total
-
-
-class DataModule:
-    """The corpus, its splits and loaders for one process.
-
-    data: DataConfig; window: tokens per sample (seq_len + 1 + mtp_depth)."""
-
-    def __init__(
-        self,
-        data: DataConfig,
-        *,
-        seed: int,
-        window: int,
-        batch_size: int,
-        grad_accum: int,
-        world_size: int = 1,
-        rank: int = 0,
-        vocab_size: int | None = None,
-    ) -> None:
-        self.data = data
-        self.corpus = load_corpus(data, vocab_size)
-        # tokens of this dtype: a bin file's declared one, or the cache's own (uint8 bytes, uint16 BPE)
-        declared = data.token_dtype
-        self.token_dtype = declared if data.dataset == DatasetChoice.BIN else self.corpus.dtype
-        (train_start, train_end), (val_start, val_end) = split_ranges(self.corpus.length, data)
-        self.train_set = WindowDataset(
-            self.corpus, train_start, train_end, window, seed, TRAIN_STREAM
-        )
-        self.val_set = WindowDataset(self.corpus, val_start, val_end, window, seed, VAL_STREAM)
-        self.batch_size, self.grad_accum = batch_size, grad_accum
-        self.world_size, self.rank = world_size, rank
-        self.num_workers, self.pin_memory = data.num_workers, data.pin_memory
-        self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
-        self.next_step = 0  # the data position: the next optimizer step's batches come next
-
-    def _loader(
-        self, dataset: WindowDataset, batch_sampler: Sampler[list[int]]
-    ) -> DataLoader[Tensor]:
-        # Windows depend only on their sample ids; the loader's own generator keeps it from drawing
-        # its base seed from (and so shifting) the global torch RNG.
-        return DataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(0),
-        )
-
-    def train_loader(self, start_step: int, end_step: int) -> DataLoader[Tensor]:
-        """Micro-batches (B, window) of steps start_step..end_step-1, `micro_per_rank` per step."""
-        sampler = StepBatchSampler(
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            world_size=self.world_size,
-            rank=self.rank,
-            start_step=start_step,
-            end_step=end_step,
-        )
-        return self._loader(self.train_set, sampler)
-
-    def val_loader(self, eval_iters: int, even: bool = False) -> DataLoader[Tensor]:
-        """This process's validation batches; the first `loader.batch_sampler.counted` count
-        (EvalBatchSampler: `even` pads every process to the same number of forwards)."""
-        sampler = EvalBatchSampler(
-            batch_size=self.batch_size,
-            eval_iters=eval_iters,
-            world_size=self.world_size,
-            rank=self.rank,
-            even=even,
-        )
-        return self._loader(self.val_set, sampler)
-
-    def train_steps(self, end_step: int) -> Iterator[list[Tensor]]:
-        """This process's micro-batches (a list of `micro_per_rank`) of each optimizer step from
-        next_step to end_step - 1; next_step advances as each step's batches are handed out."""
-        loader = iter(self.train_loader(self.next_step, end_step))
-        while self.next_step < end_step:
-            micro = [next(loader) for _ in range(self.micro_per_rank)]
-            self.next_step += 1
-            yield micro
-
-    # Stateful: the data position is the next step (windows are a function of the step)
-    def state_dict(self) -> dict[str, int]:
-        return {"next_step": int(self.next_step)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.next_step = int(state["next_step"])
