@@ -28,8 +28,9 @@ from helpers import (
     write_jsonl,
 )
 from runtime.cli import export as export_cli
-from runtime.components.data import DataError, DataModule
+from runtime.components.data.errors import DataError
 from runtime.components.data.indexed import IndexedWriter
+from runtime.components.data.module import DataModule
 from runtime.components.data.prepare import Settings, prepare
 from runtime.components.loss import TrainingLoss
 from runtime.components.tokenizer import TextCodec
@@ -352,3 +353,28 @@ def test_sample_of_a_run_without_a_text_tokenizer_takes_token_ids(tmp_path, data
                           cwd=REPO, capture_output=True, text=True, env=ENV)  # fmt: skip
     assert good.returncode == 0 and len(good.stdout.split()) == 3
     assert all(t.isdigit() for t in (tmp_path / "o" / "sample.txt").read_text().split())
+
+
+@pytest.mark.slow
+def test_the_readme_walk_through_runs_as_written(tmp_path):
+    # the miniature release and corpus, prepare, then configs/continued_pretraining.yaml as it is
+    # (fewer steps), all from a working folder as in README
+    def run(*argv):
+        proc = subprocess.run([PYTHON, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True,
+                              env=ENV, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    run("-m", "bench.tiny_release", "out/release", "--corpus", "out/corpus.jsonl", "--steps", "5")
+    prepared = run("-m", "runtime", "data", "prepare", "out/corpus.jsonl", "--tokenizer", "out/release",
+                   "--out", "out/corpus_ds")  # fmt: skip
+    assert prepared.startswith("wrote out/corpus_ds:")
+    run("-m", "runtime", "train", REPO / "configs" / "continued_pretraining.yaml", "--training.max_iters", "4",
+        "--evaluator.eval_interval", "4", "--checkpointer.save_interval", "4")  # fmt: skip
+    rows = metrics(tmp_path / "out" / "cpt")
+    assert rows[0]["iter"] == 4 and rows[0]["data/corpus_ds/tokens"] == 4 * 16 * 128  # 4 steps x 16 x 128
+    assert any("val_loss" in r for r in rows)
+    run("-m", "runtime", "export", "out/cpt/checkpoints/ckpt_0000004.pt", "out/cpt_hf", "--no-mtp")
+    assert TextCodec.from_path(str(tmp_path / "out" / "cpt_hf")).same_ids_as(
+        TextCodec.from_path(str(tmp_path / "out" / "release"))
+    )

@@ -9,9 +9,11 @@ import torch
 
 from generated.config import DataConfig
 from generated.parser import ConfigError, load_config
-from runtime.components.data import DataError, DataModule, StepBatchSampler
 from runtime.components.data import corpus as data_mod
 from runtime.components.data.corpus import load_corpus, split_ranges
+from runtime.components.data.errors import DataError
+from runtime.components.data.module import DataModule
+from runtime.components.data.sampling import StepBatchSampler
 
 
 def make(data, window=9, batch_size=2, grad_accum=2, world_size=1, rank=0, seed=7):

@@ -23,15 +23,9 @@ from runtime.components.data.indexed import (
     IndexedWriter,
     token_dtype,
 )
-from runtime.components.data.mixture import (
-    Interleave,
-    Permutation,
-    SourceError,
-    check_ids,
-    hold_out_tail,
-    open_source,
-)
+from runtime.components.data.mixture import Interleave, Permutation
 from runtime.components.data.prepare import MANIFEST, Settings, prepare
+from runtime.components.data.sources import SourceError, check_ids, hold_out_tail, open_source
 from runtime.components.tokenizer import TextCodec
 
 TEXTS = [f"doc {i}: " + "lorem ipsum dolor sit amet " * (1 + i % 5) for i in range(120)]

@@ -14,7 +14,7 @@ from generated.parser import ConfigError, load_config
 from helpers import TINY_RUN_FLAGS, metrics, run_trainer, trainer_args
 from runtime.checkpoint.single_file import load_checkpoint
 from runtime.cli.train import main
-from runtime.components.data import DataError
+from runtime.components.data.errors import DataError
 from runtime.components.lr_schedule import lr_at, schedule_warnings
 from runtime.trainer.trainer import Trainer
 

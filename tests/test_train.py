@@ -17,7 +17,7 @@ import torch
 from generated.parser import load_config
 from helpers import ENV, PYTHON, REPO, free_port, losses, metrics, run_trainer, trainer_args
 from runtime.cli.train import main
-from runtime.components.data import DataError
+from runtime.components.data.errors import DataError
 from runtime.distributed import precision
 from runtime.distributed.layout import SystemConfigError
 from runtime.trainer.trainer import NonFiniteLossError, Trainer
@@ -458,6 +458,12 @@ def shrink_flags(path, out_dir, data_dir):
         "2",
         "--data.dataset",
         "stdlib",
+        "--data.sources",  # the stdlib corpus instead of a config's own prepared sources
+        "[]",
+        "--data.document_mask",
+        "false",
+        "--checkpointer.init_from",
+        "scratch",
         "--system.device.device",
         "cpu",
         "--training.max_iters",

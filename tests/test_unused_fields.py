@@ -30,8 +30,8 @@ from generated.config import (
     TorchCompilationConfig,
 )
 from helpers import TINY_RUN_FLAGS, trainer_args
-from runtime.components.data import DataModule
 from runtime.components.data.corpus import load_corpus
+from runtime.components.data.module import DataModule
 from runtime.components.data.prepare import Settings, prepare
 from runtime.components.lr_schedule import lr_at, phase_at
 from runtime.components.tokenizer import TextCodec

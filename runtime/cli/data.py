@@ -22,7 +22,6 @@ import numpy as np
 
 from generated import PATH
 from runtime.cli import console
-from runtime.components.data.mixture import SourceError, open_source
 from runtime.components.data.prepare import (
     MANIFEST,
     Counts,
@@ -30,6 +29,7 @@ from runtime.components.data.prepare import (
     Settings,
     prepare,
 )
+from runtime.components.data.sources import SourceError, open_source
 from runtime.components.tokenizer import TextCodec, TokenizerError
 
 PROG = "data"

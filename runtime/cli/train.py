@@ -13,7 +13,7 @@ from generated.parser import SPEC, build_arg_parser, resolve
 from runtime.checkpoint.format import CheckpointError
 from runtime.cli import console
 from runtime.components import logs
-from runtime.components.data import DataError
+from runtime.components.data.errors import DataError
 from runtime.components.wandb_logger import WandbUnavailable
 from runtime.distributed import utils as dist_utils
 from runtime.distributed.layout import SystemConfigError

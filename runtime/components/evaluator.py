@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from generated.config import EvaluatorConfig
-from runtime.components.data import DataModule, EvalBatchSampler
+from runtime.components.data.module import DataModule
+from runtime.components.data.sampling import EvalBatchSampler
 from runtime.components.loss import TrainingLoss
 from runtime.distributed.utils import DistInfo, all_reduce_sum
 from runtime.utils.faults import fault_point

@@ -46,7 +46,7 @@ from runtime.checkpoint.format import RNGState
 from runtime.checkpoint.manager import CheckpointManager, check_writable
 from runtime.components import logs
 from runtime.components.balancer import MoEBalancer
-from runtime.components.data import DataModule
+from runtime.components.data.module import DataModule
 from runtime.components.evaluator import Evaluator
 from runtime.components.loss import TrainingLoss
 from runtime.components.lr_schedule import LRSchedule

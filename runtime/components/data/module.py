@@ -30,19 +30,18 @@ from runtime.components.data.corpus import (
     split_ranges,
 )
 from runtime.components.data.errors import DataError
-from runtime.components.data.mixture import (
-    MixtureDataset,
-    SourceError,
-    TokenSource,
-    ValidationDataset,
-    check_ids,
-    hold_out_tail,
-    open_source,
-)
+from runtime.components.data.mixture import MixtureDataset, ValidationDataset
 from runtime.components.data.sampling import (
     EvalBatchSampler,
     StepBatchSampler,
     micro_batches_per_rank,
+)
+from runtime.components.data.sources import (
+    SourceError,
+    TokenSource,
+    check_ids,
+    hold_out_tail,
+    open_source,
 )
 from runtime.components.tokenizer import TextCodec, TokenizerError
 
