@@ -372,7 +372,8 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     run("-m", "runtime", "train", REPO / "configs" / "continued_pretraining.yaml", "--training.max_iters", "4",
         "--evaluator.eval_interval", "4", "--checkpointer.save_interval", "4")  # fmt: skip
     rows = metrics(tmp_path / "out" / "cpt")
-    assert rows[0]["iter"] == 4 and rows[0]["data/corpus_ds/tokens"] == 4 * 16 * 128  # 4 steps x 16 x 128
+    tokens = 4 * 16 * 128  # 4 steps of 16 sequences of 128
+    assert rows[0]["iter"] == 4 and rows[0]["data/corpus_ds/tokens"] == tokens
     assert any("val_loss" in r for r in rows)
     run("-m", "runtime", "export", "out/cpt/checkpoints/ckpt_0000004.pt", "out/cpt_hf", "--no-mtp")
     assert TextCodec.from_path(str(tmp_path / "out" / "cpt_hf")).same_ids_as(
