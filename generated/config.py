@@ -53,6 +53,9 @@ class DistributedConfig:
     find_unused_parameters: bool = False
     """DDP find_unused_parameters (needed only if some parameters get no gradient)."""
 
+    timeout: int = 600
+    """Seconds a collective may wait for the other processes before the process group gives up (passed to init_process_group), and the longest a process may go without finishing a step before a watchdog ends the job naming it: a dead or frozen peer ends the run with a message instead of hanging it. Unused by a single process."""
+
     dp_replicate: int | None = None
     """Data-parallel replicate degree: processes holding whole copies of the (sharded) state, their gradients averaged (DDP when `dp_shard` and `expert_parallel` are 1, the replicate dimension of HSDP otherwise). null: WORLD_SIZE / (dp_shard * expert_parallel). At launch dp_replicate * dp_shard * expert_parallel must equal WORLD_SIZE (a config error naming these fields otherwise). Every process reads its own slice of the global batch, whatever the layout."""
 
@@ -281,7 +284,10 @@ class TrainingConfig:
     """Write a metrics line (and a wandb log) every this many steps."""
 
     nonfinite_loss: Literal["stop", "skip"] = "stop"
-    """On a NaN or infinite loss: `stop` ends the run with an error naming the step; `skip` drops that step's update and goes on."""
+    """On a NaN or infinite loss (or gradient norm): `stop` ends the run with an error naming the step; `skip` drops that step's update and goes on, up to `max_skipped_steps` in a row."""
+
+    max_skipped_steps: int = 20
+    """With `nonfinite_loss: skip`, the most steps in a row that may be skipped; the next non-finite one stops the run (exit 1) instead of training on nothing. An applied step starts the count again."""
 
     def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["training"], FIELDS, SECTIONS)
@@ -1570,10 +1576,24 @@ FIELDS = {
         type="str",
         nullable=False,
         default="stop",
-        doc="On a NaN or infinite loss: `stop` ends the run with an error naming the step; `skip` drops that step's update and goes on.",
+        doc="On a NaN or infinite loss (or gradient norm): `stop` ends the run with an error naming the step; `skip` drops that step's update and goes on, up to `max_skipped_steps` in a row.",
         aliases=(),
         choices=("stop", "skip"),
         min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "training.max_skipped_steps": FieldSpec(
+        path="training.max_skipped_steps",
+        name="max_skipped_steps",
+        type="int",
+        nullable=False,
+        default=20,
+        doc="With `nonfinite_loss: skip`, the most steps in a row that may be skipped; the next non-finite one stops the run (exit 1) instead of training on nothing. An applied step starts the count again.",
+        aliases=(),
+        choices=None,
+        min=1,
         max=None,
         gt=None,
         policy="overridable",
@@ -2191,6 +2211,20 @@ FIELDS = {
         gt=None,
         policy="overridable",
     ),
+    "system.distributed.timeout": FieldSpec(
+        path="system.distributed.timeout",
+        name="timeout",
+        type="int",
+        nullable=False,
+        default=600,
+        doc="Seconds a collective may wait for the other processes before the process group gives up (passed to init_process_group), and the longest a process may go without finishing a step before a watchdog ends the job naming it: a dead or frozen peer ends the run with a message instead of hanging it. Unused by a single process.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
     "system.distributed.dp_replicate": FieldSpec(
         path="system.distributed.dp_replicate",
         name="dp_replicate",
@@ -2430,6 +2464,7 @@ SECTIONS = {
             "max_iters",
             "log_interval",
             "nonfinite_loss",
+            "max_skipped_steps",
         ),
         sections=(),
         shorthand=None,
@@ -2537,6 +2572,7 @@ SECTIONS = {
             "backend",
             "ddp_bucket_cap_mb",
             "find_unused_parameters",
+            "timeout",
             "dp_replicate",
             "dp_shard",
             "expert_parallel",

@@ -106,6 +106,7 @@ class PATH:
         max_iters = "training.max_iters"
         log_interval = "training.log_interval"
         nonfinite_loss = "training.nonfinite_loss"
+        max_skipped_steps = "training.max_skipped_steps"
 
     class data:
         SECTION = "data"
@@ -180,6 +181,7 @@ class PATH:
             backend = "system.distributed.backend"
             ddp_bucket_cap_mb = "system.distributed.ddp_bucket_cap_mb"
             find_unused_parameters = "system.distributed.find_unused_parameters"
+            timeout = "system.distributed.timeout"
             dp_replicate = "system.distributed.dp_replicate"
             dp_shard = "system.distributed.dp_shard"
             expert_parallel = "system.distributed.expert_parallel"

@@ -265,6 +265,19 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
+def test_skipping_has_a_budget_of_steps_in_a_row(tmp_path, data_dir, capsys):
+    # an lr of 1e6 makes every loss after the first update non-finite: skipping alone would
+    # "succeed" on no training at all
+    args = trainer_args(tmp_path / "o", data_dir, "--training.max_iters", "8", "--optimizer.lr", "1e6",
+                        "--schedule.warmup_iters", "0", "--training.nonfinite_loss", "skip",
+                        "--training.max_skipped_steps", "3")  # fmt: skip
+    assert main(args) == 1
+    skipped = [r.get("skipped", False) for r in metrics(tmp_path / "o") if "loss" in r]
+    assert skipped[-3:] == [True] * 3 and not skipped[-4] and len(skipped) < 8
+    err = capsys.readouterr().err
+    assert "the 4th step in a row: more than training.max_skipped_steps (3) skipped" in err
+
+
 def test_device_resolution():
     from generated.config import DeviceConfig
     from runtime.distributed.layout import SystemConfigError as Err

@@ -295,6 +295,7 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
     # what the trainer reads only under torchrun (test_train runs it for real with 2 processes)
     distributed = cfg.system.distributed
     dist_utils.process_group_backend(distributed, "cpu")
+    dist_utils.collective_timeout(distributed)
     ddp_options(distributed)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(dist_utils.SystemConfigError):

@@ -1,6 +1,7 @@
 """Processes and devices: the torchrun launch, the process group and its collectives, the
 device, a weight's local block, and the allocator settings on CPU."""
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
@@ -64,14 +65,20 @@ def resolve_device(
 
 
 def init_distributed(launch: DistInfo, dist_cfg: DistributedConfig, device_type: str) -> DistInfo:
-    """Initialise the process group of a checked multi-process `launch` (from check_launch);
-    `enabled: true` in a single process runs without DDP."""
+    """Initialise the process group of a checked multi-process `launch` (from check_launch), its
+    collectives giving up after `timeout` seconds; `enabled: true` in a single process runs
+    without DDP."""
     if launch.world_size <= 1:
         return DistInfo(1, 0, 0, False)
     backend = process_group_backend(dist_cfg, device_type)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=collective_timeout(dist_cfg))
     return launch
+
+
+def collective_timeout(dist_cfg: DistributedConfig) -> datetime.timedelta:
+    """How long a collective waits for the other processes (`system.distributed.timeout`)."""
+    return datetime.timedelta(seconds=dist_cfg.timeout)
 
 
 def check_launch(dist_cfg: DistributedConfig) -> DistInfo:

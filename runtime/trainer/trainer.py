@@ -152,6 +152,8 @@ class Trainer:
         if self.dist.enabled and not self.parallel.sharded:
             self.train_module = wrap_ddp(self.train_module, cfg.system.distributed, self.device)
         self.stopped_by: str | None = None  # the signal's name when one ended the run early
+        # non-finite steps skipped since the last applied one, and how many may be
+        self.skipped_in_a_row, self.max_skipped = 0, cfg.training.max_skipped_steps
         self.tokens_per_step = (
             cfg.training.batch_size
             * cfg.training.seq_len
@@ -300,6 +302,7 @@ class Trainer:
             # the GradScaler skips such steps itself
             if not math.isfinite(metrics["grad_norm"]) and not self.scaler.is_enabled():
                 return self._not_applied(metrics, "gradient norm", metrics["grad_norm"], step)
+        self.skipped_in_a_row = 0
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -316,11 +319,21 @@ class Trainer:
         self, metrics: dict[str, Any], what: str, value: float, step: int
     ) -> dict[str, Any]:
         """A step whose loss or gradient norm is not finite: stop (NonFiniteLossError), or with
-        the `skip` policy drop its gradients and its routing loads and mark it skipped."""
+        the `skip` policy drop its gradients and its routing loads and mark it skipped, up to
+        `max_skipped_steps` in a row (every process decides alike: the loss and the norm are
+        global)."""
         if self.nonfinite_policy == NonfiniteLoss.STOP:
             raise NonFiniteLossError(
                 f"non-finite {what} ({value}) at step {step + 1}; set {PATH.training.nonfinite_loss}: "
                 f"{NonfiniteLoss.SKIP} to drop such steps"
+            )
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > self.max_skipped:
+            raise NonFiniteLossError(
+                f"non-finite {what} ({value}) at step {step + 1}, the {self.skipped_in_a_row}th "
+                f"step in a row: more than {PATH.training.max_skipped_steps} "
+                f"({self.max_skipped}) skipped; the run is not training, so it "
+                f"stops (lower {PATH.optimizer.lr}, or resume from an earlier checkpoint)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.balancer.discard()  # a step not applied moves no bias
