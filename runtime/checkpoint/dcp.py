@@ -25,6 +25,7 @@ is reached after a process wrote its shards, only on the ranks listed in DEEPSEE
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -39,9 +40,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.checkpoint.format import CheckpointError, capture_rng_state, config_digest
+from runtime.checkpoint.format import (
+    CheckpointError,
+    capture_rng_state,
+    config_digest,
+    nonfinite_message,
+    nonfinite_tensors,
+)
 from runtime.checkpoint.single_file import FileWriter
-from runtime.utils.faults import fault_point
+from runtime.utils.faults import fault_point, read_fault, this_rank_faulty
 from runtime.utils.files import atomic_write_bytes, describe_os_error
 
 if TYPE_CHECKING:  # DCP is imported where it is used: it costs train's start 0.75 s
@@ -55,7 +62,6 @@ BEST_DIR = "best"
 COMPLETE = "COMPLETE"
 CHECKSUMS = "checksums.json"
 META = "meta.pt"
-FAULT_RANKS_ENV = "DEEPSEEK_MOE_FAULT_RANKS"
 CHUNK = 1 << 20
 
 
@@ -77,6 +83,17 @@ def _sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+def sha256_retrying(path: str) -> str:
+    """The file's sha256, reading it again once if the first read fails (a transient error of a
+    network file system must not declare a good checkpoint damaged); OSError if both fail."""
+    try:
+        read_fault(path)
+        return _sha256(path)
+    except OSError:
+        read_fault(path)
+        return _sha256(path)
+
+
 def _serialized(obj: object) -> bytes:
     # torch.save to bytes: written with atomic_write_bytes, outside the single-file fault points
     buffer = io.BytesIO()
@@ -88,8 +105,9 @@ def _rng_name(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
-def verify(path: str) -> None:
-    """CheckpointError naming the file when the folder is incomplete or a file is damaged."""
+def verify(path: str, rank: int = 0, world: int = 1) -> None:
+    """CheckpointError naming the file when the folder is incomplete or a file is damaged. Of `world`
+    processes, process `rank` hashes every world-th file (the manager gathers their verdicts)."""
     marker = os.path.join(path, COMPLETE)
     if not os.path.isfile(marker):
         raise CheckpointError(f"checkpoint {path}: incomplete (no {COMPLETE} marker)")
@@ -98,10 +116,10 @@ def verify(path: str) -> None:
             sums = json.load(f)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path}: cannot read {CHECKSUMS}: {error}") from None
-    for name, recorded in sorted(sums.items()):
+    for name, recorded in sorted(sums.items())[rank::world]:
         file = os.path.join(path, name)
         try:
-            actual = _sha256(file)
+            actual = sha256_retrying(file)
         except OSError as error:
             raise CheckpointError(
                 f"checkpoint {path}: shard {file} cannot be read: {describe_os_error(error)}"
@@ -113,10 +131,12 @@ def verify(path: str) -> None:
             )
 
 
-def load_meta(path: str, rank: int = 0) -> dict[str, Any]:
-    """The checkpoint's meta dict (no weights) after verifying every file, with `sharded` (the
-    folder) and `rng` (this rank's RNG state, or rank 0's) added."""
-    verify(path)
+def load_meta(path: str, rank: int = 0, verified: bool = False) -> dict[str, Any]:
+    """The checkpoint's meta dict (no weights) after verifying every file (unless `verified`: the
+    processes of a run verified their shares together), with `sharded` (the folder) and `rng`
+    (this rank's RNG state, or rank 0's) added."""
+    if not verified:
+        verify(path)
     state = torch.load(os.path.join(path, META), map_location="cpu", weights_only=True)
     if state.get("config_sha256") != config_digest(state["config"]):
         raise CheckpointError(
@@ -349,6 +369,33 @@ def model_tensors(path: str) -> dict[str, _ModelTensor]:
     return out
 
 
+def write_failure(error: BaseException, folder: str) -> str:
+    """What stopped a write, in one line: the OS error (ENOSPC, EROFS, EIO) and the folder. DCP
+    wraps each process's failure in a CheckpointException (a BaseException), and torch.save's
+    archive writer reports a full disk as a bare RuntimeError: the cause is unwrapped, and the
+    folder's file system asked when the error names none."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cause: BaseException = error
+    if isinstance(error, CheckpointException) and error.failures:
+        cause = next(iter(error.failures.values()))[0]
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    where = os.path.dirname(os.path.abspath(folder))
+    if isinstance(cause, OSError):
+        return f"{describe_os_error(cause)} in {where}"
+    try:
+        fs = os.statvfs(where)
+        full = fs.f_bavail * fs.f_frsize < 4 << 20
+        read_only = bool(fs.f_flag & os.ST_RDONLY)
+    except OSError:
+        full = read_only = False
+    code = errno.ENOSPC if full else errno.EROFS if read_only else errno.EIO
+    name = errno.errorcode[code]
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{os.strerror(code)} ({name}) in {where} ({type(cause).__name__}: {first[:200]})"
+
+
 class ShardedWriter(FileWriter):
     """Writes the checkpoints of `folder` as DCP folders: every process calls write() together
     (collectives inside), each writing the shards it holds of `model` and `optimizer`."""
@@ -367,51 +414,81 @@ class ShardedWriter(FileWriter):
     def best_name(self) -> str:
         return BEST_DIR
 
-    def _faulty(self) -> bool:
-        ranks = os.environ.get(FAULT_RANKS_ENV)
-        return ranks is None or str(self.rank) in ranks.split(",")
+    def _agree(self, failure: str | None) -> str | None:
+        """Every process's verdict gathered: the first failure (naming its rank), the same on
+        all, or None."""
+        verdicts: list[str | None] = [None] * self.world
+        dist.all_gather_object(verdicts, failure)
+        return next((f"{v} (rank {r})" for r, v in enumerate(verdicts) if v is not None), None)
 
     def write(self, state: Mapping[str, Any], path: str) -> None:
+        """Every process writes its shards into `.NAME.tmp/` together; the folder takes its name
+        only when all did. Non-finite weights or optimizer state on any process, or a write any
+        process could not make, refuse the checkpoint on every process alike (one CheckpointError,
+        `all_ranks`), the partial folder removed and earlier checkpoints kept."""
         import torch.distributed.checkpoint as dcp
 
+        bad = nonfinite_tensors(state)
+        refusal = self._agree(nonfinite_message(bad, path, state.get("step")) if bad else None)
+        if refusal is not None:
+            raise CheckpointError(refusal, all_ranks=True)
         tmp = os.path.join(self.dir, "." + os.path.basename(path) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        try:
+        failure: str | None = None
+        sums: dict[str, str] = {}
+        try:  # a collective: DCP raises on every process when one failed
             dcp.save(_dcp_state(self.model, self.optimizer), checkpoint_id=tmp)
             rng = os.path.join(tmp, _rng_name(self.rank))
             atomic_write_bytes(rng, _serialized(capture_rng_state()))
-            if self._faulty():
+            if this_rank_faulty():
                 fault_point("checkpoint_write")
             # each process hashes what it wrote: its .distcp shards and its RNG file
             mine = [n for n in os.listdir(tmp) if n.startswith(f"__{self.rank}_")]
             mine.append(_rng_name(self.rank))
             sums = {n: _sha256(os.path.join(tmp, n)) for n in mine}
-            gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
+        except BaseException as error:  # noqa: BLE001 - DCP's CheckpointException is one
+            if isinstance(error, KeyboardInterrupt | SystemExit):
+                raise
+            failure = write_failure(error, tmp)
+        failure = self._agree(failure)
+        gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
+        if failure is None:
             dist.all_gather_object(gathered, sums)
             if self.rank == 0:
-                meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
-                meta["sharded_world"] = self.world
-                atomic_write_bytes(os.path.join(tmp, META), _serialized(meta))
-                total = {k: v for part in gathered for k, v in part.items()}
-                for name in (META, ".metadata"):
-                    total[name] = _sha256(os.path.join(tmp, name))
-                atomic_write_bytes(
-                    os.path.join(tmp, CHECKSUMS), json.dumps(total, indent=1).encode()
-                )
-                atomic_write_bytes(os.path.join(tmp, COMPLETE), f"{state['step']}\n".encode())
-                old = path + ".old.tmp"
-                if os.path.exists(path):  # best/ is replaced: move the old one aside first
-                    os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError as error:
-            raise CheckpointError(
-                f"cannot write checkpoint {path}: {describe_os_error(error)}"
-            ) from None
+                try:
+                    self._finish(state, tmp, path, gathered)
+                except OSError as error:
+                    failure = write_failure(error, tmp)
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the space a full disk needs back
+            dist.barrier()
+            raise CheckpointError(f"cannot write checkpoint {path}: {failure}", all_ranks=True)
         dist.barrier()
+
+    def _finish(
+        self, state: Mapping[str, Any], tmp: str, path: str, gathered: list[dict[str, str]]
+    ) -> None:
+        """Rank 0: metadata, checksums, COMPLETE, then the rename that makes it a checkpoint."""
+        meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+        meta["sharded_world"] = self.world
+        atomic_write_bytes(os.path.join(tmp, META), _serialized(meta))
+        total = {k: v for part in gathered for k, v in part.items()}
+        for name in (META, ".metadata"):
+            total[name] = _sha256(os.path.join(tmp, name))
+        atomic_write_bytes(os.path.join(tmp, CHECKSUMS), json.dumps(total, indent=1).encode())
+        atomic_write_bytes(os.path.join(tmp, COMPLETE), f"{state['step']}\n".encode())
+        old = path + ".old.tmp"
+        if os.path.exists(path):  # best/ is replaced: move the old one aside first
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
     def remove_stale_temps(self) -> list[str]:
         removed = super().remove_stale_temps()

@@ -32,7 +32,12 @@ BEST_NAME = "best.pt"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, read, trusted or written."""
+    """A checkpoint cannot be found, read, trusted or written. `all_ranks`: every process of a
+    multi-process run raised this same error together (one of them reports it)."""
+
+    def __init__(self, message: str, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 def checkpoint_name(step: int) -> str:
@@ -160,26 +165,37 @@ def config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_finite(state: Mapping[str, Any], path: str) -> None:
-    """Refuse (CheckpointError) to write `path` if a model weight or optimizer state is NaN or inf."""
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """The model weights and optimizer states of checkpoint `state` holding NaN or inf, in this
+    process's blocks (a DTensor's local shard: each process checks what it holds)."""
     named = [(f"model weight {k}", v) for k, v in (state.get("model") or {}).items()]
     for index, per_param in ((state.get("optimizer") or {}).get("state") or {}).items():
         named += [(f"optimizer {k} of parameter {index}", v) for k, v in per_param.items()]
-    named = [
-        (n, t)
+    local = [
+        (n, t.to_local() if hasattr(t, "to_local") else t)
         for n, t in named
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
     ]
-    if not named:
-        return
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-    bad = [n for (n, _), ok in zip(named, finite) if not ok]
+    local = [(n, t) for n, t in local if t.numel()]
+    if not local:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in local]).tolist()
+    return [n for (n, _), ok in zip(local, finite) if not ok]
+
+
+def nonfinite_message(bad: list[str], path: str, step: object) -> str:
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return (
+        f"refusing to write checkpoint {path}: {bad[0]}{more} has non-finite values (NaN or inf) "
+        f"at step {step}; earlier checkpoints are kept"
+    )
+
+
+def check_finite(state: Mapping[str, Any], path: str) -> None:
+    """Refuse (CheckpointError) to write `path` if a model weight or optimizer state is NaN or inf."""
+    bad = nonfinite_tensors(state)
     if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"refusing to write checkpoint {path}: {bad[0]}{more} has non-finite values (NaN or inf) "
-            f"at step {state.get('step')}; earlier checkpoints are kept"
-        )
+        raise CheckpointError(nonfinite_message(bad, path, state.get("step")))
 
 
 def check_weights_fit(model: torch.nn.Module, weights: Mapping[str, Any], path: str) -> None:

@@ -9,7 +9,8 @@ newest `keep_last_n` step checkpoints are kept.
 
 Resuming (`find_resume`, before the model exists): a path named by `resume_from` must load;
 `latest` takes the newest step checkpoint that loads (checksums, weights-only unpickling, config
-hash, step) and belongs to the folder's run, warning about each newer one it skips.
+hash, step) and belongs to the folder's run, warning about each newer one it skips. Under a
+process group all processes decide together and take the same checkpoint.
 """
 
 from __future__ import annotations
@@ -22,38 +23,94 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch.distributed as dist
+
 from generated import PATH
 from generated.config import CheckpointerConfig
 from generated.names import ResumeFrom
-from runtime.checkpoint.dcp import ShardedWriter, load_full_into, load_into, load_meta
+from runtime.checkpoint.dcp import ShardedWriter, load_full_into, load_into, load_meta, verify
 from runtime.checkpoint.format import (
     CheckpointError,
     checkpoint_dict,
     load_components,
     step_checkpoints,
 )
-from runtime.checkpoint.single_file import FileWriter, load_checkpoint
+from runtime.checkpoint.single_file import FileWriter, load_checkpoint, verify_checksum
 from runtime.utils.files import describe_os_error
 
 
-def read_checkpoint(path: str, rank: int = 0) -> dict[str, Any]:
+def read_checkpoint(path: str, rank: int = 0, verified: bool = False) -> dict[str, Any]:
     """The checkpoint at `path` without loading it anywhere: a file's whole dict, or a sharded
     folder's metadata with `sharded` (the folder) and `rng` (process `rank`'s) added; checksums
-    and the config hash verified."""
+    (unless `verified`) and the config hash checked."""
     if os.path.isdir(path):
-        return load_meta(path, rank)
-    return load_checkpoint(path)
+        return load_meta(path, rank, verified=verified)
+    return load_checkpoint(path, verified=verified)
+
+
+def _world() -> tuple[int, int]:
+    """(this process's rank, processes) of the run's process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agreed(problem: str | None) -> str | None:
+    """Every process's verdict on the same question, gathered: the first problem (naming its
+    process when there are several), the same on all, or None."""
+    rank, world = _world()
+    if world == 1:
+        return problem
+    verdicts: list[str | None] = [None] * world
+    dist.all_gather_object(verdicts, problem)
+    return next((f"{v} (rank {r})" for r, v in enumerate(verdicts) if v is not None), None)
+
+
+def _verify(path: str) -> str | None:
+    """Whether `path` is intact, every process hashing its share of a sharded folder's files,
+    process 0 alone a single file's (the others load it as verified); the verdict is all of
+    theirs."""
+    rank, world = _world()
+    try:
+        if os.path.isdir(path):
+            verify(path, rank, world)
+        elif rank == 0:
+            verify_checksum(path)
+    except CheckpointError as error:
+        return _agreed(str(error))
+    return _agreed(None)
+
+
+def _read(path: str, step: int | None, run_id: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(problem or None, state) of a verified checkpoint, the problem agreed by all processes."""
+    rank, _ = _world()
+    state: dict[str, Any] = {}
+    try:
+        state = read_checkpoint(path, rank, verified=True)
+        if step is not None and int(state["step"]) != step:
+            raise CheckpointError(f"checkpoint {path}: holds step {state['step']}, not {step}")
+        owner = state.get("run_id")
+        if run_id is not None and owner is not None and owner != run_id:
+            raise CheckpointError(
+                f"checkpoint {path}: belongs to run {owner}, not to run {run_id} of this out_dir"
+            )
+        problem = None
+    except CheckpointError as error:
+        problem = str(error)
+    return _agreed(problem), state
 
 
 def find_resume(
     checkpointer: CheckpointerConfig,
     run_id: str | None = None,
     warn: Callable[[str], object] | None = None,
-    rank: int = 0,
 ) -> tuple[str | None, dict[str, Any] | None]:
-    """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run.
+    """(path, state) of the checkpoint to resume from, or (None, None) for a fresh run. Under a
+    process group every process calls it together and they decide as one: the candidates are
+    process 0's, each is verified by all (every process hashing its share; a failed read is
+    tried again once), and all take the same one or fail with the same error.
 
-    A file named by `resume_from` must load. `latest` takes the newest step checkpoint that
+    A path named by `resume_from` must load. `latest` takes the newest step checkpoint that
     loads (checksum, weights-only unpickling, config hash, step) and, when `run_id` (the out_dir's
     run) is given, belongs to that run (checkpoints older than run ids are accepted), calling
     `warn` with the problem of each newer one it skips; if step checkpoints exist but none can
@@ -66,27 +123,31 @@ def find_resume(
     if target != ResumeFrom.LATEST:
         if not os.path.exists(target):
             raise CheckpointError(f"{PATH.checkpointer.resume_from}: no checkpoint file {target!r}")
-        return target, read_checkpoint(target, rank)
+        problem = _verify(target)
+        if problem is None:
+            problem, state = _read(target, None, None)
+        if problem is not None:
+            raise CheckpointError(problem, all_ranks=_world()[1] > 1)
+        return target, state
+    candidates = list(reversed(step_checkpoints(folder)))
+    if _world()[1] > 1:  # process 0's listing, so that all try the same ones in the same order
+        box: list[Any] = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
     problems: list[str] = []
-    for step, path in reversed(step_checkpoints(folder)):
-        try:
-            state = read_checkpoint(path, rank)
-            if int(state["step"]) != step:
-                raise CheckpointError(f"checkpoint {path}: holds step {state['step']}, not {step}")
-            owner = state.get("run_id")
-            if run_id is not None and owner is not None and owner != run_id:
-                raise CheckpointError(
-                    f"checkpoint {path}: belongs to run {owner}, not to run {run_id} of this out_dir"
-                )
-        except CheckpointError as error:
-            problems.append(str(error))
-            warn(f"warning: {error}; trying an older checkpoint")
-            continue
-        return path, state
+    for step, path in candidates:
+        problem = _verify(path)
+        if problem is None:
+            problem, state = _read(path, step, run_id)
+        if problem is None:
+            return path, state
+        problems.append(problem)
+        warn(f"warning: {problem}; trying an older checkpoint")
     if problems:
         raise CheckpointError(
             f"{PATH.checkpointer.resume_from} {ResumeFrom.LATEST}: none of the {len(problems)} step "
-            f"checkpoints in {folder} can be used (newest: {problems[0]})"
+            f"checkpoints in {folder} can be used (newest: {problems[0]})",
+            all_ranks=_world()[1] > 1,
         )
     return None, None
 

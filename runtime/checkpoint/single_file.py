@@ -29,7 +29,7 @@ from runtime.checkpoint.format import (
     config_digest,
     upgrade,
 )
-from runtime.utils.faults import fault_armed, fault_point
+from runtime.utils.faults import fault_armed, fault_point, read_fault
 from runtime.utils.files import atomic_file, describe_os_error
 
 TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\..*\.tmp$")  # atomic_save's temporary files
@@ -118,8 +118,19 @@ def atomic_save(obj: object, path: str) -> None:
 
 
 def verify_checksum(path: str) -> None:
-    """Check the sha256 trailer of a checkpoint file; raises CheckpointError naming the problem."""
+    """Check the sha256 trailer of a checkpoint file; raises CheckpointError naming the problem.
+    A read that fails is tried once more (a transient error is no damage)."""
     try:
+        _verify_checksum(path)
+    except CheckpointError as error:
+        if not error.args[0].startswith(f"cannot read checkpoint {path}"):
+            raise
+        _verify_checksum(path)
+
+
+def _verify_checksum(path: str) -> None:
+    try:
+        read_fault(path)
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             if size < EOCD_LEN + TRAILER_LEN:
@@ -157,15 +168,16 @@ def verify_checksum(path: str) -> None:
 
 
 def load_checkpoint(
-    path: str, map_location: str | torch.device = "cpu", mmap: bool = False
+    path: str, map_location: str | torch.device = "cpu", mmap: bool = False, verified: bool = False
 ) -> dict[str, Any]:
-    """The checkpoint dict of a file, after checking its checksum and, for format 2, the config
-    hash. Unpickles with weights_only=True: tensors and plain data only, never arbitrary objects.
-    mmap=True maps the tensors' storage from the file (pages are read when used) instead of
-    reading it all."""
+    """The checkpoint dict of a file, after checking its checksum (unless `verified`: another
+    process of the run did) and, for format 2, the config hash. Unpickles with
+    weights_only=True: tensors and plain data only, never arbitrary objects. mmap=True maps the
+    tensors' storage from the file (pages are read when used) instead of reading it all."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    verify_checksum(path)
+    if not verified:
+        verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - reported with the path

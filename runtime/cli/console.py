@@ -9,6 +9,7 @@ Exit codes, the same for every command:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -93,7 +94,9 @@ def run_command(
             error(prog, f"{describe_os_error(exc)}{where}")
             return EXIT_FAILURE
         except user_errors as exc:
-            error(prog, exc)
+            # an error every process of a torchrun launch raised together: process 0 says it
+            if not (getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):
+                error(prog, exc)
             return EXIT_FAILURE
         except KeyboardInterrupt:
             error(prog, "interrupted")

@@ -17,12 +17,20 @@ from runtime.components.data.errors import DataError
 from runtime.components.wandb_logger import WandbUnavailable
 from runtime.distributed import utils as dist_utils
 from runtime.distributed.layout import SystemConfigError
+from runtime.distributed.watchdog import CollectiveTimeout
 from runtime.trainer.prepare import prepare_run
 from runtime.trainer.trainer import NonFiniteLossError, Trainer
 
 PROG = "train"
 # the input was fine but the work failed: one message, exit 1
-USER_ERRORS = (DataError, CheckpointError, NonFiniteLossError, WandbUnavailable, SystemConfigError)
+USER_ERRORS = (
+    DataError,
+    CheckpointError,
+    NonFiniteLossError,
+    WandbUnavailable,
+    SystemConfigError,
+    CollectiveTimeout,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,10 +58,12 @@ def configure(enabled: bool = True) -> ConsoleHandler | None:
     return console
 
 
-def add_file(path: str) -> logging.FileHandler:
-    """Also write every line to `path` (appended: a resumed run continues its log)."""
+def add_file(path: str, level: int = logging.NOTSET) -> logging.FileHandler:
+    """Also write every line (of at least `level`) to `path` (appended: a resumed run continues
+    its log)."""
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(_formatter())
+    handler.setLevel(level)
     log.addHandler(handler)
     return handler
 

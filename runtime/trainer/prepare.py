@@ -13,11 +13,13 @@ folder.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from generated import PATH
@@ -34,14 +36,17 @@ from generated.parser import (
 from runtime.checkpoint.format import CheckpointError
 from runtime.checkpoint.manager import find_resume
 from runtime.components import logs
+from runtime.components.data.sampling import micro_batches_per_rank
 from runtime.components.lr_schedule import schedule_warnings
 from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec, TokenizerError
-from runtime.distributed.utils import launch_world
+from runtime.distributed import utils as dist_utils
+from runtime.distributed.utils import DistInfo
 from runtime.interop.sources import Source as ModelSource
 from runtime.interop.sources import UnknownSource, load_source
 from runtime.trainer.run_folder import (
     claim_for_fresh_start,
     new_run_id,
+    rank_log_name,
     read_run_id,
     write_run_file,
 )
@@ -57,6 +62,9 @@ class RunSetup:
     resume_state: dict[str, Any] | None = None  # its state (a sharded one: metadata only)
     load_weights: Callable[[nn.Module], None] | None = None  # init_from's weights, fresh runs
     run_id: str | None = None  # main process only
+    launch: DistInfo = field(default_factory=DistInfo)  # the processes torchrun started
+    processes: DistInfo = field(default_factory=DistInfo)  # and their group (enabled if any)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def resumed(self) -> bool:
@@ -64,15 +72,28 @@ class RunSetup:
 
 
 def prepare_run(resolved: Resolved) -> RunSetup:
-    """Settle the config, the resume state, the initial weights and (main process) the run
-    folder. `resolved` (from generated.parser.resolve) says which values were set explicitly: the
-    checkpoint policies of the spec use it on resume and for init_from."""
-    _, rank, _ = launch_world()
-    is_main = rank == 0
-    logs.configure(enabled=is_main)
+    """Settle the processes, the config, the resume state, the initial weights and (main
+    process) the run folder. `resolved` (from generated.parser.resolve) says which values were set
+    explicitly: the checkpoint policies of the spec use it on resume and for init_from. Under
+    torchrun the process group comes first, so that all processes choose the checkpoint they
+    resume from together."""
+    system = resolved.config.system
+    launch = dist_utils.check_launch(system.distributed)
+    # what can be checked without the other processes fails before waiting for them
+    micro_batches_per_rank(resolved.config.training.gradient_accumulation_steps, launch.world_size)
+    logs.configure(enabled=launch.is_main)
+    device = dist_utils.resolve_device(
+        system.device, launch.local_rank, distributed=launch.world_size > 1
+    )
+    if device.type == "cpu":
+        dist_utils.tune_malloc()  # reuse freed blocks: fresh pages are slow to fault in here
+    processes = dist_utils.init_distributed(launch, system.distributed, device.type)
     checkpointer, out_dir = resolved.config.checkpointer, resolved.config.out_dir
+    if not launch.is_main:  # this process's warnings and errors, in a log of its own
+        os.makedirs(out_dir, exist_ok=True)
+        logs.add_file(os.path.join(out_dir, rank_log_name(launch.rank)), logging.WARNING)
     folder_run = read_run_id(out_dir) if checkpointer.resume_from == ResumeFrom.LATEST else None
-    path, state = find_resume(checkpointer, run_id=folder_run, warn=logs.log.warning, rank=rank)
+    path, state = find_resume(checkpointer, run_id=folder_run, warn=logs.log.warning)
     if state is not None:
         assert path is not None  # find_resume returns a state with its path
         resolved, notes = reconcile_with_checkpoint(resolved, state["config"], path)
@@ -80,6 +101,8 @@ def prepare_run(resolved: Resolved) -> RunSetup:
     else:
         resolved, load_weights = init_from(resolved)
         setup = RunSetup(resolved.config, load_weights=load_weights)
+    setup.launch, setup.processes, setup.device = launch, processes, device
+    is_main = launch.is_main
     cfg = setup.config
     if is_main:
         setup.run_id = claim_run_folder(cfg, setup)

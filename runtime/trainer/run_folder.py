@@ -11,6 +11,7 @@ the folder's own run (see runtime/checkpoint/manager.py: find_resume).
 import datetime
 import json
 import os
+import re
 import uuid
 
 from generated import PATH
@@ -33,6 +34,11 @@ RUN_FILES = (
     TOKENIZER_FILE,
     HF_CONFIG_FILE,
 )
+
+
+def rank_log_name(rank: int) -> str:
+    """The warnings and errors of process `rank` > 0 (the main process's go to train.log)."""
+    return f"train.rank{rank}.log"
 
 
 def new_run_id() -> str:
@@ -77,6 +83,9 @@ def run_files(out_dir: str, ckpt_dir: str) -> list[str]:
     found = [
         os.path.join(out_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))
     ]
+    if os.path.isdir(out_dir):
+        ranks = [n for n in os.listdir(out_dir) if re.fullmatch(r"train\.rank\d+\.log", n)]
+        found += [os.path.join(out_dir, n) for n in sorted(ranks)]
     return found + [p for p in run_results(out_dir, ckpt_dir) if p not in found]
 
 

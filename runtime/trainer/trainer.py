@@ -55,6 +55,7 @@ from runtime.components.optimizer import build_optimizer
 from runtime.components.tokenizer import TextCodec, decode
 from runtime.components.wandb_logger import WandbLogger
 from runtime.distributed import utils as dist_utils
+from runtime.distributed import watchdog
 from runtime.distributed.compile import compile_module
 from runtime.distributed.data_parallel import clip_grad_norm, grad_sync, wrap_ddp
 from runtime.distributed.precision import (
@@ -115,7 +116,7 @@ class Trainer:
         self.cfg = cfg = run.config
         self.run_id, self.config_notes = run.run_id, run.notes
         self.resumed_from, self.resume_state = run.resume_path, run.resume_state
-        self.launch = dist_utils.check_launch(cfg.system.distributed)
+        self.launch, self.dist, self.device = run.launch, run.processes, run.device
         self.config_dict = to_saved_dict(cfg)
         self.wandb = WandbLogger(
             cfg.wandb,
@@ -154,6 +155,7 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal's name when one ended the run early
         # non-finite steps skipped since the last applied one, and how many may be
         self.skipped_in_a_row, self.max_skipped = 0, cfg.training.max_skipped_steps
+        self.watchdog: watchdog.Watchdog | None = None  # while training, with several processes
         self.tokens_per_step = (
             cfg.training.batch_size
             * cfg.training.seq_len
@@ -183,15 +185,8 @@ class Trainer:
         )
 
     def _init_processes(self) -> None:
-        """Device, process group, precision and seeds."""
+        """Precision and seeds (prepare_run set up the device and the processes)."""
         system = self.cfg.system
-        launch = self.launch
-        self.device = dist_utils.resolve_device(
-            system.device, launch.local_rank, distributed=launch.world_size > 1
-        )
-        if self.device.type == "cpu":
-            dist_utils.tune_malloc()  # reuse freed blocks: fresh pages are slow to fault in here
-        self.dist = dist_utils.init_distributed(launch, system.distributed, self.device.type)
         self.is_main = self.dist.is_main
         if self.is_main and not self.cfg.evaluator.eval_only:
             assert self.cfg.checkpointer.save_dir is not None  # a derived default
@@ -383,11 +378,22 @@ class Trainer:
                 logs.log.info(f"removed {path} (an interrupted checkpoint write)")
         self.resume_state = None  # free the memory
         self.processor.open_bar(self.step)
+        timeout = self.cfg.system.distributed.timeout
+        self.watchdog = watchdog.start(timeout, self.dist.rank, self.dist.world_size)
         try:
             with StopSignals() as signals:
                 self._loop(signals)
+        except RuntimeError as error:  # a collective gave up waiting: say for whom
+            if not watchdog.collective_gave_up(error):
+                raise
+            where, failed = f"step {self.step + 1}", watchdog.cause(error)
+            raise watchdog.CollectiveTimeout(
+                watchdog.diagnose(timeout, self.dist.rank, self.dist.world_size, where, failed)
+            ) from None
         finally:
             self.processor.close_bar()
+            if self.watchdog is not None:
+                self.watchdog.close()
 
     def _loop(self, signals: StopSignals) -> None:
         max_iters = self.cfg.training.max_iters
@@ -409,12 +415,18 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             self._count(time.perf_counter() - start, metrics, will_log)
             self.step = step + 1
+            self._progress(f"after step {self.step}")
             saved = self._evaluate_and_save(final=self.step == max_iters)
             if self.step < max_iters and self._stop_requested(signals):
                 self._stop(signals, saved)
                 break
         if self.step == max_iters == 0:  # nothing to train: still one evaluation
             self.processor.log_eval(self.step, self.evaluate())
+
+    def _progress(self, where: str) -> None:
+        """Tell the watchdog (multi-process runs) that this process is still making progress."""
+        if self.watchdog is not None:
+            self.watchdog.progress(self.step, where)
 
     def _count(self, seconds: float, metrics: dict[str, Any], will_log: bool) -> None:
         """The step's time and tokens into the throughput window; the bar, and the metrics every
@@ -441,6 +453,7 @@ class Trainer:
         """Evaluate every eval_interval steps and at the end (keeping the best checkpoint), then
         save a step checkpoint where the policy says; returns its path, if one was written."""
         if self.step % self.cfg.evaluator.eval_interval == 0 or final:
+            self._progress(f"evaluating after step {self.step}")
             improved = self.processor.log_eval(self.step, self.evaluate())
             if improved and self.checkpoints.keep_best:
                 path = self.checkpoints.save_best(self.checkpoint_meta())
@@ -449,6 +462,7 @@ class Trainer:
         improved = self.metrics.last_val_improved
         if not self.checkpoints.should_save(self.step, final=final, improved=improved):
             return None
+        self._progress(f"saving the checkpoint of step {self.step}")
         saved = self.checkpoints.save(self.step, self.checkpoint_meta())
         if saved is not None:
             self.wandb.log_checkpoint(saved, self.step)

@@ -1,15 +1,21 @@
-"""Test-only fault injection: DEEPSEEK_MOE_FAULT="phase:N[,phase:N...]" makes the process SIGKILL
-itself the N-th time it reaches `phase` (one of FAULT_PHASES). Without the variable every
-fault_point is a dict lookup."""
+"""Test-only fault injection.
+
+DEEPSEEK_MOE_FAULT="phase:N[,phase:N...]" makes the process SIGKILL itself the N-th time it reaches
+`phase` (one of FAULT_PHASES). DEEPSEEK_MOE_READ_ERRORS="[PART:]N" makes the first N reads of
+checkpoint files (whose path contains PART, when given) fail with EIO (a flaky disk or network file
+system), on the ranks DEEPSEEK_MOE_FAULT_RANKS lists (all when unset). Without the variables every fault point is a dict lookup."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
 
 FAULT_ENV = "DEEPSEEK_MOE_FAULT"
+READ_ERRORS_ENV = "DEEPSEEK_MOE_READ_ERRORS"
+FAULT_RANKS_ENV = "DEEPSEEK_MOE_FAULT_RANKS"
 FAULT_PHASES = {
     "step": "mid optimizer step: gradients computed, weights not yet updated (the trainer)",
     "eval": "after each validation batch of an evaluation (the evaluator)",
@@ -48,3 +54,26 @@ def fault_point(phase: str) -> None:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+_read_errors: tuple[str, int] | None = None
+
+
+def this_rank_faulty() -> bool:
+    """Whether fault injection applies to this process (DEEPSEEK_MOE_FAULT_RANKS, all if unset)."""
+    ranks = os.environ.get(FAULT_RANKS_ENV)
+    return ranks is None or os.environ.get("RANK", "0") in ranks.split(",")
+
+
+def read_fault(path: str) -> None:
+    """Raise EIO for the first N reads of checkpoint files DEEPSEEK_MOE_READ_ERRORS targets."""
+    global _read_errors
+    if _read_errors is None:
+        part, _, count = os.environ.get(READ_ERRORS_ENV, "").rpartition(":")
+        if count and not count.isdigit():
+            raise ValueError(f"{READ_ERRORS_ENV}: {count!r} is not [PART:]N")
+        _read_errors = (part, int(count or 0) if this_rank_faulty() else 0)
+    part, left = _read_errors
+    if left > 0 and part in str(path):
+        _read_errors = (part, left - 1)
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path)

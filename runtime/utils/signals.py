@@ -1,5 +1,7 @@
 """Stop requests by signal: the first SIGTERM / SIGINT asks the training loop to stop after its
-current step; a second one stops at once."""
+current step (with a checkpoint); repeats of that same signal are absorbed (Slurm signals the
+launcher and every worker, and torchrun forwards its copy again, so a worker gets two); a second,
+different one (SIGINT after SIGTERM, or SIGTERM after SIGINT) stops at once."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from typing import Any, Self
 
 class StopSignals:
     """While active (main thread only), SIGTERM and SIGINT set `received` (the signal's name) so
-    that the loop stops after its current step; a second one restores the previous handlers and is
-    re-delivered, i.e. stops at once. Nothing is printed from the handler (stderr is not reentrant)."""
+    that the loop stops after its current step; the same signal again is absorbed; the other one
+    restores the previous handlers and is re-delivered, i.e. stops at once. Nothing is printed from
+    the handler (stderr is not reentrant)."""
 
     NAMES = ("SIGTERM", "SIGINT")
 
@@ -30,8 +33,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received = name
+            return
+        if name == self.received:  # the same request again (forwarded by the launcher)
             return
         self.__exit__()
         os.kill(os.getpid(), signum)
