@@ -1,12 +1,14 @@
-"""Generate generated/ from spec/config.yaml: dataclasses, parser, Markdown reference, JSON Schema.
+"""Generate generated/ from spec/config.yaml: dataclasses, parser, Markdown reference, JSON Schema,
+shell completion scripts.
 
     python -m codegen.generate            write the files whose bytes changed (make generate)
     python -m codegen.generate --check    regenerate in memory; fail with a diff if anything is stale
 
 The output is byte-for-byte deterministic: it depends only on the spec, the templates, this file
-and the pinned jinja2 and black versions (requirements.txt), which the header records. The config
-engine the generated tables call into (runtime/configlib) is ordinary source, not generated; the
-tables record the engine version they were made for. Only config.py, CONFIG.md and
+and the pinned jinja2 and black versions (requirements.txt), which the header records, and, for the
+completion scripts (completion.bash, .zsh, .fish), the command tables of runtime/cli/main.py. The
+config engine the generated tables call into (runtime/configlib) is ordinary source, not
+generated; the tables record the engine version they were made for. Only config.py, CONFIG.md and
 config.schema.json carry docs, so a doc-only spec edit changes only those three.
 """
 
@@ -23,7 +25,15 @@ from typing import Any
 import black
 import jinja2
 
-from runtime.configlib import ENGINE_VERSION
+from runtime.cli.main import COMMANDS, CONFIG_FLAG_PLACES, SUBCOMMANDS
+from runtime.configlib import (
+    ENGINE_VERSION,
+    ENV_SCHEMA_PATTERN,
+    ENV_SCHEMA_TRIGGER,
+    SECRET_PLACEHOLDER,
+    ConfigSpec,
+    SectionSpec,
+)
 from runtime.configlib.fields import NULL_LOOKALIKES
 
 from .spec import (
@@ -145,6 +155,7 @@ def _field_view(f: Field, spec: Spec) -> dict[str, Any]:
         "pattern": f.pattern,
         "pattern_doc": f.pattern_doc,
         "required": f.required,
+        "secret": f.secret,
         "record": record,
     }
 
@@ -224,7 +235,14 @@ SCHEMA_EXCEPTIONS = (
         "cross-field rules",
         "the `rules` listed below, and derived defaults checked against their field",
     ),
-    ("one field under two names", "a canonical key and an old name of it, given different values"),
+    (
+        "one field under two names",
+        "one field given twice in a file with different values: its canonical key and an old name, or nested and as a dotted key",
+    ),
+    (
+        "environment values",
+        "the value of a `${env:NAME}` reference (an unset variable without a default, a value of the wrong type) is checked when the config is loaded; the schema accepts any well-formed reference where a value may stand",
+    ),
     ("base files", "`base:` names files; whether they exist and are valid is checked when loading"),
     ("NaN", "`.nan` is a number to JSON Schema; the validator wants finite numbers"),
     (
@@ -237,6 +255,28 @@ SCHEMA_EXCEPTIONS = (
     ),
 )
 """What the validator rejects and the JSON Schema cannot express (listed in CONFIG.md)."""
+
+
+ENV_DEFS = {
+    "env_text": {
+        "description": "A string holding `${env:`: an environment reference.",
+        "type": "string",
+        "pattern": ENV_SCHEMA_TRIGGER,
+    },
+    "env": {
+        "description": "A value read from the environment: `${env:NAME}` or `${env:NAME,default}`, alone or inside a string; checked with the field's type when the config is loaded.",
+        "type": "string",
+        "pattern": ENV_SCHEMA_PATTERN,
+    },
+}
+"""The schema's $defs: what an environment reference looks like (runtime/configlib/environ.py)."""
+
+
+def _or_env(schema: dict[str, Any]) -> dict[str, Any]:
+    """A value's schema that also takes an environment reference: a string holding `${env:` must
+    be a well-formed reference (its value is checked when loading); anything else, the value's
+    schema (if/else keeps that schema's own error messages)."""
+    return {"if": {"$ref": "#/$defs/env_text"}, "then": {"$ref": "#/$defs/env"}, "else": schema}
 
 
 def _item_schema(type_name: str, f: Field) -> dict[str, Any]:
@@ -271,14 +311,14 @@ def _json_type(f: Field) -> dict[str, Any]:
     if f.record is not None:
         schema = {"type": "array", "items": _record_schema(f)}
     elif f.is_list:
-        schema = {"type": "array", "items": _item_schema(f.item_type, f)}
+        schema = {"type": "array", "items": _or_env(_item_schema(f.item_type, f))}
     else:
         schema = _item_schema(f.type, f)
     if f.choices is not None:
         schema["enum"] = list(f.choices)
     if f.nullable:
         schema = {"anyOf": [schema, {"type": "null"}]}
-    return schema
+    return _or_env(schema)
 
 
 def _field_schema(f: Field) -> dict[str, Any]:
@@ -288,15 +328,56 @@ def _field_schema(f: Field) -> dict[str, Any]:
     return schema
 
 
+def _still_loads(spec: Spec, alias: str) -> bool:
+    """Whether an old name loads in a file of the current spec version (not removed yet)."""
+    removed = spec.alias_versions[alias][1]
+    return removed is None or removed > spec.version
+
+
+def _pointers(spec: Spec) -> dict[str, str]:
+    """{field or section path: JSON pointer of its schema in the document}."""
+    pointers: dict[str, str] = {}
+
+    def walk(section: Section, object_pointer: str) -> None:
+        for f in section.fields:
+            pointers[f.path] = f"{object_pointer}/properties/{f.name}"
+        for child in section.sections:
+            pointers[child.path] = f"{object_pointer}/properties/{child.name}"
+            # a section with a shorthand is anyOf [its mapping, the shorthand's value]
+            walk(child, pointers[child.path] + ("/anyOf/0" if child.shorthand else ""))
+
+    walk(spec.root, "#")
+    return pointers
+
+
+def _dotted_keys(
+    spec: Spec, section_path: str, live_aliases: dict[str, str]
+) -> list[tuple[str, str]]:
+    """(key, canonical path) of every dotted key the loader takes in a section's mapping: a path
+    below the section written as one key (`optimizer.lr` at the root, `device.dtype` under
+    `system`), a field's or section's or an old name's (the loader looks the whole written path
+    up, as it does for a plain key)."""
+    prefix = f"{section_path}." if section_path else ""
+    written = [f.path for f in spec.fields()] + [s.path for s in spec.sections() if s.path]
+    written += list(live_aliases)
+    keys = []
+    for path in written:
+        if path.startswith(prefix) and "." in path[len(prefix) :]:
+            keys.append((path[len(prefix) :], live_aliases.get(path, path)))
+    return keys
+
+
 def _schema(spec: Spec, header_text: str) -> str:
     fields = {f.path: f for f in spec.fields()}
     sections = {s.path: s for s in spec.sections()}
+    pointers = _pointers(spec)
     aliases_by_parent: dict[str, list[tuple[str, str]]] = {}
+    live_aliases: dict[str, str] = {}  # old names that still load in files of this version
     for alias, canonical in _aliases(spec):
         parent = alias.rsplit(".", 1)[0] if "." in alias else ""
-        since, removed = spec.alias_versions[alias]
-        if removed is None or removed > spec.version:  # a removed name is an error in current files
+        if _still_loads(spec, alias):  # a removed name is an error in current files
             aliases_by_parent.setdefault(parent, []).append((alias.rsplit(".", 1)[-1], canonical))
+            live_aliases[alias] = canonical
 
     def section_schema(section: Section) -> dict[str, Any]:
         properties: dict[str, Any] = {}
@@ -330,8 +411,16 @@ def _schema(spec: Spec, header_text: str) -> str:
             "type": ["object", "null"],
             "description": section.doc,
             "properties": properties,
-            "additionalProperties": False,
         }
+        prefix = f"{section.path}." if section.path else ""
+        dotted = {
+            f"^{re.escape(key)}$": {"$ref": pointers[canonical]}
+            | ({"deprecated": True} if prefix + key in live_aliases else {})
+            for key, canonical in _dotted_keys(spec, section.path, live_aliases)
+        }
+        if dotted:
+            schema["patternProperties"] = dotted
+        schema["additionalProperties"] = False
         if section.shorthand:
             short = next(f for f in section.fields if f.name == section.shorthand)
             schema = {
@@ -351,6 +440,7 @@ def _schema(spec: Spec, header_text: str) -> str:
         "$comment": header_text,
         "title": spec.root.class_name,
         **section_schema(spec.root),
+        "$defs": ENV_DEFS,
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
@@ -391,6 +481,86 @@ def _constant_classes(spec: Spec) -> list[dict[str, Any]]:
     return classes
 
 
+PROGRAM = "deepseek-moe"
+"""The console script the completion scripts complete (pyproject.toml's [project.scripts])."""
+SHELL_WORD = re.compile(r"[A-Za-z0-9_.:+@%/-]+")
+"""A word the completion scripts may hold unquoted; a choice spelled otherwise is not offered."""
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _flags(spec: Spec) -> dict[str, str]:
+    """Every command-line flag (without --) -> its canonical field path, as the config engine
+    reads flags (runtime/configlib/flags.py), old names still loading included."""
+    live = {alias: canonical for alias, canonical in _aliases(spec) if _still_loads(spec, alias)}
+    sections = {
+        s.path: SectionSpec(
+            path=s.path,
+            cls=object,
+            doc=s.doc,
+            fields=tuple(f.name for f in s.fields),
+            sections=tuple(child.name for child in s.sections),
+            shorthand=s.shorthand,
+            aliases=tuple(s.aliases),
+        )
+        for s in spec.sections()
+    }
+    engine = ConfigSpec(
+        version=spec.version,
+        fields={f.path: f for f in spec.fields()},
+        sections=sections,
+        aliases=live,
+        alias_versions=spec.alias_versions,
+        rules=(),
+        derived={},
+    )
+    return engine.flags
+
+
+def _flag_values(f: Field) -> list[str]:
+    """The words a flag's value may be: a bool's true/false, the choices and special values."""
+    if f.type == "bool":
+        return ["true", "false"]
+    values = [str(value) for value in f.choices or ()] + [value for value, _ in f.sentinels]
+    return [value for value in values if SHELL_WORD.fullmatch(value)]
+
+
+def _completion_context(spec: Spec) -> dict[str, Any]:
+    """What the completion scripts list: commands, subcommands, where config flags go, the flags
+    and the values after each."""
+    fields = {f.path: f for f in spec.fields()}
+    flags = _flags(spec)
+    names = sorted(f"--{flag}" for flag in flags)
+    lines, line = [], ""
+    for name in names:
+        if line and len(line) + 1 + len(name) > 96:
+            lines.append(line)
+            line = ""
+        line = f"{line} {name}".strip()
+    lines += [line] if line else []
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in names:
+        values = tuple(_flag_values(fields[flags[name[2:]]]))
+        if values:
+            groups.setdefault(values, []).append(name)
+    return {
+        "program": PROGRAM,
+        "commands": list(COMMANDS),
+        "subcommands": [(command, list(subs)) for command, subs in SUBCOMMANDS.items()],
+        "flag_place_pattern": "|".join(f'"{place}"' for place in CONFIG_FLAG_PLACES),
+        "flag_places_quoted": " ".join(f'"{place}"' for place in CONFIG_FLAG_PLACES),
+        "flag_lines": lines,
+        "value_groups": sorted((list(values), flags) for values, flags in groups.items()),
+        "fish_flags": [
+            {
+                "name": name[2:],
+                "words": _flag_values(fields[flags[name[2:]]]),
+                "type_text": fields[flags[name[2:]]].type_text,
+            }
+            for name in names
+        ],
+    }
+
+
 def render(
     spec_path: str | Path, spec_text: str | bytes | None = None, spec_name: str | None = None
 ) -> dict[str, str]:
@@ -410,6 +580,7 @@ def render(
     env.filters["pyrepr"] = _pyrepr
     env.filters["pytuple"] = lambda items: _pyrepr(tuple(items))
     env.filters["code"] = _code
+    env.filters["shell_name"] = lambda text: re.sub(r"[^A-Za-z0-9_]", "_", text)
     sections = [_section_view(s, spec) for s in spec.sections()]
     context = {
         "spec": spec,
@@ -430,6 +601,8 @@ def render(
         "constant_classes": _constant_classes(spec),
         "path_tree": _path_tree(spec.root),
         "schema_exceptions": SCHEMA_EXCEPTIONS,
+        "secret_fields": [f.path for f in spec.fields() if f.secret],
+        "secret_placeholder": SECRET_PLACEHOLDER,
     }
     python_files = {
         name: env.get_template(f"{name}.j2").render(context)
@@ -437,6 +610,10 @@ def render(
     }
     files = {name: black.format_str(text, mode=BLACK_MODE) for name, text in python_files.items()}
     files["CONFIG.md"] = env.get_template("reference.md.j2").render(context)
+    completion = {**context, **_completion_context(spec)}
+    for shell in SHELLS:
+        template = env.get_template(f"completion.{shell}.j2")
+        files[f"completion.{shell}"] = template.render(completion)
     files["config.schema.json"] = _schema(spec, header_text)
     return dict(sorted(files.items()))
 

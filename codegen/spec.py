@@ -44,6 +44,7 @@ FIELD_ATTRIBUTES = {
     "derived",
     "record",
     "fields",
+    "secret",
 }
 RECORD_FIELD_ATTRIBUTES = {
     "name",
@@ -57,7 +58,8 @@ RECORD_FIELD_ATTRIBUTES = {
     "pattern",
     "pattern_doc",
 }
-"""What a record's field may say (it has no old names, policy, derived default or sentinels)."""
+"""What a record's field may say (it has no old names, policy, derived default, sentinels or
+secrecy)."""
 SECTION_ATTRIBUTES = {
     "name",
     "class",
@@ -379,6 +381,7 @@ class _Reader:
                     node.key_lines["derived"],
                     f"{what}: a derived default needs a nullable type and default null (null means derived)",
                 )
+        secret = self.secret(node, base, derived, what)
         if base == RECORD_LIST:
             return self.read_record_list(
                 node, what, path, doc, nullable, choices, hf, aliases, section_policy
@@ -409,7 +412,14 @@ class _Reader:
             pattern=pattern,
             pattern_doc=pattern_doc,
             required=required,
+            secret=secret,
         )
+        if secret and result.policy != "overridable":
+            self.error(
+                node.key_lines["secret"],
+                f"{what}: a secret field's policy must be overridable (checkpoints do not hold its "
+                f"value), found {result.policy!r}",
+            )
         self.derived_lines[result.path] = node.key_lines.get("derived", node.line)
         if "default" in node:
             problem = check_value(result, result.default)
@@ -425,6 +435,33 @@ class _Reader:
                     node.key_lines["choices"], f"{what}: choice {choice!r} does not fit: {problem}"
                 )
         return result
+
+    def secret(self, node: LineDict, base: str, derived: object, what: str) -> bool:
+        """`secret: true`: the value is never saved, shown or logged (str fields only)."""
+        if "secret" not in node:
+            return False
+        secret = node["secret"]
+        if not isinstance(secret, bool):
+            self.error(node.key_lines["secret"], f"{what}: 'secret' must be true or false")
+            return False
+        if secret and base != "str":
+            self.error(
+                node.key_lines["secret"],
+                f"{what}: 'secret' only applies to str fields (a placeholder string stands for the value)",
+            )
+            return False
+        if secret and node.get("default") is not None:
+            self.error(
+                node.key_lines["default"],
+                f"{what}: a secret field's default must be null (the spec itself is not secret)",
+            )
+            return False
+        if secret and derived is not None:
+            self.error(
+                node.key_lines["secret"], f"{what}: a secret field cannot have a derived default"
+            )
+            return False
+        return secret
 
     def read_record_list(
         self,

@@ -17,7 +17,7 @@ from runtime.configlib import (
     validate_record,
 )
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 require_engine(ENGINE_VERSION)
 
 SPEC_VERSION = 1
@@ -146,6 +146,9 @@ class WandbConfig:
 
     log_model: bool = False
     """Upload each saved checkpoint as a wandb artifact."""
+
+    api_key: str | None = field(default=None, repr=False)
+    """W&B API key of the run, best given from the environment (`api_key: ${env:TEAM_WANDB_KEY}`); null uses wandb's own login (WANDB_API_KEY, ~/.netrc, `wandb login`). Passed to the run's settings only (not written to ~/.netrc); offline runs (WANDB_MODE=offline) need none."""
 
     def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["wandb"], FIELDS, SECTIONS)
@@ -2096,6 +2099,21 @@ FIELDS = {
         gt=None,
         policy="overridable",
     ),
+    "wandb.api_key": FieldSpec(
+        path="wandb.api_key",
+        name="api_key",
+        type="str",
+        nullable=True,
+        default=None,
+        doc="W&B API key of the run, best given from the environment (`api_key: ${env:TEAM_WANDB_KEY}`); null uses wandb's own login (WANDB_API_KEY, ~/.netrc, `wandb login`). Passed to the run's settings only (not written to ~/.netrc); offline runs (WANDB_MODE=offline) need none.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+        secret=True,
+    ),
     "system.device.device": FieldSpec(
         path="system.device.device",
         name="device",
@@ -2531,7 +2549,7 @@ SECTIONS = {
         path="wandb",
         cls=WandbConfig,
         doc="Weights & Biases logging. Set WANDB_MODE=offline to log without a network.",
-        fields=("enabled", "project", "run_name", "tags", "log_model"),
+        fields=("enabled", "project", "run_name", "tags", "log_model", "api_key"),
         sections=(),
         shorthand=None,
         aliases=(),

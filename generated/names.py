@@ -161,6 +161,7 @@ class PATH:
         run_name = "wandb.run_name"
         tags = "wandb.tags"
         log_model = "wandb.log_model"
+        api_key = "wandb.api_key"
 
     class system:
         SECTION = "system"

@@ -155,6 +155,9 @@ GENERATED_FILES = {
     "parser.py",
     "CONFIG.md",
     "config.schema.json",
+    "completion.bash",
+    "completion.zsh",
+    "completion.fish",
 }
 DOC_FILES = {"config.py", "CONFIG.md", "config.schema.json"}
 

@@ -29,6 +29,7 @@ COPIED = [
     "runtime",
 ]
 GENERATED = ["__init__.py", "config.py", "names.py", "parser.py", "CONFIG.md", "config.schema.json"]
+COMPLETION = ["completion.bash", "completion.zsh", "completion.fish"]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
@@ -145,6 +146,43 @@ def test_hand_edit_of_a_generated_file_is_caught(tree, name):
     code, output = make(tree, "check")
     assert code != 0
     assert name in output and "make generate" in output
+
+
+@pytest.mark.parametrize("name", COMPLETION)
+def test_hand_edit_of_a_completion_script_is_caught(tree, name):
+    path = tree / "generated" / name
+    text = path.read_text()
+    assert "training.max_iters" in text
+    path.write_text(text.replace("training.max_iters", "training.max_iter", 1))
+    code, output = make(tree, "check")
+    assert code != 0
+    assert name in output and "make generate" in output
+
+
+@pytest.mark.slow
+def test_a_new_choice_or_command_leaves_the_completion_stale_until_generated(tree):
+    spec = tree / "spec" / "config.yaml"
+    text = spec.read_text()
+    assert text.count("choices: [stop, skip]") == 1
+    spec.write_text(text.replace("choices: [stop, skip]", "choices: [stop, skip, pause]"))
+    main = tree / "runtime" / "cli" / "main.py"
+    source = main.read_text()
+    assert source.count('    "completion": "runtime.cli.completion",\n') == 1
+    main.write_text(
+        source.replace(
+            '    "completion": "runtime.cli.completion",\n',
+            '    "completion": "runtime.cli.completion",\n    "frobnicate": "runtime.cli.plan",\n',
+        )
+    )
+    code, output = make(tree, "check")
+    assert code != 0 and "make generate" in output
+    for name in COMPLETION:
+        assert f"generated/{name} (from the spec)" in output, name
+    assert "stop skip pause" in output and "frobnicate" in output
+    code, output = make(tree, "generate")
+    assert code == 0, output
+    bash = (tree / "generated" / "completion.bash").read_text()
+    assert '"stop skip pause"' in bash and " frobnicate" in bash
 
 
 def test_stray_and_missing_generated_files_are_caught(tree):

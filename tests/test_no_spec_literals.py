@@ -29,6 +29,7 @@ UNRELATED = {
     ("prepare.py", "bytes"): "byte count of an input in the dataset manifest",
     ("prepare.py", "vocab_size"): "key of the dataset manifest's tokenizer record",
     ("data.py", "vocab_size"): "key of the dataset manifest's tokenizer record (data inspect)",
+    ("sources.py", "vocab_size"): "key of the dataset manifest's tokenizer record",
     ("mixture.py", "vocab_size"): "key of the dataset manifest's tokenizer record",
     ("state_dict_adapter.py", "float32"): "storage dtype of an export (config.json torch_dtype)",
     ("state_dict_adapter.py", "bfloat16"): "storage dtype of an export (config.json torch_dtype)",

@@ -78,6 +78,7 @@ def test_wheel_builds_offline_with_entry_point(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("deepseek_moe_trainer-0.1.0-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "runtime/__main__.py" in names and "generated/config.schema.json" in names
+    assert {f"generated/completion.{shell}" for shell in ("bash", "zsh", "fish")} <= set(names)
     assert "runtime/configlib/engine.py" in names  # the engine generated/ imports
     packages = [p.relative_to(REPO).as_posix() for p in (REPO / "runtime").rglob("__init__.py")]
     assert packages and set(packages) <= set(names)  # every subpackage of runtime/

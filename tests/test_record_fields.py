@@ -558,16 +558,23 @@ def test_config_md_documents_the_items():
 
 
 def test_the_schema_describes_the_items():
+    def value(node):  # a value's own schema (`then`: an environment reference `${env:NAME}`)
+        return node["else"]
+
     node = SCHEMA["properties"]["data"]["properties"]["sources"]
-    assert node["type"] == "array" and node["default"] == []
-    items = node["items"]
+    assert value(node)["type"] == "array" and node["default"] == []
+    items = value(node)["items"]
     assert items["type"] == "object" and items["additionalProperties"] is False
     assert items["required"] == ["path"]
     assert set(items["properties"]) == {"path", "weight"}
-    assert items["properties"]["path"]["type"] == "string"
+    assert value(items["properties"]["path"])["type"] == "string"
     assert "default" not in items["properties"]["path"]
     weight = items["properties"]["weight"]
-    assert (weight["type"], weight["exclusiveMinimum"], weight["default"]) == ("number", 0, 1.0)
+    assert (value(weight)["type"], value(weight)["exclusiveMinimum"], weight["default"]) == (
+        "number",
+        0,
+        1.0,
+    )
 
 
 @pytest.mark.parametrize(

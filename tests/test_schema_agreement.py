@@ -2,10 +2,17 @@
 accepted by both or rejected by both, checked with `jsonschema`.
 
 The corpus: hand-written cases (among them every disagreement found before the two agreed), every
-field given many kinds of values under its canonical name and each old name, and seeded random
-mutations of the example configs. The only allowed differences are what JSON Schema cannot
-express, listed in CONFIG.md (section "JSON Schema") and in EXCEPTIONS below: the validator may
-reject a document the schema accepts for those reasons only, and never the other way round.
+field given many kinds of values under its canonical name and each old name, every field path
+written as a dotted key (`optimizer.lr: 0.005`), and seeded random mutations of the example
+configs. The only allowed differences are what JSON Schema cannot express, listed in CONFIG.md
+(section "JSON Schema") and in EXCEPTIONS below: the validator may reject a document the schema
+accepts for those reasons only, and never the other way round.
+
+Environment references (`${env:NAME}`): the schema accepts a well-formed reference wherever a value
+may stand (an editor does not know the variable) and rejects a malformed one; the validator reads
+the variables, set here to ENVIRONMENT (SCHEMA_UNSET unset). A validator's rejection caused by a
+variable's value (unset without a default, or of the wrong type for the field) is the exception
+"environment values"; anything else about a reference must agree.
 """
 
 import copy
@@ -34,7 +41,55 @@ EXCEPTIONS = {
     "duplicate": "one field under two names",
     "base": "base files",
     "nan": "NaN",
+    "environment": "environment values",
 }
+
+ENVIRONMENT = {
+    "SCHEMA_INT": "4",
+    "SCHEMA_FLOAT": "0.5",
+    "SCHEMA_STR": "abc",
+    "SCHEMA_BOOL": "true",
+    "SCHEMA_NULL": "null",
+    "SCHEMA_LIST": "1,2",
+    "SCHEMA_EMPTY": "",
+}
+UNSET = "SCHEMA_UNSET"
+
+ENV_VALUES = [
+    "${env:SCHEMA_INT}",
+    "${env:SCHEMA_FLOAT}",
+    "${env:SCHEMA_STR}",
+    "${env:SCHEMA_BOOL}",
+    "${env:SCHEMA_NULL}",
+    "${env:SCHEMA_LIST}",
+    "${env:SCHEMA_EMPTY}",
+    "${env:SCHEMA_UNSET}",
+    "${env:SCHEMA_UNSET,7}",
+    "${env:SCHEMA_UNSET,}",
+    "x/${env:SCHEMA_STR}/y",
+    "${env:SCHEMA_INT}${env:SCHEMA_UNSET,0}",
+    # malformed: both reject
+    "${env:}",
+    "${env:1X}",
+    "${env:SCHEMA_INT",
+    "${env:SCHEMA_INT}/${env:",
+    # not references: plain strings
+    "${ENV:SCHEMA_INT}",
+    "$SCHEMA_INT",
+    "${SCHEMA_INT}",
+    ["${env:SCHEMA_INT}"],
+    ["${env:SCHEMA_STR}", "b"],
+    ["${env:}"],
+]
+"""Values with environment references, given to every field like the others."""
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch):
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(UNSET, raising=False)
+
 
 HAND_WRITTEN = [
     "",
@@ -129,6 +184,46 @@ HAND_WRITTEN = [
     "data:\n  sources: [[{path: a}]]\n",
     "data:\n  sources: null\n",
     "data:\n  sources: a\n",
+    # dotted keys: a path below the mapping written as one key
+    "optimizer.lr: 0.005\n",
+    "optimizer.lr: x\n",
+    "optimizer.lr: 0.005\noptimizer:\n  lr: 0.005\n",
+    "optimizer.lr: 0.005\noptimizer:\n  lr: 0.006\n",
+    "system.device.dtype: bfloat16\n",
+    "system:\n  device.dtype: bfloat16\n",
+    "system:\n  device.dtype: fp8\n",
+    "system.device: cuda\n",
+    "system.device: {dtype: float16}\n",
+    "system.distributed: true\n",
+    "system.distributed: [true]\n",
+    "training.eval_interval: 5\n",
+    "model.hidden_size: 64\n",
+    "system.device_type: cpu\n",
+    "lr_schedule.min_lr: 0.0001\n",
+    "moe_training.z_loss_weight: 0.1\n",
+    "lr_schedule:\n  warmup_iters: 5\n",
+    "optimizer.nope: 1\n",
+    "model.dim.x: 1\n",
+    "system.device.dtype.x: 1\n",
+    "optimizer.: 1\n",
+    ".optimizer: 1\n",
+    "model:\n  model.dim: 64\n",
+    # environment references where a value may stand, and where none may
+    "optimizer.lr: ${env:SCHEMA_FLOAT}\n",
+    "system:\n  distributed: ${env:SCHEMA_BOOL}\n",
+    "system:\n  distributed: ${env:SCHEMA_STR}\n",
+    "system: ${env:SCHEMA_STR}\n",
+    "model: ${env:SCHEMA_STR}\n",
+    "spec_version: ${env:SCHEMA_INT}\n",
+    "base: ${env:SCHEMA_STR}\n",
+    'data:\n  sources: ["${env:SCHEMA_STR}"]\n',
+    "data:\n  sources:\n    - path: ${env:SCHEMA_STR}/corpus\n      weight: ${env:SCHEMA_FLOAT}\n",
+    "data:\n  sources:\n    - path: a\n      weight: ${env:SCHEMA_STR}\n",
+    "data:\n  sources: ${env:SCHEMA_LIST}\n",
+    "wandb:\n  tags:\n    - ${env:SCHEMA_STR}\n    - ${env:}\n",
+    "wandb:\n  api_key: ${env:SCHEMA_STR}\n",
+    "wandb:\n  api_key: <secret>\n",
+    "${env:SCHEMA_STR}: 1\n",
 ]
 
 BASE_VALUES = [
@@ -162,7 +257,7 @@ BASE_VALUES = [
 
 
 def candidate_values(spec):
-    values = list(BASE_VALUES) + [copy.deepcopy(spec.default)]
+    values = list(BASE_VALUES) + copy.deepcopy(ENV_VALUES) + [copy.deepcopy(spec.default)]
     for bound in (spec.min, spec.max, spec.gt):
         if bound is not None:
             values += [bound, bound - 1, bound + 0.5, bound - 1e-9]
@@ -207,6 +302,19 @@ def field_documents():
         for name in names:
             for value in candidate_values(spec):
                 yield nested(name, value)
+
+
+def dotted_documents():
+    """Each field path and old name written as dotted keys: one key at the root, and the first
+    key nested with the rest dotted (`system: {device.dtype: ...}`), with a few values."""
+    for path, spec in FIELDS.items():
+        for name in [path] + list(spec.aliases):
+            if "." not in name:
+                continue
+            head, rest = name.split(".", 1)
+            for value in (copy.deepcopy(spec.default), "x", -1, "${env:SCHEMA_INT}"):
+                yield {name: value}
+                yield {head: {rest: value}}
 
 
 def mutated_documents(count, seed=0):
@@ -275,7 +383,12 @@ def verdict(text):
     except ConfigError as error:
         causes = set()
         for problem in error.problems:
-            if problem.kind in ("rule", "duplicate"):
+            from_environment = problem.source is not None and problem.source.env
+            if problem.kind == "env" and "is not set" in problem.message:
+                causes.add("environment")  # the variable's value decides
+            elif problem.kind == "value" and from_environment:
+                causes.add("environment")
+            elif problem.kind in ("rule", "duplicate"):
                 causes.add(problem.kind)
             elif problem.path == "base":
                 causes.add("base")
@@ -299,6 +412,7 @@ def corpus():
     return (
         HAND_WRITTEN
         + [as_text(d) for d in field_documents()]
+        + [as_text(d) for d in dotted_documents()]
         + [as_text(d) for d in mutated_documents(400)]
     )
 
@@ -359,3 +473,37 @@ def test_the_formerly_disagreeing_documents_are_now_judged_alike():
     for text in ("", "model:\n", "model:\n  n_heads: 4.0\n"):
         document, accepted, _ = verdict(text)
         assert accepted and VALIDATOR.is_valid(document), text
+
+
+def test_dotted_keys_and_environment_references_are_judged_alike():
+    for text in (
+        "optimizer.lr: 0.005\n",
+        "system:\n  device.dtype: bfloat16\n",
+        "system.distributed: true\n",
+        "training.eval_interval: 5\n",  # an old name, dotted
+        "optimizer:\n  lr: ${env:SCHEMA_FLOAT}\n",
+        "out_dir: ${env:SCHEMA_STR}/runs/x\n",
+        "model:\n  score_func: ${env:SCHEMA_UNSET,softmax}\n",
+        "wandb:\n  tags:\n    - ${env:SCHEMA_STR}\n",
+    ):
+        document, accepted, _ = verdict(text)
+        assert accepted and VALIDATOR.is_valid(document), text
+    for text in (
+        "optimizer.lr: x\n",
+        "lr_schedule.min_lr: 0.0001\n",  # an old section name is not a prefix of dotted keys
+        "optimizer.nope: 1\n",
+        "out_dir: ${env:}/x\n",
+        "model:\n  n_layers: ${env:1X}\n",
+        "model: ${env:SCHEMA_STR}\n",
+        "data:\n  sources: ['${env:SCHEMA_STR}']\n",
+    ):
+        document, accepted, _ = verdict(text)
+        assert not accepted and not VALIDATOR.is_valid(document), text
+    # the variable's value decides: the schema cannot know it
+    for text in (
+        "model:\n  n_layers: ${env:SCHEMA_STR}\n",
+        "model:\n  n_layers: ${env:SCHEMA_UNSET}\n",
+        "model:\n  score_func: ${env:SCHEMA_STR}\n",
+    ):
+        document, accepted, causes = verdict(text)
+        assert VALIDATOR.is_valid(document) and not accepted and causes == {"environment"}, text

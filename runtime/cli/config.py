@@ -6,8 +6,10 @@
     explain FILE [flags] KEY...   each key's value, where it came from, and what it overrode
     diff A B                      the keys whose resolved values differ, with their sources
 
-Config flags (`--section.field VALUE`) may come before or after the file. Messages and exit codes
-are those of every command (runtime/cli/console.py): 0 ok, 2 a config problem or a bad argument.
+Config flags (`--section.field VALUE`) may come before or after the file. Values may come from the
+environment (`${env:NAME}`); explain and show name the variable. A secret field's value is shown as
+`<secret>`. Messages and exit codes are those of every command (runtime/cli/console.py): 0 ok, 2 a
+config problem or a bad argument.
 """
 
 import sys
@@ -67,7 +69,7 @@ def _show(path: str, flags: list[str], changed_only: bool) -> int:
         sys.stdout.write(dump_yaml(resolved.config))
         return console.EXIT_OK
     changed = {
-        path: value
+        path: SPEC.shown_value(path, value)
         for path, value in flat_values(resolved.config).items()
         if value != FIELDS[path].default and resolved.sources[path].kind != "derived"
     }
@@ -90,10 +92,12 @@ def _migrate(path: str) -> int:
 
 
 def _describe(source: Source, main_file: str) -> str:
+    """`configs/x.yaml:3`, `configs/tiny.yaml:5 (base file)`, `environment RUN_LR
+    (configs/x.yaml:3)`, `command line --training.max_iters`, ..."""
     text = str(source)
     if source.kind == "file" and source.file != main_file:
-        return f"{text} (base file)"
-    return text
+        text = f"{text}, base file" if source.env else f"{text} (base file)"
+    return f"{source.env_text} ({text})" if source.env else text
 
 
 def _explain(path: str, keys: list[str], flags: list[str]) -> int:
@@ -108,10 +112,11 @@ def _explain(path: str, keys: list[str], flags: list[str]) -> int:
             unknown.append(key)
             continue
         note = f" ({key!r} is an old name of it)" if canonical != key else ""
-        print(f"{canonical} = {values[canonical]!r}{note}")
+        print(f"{canonical} = {SPEC.shown_value(canonical, values[canonical])!r}{note}")
         print(f"  from {_describe(resolved.sources[canonical], path)}")
         for value, source in reversed(resolved.overridden.get(canonical, [])):
-            print(f"  overrides {value!r} from {_describe(source, path)}")
+            shown = SPEC.shown_value(canonical, value)
+            print(f"  overrides {shown!r} from {_describe(source, path)}")
     if unknown:
         raise UsageError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
     return console.EXIT_OK
@@ -123,8 +128,8 @@ def _diff(path_a: str, path_b: str, flags: list[str]) -> int:
     differing = [path for path in FIELDS if values_a[path] != values_b[path]]
     for path in differing:
         print(
-            f"{path}: {values_a[path]!r} ({_describe(a.sources[path], path_a)}) -> "
-            f"{values_b[path]!r} ({_describe(b.sources[path], path_b)})"
+            f"{path}: {SPEC.shown_value(path, values_a[path])!r} ({_describe(a.sources[path], path_a)}) -> "
+            f"{SPEC.shown_value(path, values_b[path])!r} ({_describe(b.sources[path], path_b)})"
         )
     if not differing:
         print("no differences")

@@ -21,6 +21,8 @@ commands:
            (under torchrun: sharded, [--expert-parallel E])
   plan     parameters, FLOPs and memory per process: plan CONFIG [--world N] [--gpu-memory GiB]
   data     prepare INPUT... --tokenizer SRC --out DIR (a corpus into a dataset folder) | inspect DIR
+  launch   torchrun commands per node, or a Slurm script: launch CONFIG --nodes N --gpus-per-node G [--slurm]
+  completion  bash | zsh | fish: print a shell completion script (commands, flags, choices)
 
 `COMMAND --help` describes a command; `train --help` lists every config flag.
 {console.__doc__.split("Exit codes", 1)[1].replace(", the same for every command:", "Exit codes:", 1)}"""
@@ -32,7 +34,29 @@ COMMANDS = {  # name -> module of this package with its `main`
     "sample": "runtime.cli.sample",
     "plan": "runtime.cli.plan",
     "data": "runtime.cli.data",
+    "launch": "runtime.cli.launch",
+    "completion": "runtime.cli.completion",
 }
+
+SUBCOMMANDS = {
+    "config": ("validate", "show", "migrate", "explain", "diff"),
+    "data": ("prepare", "inspect"),
+}
+"""Each command's subcommands. Shell completion offers these and COMMANDS: codegen/generate.py
+reads both tables into generated/completion.*, so `make check` fails until `make generate` has
+seen a new command."""
+
+CONFIG_FLAG_PLACES = (
+    "train",
+    "plan",
+    "launch",
+    "config validate",
+    "config show",
+    "config explain",
+    "config diff",
+)
+"""Where `--section.field VALUE` flags go (`COMMAND` or `COMMAND SUBCOMMAND`); completion offers
+every flag there, old names too, and the choices of a choice field after its flag."""
 
 # imported by train / sample / export, not by the core (config-only) package
 TRAIN_EXTRA_MODULES = {"torch", "numpy", "tqdm", "matplotlib", "safetensors", "tokenizers"}

@@ -2,6 +2,12 @@
 
 wandb is imported only when enabled; an enabled run without wandb installed fails before training
 starts. Set WANDB_MODE=offline to log without a network (the run lands in `<out_dir>/wandb`).
+
+`wandb.api_key` (a secret field, best `${env:NAME}`) goes to the run's settings,
+`wandb.init(settings=wandb.Settings(api_key=...))`: wandb 0.31 logs in with it for this run
+without writing it to ~/.netrc (as `wandb.login(key=...)` would), and an offline run ignores it.
+Unset, wandb finds its own credentials (WANDB_API_KEY, ~/.netrc). The config dict the run gets is
+the saved one, where the key is a placeholder.
 """
 
 import os
@@ -9,6 +15,7 @@ from typing import Any
 
 from generated import PATH
 from generated.config import WandbConfig
+from runtime.configlib import SECRET_PLACEHOLDER
 
 
 class WandbUnavailable(RuntimeError):
@@ -38,12 +45,14 @@ class WandbLogger:
         self.run: Any = None
         self._wandb: Any = None
         self._init_args: dict[str, Any] | None = None
+        self._api_key: str | None = None
         if not wandb_cfg.enabled:
             return
         wandb = import_wandb()
         if not is_main:
             return
         self._wandb = wandb
+        self._api_key = wandb_cfg.api_key
         self._init_args = dict(
             project=wandb_cfg.project,
             name=wandb_cfg.run_name,
@@ -57,9 +66,14 @@ class WandbLogger:
             return
         os.makedirs(self._init_args["dir"], exist_ok=True)
         try:
-            self.run = self._wandb.init(**self._init_args)
+            args = dict(self._init_args)
+            if self._api_key is not None:
+                args["settings"] = self._wandb.Settings(api_key=self._api_key)
+            self.run = self._wandb.init(**args)
         except Exception as error:  # noqa: BLE001 - no API key, no network, a bad project...
             text = str(error).strip()
+            if self._api_key:  # wandb's message must not carry the key into the log
+                text = text.replace(self._api_key, SECRET_PLACEHOLDER)
             first_line = text.splitlines()[0] if text else type(error).__name__
             raise WandbUnavailable(
                 f"wandb could not start a run ({first_line}); log in (wandb login / WANDB_API_KEY), "

@@ -7,9 +7,14 @@ so a generated/ folder from another version of this package fails at once with t
 """
 
 from .engine import ConfigSpec
+from .environ import SCHEMA_PATTERN as ENV_SCHEMA_PATTERN
+from .environ import SCHEMA_TRIGGER as ENV_SCHEMA_TRIGGER
+from .environ import env_sources
 from .errors import MAX_SHOWN_PROBLEMS, ConfigAliasWarning, ConfigError, Problem, Problems, Source
 from .fields import (
+    ENV_START,
     RECORD_LIST,
+    SECRET_PLACEHOLDER,
     Derived,
     FieldSpec,
     RecordProblem,
@@ -26,9 +31,10 @@ from .resolve import Resolved
 from .values import coerce, get_path, validate_instance, validate_record
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 """Bump when the tables generated/ passes in change shape; the generator writes the new number.
-2: list[record] fields (FieldSpec.record, FieldSpec.required, RecordSpec, validate_record)."""
+2: list[record] fields (FieldSpec.record, FieldSpec.required, RecordSpec, validate_record).
+3: secret fields (FieldSpec.secret); `${env:NAME}` references."""
 
 
 class EngineMismatch(ImportError):
@@ -47,7 +53,11 @@ def require_engine(version: int) -> None:
 __all__ = [
     "BASE_KEY",
     "ENGINE_VERSION",
+    "ENV_SCHEMA_PATTERN",
+    "ENV_SCHEMA_TRIGGER",
+    "ENV_START",
     "RESERVED_KEYS",
+    "SECRET_PLACEHOLDER",
     "VERSION_KEY",
     "ConfigAliasWarning",
     "ConfigError",
@@ -70,6 +80,7 @@ __all__ = [
     "YAMLLoadError",
     "check_value",
     "coerce",
+    "env_sources",
     "get_path",
     "item_path",
     "load_yaml",

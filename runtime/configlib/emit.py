@@ -1,6 +1,7 @@
 """Writing configs out: a config as a plain dict, as flat {field path: value}, as the dict saved
-with a checkpoint (with its spec version), as canonical YAML; nesting flat values by section; and
-migrating a config file's text to canonical names.
+with a checkpoint (with its spec version, secret fields replaced by a placeholder), as canonical
+YAML (with a comment naming the environment variable a value was read from); nesting flat values
+by section; and migrating a config file's text to canonical names (references kept as written).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .environ import env_sources
 from .errors import ConfigError, Problem, Problems, Source
-from .fields import shown
+from .fields import SECRET_PLACEHOLDER, shown
 from .layers import BASE_KEY, VERSION_KEY, Assignment, Layer, walk_mapping
 from .values import coerce, get_path, record_items
 from .yamllines import LineDict, YAMLLoadError, load_yaml
@@ -35,8 +37,18 @@ def flat_values(spec: ConfigSpec, config: Any) -> dict[str, Any]:
 
 
 def to_saved_dict(spec: ConfigSpec, config: Any) -> dict:
-    """The dict to store with a checkpoint: the config plus the spec version it was written for."""
-    return {VERSION_KEY: spec.version, **config_to_dict(config)}
+    """The dict to store with a checkpoint: the config plus the spec version it was written for.
+    A secret field's value is SECRET_PLACEHOLDER (null stays null): loading the dict leaves it
+    unset, so a resumed run takes it from its own config or environment."""
+    tree = config_to_dict(config)
+    for path in spec.secret_paths:
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        if node[leaf] is not None:
+            node[leaf] = SECRET_PLACEHOLDER
+    return {VERSION_KEY: spec.version, **tree}
 
 
 def _yaml_text(tree: Mapping) -> str:
@@ -46,8 +58,34 @@ def _yaml_text(tree: Mapping) -> str:
 
 
 def dump_yaml(spec: ConfigSpec, config: Any) -> str:
-    """Canonical YAML of a resolved config; loading it gives an equal config."""
-    return _yaml_text(to_saved_dict(spec, config))
+    """Canonical YAML of a resolved config; loading it gives an equal config (but for secret
+    fields, written as SECRET_PLACEHOLDER). A value read from the environment has a comment line
+    above its key naming the variables and where the reference was written."""
+    text = _yaml_text(to_saved_dict(spec, config))
+    notes = {path: f"from {source.describe()}" for path, source in env_sources(config).items()}
+    return _with_comments(text, notes) if notes else text
+
+
+def _with_comments(text: str, notes: Mapping[str, str]) -> str:
+    """YAML text with a comment line above the key of each field path in `notes` (as it is if
+    the text is beyond what the loader reads back: comments are a courtesy)."""
+    try:
+        document = load_yaml(text)
+    except YAMLLoadError:
+        return text
+    lines = text.splitlines(keepends=True)
+    above: dict[int, str] = {}  # 0-based line -> comment
+    for path, note in notes.items():
+        node = document
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, LineDict) else None
+        if not isinstance(node, LineDict) or leaf not in node.key_lines:
+            continue
+        index = node.key_lines[leaf] - 1
+        indent = lines[index][: len(lines[index]) - len(lines[index].lstrip(" "))]
+        above[index] = f"{indent}# {' '.join(note.split())}\n"
+    return "".join(above.get(index, "") + line for index, line in enumerate(lines))
 
 
 def nest(spec: ConfigSpec, values: Mapping[str, Any]) -> dict:

@@ -4,13 +4,16 @@ generated/parser.py builds one `ConfigSpec` from the spec's tables (fields, sect
 rules, derived defaults) and exposes its methods. Nothing here knows any particular field.
 
 Sources apply in layers: spec defaults, then base files (`base:` in a file), then the file, then
-command-line flags; later layers win. Every problem in every layer is collected and raised together
-as one `ConfigError`, each naming the key path and the file and line (or flag) it came from.
+command-line flags; later layers win. `${env:NAME}` references in values are read from the
+environment as the layers are merged (environ.py). Every problem in every layer is collected and
+raised together as one `ConfigError`, each naming the key path and the file and line (or flag) it
+came from.
 
 `ConfigSpec` holds the tables and hands each job to its module:
 
 - layers.py: reading YAML files (and their bases), text and dicts into layers
 - flags.py: command-line flags, splitting a command line, the --help parser
+- environ.py: `${env:NAME}` references read with the field's type, and their provenance
 - resolve.py: merging layers, old names, value checks, derived defaults, rules
 - reconcile.py: a resolved config against a checkpoint, adopted values, a config built in code
 - emit.py: dicts, the saved dict, YAML, nesting flat values, migrating old names
@@ -27,7 +30,7 @@ from typing import Any
 from . import emit, reconcile
 from . import flags as cli
 from .errors import Problems
-from .fields import Derived, FieldSpec, Rule, SectionSpec
+from .fields import SECRET_PLACEHOLDER, Derived, FieldSpec, Rule, SectionSpec
 from .layers import Layer, read_file_layers, read_text_layers
 from .resolve import Resolved, resolve_dict, resolve_layers
 
@@ -56,6 +59,8 @@ class ConfigSpec:
         self.flags = cli.flag_paths(self)
         """Command-line flag (without --) -> canonical field path, old names included."""
         self.field_order = {path: index for index, path in enumerate(fields)}
+        self.secret_paths = tuple(path for path, spec in fields.items() if spec.secret)
+        """Fields whose value is never saved, shown or logged (SECRET_PLACEHOLDER instead)."""
 
     # ----- loading -----------------------------------------------------------------------------
 
@@ -112,7 +117,8 @@ class ConfigSpec:
 
         `must_match` fields must equal the checkpoint's (an error names the field and both values);
         `from_checkpoint` fields take the checkpoint's value unless this run set them explicitly;
-        `overridable` fields keep this run's value. Returns (Resolved, notes about what changed).
+        `overridable` fields keep this run's value; secret fields, which the checkpoint does not
+        hold, too. Returns (Resolved, notes about what changed).
         """
         return reconcile.reconcile_with_checkpoint(self, resolved, saved, checkpoint)
 
@@ -134,15 +140,24 @@ class ConfigSpec:
         return emit.config_to_dict(config)
 
     def to_saved_dict(self, config: Any) -> dict:
-        """The dict to store with a checkpoint: the config plus the spec version it was written for."""
+        """The dict to store with a checkpoint: the config plus the spec version it was written
+        for; secret fields hold SECRET_PLACEHOLDER."""
         return emit.to_saved_dict(self, config)
+
+    def shown_value(self, path: str, value: Any) -> Any:
+        """A field's value as shown to the user: SECRET_PLACEHOLDER for a secret one (unless
+        null), the value otherwise."""
+        if value is not None and path in self.secret_paths:
+            return SECRET_PLACEHOLDER
+        return value
 
     def flat_values(self, config: Any) -> dict[str, Any]:
         """{dotted field path: value} of a config, in spec order."""
         return emit.flat_values(self, config)
 
     def dump_yaml(self, config: Any) -> str:
-        """Canonical YAML of a resolved config; loading it gives an equal config."""
+        """Canonical YAML of a resolved config; loading it gives an equal config (secret fields
+        aside: SECRET_PLACEHOLDER). Values read from the environment get a comment naming it."""
         return emit.dump_yaml(self, config)
 
     def nest(self, values: Mapping[str, Any]) -> dict:

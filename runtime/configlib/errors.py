@@ -14,6 +14,24 @@ class Source:
     line: int | None = None
     flag: str | None = None
     expression: str | None = None  # of a derived default
+    env: tuple[str, ...] = ()  # environment variables the value was read from (`${env:NAME}`)
+    env_unset: tuple[str, ...] = ()  # those of them that were unset (their default was used)
+
+    @property
+    def env_text(self) -> str:
+        """`environment RUN_LR` (`environment A, B (unset: its default)`), or "" when the value
+        names no environment variable."""
+        if not self.env:
+            return ""
+        names = [
+            name + (" (unset: its default)" if name in self.env_unset else "") for name in self.env
+        ]
+        return "environment " + ", ".join(names)
+
+    def describe(self) -> str:
+        """Where the value came from, with the environment variables it was read from:
+        `environment RUN_LR (configs/x.yaml:3)`; otherwise as str()."""
+        return f"{self.env_text} ({self})" if self.env else str(self)
 
     @property
     def explicit(self) -> bool:
@@ -40,7 +58,8 @@ class Problem:
     `kind` sorts problems for tools and tests: "value" (a field's type, range or choice), "key"
     (unknown or misplaced keys, sections given as values), "rule" (a cross-field rule of the
     spec), "duplicate" (one field given twice with different values), "file" (YAML syntax, file
-    access, base files, spec version).
+    access, base files, spec version), "env" (an environment reference: a variable that is not
+    set and has no default, or a malformed `${env:...}`).
     """
 
     path: str

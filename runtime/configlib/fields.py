@@ -17,6 +17,14 @@ from typing import Any
 RECORD_LIST = "list[record]"
 """The type of a field whose value is a list of records (mappings with the record's fields)."""
 
+ENV_START = "${env:"
+"""How an environment reference starts (`${env:NAME}`, `${env:NAME,default}`); a value holding it
+is read from the environment when loaded (environ.py)."""
+
+SECRET_PLACEHOLDER = "<secret>"
+"""What saved configs, `config show` and logs write for the value of a secret field; given as
+the value of a secret field, it counts as not given."""
+
 
 @dataclass(kw_only=True)
 class FieldSpec:
@@ -41,6 +49,7 @@ class FieldSpec:
     pattern_doc: str | None = None  # the pattern in words, for messages
     record: RecordSpec | None = None  # the item type of a list[record] field
     required: bool = False  # a record's field without a default: every item must give it
+    secret: bool = False  # never saved, shown or logged: SECRET_PLACEHOLDER stands for it
 
     @property
     def is_list(self) -> bool:

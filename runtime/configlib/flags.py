@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import Problem, Problems, Source
-from .fields import FieldSpec
+from .fields import ENV_START, FieldSpec
 from .layers import Assignment, Layer, Rename
 from .values import join_path
 from .yamllines import YAMLLoadError, load_yaml
@@ -23,6 +23,11 @@ _ITEM = {
     name: FieldSpec(path="", name="", type=name, nullable=False, default=None, doc="")
     for name in ("int", "float", "bool", "str")
 }
+
+
+def item_spec(type_name: str) -> FieldSpec:
+    """A nameless field of one item type (int, float, bool, str): how an item of a list is read."""
+    return _ITEM[type_name]
 
 
 def flag_paths(spec: ConfigSpec) -> dict[str, str]:
@@ -159,7 +164,9 @@ def read_argv(spec: ConfigSpec, argv: Iterable[str], problems: Problems) -> Laye
             continue
         canonical = spec.flags[name]
         layer.renames += [Rename(old, new, source) for old, new in _old_names_in(spec, name)]
-        parsed = parse_flag_value(spec.fields[canonical], value)
+        # a flag with `${env:...}` keeps its text: the whole text is read once the variables are
+        # (environ.py), so `--wandb.tags 'a,${env:TAG}'` and `${env:X,a: b}` read as written
+        parsed = value if ENV_START in value else parse_flag_value(spec.fields[canonical], value)
         layer.assignments.append(Assignment(canonical, parsed, source, name))
     return layer
 

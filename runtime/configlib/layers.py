@@ -52,6 +52,7 @@ class Layer:
     renames: list[Rename] = field(default_factory=list)
     spec_version: int | None = None  # as declared by the source, if it did
     origin: str | None = None  # absolute path of a base file
+    environment: bool = True  # whether `${env:...}` in its values is read (not in a saved dict)
 
 
 def last_of_each(layers: list[Layer]) -> list[Layer]:
@@ -282,7 +283,9 @@ def declared_version(
 
 def dict_layer(spec: ConfigSpec, mapping: Mapping, problems: Problems) -> Layer:
     """The layer of a plain nested dict (e.g. one saved in a checkpoint)."""
-    layer = Layer(spec_version=declared_version(spec, mapping, "<dict>", problems))
+    layer = Layer(
+        spec_version=declared_version(spec, mapping, "<dict>", problems), environment=False
+    )
     _flatten(spec, mapping, "", layer, problems)
     return layer
 

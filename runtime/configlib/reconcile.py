@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .emit import flat_values
+from .environ import env_sources, remember_sources
 from .errors import DEFAULT_SOURCE, ConfigError, Problem, Problems, Source
 from .fields import check_value, shown
 from .resolve import Resolved, build, check_rules, fill_derived, resolve_dict
@@ -31,6 +32,7 @@ def _finish(
     check_rules(spec, config, set(), sources, problems)
     if problems:
         raise ConfigError(problems)
+    remember_sources(config, sources)
     return Resolved(config, sources, resolved.overridden, resolved.warnings + notes)
 
 
@@ -45,7 +47,7 @@ def reconcile_with_checkpoint(
     problems, notes = Problems(), []
     for path, field_spec in spec.fields.items():
         new, old = values[path], saved_values[path]
-        if new == old:
+        if new == old or field_spec.secret:  # a secret is never saved: this run's own value
             continue
         if field_spec.policy == "must_match":
             problems.append(
@@ -104,7 +106,8 @@ def adopt_values(
 
 def resolved_from_config(spec: ConfigSpec, config: Any) -> Resolved:
     """A Resolved for a config built in code: values that differ from the spec default count
-    as set explicitly (source `<config object>`); derived defaults left null are computed."""
+    as set explicitly (source `<config object>`), values a resolved config read from the
+    environment keep that source; derived defaults left null are computed."""
     values = flat_values(spec, config)
     sources = {
         path: DEFAULT_SOURCE
@@ -112,4 +115,5 @@ def resolved_from_config(spec: ConfigSpec, config: Any) -> Resolved:
         else Source("file", "<config object>", 0)
         for path, value in values.items()
     }
+    sources.update(env_sources(config))  # a config resolved here: what it read from the environment
     return _finish(spec, values, sources, Resolved(config, sources, {}, []), [])

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from .environ import expand_layers, remember_sources
 from .errors import DEFAULT_SOURCE, ConfigAliasWarning, ConfigError, Problem, Problems, Source
-from .fields import FieldSpec, RecordProblem, check_value, record_problems, shown
+from .fields import (
+    SECRET_PLACEHOLDER,
+    FieldSpec,
+    RecordProblem,
+    check_value,
+    record_problems,
+    shown,
+)
 from .layers import Assignment, Layer, dict_layer
 from .values import build_records, coerce, get_path, join_path, record_items
 from .yamllines import LineDict, LineList
@@ -60,8 +68,9 @@ def resolve_layers(spec: ConfigSpec, layers: list[Layer], problems: Problems) ->
     An old name warns with stacklevel 5, which reaches the caller of `ConfigSpec.resolve` (it calls
     this function, which calls `_merge`, which calls `_apply_renames`): keep that chain."""
     notes: list[str] = []
+    layers, unreadable = expand_layers(spec, layers, problems)  # `${env:...}` references
     values, sources, overridden = _merge(spec, layers, problems, notes)
-    bad = _check_values(spec, values, sources, problems)
+    bad = _check_values(spec, values, sources, problems, unreadable)
     for path in bad:
         values[path] = spec.fields[
             path
@@ -71,6 +80,7 @@ def resolve_layers(spec: ConfigSpec, layers: list[Layer], problems: Problems) ->
     check_rules(spec, config, bad, sources, problems)
     if problems:
         raise ConfigError(problems)
+    remember_sources(config, sources)
     return Resolved(config, sources, overridden, notes)
 
 
@@ -112,15 +122,19 @@ def _check_repeat(
     value = _normal(field_spec, again.value)
     problem = check_value(field_spec, _plain(value))
     if problem:
+        problem = _told(field_spec, problem, again.source, again.value)
         problems.append(
             Problem(again.path, f"{problem} (given as {again.written!r})", again.source, "value")
         )
     elif check_value(field_spec, _plain(coerce(field_spec, first.value))) is None and not _same(
         _normal(field_spec, first.value), value
     ):  # 1e-3 and 0.001 agree; true and 1 do not (a bad first value is reported on its own)
+        first_shown, again_shown = shown(first.value), shown(again.value)
+        if field_spec.secret:
+            first_shown = again_shown = SECRET_PLACEHOLDER
         message = (
-            f"given twice with different values: {first.written!r} = {shown(first.value)} "
-            f"({first.source}) and {again.written!r} = {shown(again.value)}"
+            f"given twice with different values: {first.written!r} = {first_shown} "
+            f"({first.source}) and {again.written!r} = {again_shown}"
         )
         problems.append(Problem(again.path, message, again.source, "duplicate"))
 
@@ -145,14 +159,32 @@ def _apply_renames(spec: ConfigSpec, layer: Layer, problems: Problems, notes: li
         warnings.warn(note, ConfigAliasWarning, stacklevel=5)  # see resolve_layers
 
 
-def _check_values(spec: ConfigSpec, values: dict, sources: dict, problems: Problems) -> set[str]:
-    bad = set()
+def _told(field_spec: FieldSpec, problem: str, source: Source, value: Any) -> str:
+    """A value's problem as told to the user: with the environment variables the value was read
+    from, and without the value of a secret field."""
+    if field_spec.secret and value is not None:  # messages show values as shown() writes them
+        problem = problem.replace(shown(value), SECRET_PLACEHOLDER)
+    if not source.env:
+        return problem
+    variables = "variables" if len(source.env) > 1 else "variable"
+    return f"{problem} (read from environment {variables} {source.env_text.removeprefix('environment ')})"
+
+
+def _check_values(
+    spec: ConfigSpec, values: dict, sources: dict, problems: Problems, unreadable: set[str]
+) -> set[str]:
+    """Check (and coerce) every value; the bad fields. `unreadable`: fields whose environment
+    reference could not be read (already reported), bad without a check."""
+    bad = set(unreadable)
     for path, field_spec in spec.fields.items():
+        if path in unreadable:
+            continue
         if field_spec.record is not None:
             found = record_problems(field_spec, values[path])
             for item in found:
                 source = _item_source(sources[path], values[path], item)
-                problems.append(Problem(item.path(path), item.message, source, item.kind))
+                message = _told(field_spec, item.message, source, None)
+                problems.append(Problem(item.path(path), message, source, item.kind))
             if found:
                 bad.add(path)
             else:
@@ -164,6 +196,7 @@ def _check_values(spec: ConfigSpec, values: dict, sources: dict, problems: Probl
         values[path] = value
         problem = check_value(field_spec, value)
         if problem:
+            problem = _told(field_spec, problem, sources[path], value)
             problems.append(Problem(path, problem, sources[path], "value"))
             bad.add(path)
     return bad
@@ -180,7 +213,7 @@ def _item_source(source: Source, value: Any, problem: RecordProblem) -> Source:
     item = value[problem.index]
     if problem.key is not None and isinstance(item, LineDict):
         line = item.key_lines.get(problem.key, line)
-    return Source("file", source.file, line) if line else source
+    return replace(source, line=line) if line else source
 
 
 def build(spec: ConfigSpec, section_path: str, values: Mapping[str, Any]) -> Any:
@@ -243,7 +276,11 @@ def check_rules(
             continue
         given = [p for p in rule.paths if sources[p].explicit]
         blamed = given[-1] if given else rule.paths[0]
-        detail = ", ".join(f"{p} = {get_path(config, p)!r} ({sources[p]})" for p in rule.paths)
+        detail = ", ".join(
+            f"{p} = {SECRET_PLACEHOLDER if spec.fields[p].secret else repr(get_path(config, p))} "
+            f"({sources[p].describe()})"
+            for p in rule.paths
+        )
         problems.append(
             Problem(
                 blamed,

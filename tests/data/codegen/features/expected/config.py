@@ -17,7 +17,7 @@ from runtime.configlib import (
     validate_record,
 )
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 require_engine(ENGINE_VERSION)
 
 SPEC_VERSION = 2

@@ -19,7 +19,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 require_engine(ENGINE_VERSION)
 
 ALIASES = {}
