@@ -35,6 +35,12 @@ from runtime.configlib import (
     SectionSpec,
 )
 from runtime.configlib.fields import NULL_LOOKALIKES
+from runtime.configlib.quantities import (
+    QUANTITY_TYPES,
+    STEPS_SCHEMA_PATTERN,
+    STEPS_TYPE,
+    TOKENS_SCHEMA_PATTERN,
+)
 
 from .spec import (
     Field,
@@ -98,8 +104,15 @@ def _literal(values: Iterable[object]) -> str:
     return "Literal[" + ", ".join(_pyrepr(v) for v in values) + "]"
 
 
+def _python_type(type_name: str) -> str:
+    """The dataclass annotation of a spec type: counts with a unit resolve to int."""
+    for quantity in QUANTITY_TYPES:
+        type_name = type_name.replace(quantity, "int")
+    return type_name
+
+
 def _field_view(f: Field, spec: Spec) -> dict[str, Any]:
-    annotation = _literal(f.choices) if f.choices is not None else f.type
+    annotation = _literal(f.choices) if f.choices is not None else _python_type(f.type)
     if f.record is not None:
         annotation = f"list[{f.record.name}]"
     annotation += " | None" if f.nullable else ""
@@ -244,6 +257,10 @@ SCHEMA_EXCEPTIONS = (
         "the value of a `${env:NAME}` reference (an unset variable without a default, a value of the wrong type) is checked when the config is loaded; the schema accepts any well-formed reference where a value may stand",
     ),
     ("base files", "`base:` names files; whether they exist and are valid is checked when loading"),
+    (
+        "counts with a unit",
+        "a count written with its unit (`469B tokens`) must be a whole number (`1.5 tokens` is not), and a token count in a `steps` field meets the field's bounds once resolved to its step",
+    ),
     ("NaN", "`.nan` is a number to JSON Schema; the validator wants finite numbers"),
     (
         "removed old names",
@@ -280,7 +297,13 @@ def _or_env(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _item_schema(type_name: str, f: Field) -> dict[str, Any]:
-    """Schema of one value (of each item, for a list field): type, bounds, pattern."""
+    """Schema of one value (of each item, for a list field): type, bounds, pattern. A count with
+    a unit (steps, tokens) is an integer with the bounds, or a string in the count syntax (its
+    bounds checked once resolved)."""
+    if type_name in QUANTITY_TYPES:
+        number = _item_schema("int", f)
+        pattern = STEPS_SCHEMA_PATTERN if type_name == STEPS_TYPE else TOKENS_SCHEMA_PATTERN
+        return {"anyOf": [number, {"type": "string", "pattern": pattern}]}
     schema: dict[str, Any] = {"type": JSON_TYPES[type_name]}
     if type_name == "float":
         schema["minimum"], schema["maximum"] = -FLOAT_LIMIT, FLOAT_LIMIT
@@ -595,6 +618,7 @@ def render(
         "alias_versions": sorted(spec.alias_versions.items()),
         "rules": spec.rules,
         "derived": spec.derived,
+        "batch_schedule": spec.batch_schedule,
         "hf_names": [(f.path, f.hf) for f in spec.fields() if f.hf is not None],
         "class_names": [s["class_name"] for s in sections]
         + [f.record.name for f in spec.record_lists() if f.record is not None],

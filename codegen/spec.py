@@ -74,8 +74,23 @@ ROOT_ATTRIBUTES = {"class", "doc", "fields", "policy"}
 ALIAS_ATTRIBUTES = {"name", "since", "removed"}
 POLICIES = ("must_match", "from_checkpoint", "overridable")
 RULE_ATTRIBUTES = {"check", "when", "message"}
-TOP_ATTRIBUTES = {"version", "root", "sections", "rules"}
-BASE_TYPES = {"int", "float", "bool", "str", "list[int]", "list[float]", "list[str]"}
+TOP_ATTRIBUTES = {"version", "root", "sections", "rules", "batch_schedule"}
+BASE_TYPES = {
+    "int",
+    "float",
+    "bool",
+    "str",
+    "steps",
+    "tokens",
+    "list[int]",
+    "list[float]",
+    "list[str]",
+    "list[steps]",
+}
+NUMBER_TYPES = ("int", "float", "steps", "tokens")
+"""Types that take min / max / gt (and their lists)."""
+BATCH_SCHEDULE_KEYS = ("seq_len", "full", "start", "increment", "rampup")
+"""The expressions of `batch_schedule`: BatchRamp's arguments (runtime/configlib/quantities.py)."""
 RULE_FUNCTIONS = {"len", "sum", "all", "any", "min", "max", "sorted", "zip", "range"}
 
 
@@ -131,6 +146,15 @@ class DerivedDefault:
 
 
 @dataclass
+class BatchScheduleSpec:
+    """`batch_schedule`: BatchRamp's arguments as expressions over the config."""
+
+    expressions: dict[str, str]  # key -> the spec's expression
+    codes: dict[str, str]  # key -> the expression over `c`
+    paths: list[str]  # the fields they read
+
+
+@dataclass
 class Spec:
     filename: str
     sha256: str
@@ -140,6 +164,7 @@ class Spec:
     # alias path -> (since, removed or None)
     alias_versions: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     derived: list[DerivedDefault] = field(default_factory=list)  # in spec order
+    batch_schedule: BatchScheduleSpec | None = None
 
     def sections(self) -> list[Section]:
         return list(self.root.walk())
@@ -311,10 +336,10 @@ class _Reader:
             ):
                 self.error(node.key_lines[key], f"{what}: {key!r} must be a number")
                 value = None
-            if value is not None and base.removeprefix("list[").rstrip("]") not in ("int", "float"):
+            if value is not None and base.removeprefix("list[").rstrip("]") not in NUMBER_TYPES:
                 self.error(
                     node.key_lines[key],
-                    f"{what}: {key!r} only applies to int and float fields (and their lists)",
+                    f"{what}: {key!r} only applies to number fields (int, float, steps, tokens and their lists)",
                 )
                 value = None
             bounds[key] = value
@@ -793,6 +818,19 @@ def load_spec(path: str | Path, text: str | bytes | None = None) -> Spec:
         if code is None:  # not an expression: reported, and load_spec raises below
             continue
         derived.append(DerivedDefault(f.path, f.derived, code, paths))
+    batch_schedule = _read_batch_schedule(reader, document, section_names, field_paths)
+    quantity_fields = [
+        g.path
+        for parent in root_fields(root)
+        for g in [parent, *record_fields(parent)]
+        if g.item_type == "steps"
+    ]
+    if quantity_fields and batch_schedule is None:
+        reader.error(
+            1,
+            f"steps fields ({', '.join(quantity_fields)}) take token counts, which need a "
+            f"top-level batch_schedule ({', '.join(BATCH_SCHEDULE_KEYS)})",
+        )
     enum_names: dict[str, str] = {}
     every_field = [g for parent in root_fields(root) for g in [parent, *record_fields(parent)]]
     for f in every_field:
@@ -826,4 +864,36 @@ def load_spec(path: str | Path, text: str | bytes | None = None) -> Spec:
         rules,
         reader.alias_versions,
         derived,
+        batch_schedule,
     )
+
+
+def _read_batch_schedule(
+    reader: _Reader, document: LineDict, sections: set[str], fields: set[str]
+) -> BatchScheduleSpec | None:
+    """The top-level `batch_schedule`: one expression per BATCH_SCHEDULE_KEYS key."""
+    node = document.get("batch_schedule")
+    if node is None:
+        return None
+    line = document.key_lines["batch_schedule"]
+    if not isinstance(node, LineDict):
+        reader.error(line, f"batch_schedule must be a mapping of {', '.join(BATCH_SCHEDULE_KEYS)}")
+        return None
+    reader.check_attributes(node, set(BATCH_SCHEDULE_KEYS), "batch_schedule")
+    expressions: dict[str, str] = {}
+    codes: dict[str, str] = {}
+    paths: list[str] = []
+    for key in BATCH_SCHEDULE_KEYS:
+        text = reader.require(node, key, str, "batch_schedule")
+        if text is None:
+            continue
+        code, read = _compile_expression(
+            reader, text, node.key_lines[key], sections, fields, f"batch_schedule.{key}"
+        )
+        if code is None:
+            continue
+        expressions[key], codes[key] = text, code
+        paths += [p for p in read if p not in paths]
+    if len(codes) != len(BATCH_SCHEDULE_KEYS):
+        return None
+    return BatchScheduleSpec(expressions, codes, paths)

@@ -23,6 +23,7 @@ from .config import (
     DeviceConfig,
     TorchCompilationConfig,
     DistributedConfig,
+    LRSegment,
     DataSource,
 )
 from .names import CONSTANTS, PATH
@@ -35,6 +36,7 @@ from .parser import (
     RULES,
     SPEC,
     adopt_values,
+    batch_ramp,
     build_arg_parser,
     config_from_dict,
     config_to_dict,

@@ -14,7 +14,7 @@ _deepseek_moe_values() {
     --data.tokenizer)
         reply=(bytes bpe) ;;
     --lr_schedule.schedule_type|--schedule.schedule_type)
-        reply=(cosine linear constant wsd cosine_restarts multi_phase) ;;
+        reply=(cosine linear constant wsd cosine_restarts multi_phase piecewise) ;;
     --system.compile.compile_mode|--system.compile_mode)
         reply=(default reduce-overhead max-autotune max-autotune-no-cudagraphs) ;;
     --system.device.dtype|--system.device.torch_dtype|--system.distributed.param_dtype|--system.distributed.reduce_dtype|--system.dtype|--system.torch_dtype)
@@ -44,7 +44,7 @@ _deepseek_moe_values() {
 _deepseek_moe() {
     local -a commands flags reply
     local cur=${words[CURRENT]} flag="" where
-    commands=(config train export sample plan data launch completion)
+    commands=(config train export sample plan data launch schedule completion)
     if (( CURRENT == 2 )); then
         compadd -- $commands --help
         return
@@ -59,13 +59,13 @@ _deepseek_moe() {
         where="$where ${words[3]}" ;;
     data)
         if (( CURRENT == 3 )); then
-            compadd -- prepare inspect --help
+            compadd -- prepare inspect replay --help
             return
         fi
         where="$where ${words[3]}" ;;
     esac
     case $where in
-    "train"|"plan"|"launch"|"config validate"|"config show"|"config explain"|"config diff") ;;
+    "train"|"plan"|"launch"|"schedule"|"config validate"|"config show"|"config explain"|"config diff"|"data replay") ;;
     *)
         if [[ $cur == -* ]]; then compadd -- --help; else _files; fi
         return ;;
@@ -74,30 +74,30 @@ _deepseek_moe() {
         --checkpointer.always_save_checkpoint --checkpointer.init_from --checkpointer.keep_last_n
         --checkpointer.resume_from --checkpointer.save_best --checkpointer.save_dir
         --checkpointer.save_interval --data.data_dir --data.dataset --data.dataset_name
-        --data.document_mask --data.num_workers --data.path --data.pin_memory --data.sources
-        --data.token_dtype --data.tokenizer --data.train_split --data.val_split --data.validation
-        --evaluator.eval_interval --evaluator.eval_iters --evaluator.eval_only
+        --data.document_mask --data.num_workers --data.path --data.pin_memory --data.skip_steps
+        --data.sources --data.token_dtype --data.tokenizer --data.train_split --data.val_split
+        --data.validation --evaluator.eval_interval --evaluator.eval_iters --evaluator.eval_only
         --lr_schedule.decay_fraction --lr_schedule.decay_lr --lr_schedule.lr_decay_iters
         --lr_schedule.min_lr --lr_schedule.num_cycles --lr_schedule.phase_decay
         --lr_schedule.phase_names --lr_schedule.phase_steps --lr_schedule.schedule_type
-        --lr_schedule.warmup_iters --model.beta_fast --model.beta_slow --model.dim --model.factor
-        --model.first_k_dense --model.first_k_dense_replace --model.hidden_size --model.init_std
-        --model.initializer_range --model.inter_dim --model.intermediate_size --model.kv_lora_rank
-        --model.max_position_embeddings --model.max_seq_len --model.moe_inter_dim
-        --model.moe_intermediate_size --model.mscale --model.mscale_all_dim --model.mtp_depth
-        --model.n_activated_experts --model.n_dense_layers --model.n_expert_groups --model.n_group
-        --model.n_heads --model.n_layers --model.n_limited_groups --model.n_mtp_modules
-        --model.n_routed_experts --model.n_shared_experts --model.norm_eps --model.norm_topk_prob
-        --model.num_attention_heads --model.num_experts_per_tok --model.num_hidden_layers
-        --model.num_nextn_predict_layers --model.original_max_position_embeddings
-        --model.original_seq_len --model.q_lora_rank --model.qk_nope_head_dim --model.qk_rope_head_dim
-        --model.rms_norm_eps --model.rope_factor --model.rope_scaling --model.rope_theta
-        --model.route_scale --model.routed_scaling_factor --model.score_func --model.scoring_func
-        --model.top_k --model.topk_group --model.v_head_dim --model.vocab_size --moe.aux_loss_weight
-        --moe.bias_update_speed --moe.bias_update_speed_final --moe.bias_update_speed_until
-        --moe.capacity_factor --moe.drop_tokens --moe.load_balancing_loss_weight
-        --moe.router_noise_scale --moe.router_temperature --moe.z_loss_weight
-        --moe_training.aux_loss_weight --moe_training.bias_update_speed
+        --lr_schedule.segments --lr_schedule.warmup_iters --model.beta_fast --model.beta_slow
+        --model.dim --model.factor --model.first_k_dense --model.first_k_dense_replace
+        --model.hidden_size --model.init_std --model.initializer_range --model.inter_dim
+        --model.intermediate_size --model.kv_lora_rank --model.max_position_embeddings
+        --model.max_seq_len --model.moe_inter_dim --model.moe_intermediate_size --model.mscale
+        --model.mscale_all_dim --model.mtp_depth --model.n_activated_experts --model.n_dense_layers
+        --model.n_expert_groups --model.n_group --model.n_heads --model.n_layers
+        --model.n_limited_groups --model.n_mtp_modules --model.n_routed_experts --model.n_shared_experts
+        --model.norm_eps --model.norm_topk_prob --model.num_attention_heads --model.num_experts_per_tok
+        --model.num_hidden_layers --model.num_nextn_predict_layers
+        --model.original_max_position_embeddings --model.original_seq_len --model.q_lora_rank
+        --model.qk_nope_head_dim --model.qk_rope_head_dim --model.rms_norm_eps --model.rope_factor
+        --model.rope_scaling --model.rope_theta --model.route_scale --model.routed_scaling_factor
+        --model.score_func --model.scoring_func --model.top_k --model.topk_group --model.v_head_dim
+        --model.vocab_size --moe.aux_loss_weight --moe.bias_update_speed --moe.bias_update_speed_final
+        --moe.bias_update_speed_until --moe.capacity_factor --moe.drop_tokens
+        --moe.load_balancing_loss_weight --moe.router_noise_scale --moe.router_temperature
+        --moe.z_loss_weight --moe_training.aux_loss_weight --moe_training.bias_update_speed
         --moe_training.bias_update_speed_final --moe_training.bias_update_speed_until
         --moe_training.capacity_factor --moe_training.drop_tokens
         --moe_training.load_balancing_loss_weight --moe_training.router_noise_scale
@@ -109,16 +109,17 @@ _deepseek_moe() {
         --optimizer.weight_decay --out_dir --overwrite --sample.max_new_tokens --sample.prompt
         --sample.temperature --sample.top_k --sample.top_p --schedule.decay_fraction --schedule.decay_lr
         --schedule.lr_decay_iters --schedule.min_lr --schedule.num_cycles --schedule.phase_decay
-        --schedule.phase_names --schedule.phase_steps --schedule.schedule_type --schedule.warmup_iters
-        --seed --system.backend --system.compile --system.compile.compile --system.compile.compile_mode
-        --system.compile_mode --system.device --system.device.device --system.device.dtype
-        --system.device.torch_dtype --system.device_type --system.distributed
+        --schedule.phase_names --schedule.phase_steps --schedule.schedule_type --schedule.segments
+        --schedule.warmup_iters --seed --system.backend --system.compile --system.compile.compile
+        --system.compile.compile_mode --system.compile_mode --system.device --system.device.device
+        --system.device.dtype --system.device.torch_dtype --system.device_type --system.distributed
         --system.distributed.activation_checkpointing --system.distributed.backend
         --system.distributed.ddp_bucket_cap_mb --system.distributed.dp_replicate
         --system.distributed.dp_shard --system.distributed.enabled --system.distributed.expert_parallel
         --system.distributed.find_unused_parameters --system.distributed.param_dtype
         --system.distributed.reduce_dtype --system.distributed.reshard_after_forward
         --system.distributed.timeout --system.dtype --system.torch_dtype --training.batch_size
+        --training.batch_size_increment --training.batch_size_rampup --training.batch_size_start
         --training.block_size --training.eval_interval --training.eval_iters
         --training.gradient_accumulation_steps --training.log_interval --training.max_iters
         --training.max_skipped_steps --training.nonfinite_loss --training.seed --training.seq_len

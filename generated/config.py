@@ -17,10 +17,30 @@ from runtime.configlib import (
     validate_record,
 )
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 SPEC_VERSION = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class LRSegment:
+    """An item of `schedule.segments`. The `piecewise` schedule after warm-up, in order: segment i runs from where the previous one ended (the end of warm-up, at `optimizer.lr`, for the first) to step `until`, its learning rate going from the previous segment's final lr to its own `lr` by `shape`: `constant` is `lr` throughout (a jump at its start), `linear` and `cosine` reach `lr` at `until`. After the last segment the lr stays at the last `lr`. Each segment's `name` is logged as `phase` in metrics.jsonl."""
+
+    until: int
+    """The step where the segment ends (`10T tokens`, `5000`)."""
+
+    lr: float
+    """The learning rate the segment ends at (and holds, when constant)."""
+
+    shape: Literal["constant", "linear", "cosine"] = "constant"
+    """How the lr gets from the previous segment's to this one's."""
+
+    name: str | None = None
+    """Phase name in metrics.jsonl; null is `segment<i>` (from 1)."""
+
+    def __post_init__(self) -> None:
+        validate_record(self, FIELDS["schedule.segments"])
 
 
 @dataclass(kw_only=True, slots=True)
@@ -236,6 +256,9 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     """Training data as a weighted mixture: each item a prepared dataset folder (`deepseek-moe data prepare`) or a Megatron-LM indexed dataset prefix (`PREFIX.bin` + `PREFIX.idx`). Sample i of the run draws from a source chosen by weight, a pure function of (seed, i): after m samples each source has had m * weight / sum(weights) of them, give or take one, and each reads its windows (every `training.seq_len` tokens) in a new random order per epoch, each once per epoch. Metrics report every source's tokens and epochs. Empty: the `dataset` field's corpus."""
 
+    skip_steps: list[str] = field(default_factory=list)
+    """Batches to skip, say after a loss spike (PaLM skipped a few hundred): optimizer steps written `"A-B"` (inclusive) or `"N"`, counted from 1 as `iter` in metrics.jsonl. The steps before a skipped range read their batches as before; from the range on, step s reads the batch step s + (steps skipped so far) would have read, whole (the batch-size ramp follows the batch, the lr and other schedules the optimizer step). The log and metrics.jsonl (`skipped_batches`) say what was skipped; a resumed run skips the same. `deepseek-moe data replay CONFIG --step N` prints the batch a step reads."""
+
     validation: str | None = None
     """A held-out source for validation (a prepared folder or a Megatron prefix, read whole). null: each source's own held-out documents: a prepared folder's validation shards (the documents `data prepare --val-fraction` held out, chosen by hash), or a Megatron prefix's last whole documents, about `val_split` of its tokens. Unused without `sources`."""
 
@@ -278,10 +301,19 @@ class TrainingConfig:
     """Tokens per training sequence."""
 
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step, across all processes together; must divide by the number of processes."""
+    """Micro-batches per optimizer step, across all processes together; must divide by the number of processes. The full global batch is `batch_size` * this many sequences."""
+
+    batch_size_start: int | None = None
+    """Batch-size ramp: the global batch (sequences per optimizer step, all processes and micro-batches together) of the first steps. It grows by `batch_size_increment` in equal shares of `batch_size_rampup` tokens up to the full batch, `batch_size` * `gradient_accumulation_steps`, as Megatron-LM's ramp does: with n = (full - start) / increment, a step that begins after c tokens have been trained on uses start + increment * floor(c * n / rampup) sequences, and the full batch from c >= rampup on. The ramp changes the number of micro-batches of a step, never their size, so every value must be a multiple of `batch_size` and, at launch, of `batch_size` times the number of processes (a config error otherwise): the global batch of each step is the same on every layout. Token counts (`tokens` in metrics, `N tokens` values) follow it. null: no ramp."""
+
+    batch_size_increment: int | None = None
+    """Sequences the ramp adds at each stage; null is one micro-batch (`batch_size`)."""
+
+    batch_size_rampup: int = 0
+    """Tokens over which the global batch grows from `batch_size_start` to the full batch (`469B tokens`)."""
 
     max_iters: int = 600
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for; `14.8T tokens` trains until at least that many tokens (the batch-size ramp counted)."""
 
     log_interval: int = 10
     """Write a metrics line (and a wandb log) every this many steps."""
@@ -301,9 +333,9 @@ class LRScheduleConfig:
     """Learning-rate schedule, as a function of the optimizer step. Every type starts with a linear warm-up from 0 to `optimizer.lr` over `warmup_iters` steps."""
 
     schedule_type: Literal[
-        "cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"
+        "cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase", "piecewise"
     ] = "cosine"
-    """After warm-up: `cosine` decays to `min_lr` at `lr_decay_iters`; `linear` likewise in a straight line; `constant` stays at lr; `wsd` (warmup-stable-decay) holds lr, then decays linearly to `min_lr` over the last `decay_fraction` of the steps up to `lr_decay_iters`; `cosine_restarts` runs `num_cycles` equal cosine cycles from lr to `min_lr` between warm-up and `lr_decay_iters`; `multi_phase` multiplies lr by `phase_decay` at each step in `phase_steps`, never below `min_lr`. Past `lr_decay_iters` every type but `constant` stays at `min_lr`."""
+    """After warm-up: `cosine` decays to `min_lr` at `lr_decay_iters`; `linear` likewise in a straight line; `constant` stays at lr; `wsd` (warmup-stable-decay) holds lr, then decays linearly to `min_lr` over the last `decay_fraction` of the steps up to `lr_decay_iters`; `cosine_restarts` runs `num_cycles` equal cosine cycles from lr to `min_lr` between warm-up and `lr_decay_iters`; `multi_phase` multiplies lr by `phase_decay` at each step in `phase_steps`, never below `min_lr`; `piecewise` follows `segments` (and ignores `lr_decay_iters` and `min_lr`). Past `lr_decay_iters` every other type but `constant` stays at `min_lr`."""
 
     warmup_iters: int = 50
     """Steps of linear warm-up from 0 to `optimizer.lr`."""
@@ -331,6 +363,9 @@ class LRScheduleConfig:
 
     phase_decay: float = 0.1
     """Factor lr is multiplied by at each `multi_phase` boundary."""
+
+    segments: list[LRSegment] = field(default_factory=list)
+    """The `piecewise` schedule after warm-up, in order: segment i runs from where the previous one ended (the end of warm-up, at `optimizer.lr`, for the first) to step `until`, its learning rate going from the previous segment's final lr to its own `lr` by `shape`: `constant` is `lr` throughout (a jump at its start), `linear` and `cosine` reach `lr` at `until`. After the last segment the lr stays at the last `lr`. Each segment's `name` is logged as `phase` in metrics.jsonl."""
 
     def __post_init__(self) -> None:
         validate_instance(self, SECTIONS["schedule"], FIELDS, SECTIONS)
@@ -373,7 +408,7 @@ class MTPTrainingConfig:
     """The MTP weight ramps linearly from 0 at step 0 to `mtp_loss_weight` at step `warmup_steps` (weight * min(1, step / warmup_steps)); 0 means full weight from the start."""
 
     mtp_loss_weight_until: int | None = None
-    """Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: set this to 10T / tokens per step."""
+    """Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: `10T tokens`."""
 
     mtp_loss_weight_final: float = 0.1
     """MTP loss weight from step `mtp_loss_weight_until` on."""
@@ -408,7 +443,7 @@ class MoETrainingConfig:
     """Aux-loss-free balancing (gamma): after each applied optimizer step, each MoE layer's expert-score correction bias moves by this times sign(mean load - expert load), the loads being that step's assignments summed over processes. A skipped step (non-finite loss or gradient, or skipped by the float16 gradient scaler) discards its loads and leaves the bias alone. The bias only affects which experts are selected, never the routing weights. 0 turns it off."""
 
     bias_update_speed_until: int | None = None
-    """Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: set this to 14.3T / tokens per step."""
+    """Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: `14.3T tokens`."""
 
     bias_update_speed_final: float = 0.0
     """Bias update speed from step `bias_update_speed_until` on (0 freezes the bias)."""
@@ -1197,10 +1232,10 @@ FIELDS = {
     "moe.bias_update_speed_until": FieldSpec(
         path="moe.bias_update_speed_until",
         name="bias_update_speed_until",
-        type="int",
+        type="steps",
         nullable=True,
         default=None,
-        doc="Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: set this to 14.3T / tokens per step.",
+        doc="Optimizer steps from this one on update the bias with `bias_update_speed_final` instead of `bias_update_speed`; null keeps `bias_update_speed` for the whole run. The paper uses 0.001 for the first 14.3T tokens and 0 for the last 500B: `14.3T tokens`.",
         aliases=(),
         choices=None,
         min=0,
@@ -1239,7 +1274,7 @@ FIELDS = {
     "mtp.warmup_steps": FieldSpec(
         path="mtp.warmup_steps",
         name="warmup_steps",
-        type="int",
+        type="steps",
         nullable=False,
         default=0,
         doc="The MTP weight ramps linearly from 0 at step 0 to `mtp_loss_weight` at step `warmup_steps` (weight * min(1, step / warmup_steps)); 0 means full weight from the start.",
@@ -1253,10 +1288,10 @@ FIELDS = {
     "mtp.mtp_loss_weight_until": FieldSpec(
         path="mtp.mtp_loss_weight_until",
         name="mtp_loss_weight_until",
-        type="int",
+        type="steps",
         nullable=True,
         default=None,
-        doc="Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: set this to 10T / tokens per step.",
+        doc="Steps from this one on use `mtp_loss_weight_final` instead of `mtp_loss_weight` (after any warm-up); null keeps `mtp_loss_weight` for the whole run. The paper uses 0.3 for the first 10T tokens and 0.1 for the remaining 4.8T: `10T tokens`.",
         aliases=(),
         choices=None,
         min=0,
@@ -1368,9 +1403,17 @@ FIELDS = {
         type="str",
         nullable=False,
         default="cosine",
-        doc="After warm-up: `cosine` decays to `min_lr` at `lr_decay_iters`; `linear` likewise in a straight line; `constant` stays at lr; `wsd` (warmup-stable-decay) holds lr, then decays linearly to `min_lr` over the last `decay_fraction` of the steps up to `lr_decay_iters`; `cosine_restarts` runs `num_cycles` equal cosine cycles from lr to `min_lr` between warm-up and `lr_decay_iters`; `multi_phase` multiplies lr by `phase_decay` at each step in `phase_steps`, never below `min_lr`. Past `lr_decay_iters` every type but `constant` stays at `min_lr`.",
+        doc="After warm-up: `cosine` decays to `min_lr` at `lr_decay_iters`; `linear` likewise in a straight line; `constant` stays at lr; `wsd` (warmup-stable-decay) holds lr, then decays linearly to `min_lr` over the last `decay_fraction` of the steps up to `lr_decay_iters`; `cosine_restarts` runs `num_cycles` equal cosine cycles from lr to `min_lr` between warm-up and `lr_decay_iters`; `multi_phase` multiplies lr by `phase_decay` at each step in `phase_steps`, never below `min_lr`; `piecewise` follows `segments` (and ignores `lr_decay_iters` and `min_lr`). Past `lr_decay_iters` every other type but `constant` stays at `min_lr`.",
         aliases=(),
-        choices=("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"),
+        choices=(
+            "cosine",
+            "linear",
+            "constant",
+            "wsd",
+            "cosine_restarts",
+            "multi_phase",
+            "piecewise",
+        ),
         min=None,
         max=None,
         gt=None,
@@ -1379,7 +1422,7 @@ FIELDS = {
     "schedule.warmup_iters": FieldSpec(
         path="schedule.warmup_iters",
         name="warmup_iters",
-        type="int",
+        type="steps",
         nullable=False,
         default=50,
         doc="Steps of linear warm-up from 0 to `optimizer.lr`.",
@@ -1393,7 +1436,7 @@ FIELDS = {
     "schedule.lr_decay_iters": FieldSpec(
         path="schedule.lr_decay_iters",
         name="lr_decay_iters",
-        type="int",
+        type="steps",
         nullable=True,
         default=None,
         doc="Step at which the decay reaches `min_lr`; by default the run's length (never before the end of warm-up), so the schedule follows `training.max_iters`. A schedule that ends before or after the run warns.",
@@ -1464,7 +1507,7 @@ FIELDS = {
     "schedule.phase_steps": FieldSpec(
         path="schedule.phase_steps",
         name="phase_steps",
-        type="list[int]",
+        type="list[steps]",
         nullable=False,
         default=[],
         doc="Steps at which each `multi_phase` phase after the first begins, increasing.",
@@ -1503,6 +1546,84 @@ FIELDS = {
         gt=0,
         policy="overridable",
     ),
+    "schedule.segments": FieldSpec(
+        path="schedule.segments",
+        name="segments",
+        type="list[record]",
+        nullable=False,
+        default=[],
+        doc="The `piecewise` schedule after warm-up, in order: segment i runs from where the previous one ended (the end of warm-up, at `optimizer.lr`, for the first) to step `until`, its learning rate going from the previous segment's final lr to its own `lr` by `shape`: `constant` is `lr` throughout (a jump at its start), `linear` and `cosine` reach `lr` at `until`. After the last segment the lr stays at the last `lr`. Each segment's `name` is logged as `phase` in metrics.jsonl.",
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+        record=RecordSpec(
+            name="LRSegment",
+            cls=LRSegment,
+            fields=(
+                FieldSpec(
+                    path="schedule.segments[].until",
+                    name="until",
+                    type="steps",
+                    nullable=False,
+                    default=None,
+                    doc="The step where the segment ends (`10T tokens`, `5000`).",
+                    aliases=(),
+                    choices=None,
+                    min=0,
+                    max=None,
+                    gt=None,
+                    policy="overridable",
+                    required=True,
+                ),
+                FieldSpec(
+                    path="schedule.segments[].lr",
+                    name="lr",
+                    type="float",
+                    nullable=False,
+                    default=None,
+                    doc="The learning rate the segment ends at (and holds, when constant).",
+                    aliases=(),
+                    choices=None,
+                    min=0,
+                    max=None,
+                    gt=None,
+                    policy="overridable",
+                    required=True,
+                ),
+                FieldSpec(
+                    path="schedule.segments[].shape",
+                    name="shape",
+                    type="str",
+                    nullable=False,
+                    default="constant",
+                    doc="How the lr gets from the previous segment's to this one's.",
+                    aliases=(),
+                    choices=("constant", "linear", "cosine"),
+                    min=None,
+                    max=None,
+                    gt=None,
+                    policy="overridable",
+                ),
+                FieldSpec(
+                    path="schedule.segments[].name",
+                    name="name",
+                    type="str",
+                    nullable=True,
+                    default=None,
+                    doc="Phase name in metrics.jsonl; null is `segment<i>` (from 1).",
+                    aliases=(),
+                    choices=None,
+                    min=None,
+                    max=None,
+                    gt=None,
+                    policy="overridable",
+                ),
+            ),
+        ),
+    ),
     "training.batch_size": FieldSpec(
         path="training.batch_size",
         name="batch_size",
@@ -1537,7 +1658,7 @@ FIELDS = {
         type="int",
         nullable=False,
         default=1,
-        doc="Micro-batches per optimizer step, across all processes together; must divide by the number of processes.",
+        doc="Micro-batches per optimizer step, across all processes together; must divide by the number of processes. The full global batch is `batch_size` * this many sequences.",
         aliases=(),
         choices=None,
         min=1,
@@ -1545,13 +1666,55 @@ FIELDS = {
         gt=None,
         policy="from_checkpoint",
     ),
+    "training.batch_size_start": FieldSpec(
+        path="training.batch_size_start",
+        name="batch_size_start",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Batch-size ramp: the global batch (sequences per optimizer step, all processes and micro-batches together) of the first steps. It grows by `batch_size_increment` in equal shares of `batch_size_rampup` tokens up to the full batch, `batch_size` * `gradient_accumulation_steps`, as Megatron-LM's ramp does: with n = (full - start) / increment, a step that begins after c tokens have been trained on uses start + increment * floor(c * n / rampup) sequences, and the full batch from c >= rampup on. The ramp changes the number of micro-batches of a step, never their size, so every value must be a multiple of `batch_size` and, at launch, of `batch_size` times the number of processes (a config error otherwise): the global batch of each step is the same on every layout. Token counts (`tokens` in metrics, `N tokens` values) follow it. null: no ramp.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="from_checkpoint",
+    ),
+    "training.batch_size_increment": FieldSpec(
+        path="training.batch_size_increment",
+        name="batch_size_increment",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Sequences the ramp adds at each stage; null is one micro-batch (`batch_size`).",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="from_checkpoint",
+    ),
+    "training.batch_size_rampup": FieldSpec(
+        path="training.batch_size_rampup",
+        name="batch_size_rampup",
+        type="tokens",
+        nullable=False,
+        default=0,
+        doc="Tokens over which the global batch grows from `batch_size_start` to the full batch (`469B tokens`).",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="from_checkpoint",
+    ),
     "training.max_iters": FieldSpec(
         path="training.max_iters",
         name="max_iters",
-        type="int",
+        type="steps",
         nullable=False,
         default=600,
-        doc="Optimizer steps to train for.",
+        doc="Optimizer steps to train for; `14.8T tokens` trains until at least that many tokens (the batch-size ramp counted).",
         aliases=(),
         choices=None,
         min=0,
@@ -1677,6 +1840,22 @@ FIELDS = {
                 ),
             ),
         ),
+    ),
+    "data.skip_steps": FieldSpec(
+        path="data.skip_steps",
+        name="skip_steps",
+        type="list[str]",
+        nullable=False,
+        default=[],
+        doc='Batches to skip, say after a loss spike (PaLM skipped a few hundred): optimizer steps written `"A-B"` (inclusive) or `"N"`, counted from 1 as `iter` in metrics.jsonl. The steps before a skipped range read their batches as before; from the range on, step s reads the batch step s + (steps skipped so far) would have read, whole (the batch-size ramp follows the batch, the lr and other schedules the optimizer step). The log and metrics.jsonl (`skipped_batches`) say what was skipped; a resumed run skips the same. `deepseek-moe data replay CONFIG --step N` prints the batch a step reads.',
+        aliases=(),
+        choices=None,
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+        pattern="[1-9][0-9]*(-[1-9][0-9]*)?",
+        pattern_doc="a step `N` or an inclusive range `A-B` (steps count from 1, as in metrics.jsonl)",
     ),
     "data.validation": FieldSpec(
         path="data.validation",
@@ -2466,6 +2645,7 @@ SECTIONS = {
             "phase_steps",
             "phase_names",
             "phase_decay",
+            "segments",
         ),
         sections=(),
         shorthand=None,
@@ -2479,6 +2659,9 @@ SECTIONS = {
             "batch_size",
             "seq_len",
             "gradient_accumulation_steps",
+            "batch_size_start",
+            "batch_size_increment",
+            "batch_size_rampup",
             "max_iters",
             "log_interval",
             "nonfinite_loss",
@@ -2496,6 +2679,7 @@ SECTIONS = {
             "dataset",
             "path",
             "sources",
+            "skip_steps",
             "validation",
             "document_mask",
             "token_dtype",

@@ -8,7 +8,7 @@ special values of the fields that have them.
 The keys of the items of a list[record] field have paths with `[]` for the item
 (`runtime.configlib.item_path` puts an index in):
 
-    PATH.data.DataSource.path == "data.sources[].path"
+    PATH.schedule.LRSegment.until == "schedule.segments[].until"
 """
 
 from enum import StrEnum
@@ -97,12 +97,25 @@ class PATH:
         phase_steps = "schedule.phase_steps"
         phase_names = "schedule.phase_names"
         phase_decay = "schedule.phase_decay"
+        segments = "schedule.segments"
+
+        class LRSegment:
+            """Paths of the keys of each `schedule.segments` item (`[]`: any item; `item_path(path, i)` gives item i's)."""
+
+            FIELD = "schedule.segments"
+            until = "schedule.segments[].until"
+            lr = "schedule.segments[].lr"
+            shape = "schedule.segments[].shape"
+            name = "schedule.segments[].name"
 
     class training:
         SECTION = "training"
         batch_size = "training.batch_size"
         seq_len = "training.seq_len"
         gradient_accumulation_steps = "training.gradient_accumulation_steps"
+        batch_size_start = "training.batch_size_start"
+        batch_size_increment = "training.batch_size_increment"
+        batch_size_rampup = "training.batch_size_rampup"
         max_iters = "training.max_iters"
         log_interval = "training.log_interval"
         nonfinite_loss = "training.nonfinite_loss"
@@ -113,6 +126,7 @@ class PATH:
         dataset = "data.dataset"
         path = "data.path"
         sources = "data.sources"
+        skip_steps = "data.skip_steps"
         validation = "data.validation"
         document_mask = "data.document_mask"
         token_dtype = "data.token_dtype"
@@ -215,6 +229,15 @@ class ScheduleType(StrEnum):
     WSD = "wsd"
     COSINE_RESTARTS = "cosine_restarts"
     MULTI_PHASE = "multi_phase"
+    PIECEWISE = "piecewise"
+
+
+class Shape(StrEnum):
+    """The choices of `schedule.segments[].shape`."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
 
 
 class NonfiniteLoss(StrEnum):
@@ -317,6 +340,7 @@ CONSTANTS = {
     "model.rope_scaling": RopeScaling,
     "model.score_func": ScoreFunc,
     "schedule.schedule_type": ScheduleType,
+    "schedule.segments[].shape": Shape,
     "training.nonfinite_loss": NonfiniteLoss,
     "data.dataset": Dataset,
     "data.token_dtype": TokenDtype,

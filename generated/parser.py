@@ -6,6 +6,7 @@ Load YAML files and `--section.field VALUE` flags into the root `Config` with `l
 """
 
 from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of the config)
+    BatchSchedule,
     ConfigAliasWarning,
     ConfigError,
     ConfigSpec,
@@ -19,7 +20,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 ALIASES = {
@@ -150,6 +151,79 @@ HF_NAMES = {
 """Field path -> its Hugging Face config.json key."""
 
 RULES = (
+    Rule(
+        check="training.batch_size_start % training.batch_size == 0",
+        when="training.batch_size_start is not None",
+        message="the ramp's first batch must be whole micro-batches (a multiple of training.batch_size)",
+        paths=("training.batch_size_start", "training.batch_size"),
+        holds=lambda c: c.training.batch_size_start % c.training.batch_size == 0,
+        applies=lambda c: c.training.batch_size_start is not None,
+    ),
+    Rule(
+        check="training.batch_size_increment % training.batch_size == 0",
+        when="training.batch_size_increment is not None",
+        message="the ramp's increment must be whole micro-batches (a multiple of training.batch_size)",
+        paths=("training.batch_size_increment", "training.batch_size"),
+        holds=lambda c: c.training.batch_size_increment % c.training.batch_size == 0,
+        applies=lambda c: c.training.batch_size_increment is not None,
+    ),
+    Rule(
+        check="training.batch_size_start < training.batch_size * training.gradient_accumulation_steps",
+        when="training.batch_size_start is not None",
+        message="the ramp must start below the full batch (training.batch_size * training.gradient_accumulation_steps)",
+        paths=(
+            "training.batch_size_start",
+            "training.batch_size",
+            "training.gradient_accumulation_steps",
+        ),
+        holds=lambda c: c.training.batch_size_start
+        < c.training.batch_size * c.training.gradient_accumulation_steps,
+        applies=lambda c: c.training.batch_size_start is not None,
+    ),
+    Rule(
+        check="(training.batch_size * training.gradient_accumulation_steps - training.batch_size_start) % (training.batch_size_increment or training.batch_size) == 0",
+        when="training.batch_size_start is not None",
+        message="the ramp must reach the full batch in whole increments",
+        paths=(
+            "training.batch_size",
+            "training.gradient_accumulation_steps",
+            "training.batch_size_start",
+            "training.batch_size_increment",
+        ),
+        holds=lambda c: (
+            c.training.batch_size * c.training.gradient_accumulation_steps
+            - c.training.batch_size_start
+        )
+        % (c.training.batch_size_increment or c.training.batch_size)
+        == 0,
+        applies=lambda c: c.training.batch_size_start is not None,
+    ),
+    Rule(
+        check="training.batch_size_rampup > 0",
+        when="training.batch_size_start is not None",
+        message="a batch-size ramp needs the tokens it grows over (training.batch_size_rampup)",
+        paths=("training.batch_size_rampup", "training.batch_size_start"),
+        holds=lambda c: c.training.batch_size_rampup > 0,
+        applies=lambda c: c.training.batch_size_start is not None,
+    ),
+    Rule(
+        check="len(schedule.segments) > 0",
+        when="schedule.schedule_type == 'piecewise'",
+        message="a piecewise schedule needs at least one segment",
+        paths=("schedule.segments", "schedule.schedule_type"),
+        holds=lambda c: len(c.schedule.segments) > 0,
+        applies=lambda c: c.schedule.schedule_type == "piecewise",
+    ),
+    Rule(
+        check="all(a.until < b.until for a, b in zip(schedule.segments, schedule.segments[1:]))",
+        when=None,
+        message="the segments' ends must be strictly increasing",
+        paths=("schedule.segments",),
+        holds=lambda c: all(
+            (a.until < b.until for a, b in zip(c.schedule.segments, c.schedule.segments[1:]))
+        ),
+        applies=None,
+    ),
     Rule(
         check="schedule.min_lr <= optimizer.lr",
         when=None,
@@ -340,6 +414,32 @@ DERIVED = {
 }
 """Fields whose null means a value computed from other fields."""
 
+BATCH_SCHEDULE = BatchSchedule(
+    expressions={
+        "seq_len": "training.seq_len",
+        "full": "training.batch_size * training.gradient_accumulation_steps",
+        "start": "training.batch_size_start",
+        "increment": "training.batch_size_increment or training.batch_size",
+        "rampup": "training.batch_size_rampup",
+    },
+    paths=(
+        "training.seq_len",
+        "training.batch_size",
+        "training.gradient_accumulation_steps",
+        "training.batch_size_start",
+        "training.batch_size_increment",
+        "training.batch_size_rampup",
+    ),
+    compute=lambda c: {
+        "seq_len": c.training.seq_len,
+        "full": c.training.batch_size * c.training.gradient_accumulation_steps,
+        "start": c.training.batch_size_start,
+        "increment": c.training.batch_size_increment or c.training.batch_size,
+        "rampup": c.training.batch_size_rampup,
+    },
+)
+"""How token counts become steps: the batch-size schedule's arguments (runtime/configlib/quantities.py)."""
+
 SPEC = ConfigSpec(
     version=SPEC_VERSION,
     fields=FIELDS,
@@ -348,6 +448,7 @@ SPEC = ConfigSpec(
     alias_versions=ALIAS_VERSIONS,
     rules=RULES,
     derived=DERIVED,
+    batch_schedule=BATCH_SCHEDULE,
 )
 FLAGS = SPEC.flags
 
@@ -364,3 +465,4 @@ dump_yaml = SPEC.dump_yaml
 nest = SPEC.nest
 migrate_text = SPEC.migrate_text
 build_arg_parser = SPEC.build_arg_parser
+batch_ramp = SPEC.batch_ramp

@@ -43,7 +43,7 @@ def test_commands_and_subcommands():
     assert complete("deepseek-moe", "comp") == ["completion"]
     assert complete("deepseek-moe", "config", "") == sorted([*config_cli.COMMANDS, "--help"])
     assert complete("deepseek-moe", "config", "ex") == ["explain"]
-    assert complete("deepseek-moe", "data", "") == ["--help", "inspect", "prepare"]
+    assert complete("deepseek-moe", "data", "") == ["--help", "inspect", "prepare", "replay"]
 
 
 @needs_bash
@@ -184,7 +184,7 @@ def test_fish_completes_commands_flags_and_choices():
         return sorted(entry.split("\t")[0] for entry in result.stdout.splitlines())
 
     assert complete_fish("deepseek-moe tr") == ["train"]
-    assert complete_fish("deepseek-moe data ") == ["inspect", "prepare"]
+    assert complete_fish("deepseek-moe data ") == ["inspect", "prepare", "replay"]
     assert complete_fish("deepseek-moe train --model.sco") == [
         "--model.score_func",
         "--model.scoring_func",

@@ -13,7 +13,8 @@ from runtime.components.data import corpus as data_mod
 from runtime.components.data.corpus import load_corpus, split_ranges
 from runtime.components.data.errors import DataError
 from runtime.components.data.module import DataModule
-from runtime.components.data.sampling import StepBatchSampler
+from runtime.components.data.sampling import BatchPlan
+from runtime.configlib.quantities import BatchRamp
 
 
 def make(data, window=9, batch_size=2, grad_accum=2, world_size=1, rank=0, seed=7):
@@ -30,7 +31,7 @@ def make(data, window=9, batch_size=2, grad_accum=2, world_size=1, rank=0, seed=
 
 def steps(module, start, end):
     loader = iter(module.train_loader(start, end))
-    return [[next(loader) for _ in range(module.micro_per_rank)] for _ in range(start, end)]
+    return [[next(loader) for _ in range(module.plan.micro_per_rank(s))] for s in range(start, end)]
 
 
 def test_stdlib_corpus_is_the_sorted_stdlib_sources_cached(data_dir, monkeypatch):
@@ -115,7 +116,7 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="fewer than one window"):
         make(DataConfig(dataset="bin", path=str(tmp_path / "small.bin")), window=9)
     with pytest.raises(DataError, match="divide"):
-        StepBatchSampler(batch_size=1, grad_accum=3, world_size=2, rank=0, start_step=0, end_step=1)
+        BatchPlan(BatchRamp(seq_len=8, full=3), batch_size=1, world_size=2)
 
 
 def test_splits_from_start_and_end():

@@ -99,7 +99,7 @@ def test_editing_a_default_is_caught_then_fixed_everywhere(tree):
     spec = tree / "spec" / "config.yaml"
     text = spec.read_text()
     pattern = re.compile(
-        r"(      - name: max_iters\n        type: int\n(?:        .*\n)*?        default: )600\n"
+        r"(      - name: max_iters\n        type: steps\n(?:        .*\n)*?        default: )600\n"
     )
     assert len(pattern.findall(text)) == 1, "training.max_iters default not found in the spec"
     spec.write_text(pattern.sub(r"\g<1>777\n", text))
@@ -117,7 +117,7 @@ def test_editing_a_default_is_caught_then_fixed_everywhere(tree):
     generated = tree / "generated"
     assert "    max_iters: int = 777\n" in (generated / "config.py").read_text()
     assert re.search(
-        r"^\| `training.max_iters` \| `int` \| `777` \|",
+        r"^\| `training.max_iters` \| `steps` \| `777` \|",
         (generated / "CONFIG.md").read_text(),
         re.M,
     )
@@ -127,7 +127,7 @@ def test_editing_a_default_is_caught_then_fixed_everywhere(tree):
         "from generated import build_arg_parser, load_config\n"
         "assert load_config(text='').training.max_iters == 777\n"
         "help = ' '.join(build_arg_parser().format_help().split())\n"
-        "entry = help.split('--training.max_iters INT ', 1)[1].split(' --', 1)[0]\n"
+        "entry = help.split('--training.max_iters STEPS ', 1)[1].split(' --', 1)[0]\n"
         "assert 'Default: 777.' in entry, entry\n"
     )
     result = subprocess.run(

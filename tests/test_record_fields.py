@@ -171,7 +171,7 @@ SPEC_ERRORS = {
     ),
     "bound on a record's str field": (
         edit("            doc: Where.\n", "            doc: Where.\n            min: 1  # <-\n"),
-        "'min' only applies to int and float fields",
+        "'min' only applies to number fields (int, float, steps, tokens and their lists)",
     ),
 }
 

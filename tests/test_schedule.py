@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from generated.config import LRScheduleConfig
-from runtime.components.lr_schedule import lr_at, phase_at
+from runtime.components.lr_schedule import lr_at, phase_at, schedule_warnings
 
 PEAK = 1e-3
 MIN = 1e-4
@@ -158,3 +158,67 @@ def test_lr_is_bounded(kind, warmup, extra, step, cycles):
     assert 0.0 <= value <= PEAK * (1 + 1e-12)
     if step >= warmup:
         assert value >= MIN * (1 - 1e-12)
+
+
+# --- piecewise ---------------------------------------------------------------------------------
+
+
+def piecewise(*segments, **kw):
+    """A piecewise schedule: warm-up 10 steps to PEAK, then `segments` (until, lr, shape, name)."""
+    from generated.config import LRSegment
+
+    items = [LRSegment(until=u, lr=v, shape=shape, name=name) for u, v, shape, name in segments]
+    return sched(schedule_type="piecewise", segments=items, **kw)
+
+
+def test_piecewise_constant_segments_jump_at_their_start_and_hold_after_the_last():
+    s = piecewise((40, PEAK, "constant", "stable"), (60, MIN, "constant", None))
+    assert lr_at(5, s, PEAK) == pytest.approx(PEAK / 2)  # warm-up as every type
+    assert [lr_at(t, s, PEAK) for t in (10, 39)] == [PEAK, PEAK]
+    assert [lr_at(t, s, PEAK) for t in (40, 59, 60, 10_000)] == [MIN, MIN, MIN, MIN]
+    # past lr_decay_iters (110) nothing changes: piecewise ignores it, and min_lr
+    assert lr_at(500, piecewise((40, 3e-4, "constant", None)), PEAK) == 3e-4
+
+
+def test_piecewise_linear_and_cosine_go_from_the_previous_lr_to_their_own():
+    s = piecewise((30, PEAK, "constant", None), (70, MIN, "linear", None))
+    assert lr_at(30, s, PEAK) == pytest.approx(PEAK)  # starts at the previous segment's lr
+    assert lr_at(50, s, PEAK) == pytest.approx((PEAK + MIN) / 2)
+    assert lr_at(69, s, PEAK) == pytest.approx(MIN + (PEAK - MIN) / 40)
+    assert lr_at(70, s, PEAK) == pytest.approx(MIN)
+    s = piecewise(
+        (30, PEAK, "constant", None), (70, MIN, "cosine", None), (90, 0.0, "linear", None)
+    )
+    assert lr_at(30, s, PEAK) == pytest.approx(PEAK)
+    assert lr_at(40, s, PEAK) == pytest.approx(
+        MIN + 0.5 * (1 + math.cos(math.pi / 4)) * (PEAK - MIN)
+    )
+    assert lr_at(50, s, PEAK) == pytest.approx((PEAK + MIN) / 2)  # the cosine's midpoint
+    assert lr_at(80, s, PEAK) == pytest.approx(MIN / 2)  # the next one starts from MIN
+    # a first segment that decays starts from the peak at the end of warm-up
+    s = piecewise((110, 0.0, "linear", None))
+    assert lr_at(10, s, PEAK) == pytest.approx(PEAK) and lr_at(60, s, PEAK) == pytest.approx(
+        PEAK / 2
+    )
+
+
+def test_piecewise_phase_names():
+    s = piecewise(
+        (40, PEAK, "constant", "stable"), (60, MIN, "cosine", None), (80, MIN, "constant", "tail")
+    )
+    names = [phase_at(t, s) for t in (0, 9, 10, 39, 40, 59, 60, 79, 80, 5000)]
+    assert names == ["initial", "initial", "stable", "stable"] + ["segment2"] * 2 + ["tail"] * 4
+    # phase_steps belong to the other types: piecewise names its segments
+    s = piecewise((40, PEAK, "constant", "a"), phase_steps=[20], phase_names=["x"])
+    assert phase_at(25, s) == "a"
+
+
+def test_piecewise_warns_when_the_run_ends_before_its_last_segment():
+    s = piecewise((40, PEAK, "constant", None), (200, MIN, "cosine", None))
+    [warning] = schedule_warnings(s, max_iters=150)
+    assert "schedule.segments[1].until (200) > training.max_iters (150)" in warning
+    assert "ends before the schedule does" in warning
+    # lr_decay_iters (110 here) means nothing to piecewise: no warning about it either way
+    assert schedule_warnings(s, max_iters=200) == []
+    assert schedule_warnings(s, max_iters=500) == []
+    assert schedule_warnings(sched(schedule_type="cosine"), max_iters=500) != []  # as before

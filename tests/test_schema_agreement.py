@@ -40,6 +40,7 @@ EXCEPTIONS = {
     "rule": "cross-field rules",
     "duplicate": "one field under two names",
     "base": "base files",
+    "count": "counts with a unit",
     "nan": "NaN",
     "environment": "environment values",
 }
@@ -263,6 +264,9 @@ def candidate_values(spec):
             values += [bound, bound - 1, bound + 0.5, bound - 1e-9]
     if spec.choices:
         values += list(spec.choices) + [str(spec.choices[0]).upper()]
+    if spec.item_type in ("steps", "tokens"):  # counts with a unit, well and badly written
+        counts = ["2K steps", "10K tokens", "1.5 tokens", "469B", "0 tokens", "12 stepz", "3 step"]
+        values += [[count] for count in counts] if spec.is_list else counts
     if spec.record is not None:
         values += record_lists(spec)
     return values
@@ -392,6 +396,8 @@ def verdict(text):
                 causes.add(problem.kind)
             elif problem.path == "base":
                 causes.add("base")
+            elif "is not a whole number of" in problem.message or " = step " in problem.message:
+                causes.add("count")
             elif has_nan(document) and "finite" in problem.message:
                 causes.add("nan")
             else:

@@ -119,7 +119,7 @@ CASES = {
     ),
     "bound on a string field": (
         edit("        choices: [a, b]\n", "        choices: [a, b]\n        min: 1  # <-\n"),
-        "'min' only applies to int and float fields",
+        "'min' only applies to number fields (int, float, steps, tokens and their lists)",
     ),
     "YAML syntax error": (
         edit("    doc: Train.\n", "    doc: [Train.\n    shorthand: : x  # <-\n").replace(

@@ -496,6 +496,11 @@ def shrink_flags(path, out_dir, data_dir):
         "--mtp.warmup_steps",
         "0",
     )
+    if cfg.training.batch_size_start is not None:  # a ramp of one step: 1 micro-batch, then 2
+        shrunk = load_config(path, argv=flags + ["--training.batch_size_start", "null"])
+        micro = str(shrunk.training.batch_size)
+        flags += ["--training.batch_size_start", micro, "--training.batch_size_increment", micro]
+        flags += ["--training.batch_size_rampup", "1 tokens"]
     if cfg.model.q_lora_rank:
         flags += ["--model.q_lora_rank", "16"]
     if os.path.basename(path) != COMPILED_CONFIG:  # compiling takes long on CPU: one config does it

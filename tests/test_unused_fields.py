@@ -25,6 +25,7 @@ from generated.config import (
     DataConfig,
     DataSource,
     LRScheduleConfig,
+    LRSegment,
     MoETrainingConfig,
     MTPTrainingConfig,
     TorchCompilationConfig,
@@ -40,6 +41,9 @@ from runtime.distributed.compile import compile_module
 from runtime.distributed.data_parallel import ddp_options
 from runtime.trainer import prepare as prepare_mod
 from runtime.trainer import trainer as train_mod
+
+KINDS = ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase", "piecewise")
+"""Every schedule type."""
 
 TINY = TINY_RUN_FLAGS + [
     "--evaluator.eval_iters",
@@ -261,13 +265,14 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
     )
     assert train_mod.Trainer(cfg).run() == 0
     # every schedule type
-    for kind in ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"):
+    for kind in KINDS:
         schedule = recorder.wrap(
             LRScheduleConfig(
                 schedule_type=kind,
                 warmup_iters=2,
                 lr_decay_iters=10,
                 phase_steps=[4],
+                segments=[LRSegment(until=6, lr=1e-4)],
                 phase_names=["x"],
             ),
             "schedule",
@@ -325,7 +330,8 @@ def _prepared(folder):
 
 
 def _section_fields(section):
-    return {p for p in FIELDS if p.startswith(section + ".")}
+    """The section's fields, and those of its records (`schedule.segments[].lr`)."""
+    return {p for p in spec_paths() if p.startswith(section + ".")}
 
 
 def test_each_component_reads_its_part_of_the_sections_it_takes(recorder):
@@ -381,10 +387,14 @@ def test_each_component_reads_its_part_of_the_sections_it_takes(recorder):
     assert balancer_reads <= _section_fields("moe") and knob_reads <= _section_fields("moe")
 
     schedule_reads = set()
-    for kind in ("cosine", "linear", "constant", "wsd", "cosine_restarts", "multi_phase"):
+    for kind in KINDS:
         schedule = recorder.wrap(
             LRScheduleConfig(
-                schedule_type=kind, warmup_iters=2, lr_decay_iters=10, phase_steps=[4]
+                schedule_type=kind,
+                warmup_iters=2,
+                lr_decay_iters=10,
+                phase_steps=[4],
+                segments=[LRSegment(until=6, lr=1e-4)],
             ),
             "schedule",
         )

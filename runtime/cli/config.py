@@ -114,6 +114,9 @@ def _explain(path: str, keys: list[str], flags: list[str]) -> int:
         note = f" ({key!r} is an old name of it)" if canonical != key else ""
         print(f"{canonical} = {SPEC.shown_value(canonical, values[canonical])!r}{note}")
         print(f"  from {_describe(resolved.sources[canonical], path)}")
+        for location, _, resolution in resolved.sources[canonical].resolved:
+            if resolution:  # `2 steps` needs no note
+                print(f"  {canonical}{location}: {resolution}" if location else f"  {resolution}")
         for value, source in reversed(resolved.overridden.get(canonical, [])):
             shown = SPEC.shown_value(canonical, value)
             print(f"  overrides {shown!r} from {_describe(source, path)}")

@@ -1,4 +1,5 @@
-"""`deepseek-moe data prepare INPUT... --tokenizer SRC --out DIR` and `deepseek-moe data inspect DIR`.
+"""`deepseek-moe data prepare INPUT... --tokenizer SRC --out DIR`, `deepseek-moe data inspect DIR`
+and `deepseek-moe data replay [CONFIG] --step N` (replay.py).
 
 prepare: JSONL (plain or .gz), parquet and text files, or folders of them, tokenized in worker
 processes into a dataset folder that `data.sources` trains on (runtime/components/data/prepare.py).
@@ -7,6 +8,9 @@ A progress bar on a terminal, a log line every few seconds otherwise. Bad record
 
 inspect: a prepared folder (or a Megatron prefix): documents, tokens, shards, tokenizer and a few
 decoded samples; `--json` for one JSON object.
+
+replay: the token ids and text of a training step's batches. It needs torch, which prepare's
+workers must not load: replay.py is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ USAGE = """usage: deepseek-moe data COMMAND ...
 commands:
   prepare INPUT... --tokenizer SRC --out DIR   tokenize a corpus into a dataset folder
   inspect DIR [--json]                         what a dataset folder (or Megatron prefix) holds
+  replay [CONFIG] --step N [--world W] [--rank R] [--json]
+                                               the token ids and text a training step reads
 """
 
 
@@ -54,7 +60,11 @@ def main(argv: list[str]) -> int:
         return _prepare_main(rest)
     if command == "inspect":
         return _inspect_main(rest)
-    console.error(PROG, f"unknown command {command!r}; one of prepare, inspect")
+    if command == "replay":
+        from runtime.cli import replay  # torch, which prepare must not load: only here
+
+        return replay.main(rest)
+    console.error(PROG, f"unknown command {command!r}; one of prepare, inspect, replay")
     return console.EXIT_USAGE
 
 

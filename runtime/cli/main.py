@@ -21,6 +21,8 @@ commands:
            (under torchrun: sharded, [--expert-parallel E])
   plan     parameters, FLOPs and memory per process: plan CONFIG [--world N] [--gpu-memory GiB]
   data     prepare INPUT... --tokenizer SRC --out DIR (a corpus into a dataset folder) | inspect DIR
+           | replay CONFIG --step N [--world W] [--rank R] (the token ids and text a step reads)
+  schedule lr, batch, bias speed, MTP weight and phase over the run: schedule CONFIG [--at POINTS] [--json] [--plot FILE]
   launch   torchrun commands per node, or a Slurm script: launch CONFIG --nodes N --gpus-per-node G [--slurm]
   completion  bash | zsh | fish: print a shell completion script (commands, flags, choices)
 
@@ -35,12 +37,13 @@ COMMANDS = {  # name -> module of this package with its `main`
     "plan": "runtime.cli.plan",
     "data": "runtime.cli.data",
     "launch": "runtime.cli.launch",
+    "schedule": "runtime.cli.schedule",
     "completion": "runtime.cli.completion",
 }
 
 SUBCOMMANDS = {
     "config": ("validate", "show", "migrate", "explain", "diff"),
-    "data": ("prepare", "inspect"),
+    "data": ("prepare", "inspect", "replay"),
 }
 """Each command's subcommands. Shell completion offers these and COMMANDS: codegen/generate.py
 reads both tables into generated/completion.*, so `make check` fails until `make generate` has
@@ -50,10 +53,12 @@ CONFIG_FLAG_PLACES = (
     "train",
     "plan",
     "launch",
+    "schedule",
     "config validate",
     "config show",
     "config explain",
     "config diff",
+    "data replay",
 )
 """Where `--section.field VALUE` flags go (`COMMAND` or `COMMAND SUBCOMMAND`); completion offers
 every flag there, old names too, and the choices of a choice field after its flag."""

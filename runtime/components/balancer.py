@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from runtime.models.deepseek_v3.moe import MoE
 
 
+def bias_update_speed_at(moe: MoETrainingConfig, step: int) -> float:
+    """gamma at optimizer step `step`: bias_update_speed, then bias_update_speed_final from
+    bias_update_speed_until on. `deepseek-moe schedule` prints this too."""
+    speed, final = moe.bias_update_speed, moe.bias_update_speed_final  # both read, whatever step
+    until = moe.bias_update_speed_until
+    return speed if until is None or step < until else final
+
+
 class MoEBalancer:
     """Stateful (state_dict / load_state_dict): the pending load counts of `model`'s MoE layers."""
 
@@ -30,15 +38,11 @@ class MoEBalancer:
         # (layer index, MoE layer) of a model with routed experts (its family lists them)
         moe_layers = getattr(model, "moe_layers", None)
         self.layers: list[tuple[int, MoE]] = moe_layers() if moe_layers is not None else []
-        self.speed = moe.bias_update_speed
-        self.speed_until = moe.bias_update_speed_until
-        self.speed_final = moe.bias_update_speed_final
+        self.moe = moe
 
     def bias_update_speed(self, step: int) -> float:
-        """gamma at optimizer step `step`: bias_update_speed, then bias_update_speed_final from
-        bias_update_speed_until on."""
-        until = self.speed_until
-        return self.speed if until is None or step < until else self.speed_final
+        """gamma at optimizer step `step` (bias_update_speed_at)."""
+        return bias_update_speed_at(self.moe, step)
 
     @torch.no_grad()
     def update(self, step: int = 0) -> None:

@@ -22,6 +22,15 @@ if TYPE_CHECKING:  # the output of a model family's forward
     from runtime.models.deepseek_v3.model import ModelOutput
 
 
+def mtp_weight_at(mtp: MTPTrainingConfig, step: int) -> float:
+    """lambda at optimizer step `step`: mtp_loss_weight (mtp_loss_weight_final from
+    mtp_loss_weight_until on), times the warm-up ramp. `deepseek-moe schedule` prints this too."""
+    weight, until, final = mtp.mtp_loss_weight, mtp.mtp_loss_weight_until, mtp.mtp_loss_weight_final
+    warmup = mtp.warmup_steps
+    w = weight if until is None or step < until else final
+    return w if warmup == 0 else w * min(1.0, step / warmup)
+
+
 @dataclass
 class LossOutput:
     loss: Tensor  # scalar for backward: main + mtp_weight * mean(mtp) + aux_w * aux + z_w * z
@@ -43,18 +52,11 @@ class TrainingLoss:
         self.document_eos = document_eos
         self.aux_loss_weight = moe.aux_loss_weight
         self.z_loss_weight = moe.z_loss_weight
-        self.mtp_loss_weight = mtp.mtp_loss_weight
-        self.mtp_loss_weight_until = mtp.mtp_loss_weight_until
-        self.mtp_loss_weight_final = mtp.mtp_loss_weight_final
-        self.mtp_warmup_steps = mtp.warmup_steps
+        self.mtp = mtp
 
     def mtp_weight(self, step: int) -> float:
-        """lambda at `step`: mtp_loss_weight (mtp_loss_weight_final from mtp_loss_weight_until on),
-        times the warm-up ramp."""
-        until = self.mtp_loss_weight_until
-        w = self.mtp_loss_weight if until is None or step < until else self.mtp_loss_weight_final
-        warmup = self.mtp_warmup_steps
-        return w if warmup == 0 else w * min(1.0, step / warmup)
+        """lambda at `step` (mtp_weight_at)."""
+        return mtp_weight_at(self.mtp, step)
 
     def __call__(self, model: nn.Module, window: Tensor, step: int) -> LossOutput:
         """window (B, T + 1 + D) of a model with D MTP modules (or a DDP / compile wrapper of it):

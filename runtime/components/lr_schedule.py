@@ -5,7 +5,8 @@ update uses lr_at(0)). Every type starts with a linear warm-up from 0 (step 0) t
 (step `warmup_iters`); `decay_lr: false` keeps `peak_lr` after warm-up whatever the type. After
 warm-up, each type is a registered function of (step, schedule, peak_lr), see the spec doc of
 `schedule.schedule_type`. Past `lr_decay_iters` every decaying type stays at `min_lr`; `constant`
-has no decay and stays at `peak_lr` for ever.
+has no decay and stays at `peak_lr` for ever. `piecewise` ignores `lr_decay_iters` and `min_lr`:
+it follows `segments` and holds the last segment's lr after it.
 """
 
 import bisect
@@ -13,11 +14,13 @@ import math
 from typing import Any
 
 from generated import PATH
-from generated.config import LRScheduleConfig
-from generated.names import ScheduleType
+from generated.config import LRScheduleConfig, LRSegment
+from generated.names import ScheduleType, Shape
 from runtime.utils.registry import SCHEDULES
 
 INITIAL_PHASE = "initial"
+NO_DECAY = (ScheduleType.CONSTANT, ScheduleType.PIECEWISE)
+"""Types that never read `lr_decay_iters`."""
 
 
 def schedule_warnings(schedule: LRScheduleConfig, max_iters: int) -> list[str]:
@@ -31,7 +34,15 @@ def schedule_warnings(schedule: LRScheduleConfig, max_iters: int) -> list[str]:
             f"{PATH.schedule.warmup_iters} ({warmup}) >= {PATH.training.max_iters} ({max_iters}): the run "
             f"never leaves warm-up and never reaches {PATH.optimizer.lr}"
         )
-    decays = schedule.decay_lr and schedule.schedule_type != ScheduleType.CONSTANT
+    if schedule.schedule_type == ScheduleType.PIECEWISE:  # lr_decay_iters means nothing to it
+        last = schedule.segments[-1].until if schedule.segments else 0
+        if last > max_iters and warmup < max_iters:
+            out.append(
+                f"{PATH.schedule.segments}[{len(schedule.segments) - 1}].until ({last}) > "
+                f"{PATH.training.max_iters} ({max_iters}): the run ends before the schedule does"
+            )
+        return out
+    decays = schedule.decay_lr and schedule.schedule_type not in NO_DECAY
     if decays and end < max_iters:
         out.append(
             f"{PATH.schedule.lr_decay_iters} ({end}) < {PATH.training.max_iters} ({max_iters}): the last "
@@ -68,7 +79,13 @@ def lr_at(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
 
 
 def phase_at(step: int, schedule: LRScheduleConfig) -> str:
-    """Name of the phase `step` is in: `initial` before the first `phase_steps` boundary."""
+    """Name of the phase `step` is in: `initial` before the first `phase_steps` boundary; for
+    `piecewise`, `initial` during warm-up and then the name of the segment `step` is in."""
+    if schedule.schedule_type == ScheduleType.PIECEWISE:
+        if step < schedule.warmup_iters or not schedule.segments:
+            return INITIAL_PHASE
+        index = _segment_index(step, schedule.segments)
+        return segment_name(index, schedule.segments[index])
     passed = bisect.bisect_right(list(schedule.phase_steps), step)
     if passed == 0:
         return INITIAL_PHASE
@@ -140,6 +157,38 @@ def _multi_phase(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float
         return schedule.min_lr
     passed = bisect.bisect_right(list(schedule.phase_steps), step)
     return max(schedule.min_lr, peak_lr * schedule.phase_decay**passed)
+
+
+def segment_name(index: int, segment: LRSegment) -> str:
+    """The phase name of segments[index]: its `name`, or `segment<index + 1>`."""
+    return segment.name if segment.name is not None else f"segment{index + 1}"
+
+
+def _segment_index(step: int, segments: list[LRSegment]) -> int:
+    """Index of the segment `step` (past warm-up) is in; the last one once all have ended."""
+    for index, segment in enumerate(segments):
+        if step < segment.until:
+            return index
+    return len(segments) - 1
+
+
+@SCHEDULES.register(ScheduleType.PIECEWISE)
+def _piecewise(step: int, schedule: LRScheduleConfig, peak_lr: float) -> float:
+    """`segments` in order: each goes from the previous one's final lr (peak_lr for the first)
+    to its own by its shape; steps [start, until) are the segment's, so a linear or cosine one
+    reaches its lr exactly at `until`, where the next segment takes over. A segment that ends
+    before warm-up does is empty but still sets the lr the next one starts from."""
+    start, before = float(schedule.warmup_iters), peak_lr
+    for segment in schedule.segments:
+        if step < segment.until:
+            if segment.shape == Shape.CONSTANT:
+                return segment.lr
+            ratio = _progress(step, start, segment.until)
+            if segment.shape == Shape.COSINE:
+                return segment.lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (before - segment.lr)
+            return before + ratio * (segment.lr - before)
+        start, before = max(start, float(segment.until)), segment.lr
+    return before  # after the last segment: its lr for ever (peak_lr if there are none)
 
 
 SCHEDULES.complete()

@@ -220,8 +220,9 @@ class MetricsProcessor:
             )
 
     def log_step(self, record: dict[str, Any], eta_s: float) -> None:
-        """A logged step (`record` has iter, the step's metrics, tokens_per_s and the routing
-        statistics): jsonl, wandb and the log line."""
+        """A logged step (`record` has iter, the step's metrics, tokens (trained so far),
+        batch_size (the step's global batch), skipped_batches (when data.skip_steps skipped any),
+        tokens_per_s and the routing statistics): jsonl, wandb and the log line."""
         step = record["iter"]
         self.writer.write(record)
         self.wandb.log(record, step=step)

@@ -15,6 +15,7 @@ from .fields import (
     ENV_START,
     RECORD_LIST,
     SECRET_PLACEHOLDER,
+    BatchSchedule,
     Derived,
     FieldSpec,
     RecordProblem,
@@ -31,10 +32,11 @@ from .resolve import Resolved
 from .values import coerce, get_path, validate_instance, validate_record
 from .yamllines import LineDict, LineList, YAMLLoadError, load_yaml
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 """Bump when the tables generated/ passes in change shape; the generator writes the new number.
 2: list[record] fields (FieldSpec.record, FieldSpec.required, RecordSpec, validate_record).
-3: secret fields (FieldSpec.secret); `${env:NAME}` references."""
+3: secret fields (FieldSpec.secret); `${env:NAME}` references.
+4: steps and tokens fields (counts with a unit), ConfigSpec's batch_schedule (BatchSchedule)."""
 
 
 class EngineMismatch(ImportError):
@@ -62,6 +64,7 @@ __all__ = [
     "ConfigAliasWarning",
     "ConfigError",
     "ConfigSpec",
+    "BatchSchedule",
     "Derived",
     "EngineMismatch",
     "FieldSpec",

@@ -10,10 +10,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .environ import env_sources
+from .environ import env_sources, remembered_sources
 from .errors import ConfigError, Problem, Problems, Source
 from .fields import SECRET_PLACEHOLDER, shown
 from .layers import BASE_KEY, VERSION_KEY, Assignment, Layer, walk_mapping
+from .quantities import as_written
 from .values import coerce, get_path, record_items
 from .yamllines import LineDict, YAMLLoadError, load_yaml
 
@@ -61,9 +62,31 @@ def dump_yaml(spec: ConfigSpec, config: Any) -> str:
     """Canonical YAML of a resolved config; loading it gives an equal config (but for secret
     fields, written as SECRET_PLACEHOLDER). A value read from the environment has a comment line
     above its key naming the variables and where the reference was written."""
-    text = _yaml_text(to_saved_dict(spec, config))
+    tree = to_saved_dict(spec, config)
+    for path, source in remembered_sources(config).items():
+        for location, written, _ in source.resolved:
+            _put_written(tree, path, location, written)
+    text = _yaml_text(tree)
     notes = {path: f"from {source.describe()}" for path, source in env_sources(config).items()}
     return _with_comments(text, notes) if notes else text
+
+
+def _put_written(tree: dict, path: str, location: str, written: str) -> None:
+    """Write a count as it was written (`14.3T tokens`) over its resolved value in a nested dict:
+    at `path`, then `location` ("", "[2]" or "[1].until")."""
+    *parents, leaf = path.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node[part]
+    if not location:
+        node[leaf] = written
+        return
+    node = node[leaf]
+    index_text, _, key = location[1:].partition("]")
+    if key:
+        node[int(index_text)][key.lstrip(".")] = written
+    else:
+        node[int(index_text)] = written
 
 
 def _with_comments(text: str, notes: Mapping[str, str]) -> str:
@@ -129,7 +152,7 @@ def migrate_text(spec: ConfigSpec, text: str | bytes, filename: str) -> str:
     assignments = []
     seen: dict[str, Assignment] = {}
     for item in layer.assignments:
-        coerced = coerce(spec.fields[item.path], item.value)
+        coerced = as_written(coerce(spec.fields[item.path], item.value))
         item.value = list(coerced) if isinstance(coerced, list) else coerced
         if item.path in seen:
             first = seen[item.path]

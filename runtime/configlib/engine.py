@@ -30,9 +30,10 @@ from typing import Any
 from . import emit, reconcile
 from . import flags as cli
 from .errors import Problems
-from .fields import SECRET_PLACEHOLDER, Derived, FieldSpec, Rule, SectionSpec
+from .fields import SECRET_PLACEHOLDER, BatchSchedule, Derived, FieldSpec, Rule, SectionSpec
 from .layers import Layer, read_file_layers, read_text_layers
-from .resolve import Resolved, resolve_dict, resolve_layers
+from .quantities import BatchRamp
+from .resolve import Resolved, batch_ramp, resolve_dict, resolve_layers
 
 
 class ConfigSpec:
@@ -48,6 +49,7 @@ class ConfigSpec:
         alias_versions: Mapping[str, tuple[int, int | None]],
         rules: Sequence[Rule],
         derived: Mapping[str, Derived],
+        batch_schedule: BatchSchedule | None = None,
     ) -> None:
         self.version = version
         self.fields = fields
@@ -56,6 +58,8 @@ class ConfigSpec:
         self.alias_versions = alias_versions
         self.rules = tuple(rules)
         self.derived = derived
+        self.batch_schedule = batch_schedule
+        """How token counts become steps (None: the spec has no steps fields)."""
         self.flags = cli.flag_paths(self)
         """Command-line flag (without --) -> canonical field path, old names included."""
         self.field_order = {path: index for index, path in enumerate(fields)}
@@ -107,6 +111,11 @@ class ConfigSpec:
     def build_arg_parser(self, prog: str = "python -m runtime train") -> argparse.ArgumentParser:
         """An argparse parser with one --section.field flag per field, for --help text."""
         return cli.build_arg_parser(self, prog)
+
+    def batch_ramp(self, config: Any) -> BatchRamp | None:
+        """The batch-size schedule of a resolved config (global batch and tokens of every step);
+        None when the spec declares no batch_schedule."""
+        return batch_ramp(self, config)
 
     # ----- reconciling -------------------------------------------------------------------------
 

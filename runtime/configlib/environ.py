@@ -208,7 +208,7 @@ def remember_sources(config: Any, sources: Mapping[str, Source]) -> None:
     """Keep the environment sources of a resolved config (for `dump_yaml(config)`, which gets the
     config alone). Only configs that read the environment are kept, the most recent few; the
     entry holds the config, so its id is not reused while the entry lives."""
-    read = {path: source for path, source in sources.items() if source.env}
+    read = {path: source for path, source in sources.items() if source.env or source.resolved}
     if not read:
         return
     _REMEMBERED[id(config)] = (config, read)
@@ -220,6 +220,12 @@ def remember_sources(config: Any, sources: Mapping[str, Source]) -> None:
 def env_sources(config: Any) -> dict[str, Source]:
     """{field path: Source} of the values of a resolved config read from the environment (empty
     for a config that read none, or that was built in code)."""
+    return {path: source for path, source in remembered_sources(config).items() if source.env}
+
+
+def remembered_sources(config: Any) -> dict[str, Source]:
+    """{field path: Source} of the values of a resolved config read from the environment or
+    written as counts with a unit (empty for a config built in code)."""
     entry = _REMEMBERED.get(id(config))
     if entry is None or entry[0] is not config:
         return {}

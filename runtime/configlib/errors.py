@@ -16,6 +16,9 @@ class Source:
     expression: str | None = None  # of a derived default
     env: tuple[str, ...] = ()  # environment variables the value was read from (`${env:NAME}`)
     env_unset: tuple[str, ...] = ()  # those of them that were unset (their default was used)
+    # counts written with a unit (`14.3T tokens`): (where in the value: "" for the value itself,
+    # "[2]" for a list item, "[1].until" for a record's key; as written; what it resolved to)
+    resolved: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def env_text(self) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .quantities import QUANTITY_TYPES, STEPS_TYPE, SYNTAX, TOKENS_SYNTAX, Quantity, parse_quantity
+
 RECORD_LIST = "list[record]"
 """The type of a field whose value is a list of records (mappings with the record's fields)."""
 
@@ -32,7 +34,7 @@ class FieldSpec:
 
     path: str  # dotted from the root, e.g. "system.device.dtype"
     name: str
-    type: str  # int | float | bool | str | list[int] | list[float] | list[str] | list[record]
+    type: str  # int | float | bool | str | steps | tokens | list[...] of those | list[record]
     nullable: bool
     default: Any
     doc: str
@@ -200,6 +202,16 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class BatchSchedule:
+    """The spec's `batch_schedule`: BatchRamp's arguments computed from a config, so that token
+    counts of `steps` fields resolve to steps (quantities.py)."""
+
+    expressions: Mapping[str, str]  # BatchRamp argument -> the spec's expression
+    paths: tuple[str, ...]  # the fields they read
+    compute: Callable[[Any], dict[str, Any]]  # Config -> BatchRamp keyword arguments
+
+
+@dataclass(frozen=True)
 class Derived:
     """A field whose null means "computed from other fields" (a derived default)."""
 
@@ -245,6 +257,10 @@ _SEXAGESIMAL = re.compile(r"[-+]?[0-9]+(:[0-5]?[0-9])+(\.[0-9]*)?")
 
 
 def _check_item(spec: FieldSpec, item: Any) -> str | None:
+    if isinstance(item, Quantity):  # the bounds hold for its count in the field's own unit
+        if item.unit != spec.item_type:
+            return None  # tokens of a steps field: checked once resolved to a step
+        item = item.amount
     if spec.min is not None and item < spec.min:
         return f"must be >= {spec.min}, found {shown(item)}"
     if spec.max is not None and item > spec.max:
@@ -309,6 +325,8 @@ class _Text(str):
 
 
 def _check_type(type_name: str, item: Any) -> str | None:
+    if type_name in QUANTITY_TYPES:
+        return _check_quantity(type_name, item)
     if type_name == "bool" and not isinstance(item, bool):
         return f"expected a boolean, found {shown(item)}"
     if type_name in ("int", "float") and isinstance(item, str) and _SEXAGESIMAL.fullmatch(item):
@@ -325,6 +343,25 @@ def _check_type(type_name: str, item: Any) -> str | None:
             return f"expected a finite number, found {shown(item)}"
     if type_name == "str" and not isinstance(item, str):
         return f"expected a string, found {shown(item)}"
+    return None
+
+
+def _check_quantity(type_name: str, item: Any) -> str | None:
+    """A steps or tokens value: an integer, a Quantity (a count with its unit, coerced from its
+    string), or a string that does not spell one (the message says why)."""
+    if isinstance(item, Quantity):
+        if type_name == STEPS_TYPE or item.unit == type_name:
+            return None
+        return f"expected {TOKENS_SYNTAX}, found {item.written!r} (this field counts tokens)"
+    if isinstance(item, str) and _SEXAGESIMAL.fullmatch(item):
+        return _check_type("int", item)  # the base-60 message
+    if isinstance(item, str):
+        parsed = parse_quantity(item, type_name)
+        return parsed if isinstance(parsed, str) else None
+    if isinstance(item, bool) or not isinstance(item, int):
+        return (
+            f"expected {SYNTAX if type_name == STEPS_TYPE else TOKENS_SYNTAX}, found {shown(item)}"
+        )
     return None
 
 
@@ -370,6 +407,11 @@ def _coerce_item(type_name: str, value: Any) -> Any:
         return value
     if isinstance(value, str) and type(value) is not str:
         return str.__str__(value)  # a generated constant (StrEnum) is stored as its plain value
+    if type_name in QUANTITY_TYPES and isinstance(value, str):
+        parsed = parse_quantity(value, type_name)
+        return parsed if isinstance(parsed, Quantity) else value  # a bad one stays for the check
+    if type_name in QUANTITY_TYPES and isinstance(value, float) and value.is_integer():
+        return int(value)
     if type_name == "float" and isinstance(value, int):
         try:
             return float(value)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _ITEM = {
     name: FieldSpec(path="", name="", type=name, nullable=False, default=None, doc="")
-    for name in ("int", "float", "bool", "str")
+    for name in ("int", "float", "bool", "str", "steps", "tokens")
 }
 
 

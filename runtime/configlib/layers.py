@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Problem, Problems, Source
 from .fields import shown
+from .quantities import TYPE_WORDS
 from .values import join_path, last_key, parent_path
 from .yamllines import MAX_DOCUMENT_BYTES, LineDict, YAMLLoadError, load_yaml
 
@@ -118,7 +119,7 @@ def walk_mapping(
                 )
                 problems.append(Problem(canonical, message, source, "value"))
             elif isinstance(value, dict):
-                type_text = field_spec.type_text
+                type_text = TYPE_WORDS.get(field_spec.type, field_spec.type_text)
                 found = ", ".join(shown(k, 30) for k in list(value)[:5])
                 message = f"is a single {type_text} value, not a section; found a mapping with keys {found}"
                 problems.append(Problem(canonical, message, source, "key"))

@@ -23,6 +23,7 @@ from .fields import (
     shown,
 )
 from .layers import Assignment, Layer, dict_layer
+from .quantities import STEPS_TYPE, BatchRamp, Quantity
 from .values import build_records, coerce, get_path, join_path, record_items
 from .yamllines import LineDict, LineList
 
@@ -75,6 +76,7 @@ def resolve_layers(spec: ConfigSpec, layers: list[Layer], problems: Problems) ->
         values[path] = spec.fields[
             path
         ].default  # keep building so rules over other fields still run
+    resolve_quantities(spec, values, sources, bad, problems)
     fill_derived(spec, values, sources, bad, problems)
     config = build(spec, "", values)
     check_rules(spec, config, bad, sources, problems)
@@ -229,6 +231,106 @@ def build(spec: ConfigSpec, section_path: str, values: Mapping[str, Any]) -> Any
         {name: build(spec, join_path(section_path, name), values) for name in section.sections}
     )
     return section.cls(**kwargs)
+
+
+def _quantity_slots(
+    field_spec: FieldSpec, value: Any
+) -> list[tuple[str, FieldSpec, Quantity, Any, Any]]:
+    """The counts written with a unit in a checked value: (where in the value, the spec of that
+    item, the Quantity, the container holding it, its key or index there)."""
+    slots: list[tuple[str, FieldSpec, Quantity, Any, Any]] = []
+    if field_spec.record is not None:
+        for index, item in enumerate(value or []):
+            for key_spec in field_spec.record.fields:
+                inner = item.get(key_spec.name)
+                if isinstance(inner, Quantity):
+                    slots.append(
+                        (f"[{index}].{key_spec.name}", key_spec, inner, item, key_spec.name)
+                    )
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            if isinstance(inner, Quantity):
+                slots.append((f"[{index}]", field_spec, inner, value, index))
+    elif isinstance(value, Quantity):
+        slots.append(("", field_spec, value, None, None))
+    return slots
+
+
+def batch_ramp(spec: ConfigSpec, config: Any) -> BatchRamp | None:
+    """The batch-size schedule of a (resolved) config; None when the spec declares none."""
+    if spec.batch_schedule is None:
+        return None
+    return BatchRamp(**spec.batch_schedule.compute(config))
+
+
+def resolve_quantities(
+    spec: ConfigSpec, values: dict, sources: dict, bad: set[str], problems: Problems
+) -> None:
+    """Turn every count written with a unit into its field's int: `N steps` and a tokens field's
+    `N tokens` are N; a steps field's `N tokens` is the first step by which N tokens have been
+    trained on, on the spec's batch schedule (which reads plain fields only). Each source keeps
+    what was written and what it became (explain, dump_yaml)."""
+    pending: list[tuple[str, tuple[str, FieldSpec, Quantity, Any, Any]]] = []
+    for path, field_spec in spec.fields.items():
+        if path in bad:
+            continue
+        for slot in _quantity_slots(field_spec, values[path]):
+            location, item_spec, quantity, _, _ = slot
+            if item_spec.item_type == STEPS_TYPE and quantity.unit != STEPS_TYPE:
+                pending.append((path, slot))
+                continue
+            _put(values, path, slot, quantity.amount)
+            exact = f"{quantity.amount:,} {quantity.unit}"
+            note = f"{quantity.written} = {exact}" if quantity.written != exact else ""
+            _remember(sources, path, location, quantity.written, note)
+    if not pending:
+        return
+    schedule = spec.batch_schedule
+    if schedule is None or any(p in bad for p in schedule.paths):
+        for path, _ in pending:  # the ramp's own fields are reported already
+            bad.add(path)
+            values[path] = spec.fields[path].default
+        return
+    ramp = batch_ramp(spec, build(spec, "", values))
+    assert ramp is not None
+    notes: dict[str, list[str]] = {}
+    for path, slot in pending:
+        location, _, quantity, _, _ = slot
+        step = ramp.step_at_tokens(quantity.amount)
+        _put(values, path, slot, step)
+        note = f"{quantity.written} = step {step:,} ({ramp.describe()})"
+        notes.setdefault(path, []).append(note)
+        _remember(sources, path, location, quantity.written, note)
+    for path, resolved_here in notes.items():  # bounds hold for the steps
+        field_spec = spec.fields[path]
+        if field_spec.record is not None:
+            found = [
+                (item.path(path), item.message)
+                for item in record_problems(field_spec, values[path])
+            ]
+        else:
+            problem = check_value(field_spec, values[path])
+            found = [(path, problem)] if problem else []
+        for where, message in found:
+            problems.append(
+                Problem(where, f"{message} ({'; '.join(resolved_here)})", sources[path], "value")
+            )
+        if found:
+            bad.add(path)
+            values[path] = field_spec.default
+
+
+def _put(values: dict, path: str, slot: tuple, value: int) -> None:
+    _, _, _, container, key = slot
+    if container is None:
+        values[path] = value
+    else:
+        container[key] = value
+
+
+def _remember(sources: dict, path: str, location: str, written: str, note: str) -> None:
+    source = sources[path]
+    sources[path] = replace(source, resolved=source.resolved + ((location, written, note),))
 
 
 def fill_derived(

@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from generated import PATH
+from generated import PATH, batch_ramp
 from generated.config import Config
 from generated.names import InitFrom, ResumeFrom, Tokenizer
 from generated.parser import (
@@ -36,7 +36,7 @@ from generated.parser import (
 from runtime.checkpoint.format import CheckpointError
 from runtime.checkpoint.manager import find_resume
 from runtime.components import logs
-from runtime.components.data.sampling import micro_batches_per_rank
+from runtime.components.data.sampling import BatchPlan
 from runtime.components.lr_schedule import schedule_warnings
 from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec, TokenizerError
 from runtime.distributed import utils as dist_utils
@@ -79,8 +79,10 @@ def prepare_run(resolved: Resolved) -> RunSetup:
     resume from together."""
     system = resolved.config.system
     launch = dist_utils.check_launch(system.distributed)
-    # what can be checked without the other processes fails before waiting for them
-    micro_batches_per_rank(resolved.config.training.gradient_accumulation_steps, launch.world_size)
+    # what can be checked without the other processes fails before waiting for them: every
+    # step's global batch (each stage of a batch-size ramp) in whole micro-batches per process,
+    # and the skipped steps
+    check_batches(resolved.config, launch.world_size)
     logs.configure(enabled=launch.is_main)
     device = dist_utils.resolve_device(
         system.device, launch.local_rank, distributed=launch.world_size > 1
@@ -110,6 +112,19 @@ def prepare_run(resolved: Resolved) -> RunSetup:
         for text in schedule_warnings(cfg.schedule, cfg.training.max_iters):
             logs.log.warning(f"warning: {text}")
     return setup
+
+
+def check_batches(cfg: Config, world_size: int) -> None:
+    """DataError unless every step's global batch splits into whole micro-batches on each of
+    `world_size` processes and data.skip_steps reads well (sampling.py's BatchPlan)."""
+    ramp = batch_ramp(cfg)
+    assert ramp is not None  # the spec declares the batch schedule
+    BatchPlan(
+        ramp,
+        batch_size=cfg.training.batch_size,
+        world_size=world_size,
+        skip_steps=cfg.data.skip_steps,
+    )
 
 
 def init_from(resolved: Resolved) -> tuple[Resolved, Callable[[nn.Module], None] | None]:

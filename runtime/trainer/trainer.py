@@ -16,10 +16,13 @@ signal stops at once, runtime/utils/signals.py); a resumed run truncates metrics
 checkpoint's step. A non-finite loss or gradient norm stops the run or, with
 `training.nonfinite_loss: skip`, drops the step.
 
-Per optimizer step, `training.gradient_accumulation_steps` micro-batches of `batch_size` windows
-are processed across all processes together (each process runs accum / world_size of them, with
-gradient sync on its last one only); every micro-loss is divided by the per-process count and DDP
-/ FSDP average over processes, so the update equals the single-process one with the same settings.
+Per optimizer step, the step's global batch (`training.batch_size` * `gradient_accumulation_steps`
+sequences, fewer on a batch-size ramp) is processed as micro-batches of `batch_size` windows across
+all processes together (each process runs its share of them, with gradient sync on its last one
+only; the data's BatchPlan says which); every micro-loss is divided by this step's per-process
+count and DDP / FSDP average over processes, so the update equals the single-process one with the
+same settings. `data.skip_steps` moves the data on past skipped batches; the schedules still follow
+the optimizer step.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from generated import PATH
+from generated import PATH, batch_ramp
 from generated.config import Config, MoETrainingConfig, SampleConfig
 from generated.names import NonfiniteLoss, ResumeFrom
 from generated.parser import Resolved, dump_yaml, resolved_from_config, to_saved_dict
@@ -47,6 +50,7 @@ from runtime.checkpoint.manager import CheckpointManager, check_writable
 from runtime.components import logs
 from runtime.components.balancer import MoEBalancer
 from runtime.components.data.module import DataModule
+from runtime.components.data.sampling import span_text
 from runtime.components.evaluator import Evaluator
 from runtime.components.loss import TrainingLoss
 from runtime.components.lr_schedule import LRSchedule
@@ -70,6 +74,23 @@ from runtime.trainer.prepare import RunSetup, prepare_run
 from runtime.trainer.run_folder import SAMPLE_NAME
 from runtime.utils.faults import fault_point
 from runtime.utils.signals import StopSignals
+
+
+def data_module(cfg: Config, world_size: int = 1, rank: int = 0) -> DataModule:
+    """The data of process `rank` of `world_size` of a run of `cfg` (what `data replay` reads too)."""
+    training = cfg.training
+    return DataModule(
+        cfg.data,
+        seed=cfg.seed,
+        window=training.seq_len + 1 + cfg.model.mtp_depth,
+        batch_size=training.batch_size,
+        grad_accum=training.gradient_accumulation_steps,
+        world_size=world_size,
+        rank=rank,
+        vocab_size=cfg.model.vocab_size,
+        stride=training.seq_len,
+        ramp=batch_ramp(cfg),
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,7 +146,7 @@ class Trainer:
             is_main=self.launch.is_main,
         )
         self.window = cfg.training.seq_len + 1 + cfg.model.mtp_depth
-        self.data = self._build_data()
+        self.data = data_module(cfg, self.launch.world_size, self.launch.rank)
         # text <-> tokens for the sample, the checkpoint and export; None for token ids alone
         self.codec: TextCodec | None = self.data.codec
         self._init_processes()
@@ -156,11 +177,6 @@ class Trainer:
         # non-finite steps skipped since the last applied one, and how many may be
         self.skipped_in_a_row, self.max_skipped = 0, cfg.training.max_skipped_steps
         self.watchdog: watchdog.Watchdog | None = None  # while training, with several processes
-        self.tokens_per_step = (
-            cfg.training.batch_size
-            * cfg.training.seq_len
-            * cfg.training.gradient_accumulation_steps
-        )
         self.wandb.start()
         self._write_run_files()
         if self.resume_state is not None:  # last: the RNG after all setup has drawn
@@ -169,20 +185,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # assembly
-
-    def _build_data(self) -> DataModule:
-        cfg, training = self.cfg, self.cfg.training
-        return DataModule(
-            cfg.data,
-            seed=cfg.seed,
-            window=self.window,
-            batch_size=training.batch_size,
-            grad_accum=training.gradient_accumulation_steps,
-            world_size=self.launch.world_size,
-            rank=self.launch.rank,
-            vocab_size=cfg.model.vocab_size,
-            stride=training.seq_len,
-        )
 
     def _init_processes(self) -> None:
         """Precision and seeds (prepare_run set up the device and the processes)."""
@@ -254,7 +256,7 @@ class Trainer:
         lr = self.lr_schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n = len(micro_batches)
+        n = len(micro_batches)  # this step's: a batch-size ramp grows it
         depth = cfg.model.mtp_depth
         sums = torch.zeros(4 + depth, dtype=torch.float64, device=self.device)
         mtp_weight = 0.0
@@ -396,16 +398,31 @@ class Trainer:
                 self.watchdog.close()
 
     def _loop(self, signals: StopSignals) -> None:
-        max_iters = self.cfg.training.max_iters
+        max_iters, plan = self.cfg.training.max_iters, self.data.plan
         self.model.train()
         steps = self.data.train_steps(max_iters)
         self.window_tokens, self.window_time = 0, 0.0
         self.first_step, self.loop_start = self.step, time.perf_counter()
-        logs.log.info(
-            f"training steps {self.step + 1}-{max_iters} ({self.tokens_per_step:,} tokens per step)"
+        batches = (
+            plan.ramp.describe()
+            if plan.ramp.ramps
+            else f"{plan.global_batch(self.step) * plan.ramp.seq_len:,} tokens per step"
         )
+        logs.log.info(f"training steps {self.step + 1}-{max_iters} ({batches})")
+        if plan.skips:
+            logs.log.info(
+                f"{PATH.data.skip_steps}: skipping {plan.skips_text()} (batch N: the one step N "
+                f"of a run without skips reads)"
+            )
         while self.step < max_iters:
             step = self.step
+            skipped = plan.skipped_at(step)
+            if skipped:
+                logs.log.info(
+                    f"step {step + 1}: skipped batch{'es' if len(skipped) > 1 else ''} "
+                    f"{span_text(skipped)} ({PATH.data.skip_steps}); it reads batch "
+                    f"{plan.position(step) + 1}"
+                )
             will_log = (step + 1) % self.cfg.training.log_interval == 0 or step + 1 == max_iters
             if will_log:
                 self.balancer.reset_stats()
@@ -430,23 +447,35 @@ class Trainer:
 
     def _count(self, seconds: float, metrics: dict[str, Any], will_log: bool) -> None:
         """The step's time and tokens into the throughput window; the bar, and the metrics every
-        log_interval steps."""
+        log_interval steps: with the tokens trained on so far (skipped batches not counted) and
+        the step's global batch, which a batch-size ramp grows."""
+        plan, max_iters = self.data.plan, self.cfg.training.max_iters
+        seq_len = plan.ramp.seq_len
+        batch = plan.global_batch(self.step)
         self.window_time += seconds
-        self.window_tokens += self.tokens_per_step
+        self.window_tokens += batch * seq_len
         tokens_per_s = self.window_tokens / max(self.window_time, 1e-9)
         self.processor.step(metrics, tokens_per_s)
         if not will_log:
             return
         done = self.step + 1
+        trained = plan.samples_trained(done)
         record = {
             "iter": done,
             **metrics,
+            "tokens": trained * seq_len,
+            "batch_size": batch,
             "tokens_per_s": tokens_per_s,
             **self.balancer.stats(),
             **self.data.source_stats(done),
         }
-        per_step = (time.perf_counter() - self.loop_start) / (done - self.first_step)
-        self.processor.log_step(record, per_step * (self.cfg.training.max_iters - done))
+        if plan.skipped_batches(done):
+            record["skipped_batches"] = plan.skipped_batches(done)
+        # the time left by the samples left: later steps of a ramp take longer
+        run = trained - plan.samples_trained(self.first_step)
+        left = plan.samples_trained(max_iters) - trained
+        eta = (time.perf_counter() - self.loop_start) * left / max(run, 1)
+        self.processor.log_step(record, eta)
         self.window_tokens, self.window_time = 0, 0.0
 
     def _evaluate_and_save(self, final: bool) -> str | None:

@@ -7,11 +7,13 @@ Two kinds of data (see corpus.py and mixture.py):
   * `data.sources`: a weighted mixture of prepared folders and Megatron prefixes, each window read
     once per epoch of its source, validation held-out whole documents (`data.validation`, or each
     source's own).
-Either way every window is a pure function of (seed, sample id), so the position is the step.
+Either way every window is a pure function of (seed, sample id), and the sample ids of a step a
+function of the step (sampling.py's BatchPlan), so the position is the step.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,11 +33,7 @@ from runtime.components.data.corpus import (
 )
 from runtime.components.data.errors import DataError
 from runtime.components.data.mixture import MixtureDataset, ValidationDataset
-from runtime.components.data.sampling import (
-    EvalBatchSampler,
-    StepBatchSampler,
-    micro_batches_per_rank,
-)
+from runtime.components.data.sampling import BatchPlan, EvalBatchSampler, StepBatchSampler
 from runtime.components.data.sources import (
     SourceError,
     TokenSource,
@@ -44,6 +42,7 @@ from runtime.components.data.sources import (
     open_source,
 )
 from runtime.components.tokenizer import TextCodec, TokenizerError
+from runtime.configlib.quantities import BatchRamp
 
 
 def run_codec(data: DataConfig) -> TextCodec | None:
@@ -56,7 +55,8 @@ def run_codec(data: DataConfig) -> TextCodec | None:
 
 class DataModule:
     """The data of one process (module doc). `window`: tokens per sample (seq_len + 1 +
-    mtp_depth); `stride`: tokens between the starts of a source's windows (seq_len)."""
+    mtp_depth); `stride`: tokens between the starts of a source's windows (seq_len); `ramp`: the
+    global batch of each step (None: `batch_size` * `grad_accum` throughout)."""
 
     def __init__(
         self,
@@ -70,12 +70,19 @@ class DataModule:
         rank: int = 0,
         vocab_size: int | None = None,
         stride: int | None = None,
+        ramp: BatchRamp | None = None,
     ) -> None:
         self.data = data
-        self.batch_size, self.grad_accum = batch_size, grad_accum
-        self.world_size, self.rank = world_size, rank
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.num_workers, self.pin_memory = data.num_workers, data.pin_memory
-        self.micro_per_rank = micro_batches_per_rank(grad_accum, world_size)
+        ramp = ramp or BatchRamp(seq_len=stride or window - 1, full=batch_size * grad_accum)
+        self.plan = BatchPlan(
+            ramp,
+            batch_size=batch_size,
+            world_size=world_size,
+            rank=rank,
+            skip_steps=data.skip_steps,
+        )
         self.next_step = 0  # the data position: the next optimizer step's batches come next
         self.train_set: Dataset[Tensor]
         self.val_set: Dataset[Tensor]
@@ -186,16 +193,9 @@ class DataModule:
         )
 
     def train_loader(self, start_step: int, end_step: int) -> DataLoader[Tensor]:
-        """Micro-batches (B, window) of steps start_step..end_step-1, `micro_per_rank` per step."""
-        sampler = StepBatchSampler(
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            world_size=self.world_size,
-            rank=self.rank,
-            start_step=start_step,
-            end_step=end_step,
-        )
-        return self._loader(self.train_set, sampler)
+        """Micro-batches (B, window) of steps start_step..end_step-1, plan.micro_per_rank(step)
+        per step."""
+        return self._loader(self.train_set, StepBatchSampler(self.plan, start_step, end_step))
 
     def val_loader(self, eval_iters: int, even: bool = False) -> DataLoader[Tensor]:
         """This process's validation batches; the first `loader.batch_sampler.counted` count
@@ -210,13 +210,20 @@ class DataModule:
         return self._loader(self.val_set, sampler)
 
     def train_steps(self, end_step: int) -> Iterator[list[Tensor]]:
-        """This process's micro-batches (a list of `micro_per_rank`) of each optimizer step from
-        next_step to end_step - 1; next_step advances as each step's batches are handed out."""
+        """This process's micro-batches (a list of plan.micro_per_rank(step)) of each optimizer
+        step from next_step to end_step - 1; next_step advances as each step's batches are handed
+        out."""
         loader = iter(self.train_loader(self.next_step, end_step))
         while self.next_step < end_step:
-            micro = [next(loader) for _ in range(self.micro_per_rank)]
+            micro = [next(loader) for _ in range(self.plan.micro_per_rank(self.next_step))]
             self.next_step += 1
             yield micro
+
+    def for_rank(self, rank: int) -> DataModule:
+        """The same data as process `rank` reads it (the datasets are shared)."""
+        other = copy.copy(self)
+        other.rank, other.plan = rank, self.plan.for_rank(rank)
+        return other
 
     def prompt_tokens(self, n: int) -> list[int]:
         """The first `n` validation tokens: the sample's prompt when there is no text tokenizer."""
@@ -226,11 +233,14 @@ class DataModule:
         return [int(t) for t in self.val_set[0][:n]]
 
     def source_stats(self, step: int) -> dict[str, float]:
-        """Per mixture source after `step` optimizer steps: tokens read and epochs (a pure
-        function of the step: windows are assigned by sample id)."""
+        """Per mixture source after `step` optimizer steps: tokens trained on and epochs (a pure
+        function of the step: windows are assigned by sample id; skipped batches not counted)."""
         if not isinstance(self.train_set, MixtureDataset):
             return {}
-        seen = self.train_set.seen(step * self.grad_accum * self.batch_size)
+        seen = [0] * len(self.sources)
+        for run in self.plan.trained_ids(step):
+            before, after = self.train_set.seen(run.start), self.train_set.seen(run.stop)
+            seen = [n + b - a for n, a, b in zip(seen, before, after)]
         names = [source.name for source in self.sources]
         out: dict[str, float] = {}
         for i, (source, samples) in enumerate(zip(self.sources, seen)):

@@ -4,15 +4,16 @@
 #   source <(deepseek-moe completion bash)        (in ~/.bashrc), or
 #   deepseek-moe completion bash > ~/.local/share/bash-completion/completions/deepseek-moe
 
-_deepseek_moe_commands="config train export sample plan data launch completion"
+_deepseek_moe_commands="config train export sample plan data launch schedule completion"
 _deepseek_moe_subcommands_config="validate show migrate explain diff"
-_deepseek_moe_subcommands_data="prepare inspect"
+_deepseek_moe_subcommands_data="prepare inspect replay"
 _deepseek_moe_flags="
---loop.decay_steps --loop.milestones --loop.phases --loop.ratios --loop.resume --loop.seed
---loop.stages --loop.steps --loop.tags --loop.temperature --name --net.act --net.d_model
---net.dropout --net.heads --net.hidden_size --net.width --network.act --network.d_model
---network.dropout --network.heads --network.hidden_size --network.width --seed --sys.backend
---sys.dist --sys.dist.backend --sys.dist.enabled
+--loop.decay_steps --loop.horizon --loop.milestones --loop.phases --loop.ramp_tokens
+--loop.ratios --loop.resume --loop.seed --loop.stages --loop.steps --loop.tags
+--loop.temperature --name --net.act --net.d_model --net.dropout --net.heads --net.hidden_size
+--net.width --network.act --network.d_model --network.dropout --network.heads
+--network.hidden_size --network.width --seed --sys.backend --sys.dist --sys.dist.backend
+--sys.dist.enabled
 "
 
 # the words a flag's value may be: its choices, special values, or true/false
@@ -34,7 +35,7 @@ _deepseek_moe_values() {
 # whether `COMMAND [SUBCOMMAND]` takes config flags
 _deepseek_moe_takes_flags() {
     case "$1" in
-    "train"|"plan"|"launch"|"config validate"|"config show"|"config explain"|"config diff") return 0 ;;
+    "train"|"plan"|"launch"|"schedule"|"config validate"|"config show"|"config explain"|"config diff"|"data replay") return 0 ;;
     esac
     return 1
 }

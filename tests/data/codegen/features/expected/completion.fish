@@ -12,16 +12,18 @@ function __deepseek_moe_takes_flags
         set -q words[3]; or return 1
         set where "$where $words[3]"
     end
-    contains -- "$where" "train" "plan" "launch" "config validate" "config show" "config explain" "config diff"
+    contains -- "$where" "train" "plan" "launch" "schedule" "config validate" "config show" "config explain" "config diff" "data replay"
 end
 
-complete -c deepseek-moe -n "not __fish_seen_subcommand_from config train export sample plan data launch completion" -f -a "config train export sample plan data launch completion"
+complete -c deepseek-moe -n "not __fish_seen_subcommand_from config train export sample plan data launch schedule completion" -f -a "config train export sample plan data launch schedule completion"
 complete -c deepseek-moe -n "__fish_seen_subcommand_from config; and not __fish_seen_subcommand_from validate show migrate explain diff" -f -a "validate show migrate explain diff"
-complete -c deepseek-moe -n "__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from prepare inspect" -f -a "prepare inspect"
+complete -c deepseek-moe -n "__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from prepare inspect replay" -f -a "prepare inspect replay"
 complete -c deepseek-moe -l help -d "describe the command"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.decay_steps -r -d "int?"
+complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.horizon -r -d "steps"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.milestones -r -d "list[int]"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.phases -r -d "list[Stage]"
+complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.ramp_tokens -r -d "tokens"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.ratios -r -d "list[float]"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.resume -x -a "latest" -d "str?"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l loop.seed -r -d "int"

@@ -24,7 +24,7 @@ _deepseek_moe_values() {
 _deepseek_moe() {
     local -a commands flags reply
     local cur=${words[CURRENT]} flag="" where
-    commands=(config train export sample plan data launch completion)
+    commands=(config train export sample plan data launch schedule completion)
     if (( CURRENT == 2 )); then
         compadd -- $commands --help
         return
@@ -39,23 +39,24 @@ _deepseek_moe() {
         where="$where ${words[3]}" ;;
     data)
         if (( CURRENT == 3 )); then
-            compadd -- prepare inspect --help
+            compadd -- prepare inspect replay --help
             return
         fi
         where="$where ${words[3]}" ;;
     esac
     case $where in
-    "train"|"plan"|"launch"|"config validate"|"config show"|"config explain"|"config diff") ;;
+    "train"|"plan"|"launch"|"schedule"|"config validate"|"config show"|"config explain"|"config diff"|"data replay") ;;
     *)
         if [[ $cur == -* ]]; then compadd -- --help; else _files; fi
         return ;;
     esac
     flags=(
-        --loop.decay_steps --loop.milestones --loop.phases --loop.ratios --loop.resume --loop.seed
-        --loop.stages --loop.steps --loop.tags --loop.temperature --name --net.act --net.d_model
-        --net.dropout --net.heads --net.hidden_size --net.width --network.act --network.d_model
-        --network.dropout --network.heads --network.hidden_size --network.width --seed --sys.backend
-        --sys.dist --sys.dist.backend --sys.dist.enabled
+        --loop.decay_steps --loop.horizon --loop.milestones --loop.phases --loop.ramp_tokens
+        --loop.ratios --loop.resume --loop.seed --loop.stages --loop.steps --loop.tags
+        --loop.temperature --name --net.act --net.d_model --net.dropout --net.heads --net.hidden_size
+        --net.width --network.act --network.d_model --network.dropout --network.heads
+        --network.hidden_size --network.width --seed --sys.backend --sys.dist --sys.dist.backend
+        --sys.dist.enabled
     )
     if [[ $cur == --*=* ]]; then
         flag=${cur%%=*}

@@ -17,7 +17,7 @@ from runtime.configlib import (
     validate_record,
 )
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 SPEC_VERSION = 2
@@ -83,6 +83,12 @@ class LoopConfig:
 
     resume: str | None = None
     """Checkpoint to resume."""
+
+    horizon: int = 50
+    """Steps to look ahead, or tokens (`2K tokens`)."""
+
+    ramp_tokens: int = 0
+    """Tokens of the ramp (`1M tokens`)."""
 
     milestones: list[int] = field(default_factory=lambda: [10, 20])
     """Steps at which the lr drops."""
@@ -275,6 +281,34 @@ FIELDS = {
         gt=None,
         policy="overridable",
         sentinels=(("latest", "the newest | checkpoint"),),
+    ),
+    "loop.horizon": FieldSpec(
+        path="loop.horizon",
+        name="horizon",
+        type="steps",
+        nullable=False,
+        default=50,
+        doc="Steps to look ahead, or tokens (`2K tokens`).",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "loop.ramp_tokens": FieldSpec(
+        path="loop.ramp_tokens",
+        name="ramp_tokens",
+        type="tokens",
+        nullable=False,
+        default=0,
+        doc="Tokens of the ramp (`1M tokens`).",
+        aliases=(),
+        choices=None,
+        min=0,
+        max=None,
+        gt=None,
+        policy="overridable",
     ),
     "loop.milestones": FieldSpec(
         path="loop.milestones",
@@ -483,6 +517,8 @@ SECTIONS = {
             "steps",
             "decay_steps",
             "resume",
+            "horizon",
+            "ramp_tokens",
             "milestones",
             "tags",
             "ratios",

@@ -33,6 +33,8 @@ class PATH:
         steps = "loop.steps"
         decay_steps = "loop.decay_steps"
         resume = "loop.resume"
+        horizon = "loop.horizon"
+        ramp_tokens = "loop.ramp_tokens"
         milestones = "loop.milestones"
         tags = "loop.tags"
         ratios = "loop.ratios"

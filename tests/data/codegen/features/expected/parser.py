@@ -6,6 +6,7 @@ Load YAML files and `--section.field VALUE` flags into the root `RunConfig` with
 """
 
 from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of the config)
+    BatchSchedule,
     ConfigAliasWarning,
     ConfigError,
     ConfigSpec,
@@ -19,7 +20,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 ALIASES = {
@@ -94,6 +95,25 @@ DERIVED = {
 }
 """Fields whose null means a value computed from other fields."""
 
+BATCH_SCHEDULE = BatchSchedule(
+    expressions={
+        "seq_len": "net.width",
+        "full": "net.heads",
+        "start": "None",
+        "increment": "net.heads",
+        "rampup": "loop.ramp_tokens",
+    },
+    paths=("net.width", "net.heads", "loop.ramp_tokens"),
+    compute=lambda c: {
+        "seq_len": c.net.width,
+        "full": c.net.heads,
+        "start": None,
+        "increment": c.net.heads,
+        "rampup": c.loop.ramp_tokens,
+    },
+)
+"""How token counts become steps: the batch-size schedule's arguments (runtime/configlib/quantities.py)."""
+
 SPEC = ConfigSpec(
     version=SPEC_VERSION,
     fields=FIELDS,
@@ -102,6 +122,7 @@ SPEC = ConfigSpec(
     alias_versions=ALIAS_VERSIONS,
     rules=RULES,
     derived=DERIVED,
+    batch_schedule=BATCH_SCHEDULE,
 )
 FLAGS = SPEC.flags
 
@@ -118,3 +139,4 @@ dump_yaml = SPEC.dump_yaml
 nest = SPEC.nest
 migrate_text = SPEC.migrate_text
 build_arg_parser = SPEC.build_arg_parser
+batch_ramp = SPEC.batch_ramp

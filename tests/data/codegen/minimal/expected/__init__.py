@@ -14,6 +14,7 @@ from .parser import (
     RULES,
     SPEC,
     adopt_values,
+    batch_ramp,
     build_arg_parser,
     config_from_dict,
     config_to_dict,

@@ -4,9 +4,9 @@
 #   source <(deepseek-moe completion bash)        (in ~/.bashrc), or
 #   deepseek-moe completion bash > ~/.local/share/bash-completion/completions/deepseek-moe
 
-_deepseek_moe_commands="config train export sample plan data launch completion"
+_deepseek_moe_commands="config train export sample plan data launch schedule completion"
 _deepseek_moe_subcommands_config="validate show migrate explain diff"
-_deepseek_moe_subcommands_data="prepare inspect"
+_deepseek_moe_subcommands_data="prepare inspect replay"
 _deepseek_moe_flags="
 --seed --train.lr --train.steps
 "
@@ -20,7 +20,7 @@ _deepseek_moe_values() {
 # whether `COMMAND [SUBCOMMAND]` takes config flags
 _deepseek_moe_takes_flags() {
     case "$1" in
-    "train"|"plan"|"launch"|"config validate"|"config show"|"config explain"|"config diff") return 0 ;;
+    "train"|"plan"|"launch"|"schedule"|"config validate"|"config show"|"config explain"|"config diff"|"data replay") return 0 ;;
     esac
     return 1
 }

@@ -12,12 +12,12 @@ function __deepseek_moe_takes_flags
         set -q words[3]; or return 1
         set where "$where $words[3]"
     end
-    contains -- "$where" "train" "plan" "launch" "config validate" "config show" "config explain" "config diff"
+    contains -- "$where" "train" "plan" "launch" "schedule" "config validate" "config show" "config explain" "config diff" "data replay"
 end
 
-complete -c deepseek-moe -n "not __fish_seen_subcommand_from config train export sample plan data launch completion" -f -a "config train export sample plan data launch completion"
+complete -c deepseek-moe -n "not __fish_seen_subcommand_from config train export sample plan data launch schedule completion" -f -a "config train export sample plan data launch schedule completion"
 complete -c deepseek-moe -n "__fish_seen_subcommand_from config; and not __fish_seen_subcommand_from validate show migrate explain diff" -f -a "validate show migrate explain diff"
-complete -c deepseek-moe -n "__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from prepare inspect" -f -a "prepare inspect"
+complete -c deepseek-moe -n "__fish_seen_subcommand_from data; and not __fish_seen_subcommand_from prepare inspect replay" -f -a "prepare inspect replay"
 complete -c deepseek-moe -l help -d "describe the command"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l seed -r -d "int"
 complete -c deepseek-moe -n __deepseek_moe_takes_flags -l train.lr -r -d "float"

@@ -14,7 +14,7 @@ _deepseek_moe_values() {
 _deepseek_moe() {
     local -a commands flags reply
     local cur=${words[CURRENT]} flag="" where
-    commands=(config train export sample plan data launch completion)
+    commands=(config train export sample plan data launch schedule completion)
     if (( CURRENT == 2 )); then
         compadd -- $commands --help
         return
@@ -29,13 +29,13 @@ _deepseek_moe() {
         where="$where ${words[3]}" ;;
     data)
         if (( CURRENT == 3 )); then
-            compadd -- prepare inspect --help
+            compadd -- prepare inspect replay --help
             return
         fi
         where="$where ${words[3]}" ;;
     esac
     case $where in
-    "train"|"plan"|"launch"|"config validate"|"config show"|"config explain"|"config diff") ;;
+    "train"|"plan"|"launch"|"schedule"|"config validate"|"config show"|"config explain"|"config diff"|"data replay") ;;
     *)
         if [[ $cur == -* ]]; then compadd -- --help; else _files; fi
         return ;;

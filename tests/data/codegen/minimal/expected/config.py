@@ -9,7 +9,7 @@ from typing import Literal
 
 from runtime.configlib import FieldSpec, SectionSpec, require_engine, validate_instance
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 SPEC_VERSION = 1

@@ -6,6 +6,7 @@ Load YAML files and `--section.field VALUE` flags into the root `Config` with `l
 """
 
 from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of the config)
+    BatchSchedule,
     ConfigAliasWarning,
     ConfigError,
     ConfigSpec,
@@ -19,7 +20,7 @@ from runtime.configlib import (  # noqa: F401  (re-exported: the entry point of 
 
 from .config import FIELDS, SECTIONS, SPEC_VERSION
 
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 require_engine(ENGINE_VERSION)
 
 ALIASES = {}
@@ -70,3 +71,4 @@ dump_yaml = SPEC.dump_yaml
 nest = SPEC.nest
 migrate_text = SPEC.migrate_text
 build_arg_parser = SPEC.build_arg_parser
+batch_ramp = SPEC.batch_ramp
