@@ -627,8 +627,10 @@ def enum_class_name(field_name: str) -> str:
 
 
 def enum_member_name(value: str) -> str:
-    """Constant name of a choice or sentinel value: `max-autotune` -> `MAX_AUTOTUNE`."""
-    return value.upper().replace("-", "_").replace(".", "_")
+    """Constant name of a choice or sentinel value: `max-autotune` -> `MAX_AUTOTUNE`; one that
+    starts with a digit gets a V (for value) in front: `1f1b` -> `V1F1B`."""
+    name = value.upper().replace("-", "_").replace(".", "_")
+    return "V" + name if name[:1].isdigit() else name
 
 
 def _compile_expression(

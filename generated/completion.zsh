@@ -19,6 +19,8 @@ _deepseek_moe_values() {
         reply=(default reduce-overhead max-autotune max-autotune-no-cudagraphs) ;;
     --system.device.dtype|--system.device.torch_dtype|--system.distributed.param_dtype|--system.distributed.reduce_dtype|--system.dtype|--system.torch_dtype)
         reply=(float32 bfloat16 float16) ;;
+    --system.distributed.pipeline_schedule)
+        reply=(gpipe 1f1b interleaved_1f1b zbv dualpipev) ;;
     --checkpointer.resume_from)
         reply=(latest) ;;
     --system.distributed.activation_checkpointing)
@@ -117,6 +119,8 @@ _deepseek_moe() {
         --system.distributed.ddp_bucket_cap_mb --system.distributed.dp_replicate
         --system.distributed.dp_shard --system.distributed.enabled --system.distributed.expert_parallel
         --system.distributed.find_unused_parameters --system.distributed.param_dtype
+        --system.distributed.pipeline_parallel --system.distributed.pipeline_schedule
+        --system.distributed.pipeline_split --system.distributed.pipeline_stages_per_rank
         --system.distributed.reduce_dtype --system.distributed.reshard_after_forward
         --system.distributed.timeout --system.dtype --system.torch_dtype --training.batch_size
         --training.batch_size_increment --training.batch_size_rampup --training.batch_size_start

@@ -85,6 +85,18 @@ class DistributedConfig:
     expert_parallel: int = 1
     """Expert-parallel degree: each MoE layer's routed experts are split into this many groups of n_routed_experts / expert_parallel, one group per process of an expert-parallel group; tokens reach their experts and come back through all_to_all. Greater than 1 trains with FSDP2 (the other weights are sharded over dp_shard * expert_parallel processes)."""
 
+    pipeline_parallel: int = 1
+    """Pipeline-parallel degree: the model's layers are split into stages (`torch.distributed.pipelining`), `pipeline_stages_per_rank` per process of a pipeline, run by `pipeline_schedule`. The first stage holds the embedding, the last the final norm, the head and the MTP modules, which read the embedding too: a copy held by the last stage's process, its gradient summed with the first stage's after each step so both stay equal (on the V schedules `zbv` and `dualpipev` the first and last stages are on the same process and share it). Each step's micro-batches per process (`training.gradient_accumulation_steps` / the data-parallel processes) are the pipeline's micro-batches, so a step's update is that of one process. WORLD_SIZE = pipeline_parallel * dp_replicate * dp_shard * expert_parallel; checkpoints are DCP folders, which resume on any layout."""
+
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"] = "1f1b"
+    """The schedule of a pipeline (`torch.distributed.pipelining`): `gpipe` (all forwards, then all backwards), `1f1b` (one forward, one backward), `interleaved_1f1b` (several stages per process, looped), `zbv` (zero-bubble V: two stages per process, the first and last on process 0, backward split into input and weight gradients) and `dualpipev` (DeepSeek's DualPipe in its V form, overlapping a forward with a backward). Unused when `pipeline_parallel` is 1."""
+
+    pipeline_stages_per_rank: int | None = None
+    """Stages each process of a pipeline holds: 1 for gpipe and 1f1b, 2 for zbv and dualpipev, 2 or more for interleaved_1f1b."""
+
+    pipeline_split: list[int] = field(default_factory=list)
+    """A manual split: the first layer of each stage after the first (`pipeline_parallel * pipeline_stages_per_rank - 1` increasing layer indices). Empty: layers are spread evenly, the earlier stages taking one more where they do not divide (the first stage also holds the embedding, the last the head and MTP modules)."""
+
     reshard_after_forward: bool = True
     """FSDP2: free each block's gathered weights after its forward and gather them again for the backward (less memory, one more all-gather per block); false keeps them until the backward. The root module never reshards. Unused by DDP."""
 
@@ -2464,6 +2476,63 @@ FIELDS = {
         gt=None,
         policy="overridable",
     ),
+    "system.distributed.pipeline_parallel": FieldSpec(
+        path="system.distributed.pipeline_parallel",
+        name="pipeline_parallel",
+        type="int",
+        nullable=False,
+        default=1,
+        doc="Pipeline-parallel degree: the model's layers are split into stages (`torch.distributed.pipelining`), `pipeline_stages_per_rank` per process of a pipeline, run by `pipeline_schedule`. The first stage holds the embedding, the last the final norm, the head and the MTP modules, which read the embedding too: a copy held by the last stage's process, its gradient summed with the first stage's after each step so both stay equal (on the V schedules `zbv` and `dualpipev` the first and last stages are on the same process and share it). Each step's micro-batches per process (`training.gradient_accumulation_steps` / the data-parallel processes) are the pipeline's micro-batches, so a step's update is that of one process. WORLD_SIZE = pipeline_parallel * dp_replicate * dp_shard * expert_parallel; checkpoints are DCP folders, which resume on any layout.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.pipeline_schedule": FieldSpec(
+        path="system.distributed.pipeline_schedule",
+        name="pipeline_schedule",
+        type="str",
+        nullable=False,
+        default="1f1b",
+        doc="The schedule of a pipeline (`torch.distributed.pipelining`): `gpipe` (all forwards, then all backwards), `1f1b` (one forward, one backward), `interleaved_1f1b` (several stages per process, looped), `zbv` (zero-bubble V: two stages per process, the first and last on process 0, backward split into input and weight gradients) and `dualpipev` (DeepSeek's DualPipe in its V form, overlapping a forward with a backward). Unused when `pipeline_parallel` is 1.",
+        aliases=(),
+        choices=("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"),
+        min=None,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
+    "system.distributed.pipeline_stages_per_rank": FieldSpec(
+        path="system.distributed.pipeline_stages_per_rank",
+        name="pipeline_stages_per_rank",
+        type="int",
+        nullable=True,
+        default=None,
+        doc="Stages each process of a pipeline holds: 1 for gpipe and 1f1b, 2 for zbv and dualpipev, 2 or more for interleaved_1f1b.",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+        derived="2 if system.distributed.pipeline_schedule in ('interleaved_1f1b', 'zbv', 'dualpipev') else 1",
+    ),
+    "system.distributed.pipeline_split": FieldSpec(
+        path="system.distributed.pipeline_split",
+        name="pipeline_split",
+        type="list[int]",
+        nullable=False,
+        default=[],
+        doc="A manual split: the first layer of each stage after the first (`pipeline_parallel * pipeline_stages_per_rank - 1` increasing layer indices). Empty: layers are spread evenly, the earlier stages taking one more where they do not divide (the first stage also holds the embedding, the last the head and MTP modules).",
+        aliases=(),
+        choices=None,
+        min=1,
+        max=None,
+        gt=None,
+        policy="overridable",
+    ),
     "system.distributed.reshard_after_forward": FieldSpec(
         path="system.distributed.reshard_after_forward",
         name="reshard_after_forward",
@@ -2778,6 +2847,10 @@ SECTIONS = {
             "dp_replicate",
             "dp_shard",
             "expert_parallel",
+            "pipeline_parallel",
+            "pipeline_schedule",
+            "pipeline_stages_per_rank",
+            "pipeline_split",
             "reshard_after_forward",
             "param_dtype",
             "reduce_dtype",

@@ -200,6 +200,10 @@ class PATH:
             dp_replicate = "system.distributed.dp_replicate"
             dp_shard = "system.distributed.dp_shard"
             expert_parallel = "system.distributed.expert_parallel"
+            pipeline_parallel = "system.distributed.pipeline_parallel"
+            pipeline_schedule = "system.distributed.pipeline_schedule"
+            pipeline_stages_per_rank = "system.distributed.pipeline_stages_per_rank"
+            pipeline_split = "system.distributed.pipeline_split"
             reshard_after_forward = "system.distributed.reshard_after_forward"
             param_dtype = "system.distributed.param_dtype"
             reduce_dtype = "system.distributed.reduce_dtype"
@@ -312,6 +316,16 @@ class Backend(StrEnum):
     GLOO = "gloo"
 
 
+class PipelineSchedule(StrEnum):
+    """The choices of `system.distributed.pipeline_schedule`."""
+
+    GPIPE = "gpipe"
+    V1F1B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved_1f1b"
+    ZBV = "zbv"
+    DUALPIPEV = "dualpipev"
+
+
 class ParamDtype(StrEnum):
     """The choices of `system.distributed.param_dtype`."""
 
@@ -351,6 +365,7 @@ CONSTANTS = {
     "system.device.dtype": Dtype,
     "system.compile.compile_mode": CompileMode,
     "system.distributed.backend": Backend,
+    "system.distributed.pipeline_schedule": PipelineSchedule,
     "system.distributed.param_dtype": ParamDtype,
     "system.distributed.reduce_dtype": ReduceDtype,
     "system.distributed.activation_checkpointing": ActivationCheckpointing,

@@ -390,6 +390,83 @@ RULES = (
         applies=lambda c: c.data.dataset == "bin" and c.data.token_dtype == "uint16",
     ),
     Rule(
+        check="system.distributed.pipeline_stages_per_rank == 2",
+        when="system.distributed.pipeline_schedule in ('zbv', 'dualpipev')",
+        message="the V schedules (zbv, dualpipev) run two stages per process",
+        paths=(
+            "system.distributed.pipeline_stages_per_rank",
+            "system.distributed.pipeline_schedule",
+        ),
+        holds=lambda c: c.system.distributed.pipeline_stages_per_rank == 2,
+        applies=lambda c: c.system.distributed.pipeline_schedule in ("zbv", "dualpipev"),
+    ),
+    Rule(
+        check="system.distributed.pipeline_stages_per_rank == 1",
+        when="system.distributed.pipeline_schedule in ('gpipe', '1f1b')",
+        message="gpipe and 1f1b run one stage per process",
+        paths=(
+            "system.distributed.pipeline_stages_per_rank",
+            "system.distributed.pipeline_schedule",
+        ),
+        holds=lambda c: c.system.distributed.pipeline_stages_per_rank == 1,
+        applies=lambda c: c.system.distributed.pipeline_schedule in ("gpipe", "1f1b"),
+    ),
+    Rule(
+        check="system.distributed.pipeline_stages_per_rank >= 2",
+        when="system.distributed.pipeline_schedule == 'interleaved_1f1b'",
+        message="interleaved_1f1b runs several stages per process",
+        paths=(
+            "system.distributed.pipeline_stages_per_rank",
+            "system.distributed.pipeline_schedule",
+        ),
+        holds=lambda c: c.system.distributed.pipeline_stages_per_rank >= 2,
+        applies=lambda c: c.system.distributed.pipeline_schedule == "interleaved_1f1b",
+    ),
+    Rule(
+        check="len(system.distributed.pipeline_split) == system.distributed.pipeline_parallel * system.distributed.pipeline_stages_per_rank - 1",
+        when="len(system.distributed.pipeline_split) > 0",
+        message="a manual split gives the first layer of every stage after the first",
+        paths=(
+            "system.distributed.pipeline_split",
+            "system.distributed.pipeline_parallel",
+            "system.distributed.pipeline_stages_per_rank",
+        ),
+        holds=lambda c: len(c.system.distributed.pipeline_split)
+        == c.system.distributed.pipeline_parallel * c.system.distributed.pipeline_stages_per_rank
+        - 1,
+        applies=lambda c: len(c.system.distributed.pipeline_split) > 0,
+    ),
+    Rule(
+        check="all(a < b for a, b in zip(system.distributed.pipeline_split, system.distributed.pipeline_split[1:])) and all(i < model.n_layers for i in system.distributed.pipeline_split)",
+        when=None,
+        message="the split's layers must increase and lie inside the model",
+        paths=("system.distributed.pipeline_split", "model.n_layers"),
+        holds=lambda c: all(
+            (
+                a < b
+                for a, b in zip(
+                    c.system.distributed.pipeline_split, c.system.distributed.pipeline_split[1:]
+                )
+            )
+        )
+        and all((i < c.model.n_layers for i in c.system.distributed.pipeline_split)),
+        applies=None,
+    ),
+    Rule(
+        check="system.distributed.pipeline_parallel * system.distributed.pipeline_stages_per_rank <= model.n_layers",
+        when=None,
+        message="every stage needs at least one layer",
+        paths=(
+            "system.distributed.pipeline_parallel",
+            "system.distributed.pipeline_stages_per_rank",
+            "model.n_layers",
+        ),
+        holds=lambda c: c.system.distributed.pipeline_parallel
+        * c.system.distributed.pipeline_stages_per_rank
+        <= c.model.n_layers,
+        applies=None,
+    ),
+    Rule(
         check="model.n_routed_experts % system.distributed.expert_parallel == 0",
         when=None,
         message="the routed experts must split evenly over the expert-parallel processes",
@@ -410,6 +487,15 @@ DERIVED = {
         expression="out_dir + '/checkpoints'",
         paths=("out_dir",),
         compute=lambda c: c.out_dir + "/checkpoints",
+    ),
+    "system.distributed.pipeline_stages_per_rank": Derived(
+        expression="2 if system.distributed.pipeline_schedule in ('interleaved_1f1b', 'zbv', 'dualpipev') else 1",
+        paths=("system.distributed.pipeline_schedule",),
+        compute=lambda c: (
+            2
+            if c.system.distributed.pipeline_schedule in ("interleaved_1f1b", "zbv", "dualpipev")
+            else 1
+        ),
     ),
 }
 """Fields whose null means a value computed from other fields."""

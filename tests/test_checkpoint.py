@@ -308,3 +308,34 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, data_dir):
                 tmp_path / "fourth", data_dir, "--checkpointer.init_from", str(tmp_path / "nothing")
             )
         )
+
+
+def test_sharded_folders_of_the_earlier_format_still_load(tmp_path):
+    """DCP folders now hold the optimizer's param groups per parameter (pipeline stages hold
+    different parameters); a folder written with them as one list still loads, every state equal."""
+    import torch.distributed.checkpoint as dcp
+
+    from helpers import make_model
+    from runtime.checkpoint.dcp import OLD_PARAM_GROUPS, _dcp_state, _saved_flat, load_into
+    from runtime.components.optimizer import build_optimizer
+    from generated.config import OptimizerConfig
+
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = build_optimizer(model, OptimizerConfig(lr=0.01))
+    out = model(torch.randint(0, 256, (1, 9)), mtp=True)  # every weight gets a gradient
+    (out.logits.sum() + sum(m.sum() for m in out.mtp_logits)).backward()
+    optimizer.step()
+    for flat in (False, True):
+        folder = str(tmp_path / f"flat{flat}")
+        dcp.save(_dcp_state(model, optimizer, flat=flat), checkpoint_id=folder)
+        assert _saved_flat(folder) == flat
+        fresh = make_model()
+        fresh_optimizer = build_optimizer(fresh, OptimizerConfig(lr=0.5))
+        load_into(fresh, fresh_optimizer, folder)
+        for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert [g["lr"] for g in fresh_optimizer.param_groups] == [0.01, 0.01]
+        saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+        assert all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
+    assert OLD_PARAM_GROUPS.match("optim.param_groups.0.lr")

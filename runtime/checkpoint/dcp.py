@@ -150,11 +150,29 @@ def load_meta(path: str, rank: int = 0, verified: bool = False) -> dict[str, Any
     return state
 
 
-def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+OLD_PARAM_GROUPS = re.compile(r"optim\.param_groups\.[0-9]+\.")
+"""The keys of the optimizer's param groups in folders written before they were saved per
+parameter (`optim.param_groups.0.lr`): one list, the same for every process (true of FSDP2 and
+EP, not of pipeline stages)."""
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+
+def _dcp_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, flat: bool = True
+) -> dict[str, Any]:
+    """The DCP state of the model and optimizer. `flat`: the optimizer's param-group settings
+    saved per parameter name (`optim.param_groups.<name>.lr`), so that processes holding
+    different parameters (pipeline stages) each save and find their own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flat)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _saved_flat(path: str) -> bool:
+    """Whether the folder holds the param groups per parameter (else as one old list)."""
+    keys = _cached_reader(path).read_metadata().state_dict_metadata
+    return not any(OLD_PARAM_GROUPS.match(key) for key in keys)
 
 
 @contextlib.contextmanager
@@ -189,14 +207,20 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> 
     """Load the DCP files of `path` into `model` (FSDP2-sharded or plain) and its optimizer,
     resharding as needed. Without a process group (one process) DCP reads every shard itself."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = _dcp_state(model, optimizer)
     fit = f"checkpoint {path}: its sharded weights or optimizer state do not fit this run"
+    with _reported(fit):
+        flat = _saved_flat(path)
+    state = _dcp_state(model, optimizer, flat)
     with _reported(fit), _one_process_quietly():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(flatten_optimizer_state_dict=flat),
     )
 
 
@@ -214,29 +238,36 @@ def load_model_into(model: nn.Module, path: str) -> None:
 
 
 def load_full_into(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: Mapping[str, Any],
+    saved_names: list[str] | None = None,
 ) -> None:
     """Load a single-file checkpoint (full tensors, optimizer keyed by parameter index) into a
-    sharded model: each process keeps its own shards. The optimizer's indices follow
-    runtime/components/optimizer.py's build_optimizer (matrices first, then vectors, each in
-    parameters() order)."""
+    sharded model, or the stages of a pipeline: each process keeps what it holds. The optimizer's
+    indices follow runtime/components/optimizer.py's build_optimizer (matrices first, then
+    vectors, each in parameters() order) over `saved_names`, the parameter names of the model
+    that saved it (None: this model's; a pipeline stage's process holds only some)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     names = [n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-    order = [n for n, p in zip(names, params) if p.ndim >= 2]
-    order += [n for n, p in zip(names, params) if p.ndim < 2]
+    full = saved_names if saved_names is not None else names
+    weights = state["model"]
+    order = [n for n in full if weights[n].ndim >= 2] + [n for n in full if weights[n].ndim < 2]
+    held = set(names)
     saved = state["optimizer"]
     optim: dict[str, Any] = {
-        "state": {order[int(i)]: v for i, v in saved["state"].items()},
+        "state": {order[int(i)]: v for i, v in saved["state"].items() if order[int(i)] in held},
         "param_groups": [
-            {**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]
+            {**g, "params": [order[int(i)] for i in g["params"] if order[int(i)] in held]}
+            for g in saved["param_groups"]
         ],
     }
+    mine = {k.replace("_checkpoint_wrapped_module.", "") for k in model.state_dict()}
     set_state_dict(
         model,
         optimizer,
-        model_state_dict=state["model"],
+        model_state_dict={k: v for k, v in weights.items() if k in mine},
         optim_state_dict=optim,
         options=StateDictOptions(full_state_dict=True),
     )

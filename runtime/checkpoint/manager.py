@@ -178,12 +178,16 @@ class CheckpointManager:
         rank: int = 0,
         world: int = 1,
         sharded: bool = False,
+        saved_names: list[str] | None = None,
     ) -> None:
         assert checkpointer.save_dir is not None, "save_dir is a derived default"
         self.cfg = checkpointer
         self.dir = checkpointer.save_dir
         self.components = dict(components)
         self.sharded, self.rank = sharded, rank
+        # the parameter names of the whole model, in order, when this process holds only some
+        # (a pipeline stage's): a single-file checkpoint's optimizer state is keyed by index
+        self.saved_names = saved_names
         self.writer: FileWriter = (
             ShardedWriter(self.dir, components["model"], components["optimizer"], rank, world)
             if sharded
@@ -258,6 +262,6 @@ class CheckpointManager:
             if state.get("sharded"):  # resharded onto this layout
                 load_into(model, optimizer, state["sharded"])
             else:
-                load_full_into(model, optimizer, state)
+                load_full_into(model, optimizer, state, self.saved_names)
             components = {k: v for k, v in components.items() if k not in ("model", "optimizer")}
         load_components(components, state, path)

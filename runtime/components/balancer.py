@@ -11,6 +11,7 @@ is the counts not yet applied. It also reads the routing statistics for the metr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,11 @@ from generated.config import MoETrainingConfig
 
 if TYPE_CHECKING:
     from runtime.models.deepseek_v3.moe import MoE
+
+
+def _sum_over_all(loads: Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
 
 
 def bias_update_speed_at(moe: MoETrainingConfig, step: int) -> float:
@@ -34,7 +40,16 @@ def bias_update_speed_at(moe: MoETrainingConfig, step: int) -> float:
 class MoEBalancer:
     """Stateful (state_dict / load_state_dict): the pending load counts of `model`'s MoE layers."""
 
-    def __init__(self, model: nn.Module, moe: MoETrainingConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        moe: MoETrainingConfig,
+        sum_loads: Callable[[Tensor], None] | None = None,
+    ):
+        """`sum_loads`: sums a (layers, experts) load tensor in place over the processes that
+        hold the same layers; None: over all processes (when torch.distributed is initialised).
+        A pipelined run passes its stage's data-parallel group."""
+        self.sum_loads = sum_loads or _sum_over_all
         # (layer index, MoE layer) of a model with routed experts (its family lists them)
         moe_layers = getattr(model, "moe_layers", None)
         self.layers: list[tuple[int, MoE]] = moe_layers() if moe_layers is not None else []
@@ -61,8 +76,7 @@ class MoEBalancer:
             none = torch.zeros(layers[0].n_experts, device=dev, dtype=torch.long)
             counts = [none if m.load_counts is None else m.load_counts.to(dev) for m in layers]
             loads = torch.stack(counts).float()  # (L, E)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(loads)
+            self.sum_loads(loads)
             for m, load in zip(layers, loads):
                 m.update_bias(load, speed)  # a layer that saw no tokens gets sign(0) = no change
         self.discard()

@@ -32,8 +32,12 @@ class Evaluator:
         autocast: Callable[[], contextlib.AbstractContextManager[object]],
         *,
         even: bool,
+        main_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """`main_loss`: the main loss of a window when the model is not one module (a
+        pipelined run's forward through its stages); None: `loss(model, window)`."""
         self.eval_iters = evaluator.eval_iters
+        self.main_loss = main_loss
         self.data, self.loss, self.dist, self.device = data, loss, dist, device
         self.autocast, self.even = autocast, even
 
@@ -47,10 +51,13 @@ class Evaluator:
         counted = cast(EvalBatchSampler, loader.batch_sampler).counted
         for i, window in enumerate(loader):
             window = window.to(self.device, non_blocking=True)
-            with self.autocast():
-                out = self.loss(model, window, step)
+            if self.main_loss is not None:
+                main = self.main_loss(window)
+            else:
+                with self.autocast():
+                    main = self.loss(model, window, step).main_loss
             if i < counted:
-                totals += torch.stack([out.main_loss.detach().double(), totals.new_ones(())])
+                totals += torch.stack([main.detach().double(), totals.new_ones(())])
             fault_point("eval")
         all_reduce_sum(totals, self.dist)
         model.train(was_training)

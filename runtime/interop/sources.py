@@ -205,6 +205,8 @@ class Source:
             for k, v in self.blocks().items()
             if not k.startswith("mtp.") or k.split(".")[1] in wanted
         }
+        if getattr(model, "pipeline_part", False):  # a pipeline stage's process: its weights
+            blocks = {k: v for k, v in blocks.items() if k in own}
         absent = sorted(wanted - {str(m) for m in self.mtp_modules_with_weights()})
         if absent:
             warnings.warn(

@@ -34,6 +34,7 @@ def build_model(
     load_weights: Callable[[nn.Module], None] | None = None,
     *,
     is_main: bool = True,
+    pp_rank: int = 0,
 ) -> tuple[nn.Module, Parallelism]:
     """The model of `spec` on the layout of `world` processes (dist_cfg), on `device`, with the
     weights `load_weights` copies in (else a fresh initialisation), and what parallelize() did.
@@ -47,9 +48,14 @@ def build_model(
         slow = slow_cpu_dtype(device, param_dtype, PATH.system.distributed.param_dtype)
         if slow:
             warnings.warn(slow, stacklevel=2)
-    on_meta = layout.sharded
+    on_meta = layout.sharded or layout.pipelined
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         model = spec.build(model_cfg, moe_cfg)
+    held: dict[int, range] = {}
+    if layout.pipelined:  # only this process's stages get weights
+        if spec.keep_stages is None:
+            raise NotImplementedError(f"the {spec.name} family has no pipeline stages")
+        held = spec.keep_stages(model, dist_cfg, layout, pp_rank)
     if not on_meta:
         if load_weights is not None:
             load_weights(model)
@@ -61,4 +67,5 @@ def build_model(
         init_weights()  # modules a source has no weights for keep these
         if load_weights is not None:
             load_weights(model)
+    parallelism.stages = held
     return model, parallelism

@@ -8,6 +8,11 @@
   state_dict_adapter  () -> its Hugging Face names and config mapping (StateDictAdapter)
   generate            (model, prompt ids, settings...) -> ids: sampling with the model's cache
   plan                (config, processes, GPU GiB) -> parameters, FLOPs and memory per process
+  keep_stages         (model on meta, distributed section, layout, pipeline rank) -> {stage: its
+                      layers}: prunes the model to the pipeline stages that process holds
+  stage_modules       (pruned model, {stage: layers}, stages, moe section, eos id or None) ->
+                      {stage: module(x, tokens=window)}, the last returning its loss vector (and
+                      `loss_fn`, which weighs it); None: the family has no pipeline
 
 Building a spec must stay cheap: `plan` and `config` use this package without torch, so a family's
 __init__ imports its torch modules inside these functions.
@@ -62,6 +67,8 @@ class ModelSpec:
     state_dict_adapter: Callable[[], StateDictAdapter]
     generate: Callable[..., Tensor]
     plan: Callable[[Config, int, float], dict[str, Any]]
+    keep_stages: Callable[..., dict[int, range]] | None = None
+    stage_modules: Callable[..., dict[int, nn.Module]] | None = None
 
     @property
     def adapter(self) -> StateDictAdapter:

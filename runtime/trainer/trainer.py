@@ -70,6 +70,7 @@ from runtime.distributed.precision import (
 )
 from runtime.models import get_model_spec, model_config
 from runtime.models.build import build_model
+from runtime.trainer.pipelined import PipelinedLM, PipelinedSteps
 from runtime.trainer.prepare import RunSetup, prepare_run
 from runtime.trainer.run_folder import SAMPLE_NAME
 from runtime.utils.faults import fault_point
@@ -95,6 +96,10 @@ def data_module(cfg: Config, world_size: int = 1, rank: int = 0) -> DataModule:
 
 class NonFiniteLossError(RuntimeError):
     """training.nonfinite_loss is `stop` and a step's loss was NaN or infinite."""
+
+    # the loss and the gradient norm are global: every process raises it at the same step, and
+    # process 0 alone says so (runtime/cli/console.py)
+    all_ranks = True
 
 
 def seed_everything(seed: int) -> None:
@@ -146,7 +151,10 @@ class Trainer:
             is_main=self.launch.is_main,
         )
         self.window = cfg.training.seq_len + 1 + cfg.model.mtp_depth
-        self.data = data_module(cfg, self.launch.world_size, self.launch.rank)
+        # the processes of a pipeline read the same data: their data-parallel rank's
+        pipeline = cfg.system.distributed.pipeline_parallel
+        data_world = max(1, self.launch.world_size // pipeline)
+        self.data = data_module(cfg, data_world, self.launch.rank % data_world)
         # text <-> tokens for the sample, the checkpoint and export; None for token ids alone
         self.codec: TextCodec | None = self.data.codec
         self._init_processes()
@@ -154,10 +162,18 @@ class Trainer:
         self.model, self.parallel = build_model(
             self.spec, cfg.model, cfg.moe, cfg.system.distributed, self.dist.world_size,
             self.device, run.load_weights, is_main=self.is_main,
+            pp_rank=self.launch.rank // data_world,
         )  # fmt: skip
         document_eos = self.data.eos_id if cfg.data.document_mask else None
         self.loss = TrainingLoss(cfg.moe, cfg.mtp, document_eos)
-        self.balancer = MoEBalancer(self.model, cfg.moe)
+        self.pipelined: PipelinedSteps | None = None
+        if self.parallel.layout.pipelined:
+            self.pipelined = PipelinedSteps(
+                cfg, self.spec, self.model, self.parallel, self.loss, rank=self.dist.rank,
+                device=self.device, eos_id=document_eos, autocast=self._autocast,
+            )  # fmt: skip
+        sum_loads = self.pipelined.sum_loads if self.pipelined is not None else None
+        self.balancer = MoEBalancer(self.model, cfg.moe, sum_loads)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scaler = grad_scaler(self.device, self.dtype, self.parallel.sharded)
         self.lr_schedule = LRSchedule(cfg.schedule, cfg.optimizer.lr)
@@ -165,13 +181,15 @@ class Trainer:
         self.evaluator = Evaluator(
             cfg.evaluator, self.data, self.loss, self.dist, self.device, self._autocast,
             even=self.parallel.sharded,
+            main_loss=self.pipelined.main_loss if self.pipelined is not None else None,
         )  # fmt: skip
         self.checkpoints = CheckpointManager(
-            cfg.checkpointer, self.components(), rank=self.dist.rank,
-            world=self.dist.world_size, sharded=self.parallel.sharded,
+            cfg.checkpointer, self.components(), rank=self.dist.rank, world=self.dist.world_size,
+            sharded=self.parallel.sharded or self.pipelined is not None,
+            saved_names=self.pipelined.whole_model_names() if self.pipelined else None,
         )  # fmt: skip
         self.train_module = compile_module(self.model, cfg.system.compile)
-        if self.dist.enabled and not self.parallel.sharded:
+        if self.dist.enabled and not self.parallel.sharded and self.pipelined is None:
             self.train_module = wrap_ddp(self.train_module, cfg.system.distributed, self.device)
         self.stopped_by: str | None = None  # the signal's name when one ended the run early
         # non-finite steps skipped since the last applied one, and how many may be
@@ -256,41 +274,23 @@ class Trainer:
         lr = self.lr_schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n = len(micro_batches)  # this step's: a batch-size ramp grows it
-        depth = cfg.model.mtp_depth
-        sums = torch.zeros(4 + depth, dtype=torch.float64, device=self.device)
-        mtp_weight = 0.0
         with router_noise_rng(cfg.moe, cfg.seed, self.dist.rank, step, self.device):
-            for j, window in enumerate(micro_batches):
-                window = window.to(self.device, non_blocking=True)
-                sync = j == n - 1 or not self.dist.enabled  # reduce gradients on the last one
-                with grad_sync(self.train_module, sync):
-                    with self._autocast():
-                        out = self.loss(self.train_module, window, step)
-                    self.scaler.scale(out.loss / n).backward()
-                parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
-                sums += torch.stack([p.detach().double() for p in parts])
-                mtp_weight = out.mtp_weight
+            if self.pipelined is not None:
+                metrics = self.pipelined.forward_backward(step, micro_batches)
+            else:
+                metrics = self._forward_backward(step, micro_batches)
         fault_point("step")
-        dist_utils.all_reduce_sum(sums, self.dist)
-        means = (sums / (n * self.dist.world_size)).tolist()
-        metrics: dict[str, Any] = {
-            "loss": means[0],
-            "main_loss": means[1],
-            "aux_loss": means[2],
-            "z_loss": means[3],
-            **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
-            "mtp_weight": float(mtp_weight),
-            "lr": lr,
-            "phase": self.lr_schedule.phase(step),
-        }
-        if not math.isfinite(means[0]):
-            return self._not_applied(metrics, "loss", means[0], step)
+        metrics.update(lr=lr, phase=self.lr_schedule.phase(step))
+        if not math.isfinite(metrics["loss"]):
+            return self._not_applied(metrics, "loss", metrics["loss"], step)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if cfg.optimizer.grad_clip > 0:
             params = self.model.parameters()
-            if self.parallel.sharded:  # parameters on several meshes
+            norm: float | torch.Tensor
+            if self.pipelined is not None:  # one norm over every stage
+                norm = self.pipelined.clip(cfg.optimizer.grad_clip)
+            elif self.parallel.sharded:  # parameters on several meshes
                 norm = clip_grad_norm(params, cfg.optimizer.grad_clip, self.dist.world_size)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
@@ -311,6 +311,34 @@ class Trainer:
         else:
             self.balancer.update(step)
         return metrics
+
+    def _forward_backward(self, step: int, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Forward and backward of this process's micro-batches (gradients synchronised on the
+        last one); the step's loss metrics, averaged over every process."""
+        n = len(micro_batches)  # this step's: a batch-size ramp grows it
+        depth = self.cfg.model.mtp_depth
+        sums = torch.zeros(4 + depth, dtype=torch.float64, device=self.device)
+        mtp_weight = 0.0
+        for j, window in enumerate(micro_batches):
+            window = window.to(self.device, non_blocking=True)
+            sync = j == n - 1 or not self.dist.enabled  # reduce gradients on the last one
+            with grad_sync(self.train_module, sync):
+                with self._autocast():
+                    out = self.loss(self.train_module, window, step)
+                self.scaler.scale(out.loss / n).backward()
+            parts = [out.loss, out.main_loss, out.aux_loss, out.z_loss, *out.mtp_losses]
+            sums += torch.stack([p.detach().double() for p in parts])
+            mtp_weight = out.mtp_weight
+        dist_utils.all_reduce_sum(sums, self.dist)
+        means = (sums / (n * self.dist.world_size)).tolist()
+        return {
+            "loss": means[0],
+            "main_loss": means[1],
+            "aux_loss": means[2],
+            "z_loss": means[3],
+            **{f"mtp_loss_{k + 1}": means[4 + k] for k in range(depth)},
+            "mtp_weight": float(mtp_weight),
+        }
 
     def _not_applied(
         self, metrics: dict[str, Any], what: str, value: float, step: int
@@ -362,7 +390,8 @@ class Trainer:
                 # a sharded model generates with every process (each forward gathers the weights
                 # or sends tokens to the experts' processes); only the main one prints and saves
                 sample = self.cfg.sample.max_new_tokens > 0 and self.stopped_by is None
-                if sample and (self.is_main or self.parallel.sharded):
+                every_process = self.parallel.sharded or self.pipelined is not None
+                if sample and (self.is_main or every_process):
                     self.sample()
         finally:
             self.wandb.finish()
@@ -527,7 +556,14 @@ class Trainer:
         else:  # token ids without a tokenizer: the first tokens of the validation data
             prompt = self.data.prompt_tokens(4)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        ids = complete(self.spec.generate, self.model, prompt, settings, generator)
+        if self.pipelined is not None:  # every process of the pipeline, the stages in turn
+            was_training = self.model.training
+            self.model.eval()
+            model: nn.Module = PipelinedLM(self.pipelined)
+            ids = complete(self.spec.generate, model, prompt, settings, generator, use_cache=False)
+            self.model.train(was_training)
+        else:
+            ids = complete(self.spec.generate, self.model, prompt, settings, generator)
         if not self.is_main:
             return None
         text = decode(self.codec, ids)
@@ -545,6 +581,7 @@ def complete(
     prompt: list[int],
     settings: SampleConfig,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> list[int]:
     """prompt ids and their continuation under `settings` (the `sample` section, SampleConfig), as
     the trainer's end-of-run sample does it: prompt tokens outside the vocabulary are dropped ([0]
@@ -560,5 +597,6 @@ def complete(
         generator,
         top_k=settings.top_k,
         top_p=settings.top_p,
+        use_cache=use_cache,
     )
     return ids[0].tolist()

@@ -477,8 +477,9 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) of the main blocks, then the MTP blocks (index n_layers + k - 1)."""
-        blocks = list(cast(Iterable[Block], self.layers)) + [
-            m.block for m in cast(Iterable[MTPModule], self.mtp)
+        # a pipeline stage's process holds only some of them (the others are pipeline.Absent)
+        blocks = [b for b in self.layers if isinstance(b, Block)] + [
+            m.block for m in self.mtp if isinstance(m, MTPModule)
         ]
         return [(b.layer_id, b.ffn) for b in blocks if isinstance(b.ffn, MoE)]
 

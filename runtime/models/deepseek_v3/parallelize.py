@@ -18,7 +18,7 @@ gradient reduction; the sharded master weights and AdamW state stay float32.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 def blocks(model: Transformer) -> list[Block]:
     """Every transformer block, MTP blocks included."""
     # the ModuleLists hold Blocks and MTPModules (runtime/models/deepseek_v3/model.py); iterating one yields nn.Module
-    return cast("list[Block]", [*model.layers, *(m.block for m in model.mtp)])
+    from runtime.models.deepseek_v3.model import Block, MTPModule
+
+    # a pipeline stage's process holds only some of them (the others are pipeline.Absent)
+    held = [b for b in model.layers if isinstance(b, Block)]
+    return held + [m.block for m in model.mtp if isinstance(m, MTPModule)]
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> int:
