@@ -315,10 +315,10 @@ def test_sharded_folders_of_the_earlier_format_still_load(tmp_path):
     different parameters); a folder written with them as one list still loads, every state equal."""
     import torch.distributed.checkpoint as dcp
 
+    from generated.config import OptimizerConfig
     from helpers import make_model
     from runtime.checkpoint.dcp import OLD_PARAM_GROUPS, _dcp_state, _saved_flat, load_into
     from runtime.components.optimizer import build_optimizer
-    from generated.config import OptimizerConfig
 
     torch.manual_seed(0)
     model = make_model()

@@ -72,17 +72,26 @@ def zbv_run(tmp_path_factory, data_dir):
     return out
 
 
-# 1f1b runs as 2 pipelines of 2 stages on 4 processes, each pipeline reading half of every step's
-# micro-batches (data parallel replicas); the others on 2 processes
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"])
-def test_every_schedule_reproduces_one_process(
-    schedule, tmp_path, data_dir, reference, request
-):
+# on 4 processes, 2 stages x 2: gpipe as two pipelines reading half of every step's micro-batches
+# each (data-parallel replicas), 1f1b with FSDP2 over the two processes of a stage, interleaved
+# 1f1b with expert parallelism over them; the V schedules on 2 processes
+SCHEDULES = {
+    "gpipe": (4, ()),
+    "1f1b": (4, ("--system.distributed.dp_shard", "2")),
+    "interleaved_1f1b": (4, ("--system.distributed.expert_parallel", "2")),
+    "zbv": (2, ()),
+    "dualpipev": (2, ()),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_every_schedule_reproduces_one_process(schedule, tmp_path, data_dir, reference, request):
+    processes, layout = SCHEDULES[schedule]
     if schedule == "zbv":
         out = request.getfixturevalue("zbv_run")
     else:
         out = tmp_path
-        torchrun(4 if schedule == "1f1b" else 2, out, data_dir, *pipeline(schedule))
+        torchrun(processes, out, data_dir, *pipeline(schedule), *layout)
     assert_same_losses(out, reference)
     # the balance statistics and the MTP weight come out as in one process too
     for key in ("aux_loss", "z_loss", "mtp_weight"):

@@ -305,6 +305,16 @@ def test_every_spec_field_is_read_by_the_runtime(recorder, tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(dist_utils.SystemConfigError):
         dist_utils.check_launch(distributed)
+    # a pipeline stage's process prunes the model to its stages (test_pipeline runs them)
+    from runtime.distributed.layout import Layout
+    from runtime.models import get_model_spec
+
+    spec = get_model_spec()
+    with torch.device("meta"):
+        whole = spec.build(cfg.model, None)
+    assert spec.keep_stages is not None
+    held = spec.keep_stages(whole, distributed, Layout(2, 1, 1, 1, pipeline_parallel=2), 0)
+    assert 0 in held
 
     sections = {p.rsplit(".", 1)[0] for p in list(FIELDS) if "." in p}
     assert NOT_WIRED_YET <= set(spec_paths()), "NOT_WIRED_YET names a path the spec lacks"

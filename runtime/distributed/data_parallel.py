@@ -55,7 +55,7 @@ def _fsdp_no_sync(module: FSDPModule) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
-def _square_share(t: torch.Tensor, world: int) -> torch.Tensor:
+def square_share(t: torch.Tensor, world: int) -> torch.Tensor:
     """This process's share of sum(t**2) such that the sum of the shares over all processes is the
     global sum: a DTensor's local block counts once per replica of it, a plain tensor (the same on
     every process) once per process."""
@@ -79,7 +79,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, world: i
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    total = torch.stack([_square_share(g, world) for g in grads]).sum()
+    total = torch.stack([square_share(g, world) for g in grads]).sum()
     if world > 1:
         dist.all_reduce(total)
     norm = total.sqrt()

@@ -208,30 +208,40 @@ def average_over(params: Sequence[torch.Tensor], group: Any, size: int) -> None:
         offset += g.numel()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's block on this process (FSDP2 / expert parallel), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def sum_over(params: Sequence[torch.Tensor], group: Any) -> None:
-    """Sum the gradients of `params` over `group` (the embedding's copies)."""
+    """Sum the gradients of `params` over `group` (the embedding's copies, sharded alike on both
+    processes when FSDP2 shards them)."""
     if group is None:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=group)
+        dist.all_reduce(_local(p.grad), group=group)
 
 
 @torch.no_grad()
 def clip_pipeline_grad_norm(
-    params: Sequence[torch.Tensor], max_norm: float, group: Any
+    params: Sequence[torch.Tensor], max_norm: float, stage_processes: int
 ) -> torch.Tensor:
-    """clip_grad_norm_ over a whole pipeline: this process's share of the squared norm (each
-    weight counted once: pass a copy's parameters on one process only) summed over `group`; every
-    process scales its gradients by the same factor."""
+    """clip_grad_norm_ over a whole pipeline: each process's share of the squared norm of the
+    weights it holds (each counted once: a copy's parameters on one process only; a block of a
+    DTensor once per replica) summed over every process; each scales by the same factor.
+    `stage_processes`: the processes holding one stage (the data-parallel ones)."""
+    from runtime.distributed.data_parallel import square_share
+
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else None
-    share = total if total is not None else torch.zeros(())
-    dist.all_reduce(share, group=group)
-    norm = share.sqrt()
+    shares = [square_share(g, stage_processes) for g in grads]
+    total = torch.stack(shares).sum() if shares else torch.zeros(())
+    dist.all_reduce(total)
+    norm = total.sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.device, g.dtype))
+            local = _local(g)
+            local.mul_(coef.to(local.device, local.dtype))
     return norm

@@ -62,6 +62,7 @@ class PipelinedSteps:
         self.groups = pipeline_groups(layout, rank, v_shaped)
         self.model, self.cfg, self.loss, self.device = model, cfg, loss, device
         self.spec = spec
+        self.sharded = layout.sharded
         self.autocast = autocast
         self.modules = spec.stage_modules(model, parallel.stages, self.num_stages, cfg.moe, eos_id)
         self.mtp_weight, self.scale = 0.0, 1.0
@@ -133,8 +134,9 @@ class PipelinedSteps:
         windows = torch.cat([w.to(self.device) for w in micro_batches])  # (n * B, W)
         with self._autocast():
             self.pipeline.step(windows, n, self._probing)
-        params = list(self.model.parameters())
-        average_over(params, self.groups.dp_group, self.groups.dp_size)
+        if not self.sharded:  # FSDP2 reduces the gradients of a sharded stage itself
+            params = list(self.model.parameters())
+            average_over(params, self.groups.dp_group, self.groups.dp_size)
         sum_over(self.tied, self.groups.tie_group)
         main, aux, z, *mtp = self._gather_sums(n)
         weight = self.mtp_weight if self.depth else 0.0
@@ -167,7 +169,7 @@ class PipelinedSteps:
 
     def clip(self, max_norm: float) -> float:
         """Clip to one global norm over the pipeline's stages; the norm."""
-        return float(clip_pipeline_grad_norm(self.norm_params, max_norm, self.groups.pp_group))
+        return float(clip_pipeline_grad_norm(self.norm_params, max_norm, self.groups.dp_size))
 
     # ---- forward only
 

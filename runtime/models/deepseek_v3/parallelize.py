@@ -114,6 +114,16 @@ def parallelize(
             mp_policy=mp,
             ignored_params=ignored or None,
         )
+    if layout.pipelined:
+        # a pipeline stage never calls the model's own forward: the embedding, final norm, head
+        # and MTP modules it holds are units of their own (on the V schedules one process's two
+        # stages share the embedding, which no single root could own)
+        from runtime.models.deepseek_v3.pipeline import Absent
+
+        for part in (model.embed, model.norm, model.head, *model.mtp):
+            if not isinstance(part, Absent):
+                fully_shard(part, mesh=dense_mesh, reshard_after_forward=False, mp_policy=mp)
+        return Parallelism(layout, mesh)
     # the root: embedding, head, final norms, MTP projections; gathered for the whole step
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, mp_policy=mp)
     return Parallelism(layout, mesh)

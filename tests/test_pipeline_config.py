@@ -1,0 +1,71 @@
+"""Pipeline settings without launching anything: the rules of the spec, how layers are split into
+stages and stages placed on processes, and a stage module against the whole model's loss."""
+
+import pytest
+import torch
+
+from generated import ConfigError, load_config
+from helpers import make_model, training_loss
+from runtime.distributed.layout import stage_layers, stage_ranks
+from runtime.models.deepseek_v3.pipeline import StageModule, combine, held_stages, keep_stages
+
+PP = ["--system.distributed.pipeline_parallel", "2", "--model.n_layers", "4"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--system.distributed.pipeline_schedule", "zbv", "--system.distributed.dp_shard", "2"],
+         "the V schedules split the backward"),
+        (["--system.device.dtype", "float16"], "float16's gradient scaling is not wired"),
+        (["--system.compile.compile", "true"], "torch.compile of pipeline stages is not wired"),
+        (["--system.distributed.pipeline_split", "1,2"], "a manual split gives the first layer"),
+        (["--system.distributed.pipeline_split", "3", "--model.n_layers", "3",
+          "--system.distributed.pipeline_parallel", "4"], "every stage needs at least one layer"),
+        (["--system.distributed.pipeline_schedule", "interleaved_1f1b",
+          "--system.distributed.pipeline_stages_per_rank", "1"], "several stages per process"),
+    ],
+)  # fmt: skip
+def test_pipeline_rules(flags, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(argv=PP + flags)
+
+
+def test_stages_split_layers_evenly_or_as_told_and_sit_looped_or_in_a_v():
+    assert stage_layers(61, 16)[0] == range(0, 4) and stage_layers(61, 16)[-1] == range(58, 61)
+    assert sum(len(r) for r in stage_layers(61, 16)) == 61
+    assert stage_layers(8, 3, [2, 7]) == [range(0, 2), range(2, 7), range(7, 8)]
+    assert stage_ranks(False, 2, 2) == [0, 1, 0, 1]  # interleaved: looped
+    assert stage_ranks(True, 2, 2) == [0, 1, 1, 0]  # zbv / dualpipev: first and last on rank 0
+    assert held_stages(4, 2, 2, [], True, 0) == {0: range(0, 1), 3: range(3, 4)}
+
+
+def test_two_stage_modules_give_the_whole_models_loss_and_gradients():
+    """Stages 0 and 1 of a 3-layer model, run one after the other in one process: the loss
+    vector weighed by `combine` equals TrainingLoss's, and every weight gets the same gradient
+    (the first stage's balance terms through AddLossGradient)."""
+    torch.manual_seed(0)
+    whole = make_model()
+    loss = training_loss()
+    window = torch.randint(0, 256, (2, 12 + whole.config.mtp_depth))
+    torch.manual_seed(1)  # router noise, if any, drawn alike
+    want = loss(whole, window, 0)
+    want.loss.backward()
+    staged = make_model()
+    staged.load_state_dict(whole.state_dict())
+    keep_stages(staged, [range(0, 3)], first=True, last=True)  # nothing dropped
+    n_moe = sum(1 for _ in whole.moe_layers())
+    kw = dict(aux_weight=loss.aux_loss_weight, z_weight=loss.z_loss_weight, n_moe_layers=n_moe,
+              eos_id=None)  # fmt: skip
+    first = StageModule(staged, range(0, 2), first=True, last=False, **kw)  # a MoE layer too
+    last = StageModule(staged, range(2, 3), first=False, last=True, **kw)
+    torch.manual_seed(1)
+    h = first(window, tokens=window)
+    out = last(h, tokens=window)
+    got = combine(lambda: loss.mtp_weight(0), lambda: 1.0)(out)
+    # the first stage's balance and z terms are not in the value, only in the gradient
+    first_terms = kw["aux_weight"] * first.aux_sum + kw["z_weight"] * first.z_sum / n_moe
+    assert float(got) + float(first_terms) == pytest.approx(float(want.loss), rel=1e-6)
+    got.backward()
+    for (name, a), b in zip(whole.named_parameters(), staged.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
