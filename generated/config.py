@@ -118,7 +118,7 @@ class TorchCompilationConfig:
     """torch.compile. A boolean given for the whole section sets `compile`."""
 
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile the model with torch.compile (with `pipeline_parallel`, each block of a process's stages on its own, in place)."""
 
     compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
@@ -2342,7 +2342,7 @@ FIELDS = {
         type="bool",
         nullable=False,
         default=False,
-        doc="Compile the model with torch.compile.",
+        doc="Compile the model with torch.compile (with `pipeline_parallel`, each block of a process's stages on its own, in place).",
         aliases=(),
         choices=None,
         min=None,

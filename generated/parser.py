@@ -490,14 +490,6 @@ RULES = (
         applies=lambda c: c.system.distributed.pipeline_parallel > 1,
     ),
     Rule(
-        check="not system.compile.compile",
-        when="system.distributed.pipeline_parallel > 1",
-        message="torch.compile of pipeline stages is not wired; set system.compile.compile false",
-        paths=("system.compile.compile", "system.distributed.pipeline_parallel"),
-        holds=lambda c: not c.system.compile.compile,
-        applies=lambda c: c.system.distributed.pipeline_parallel > 1,
-    ),
-    Rule(
         check="model.n_routed_experts % system.distributed.expert_parallel == 0",
         when=None,
         message="the routed experts must split evenly over the expert-parallel processes",

@@ -74,13 +74,14 @@ def zbv_run(tmp_path_factory, data_dir):
 
 # on 4 processes, 2 stages x 2: gpipe as two pipelines reading half of every step's micro-batches
 # each (data-parallel replicas), 1f1b with FSDP2 over the two processes of a stage, interleaved
-# 1f1b with expert parallelism over them; the V schedules on 2 processes
+# 1f1b with expert parallelism over them; the V schedules on 2 processes (dualpipev recomputing
+# every block: activation checkpointing must not change a loss)
 SCHEDULES = {
     "gpipe": (4, ()),
     "1f1b": (4, ("--system.distributed.dp_shard", "2")),
     "interleaved_1f1b": (4, ("--system.distributed.expert_parallel", "2")),
     "zbv": (2, ()),
-    "dualpipev": (2, ()),
+    "dualpipev": (2, ("--system.distributed.activation_checkpointing", "full")),
 }
 
 
@@ -108,10 +109,10 @@ def test_resharding_resumes_between_pipelined_and_single_process_runs(
     run_trainer(tmp_path / "one", data_dir, *COMMON, "--checkpointer.resume_from", str(saved))
     want = losses(reference, "loss")[3:]
     assert losses(tmp_path / "one", "loss") == pytest.approx(want, rel=1e-4)
-    # one process's checkpoint resumes as a pipeline
+    # one process's checkpoint resumes as a pipeline with expert parallel stages
     single = reference / "checkpoints" / "ckpt_0000003.pt"
-    torchrun(2, tmp_path / "back", data_dir, *pipeline("1f1b"), "--checkpointer.resume_from",
-             str(single))  # fmt: skip
+    torchrun(4, tmp_path / "back", data_dir, *pipeline("1f1b"), "--checkpointer.resume_from",
+             str(single), "--system.distributed.expert_parallel", "2")  # fmt: skip
     assert losses(tmp_path / "back", "loss") == pytest.approx(want, rel=1e-4)
     # and on its own layout a pipelined run resumes bit for bit
     again = tmp_path / "again"

@@ -18,7 +18,6 @@ PP = ["--system.distributed.pipeline_parallel", "2", "--model.n_layers", "4"]
         (["--system.distributed.pipeline_schedule", "zbv", "--system.distributed.dp_shard", "2"],
          "the V schedules split the backward"),
         (["--system.device.dtype", "float16"], "float16's gradient scaling is not wired"),
-        (["--system.compile.compile", "true"], "torch.compile of pipeline stages is not wired"),
         (["--system.distributed.pipeline_split", "1,2"], "a manual split gives the first layer"),
         (["--system.distributed.pipeline_split", "3", "--model.n_layers", "3",
           "--system.distributed.pipeline_parallel", "4"], "every stage needs at least one layer"),
@@ -69,3 +68,16 @@ def test_two_stage_modules_give_the_whole_models_loss_and_gradients():
     got.backward()
     for (name, a), b in zip(whole.named_parameters(), staged.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_pipelines_blocks_compile_in_place():
+    from generated.config import TorchCompilationConfig
+    from runtime.distributed.compile import compile_in_place
+
+    blocks = list(make_model().layers)
+    names = [dict(b.named_parameters()).keys() for b in blocks]
+    assert compile_in_place(blocks, TorchCompilationConfig(compile=False)) == 0
+    assert all(b._compiled_call_impl is None for b in blocks)
+    assert compile_in_place(blocks, TorchCompilationConfig(compile=True)) == len(blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)  # compiled on first call
+    assert [dict(b.named_parameters()).keys() for b in blocks] == names  # names unchanged

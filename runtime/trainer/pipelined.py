@@ -23,6 +23,7 @@ from torch import nn
 from generated.config import Config
 from generated.names import PipelineSchedule
 from runtime.components.loss import TrainingLoss
+from runtime.distributed.compile import compile_in_place
 from runtime.distributed.layout import Parallelism
 from runtime.distributed.pipeline import (
     V_SCHEDULES,
@@ -66,6 +67,9 @@ class PipelinedSteps:
         self.autocast = autocast
         self.modules = spec.stage_modules(model, parallel.stages, self.num_stages, cfg.moe, eos_id)
         self.mtp_weight, self.scale = 0.0, 1.0
+        # torch.compile per block (the schedule calls the stages' parts, not one module)
+        blocks = [b for m in self.modules.values() for b in cast(Any, m).blocks]
+        self.compiled = compile_in_place(blocks, cfg.system.compile)
         self.pipeline = Pipeline(
             self.modules,
             num_stages=self.num_stages,

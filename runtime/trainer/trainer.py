@@ -188,7 +188,10 @@ class Trainer:
             sharded=self.parallel.sharded or self.pipelined is not None,
             saved_names=self.pipelined.whole_model_names() if self.pipelined else None,
         )  # fmt: skip
-        self.train_module = compile_module(self.model, cfg.system.compile)
+        # a pipeline compiles its stages' blocks itself (PipelinedSteps)
+        self.train_module = (
+            self.model if self.pipelined else compile_module(self.model, cfg.system.compile)
+        )
         if self.dist.enabled and not self.parallel.sharded and self.pipelined is None:
             self.train_module = wrap_ddp(self.train_module, cfg.system.distributed, self.device)
         self.stopped_by: str | None = None  # the signal's name when one ended the run early
