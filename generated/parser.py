@@ -467,21 +467,6 @@ RULES = (
         applies=None,
     ),
     Rule(
-        check="system.distributed.dp_shard == 1 and system.distributed.expert_parallel == 1",
-        when="system.distributed.pipeline_parallel > 1 and system.distributed.pipeline_schedule in ('zbv', 'dualpipev')",
-        message="the V schedules split the backward into input and weight passes, which torch 2.13's pipelining cannot do for FSDP2-sharded or expert-parallel weights; use 1f1b or interleaved_1f1b with dp_shard or expert_parallel",
-        paths=(
-            "system.distributed.dp_shard",
-            "system.distributed.expert_parallel",
-            "system.distributed.pipeline_parallel",
-            "system.distributed.pipeline_schedule",
-        ),
-        holds=lambda c: c.system.distributed.dp_shard == 1
-        and c.system.distributed.expert_parallel == 1,
-        applies=lambda c: c.system.distributed.pipeline_parallel > 1
-        and c.system.distributed.pipeline_schedule in ("zbv", "dualpipev"),
-    ),
-    Rule(
         check="system.device.dtype != 'float16'",
         when="system.distributed.pipeline_parallel > 1",
         message="float16's gradient scaling is not wired into the pipeline schedules; use bfloat16 or float32",

@@ -7,7 +7,7 @@ import torch
 from generated.config import MoETrainingConfig, MTPTrainingConfig
 from helpers import debug_model, training_loss
 from runtime.components.balancer import MoEBalancer
-from runtime.trainer.trainer import router_noise_rng
+from runtime.trainer.noise import router_noise_rng
 
 
 def test_balance_loss_is_summed_over_moe_layers():

@@ -15,8 +15,6 @@ PP = ["--system.distributed.pipeline_parallel", "2", "--model.n_layers", "4"]
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
-        (["--system.distributed.pipeline_schedule", "zbv", "--system.distributed.dp_shard", "2"],
-         "the V schedules split the backward"),
         (["--system.device.dtype", "float16"], "float16's gradient scaling is not wired"),
         (["--system.distributed.pipeline_split", "1,2"], "a manual split gives the first layer"),
         (["--system.distributed.pipeline_split", "3", "--model.n_layers", "3",
@@ -28,6 +26,29 @@ PP = ["--system.distributed.pipeline_parallel", "2", "--model.n_layers", "4"]
 def test_pipeline_rules(flags, says):
     with pytest.raises(ConfigError, match=says):
         load_config(argv=PP + flags)
+
+
+@pytest.mark.parametrize(
+    ("world", "flags", "says"),
+    [
+        (4, ["--system.distributed.pipeline_schedule", "zbv", "--system.distributed.dp_shard", "2",
+             "--training.gradient_accumulation_steps", "4"],
+         "splits the backward into input and weight passes"),
+        (2, ["--training.gradient_accumulation_steps", "1"],
+         "1 micro-batches per step .* 1f1b needs at least as many micro-batches as stages \\(2\\)"),
+        (2, ["--training.gradient_accumulation_steps", "2", "--system.distributed.pipeline_schedule",
+             "dualpipev"], "dualpipev needs at least as many micro-batches as stages \\(4\\)"),
+    ],
+)  # fmt: skip
+def test_what_training_refuses_at_launch(world, flags, says):
+    """Checked before any process group exists (prepare_run), with the world size; `plan`
+    still estimates these layouts."""
+    from runtime.components.data.errors import DataError
+    from runtime.trainer.prepare import check_batches
+
+    with pytest.raises(DataError, match=says):
+        check_batches(load_config(argv=PP + flags), world)
+    check_batches(load_config(argv=PP + ["--training.gradient_accumulation_steps", "4"]), 2)
 
 
 def test_stages_split_layers_evenly_or_as_told_and_sit_looped_or_in_a_v():

@@ -80,8 +80,9 @@ def test_s2_system_missing_fields_exist():
 def test_s2_distributed_boolean_becomes_full_section():
     config, messages = load_with_warnings("system:\n  distributed: true\n")
     assert config.system.distributed == DistributedConfig(
-        enabled=True, backend="auto", ddp_bucket_cap_mb=25, find_unused_parameters=False
-    )
+        enabled=True, backend="auto", ddp_bucket_cap_mb=25, find_unused_parameters=False,
+        pipeline_stages_per_rank=1,  # a derived default: 1 for the default schedule, 1f1b
+    )  # fmt: skip
     assert messages == []
     config, _ = load_with_warnings("system:\n  distributed: false\n  compile: true\n")
     assert config.system.distributed.enabled is False

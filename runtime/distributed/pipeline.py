@@ -45,6 +45,24 @@ def schedule_class(name: str) -> type:
     }[PipelineSchedule(name)]
 
 
+def micro_batch_problem(
+    schedule: str, n_micro: int, pipeline_parallel: int, stages: int
+) -> str | None:
+    """Why `n_micro` micro-batches per step cannot run `schedule` on `pipeline_parallel`
+    processes of `stages` stages (torch 2.13's conditions), or None."""
+    name = PipelineSchedule(schedule)
+    if name in (PipelineSchedule.V1F1B, PipelineSchedule.DUALPIPEV) and n_micro < stages:
+        return f"{name} needs at least as many micro-batches as stages ({stages})"
+    if name == PipelineSchedule.INTERLEAVED_1F1B:
+        rounds = max(1, n_micro // pipeline_parallel)
+        if n_micro % rounds:
+            return (
+                f"{name} needs a multiple of its {rounds} rounds (micro-batches // "
+                f"pipeline_parallel)"
+            )
+    return None
+
+
 @dataclass
 class PipelineGroups:
     """This process's place in a pipelined layout and its process groups."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from generated import PATH, batch_ramp
 from generated.config import Config
-from generated.names import InitFrom, ResumeFrom, Tokenizer
+from generated.names import InitFrom, PipelineSchedule, ResumeFrom, Tokenizer
 from generated.parser import (
     ConfigError,
     Problem,
@@ -36,10 +36,12 @@ from generated.parser import (
 from runtime.checkpoint.format import CheckpointError
 from runtime.checkpoint.manager import find_resume
 from runtime.components import logs
+from runtime.components.data.errors import DataError
 from runtime.components.data.sampling import BatchPlan
 from runtime.components.lr_schedule import schedule_warnings
 from runtime.components.tokenizer import TOKENIZER_FILE, TextCodec, TokenizerError
 from runtime.distributed import utils as dist_utils
+from runtime.distributed.pipeline import V_SCHEDULES, micro_batch_problem
 from runtime.distributed.utils import DistInfo
 from runtime.interop.sources import Source as ModelSource
 from runtime.interop.sources import UnknownSource, load_source
@@ -119,12 +121,37 @@ def check_batches(cfg: Config, world_size: int) -> None:
     `world_size` processes and data.skip_steps reads well (sampling.py's BatchPlan)."""
     ramp = batch_ramp(cfg)
     assert ramp is not None  # the spec declares the batch schedule
+    dist_cfg = cfg.system.distributed
+    P = dist_cfg.pipeline_parallel
+    data_world = max(1, world_size // P)  # the processes of a pipeline read the same data
     BatchPlan(
         ramp,
         batch_size=cfg.training.batch_size,
-        world_size=world_size,
+        world_size=data_world,
         skip_steps=cfg.data.skip_steps,
     )
+    if P == 1:
+        return
+    v_shaped = PipelineSchedule(dist_cfg.pipeline_schedule) in V_SCHEDULES
+    if v_shaped and (dist_cfg.dp_shard > 1 or dist_cfg.expert_parallel > 1):
+        raise DataError(  # `plan` estimates such a layout; training it is not wired
+            f"{PATH.system.distributed.pipeline_schedule} {dist_cfg.pipeline_schedule} splits the "
+            f"backward into input and weight passes, which torch 2.13's pipelining cannot do for "
+            f"FSDP2-sharded or expert-parallel weights ({PATH.system.distributed.dp_shard} "
+            f"{dist_cfg.dp_shard}, {PATH.system.distributed.expert_parallel} "
+            f"{dist_cfg.expert_parallel}); use 1f1b or interleaved_1f1b with them"
+        )
+    stages = P * (dist_cfg.pipeline_stages_per_rank or 1)
+    for stage in ramp.stages:
+        n_micro = stage.batch // (cfg.training.batch_size * data_world)
+        problem = micro_batch_problem(dist_cfg.pipeline_schedule, n_micro, P, stages)
+        if problem:
+            raise DataError(
+                f"{n_micro} micro-batches per step ({PATH.training.gradient_accumulation_steps} "
+                f"or the batch-size ramp, over {data_world} data-parallel processes) cannot run "
+                f"the pipeline: {problem}; {PATH.system.distributed.pipeline_schedule} is "
+                f"{dist_cfg.pipeline_schedule}"
+            )
 
 
 def init_from(resolved: Resolved) -> tuple[Resolved, Callable[[nn.Module], None] | None]:

@@ -34,7 +34,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from generated import PATH, batch_ramp
-from generated.config import Config, MoETrainingConfig, SampleConfig
+from generated.config import Config, SampleConfig
 from generated.names import NonfiniteLoss, ResumeFrom
 from generated.parser import Resolved, dump_yaml, resolved_from_config, to_saved_dict
 from runtime.checkpoint.format import RNGState
@@ -70,6 +70,7 @@ from runtime.distributed.precision import (
 )
 from runtime.models import get_model_spec, model_config
 from runtime.models.build import build_model
+from runtime.trainer.noise import router_noise_rng
 from runtime.trainer.pipelined import PipelinedLM, PipelinedSteps
 from runtime.trainer.prepare import RunSetup, prepare_run
 from runtime.trainer.run_folder import SAMPLE_NAME
@@ -109,28 +110,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def router_noise_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the router noise of one optimizer step on one process: different on every rank
-    (the noise of a data-parallel run must not repeat across processes) and a function of the step,
-    so a resumed run draws the same noise as an uninterrupted one."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
-
-
-@contextlib.contextmanager
-def router_noise_rng(
-    moe_cfg: MoETrainingConfig, seed: int, rank: int, step: int, device: torch.device
-) -> Iterator[None]:
-    """Run the step's forwards with the global RNG seeded by router_noise_seed (only when router
-    noise is on; the RNG state outside is left as it was)."""
-    if moe_cfg.router_noise_scale == 0:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(router_noise_seed(seed, rank, step))
-        yield
-
-
 class Trainer:
     """The run's components, built from the root Config; `run()` trains and returns an exit code."""
 
@@ -152,8 +131,7 @@ class Trainer:
         )
         self.window = cfg.training.seq_len + 1 + cfg.model.mtp_depth
         # the processes of a pipeline read the same data: their data-parallel rank's
-        pipeline = cfg.system.distributed.pipeline_parallel
-        data_world = max(1, self.launch.world_size // pipeline)
+        data_world = max(1, self.launch.world_size // cfg.system.distributed.pipeline_parallel)
         self.data = data_module(cfg, data_world, self.launch.rank % data_world)
         # text <-> tokens for the sample, the checkpoint and export; None for token ids alone
         self.codec: TextCodec | None = self.data.codec

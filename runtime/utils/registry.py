@@ -97,6 +97,7 @@ BRANCHING_FIELDS = {
     PATH.system.distributed.param_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
     PATH.system.distributed.reduce_dtype: "runtime/models/deepseek_v3/parallelize.py (looked up in DTYPES, same names)",
     PATH.system.distributed.activation_checkpointing: "runtime/models/deepseek_v3/parallelize.py (which blocks to wrap)",
+    PATH.system.distributed.pipeline_schedule: "runtime/distributed/pipeline.py (torch's schedule class of each name)",
 }
 
 
