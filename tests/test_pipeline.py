@@ -97,6 +97,15 @@ def test_every_schedule_reproduces_one_process(schedule, tmp_path, data_dir, ref
     # the balance statistics and the MTP weight come out as in one process too
     for key in ("aux_loss", "z_loss", "mtp_weight"):
         assert losses(out, key) == pytest.approx(losses(reference, key), rel=1e-4), key
+    # so do the routing statistics of every MoE layer, which different stages hold, where one
+    # pipeline sees the whole batch (with data-parallel pipelines they are process 0's tokens,
+    # as on every data-parallel layout)
+    if processes == 2:
+        for layer in (1, 2, 3, 4):  # layers 1-3 and the MTP block
+            key = f"moe/layer{layer}/tokens_per_expert"
+            assert losses(out, key) == losses(reference, key), key
+        for key in ("moe/max_load_ratio", "moe/cv"):
+            assert losses(out, key) == pytest.approx(losses(reference, key), rel=1e-6), key
     assert (out / "sample.txt").read_text() == (reference / "sample.txt").read_text()  # greedy
 
 

@@ -12,7 +12,7 @@ is the counts not yet applied. It also reads the routing statistics for the metr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -86,20 +86,29 @@ class MoEBalancer:
         for _, m in self.layers:
             m.load_counts = None
 
-    def stats(self) -> dict[str, float | list[int]]:
+    def stats(self, gather: Callable[[list[Any]], list[Any]] | None = None) -> dict[str, Any]:
         """Routing statistics of the training-mode forwards since the last reset_stats(), on this
-        process only. Keys moe/layer{i}/... per MoE layer (MTP blocks included) and
+        process only, or with `gather` (a pipeline stage's process) over the layers every
+        process of the pipeline holds: gather(this process's [(layer, counts, dropped)]) -> all
+        of them. Keys moe/layer{i}/... per MoE layer (MTP blocks included) and
         moe/max_load_ratio, moe/cv, moe/dropped_frac over all of them."""
         # (layer index, counts, dropped) of the layers that ran (_accumulate sets both together)
-        seen = [
+        ran = [
             (i, m.stat_counts, m.stat_dropped)
             for i, m in self.layers
             if m.stat_counts is not None and m.stat_dropped is not None
         ]
+        seen: list[Any] = []
+        if ran:
+            counts = torch.stack([c for _, c, _ in ran]).cpu()  # (L, E), one sync
+            dropped = torch.stack([d for _, _, d in ran]).cpu().tolist()
+            seen = [(i, c, d) for (i, _, _), c, d in zip(ran, counts, dropped)]
+        if gather is not None:
+            seen = sorted(gather(seen), key=lambda row: row[0])
         if not seen:
             return {}
-        counts = torch.stack([c for _, c, _ in seen]).cpu()  # (L, E), one sync
-        dropped = torch.stack([d for _, _, d in seen]).cpu().tolist()
+        counts = torch.stack([c for _, c, _ in seen])
+        dropped = [d for _, _, d in seen]
         out: dict[str, float | list[int]] = {}
         ratios, cvs = [], []
         for (i, _, _), c, d in zip(seen, counts, dropped):

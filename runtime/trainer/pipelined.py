@@ -96,6 +96,12 @@ class PipelinedSteps:
             whole = self.spec.build(self.cfg.model, self.cfg.moe)
         return [name for name, _ in whole.named_parameters()]
 
+    def gather_rows(self, rows: list[Any]) -> list[Any]:
+        """Every process of the pipeline's routing-statistics rows (balancer.stats' `gather`)."""
+        everyone: list[Any] = [None] * self.groups.pp_size
+        dist.all_gather_object(everyone, rows, group=self.groups.pp_group)
+        return [row for part in everyone for row in part]
+
     def sum_loads(self, loads: torch.Tensor) -> None:
         """The balancer's loads, summed over the processes holding the same layers."""
         if self.groups.dp_group is not None:

@@ -476,7 +476,7 @@ class Trainer:
             "tokens": trained * seq_len,
             "batch_size": batch,
             "tokens_per_s": tokens_per_s,
-            **self.balancer.stats(),
+            **self.balancer.stats(self.pipelined.gather_rows if self.pipelined else None),
             **self.data.source_stats(done),
         }
         if plan.skipped_batches(done):
