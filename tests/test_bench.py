@@ -160,3 +160,19 @@ def test_bf16_targets_on_a_cpu_without_native_bf16_say_why_and_do_not_hold():
     json.dumps(record, allow_nan=False)  # results.json stays strict JSON
     assert "not measured" in target.detail and "0.26 GFLOP/s" in target.detail
     assert "(550x)" in target.detail and "about 400 s against 900 ms" in target.detail
+
+
+def test_the_config_benchs_omegaconf_side_reads_the_full_config():
+    """OmegaConf types the counts of configs/deepseek_v3.yaml (`14.3T tokens`) as int: the
+    bench gives it the same config with the counts as steps, which must load into the same
+    dataclasses ours builds from the file as written."""
+    from omegaconf import OmegaConf
+
+    import generated
+    from bench.config_bench import FULL_CONFIG, _for_omegaconf
+
+    merged = OmegaConf.merge(
+        OmegaConf.structured(generated.Config), OmegaConf.load(_for_omegaconf())
+    )
+    theirs = OmegaConf.to_object(merged)
+    assert theirs == generated.load_config(FULL_CONFIG)
