@@ -102,3 +102,25 @@ def test_a_pipelines_blocks_compile_in_place():
     assert compile_in_place(blocks, TorchCompilationConfig(compile=True)) == len(blocks)
     assert all(b._compiled_call_impl is not None for b in blocks)  # compiled on first call
     assert [dict(b.named_parameters()).keys() for b in blocks] == names  # names unchanged
+
+
+def test_a_manual_split_decides_what_each_process_keeps():
+    """system.distributed.pipeline_split reaches the pruning (ModelSpec.keep_stages): the
+    process of stage 0 keeps layers 0-2 and the embedding, the other the last layer and the head."""
+    from runtime.distributed.layout import Layout
+    from runtime.models import get_model_spec
+    from runtime.models.deepseek_v3.pipeline import Absent
+
+    cfg = load_config(argv=PP + ["--system.distributed.pipeline_split", "3"])
+    spec, layout = get_model_spec(), Layout(2, 1, 1, 1, pipeline_parallel=2)
+    kept = {}
+    for rank in (0, 1):
+        with torch.device("meta"):
+            model = spec.build(cfg.model, None)
+        assert spec.keep_stages is not None
+        assert spec.keep_stages(model, cfg.system.distributed, layout, rank) == {
+            rank: range(0, 3) if rank == 0 else range(3, 4)
+        }
+        kept[rank] = [i for i, b in enumerate(model.layers) if not isinstance(b, Absent)]
+        assert isinstance(model.head, Absent) == (rank == 0)
+    assert kept == {0: [0, 1, 2], 1: [3]}
